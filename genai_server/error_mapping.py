@@ -1,0 +1,67 @@
+"""Error mapping: every error a client sees is the OpenAI envelope, mapped here and nowhere else."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+from pydantic import ValidationError
+
+from genai_server.errors import (
+    APIError,
+    InvalidRequest,
+    MethodNotAllowed,
+    NotFound,
+    PayloadTooLarge,
+    ServerError,
+    UnsupportedMediaType,
+    from_validation_error,
+)
+
+log = logging.getLogger(__name__)
+
+_HTTP_ERRORS: dict[int, type[APIError]] = {
+    404: NotFound,
+    405: MethodNotAllowed,
+    413: PayloadTooLarge,
+    415: UnsupportedMediaType,
+}
+
+
+def error_response(error: APIError) -> web.Response:
+    """The JSON response for ``error``."""
+    return web.json_response(error.envelope(), status=error.status, headers=error.headers)
+
+
+def to_api_error(exc: BaseException) -> APIError:
+    """Any exception as the ``APIError`` a client is shown; unexpected ones become a bare 500."""
+    if isinstance(exc, APIError):
+        return exc
+    if isinstance(exc, ValidationError):
+        return from_validation_error(exc)
+    if isinstance(exc, web.HTTPException):
+        error_class = _HTTP_ERRORS.get(exc.status, InvalidRequest if exc.status < 500 else ServerError)
+        return error_class(exc.reason)
+    return ServerError("The server had an error while processing your request")
+
+
+def setup_error_mapping(app: web.Application) -> None:
+    """Add the middleware that turns exceptions into OpenAI error responses."""
+
+    @web.middleware
+    async def error_mapping(request: web.Request,
+                            handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            return error_response(to_api_error(exc))
+        except Exception as exc:
+            error = to_api_error(exc)
+            if error.status >= 500:
+                log.exception("error while handling %s %s", request.method, request.path)
+            return error_response(error)
+
+    app.middlewares.append(error_mapping)

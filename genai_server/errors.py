@@ -1,0 +1,127 @@
+"""Typed errors, each carrying what the OpenAI error envelope needs.
+
+Anything below the web layer raises one of these; ``error_mapping.py`` turns
+them (and everything else) into ``{"error": {"message", "type", "param", "code"}}``.
+Codes are strings: an integer code breaks the OpenAI Java SDK.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+from pydantic import ValidationError
+
+
+class APIError(Exception):
+    """An error a client is shown, with its HTTP status and OpenAI type/code/param."""
+
+    status: ClassVar[int] = 400
+    error_type: ClassVar[str] = "invalid_request_error"
+    default_code: ClassVar[str] = "invalid_request"
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.code = code or self.default_code
+        self.headers = headers or {}
+
+    def envelope(self) -> dict[str, Any]:
+        """The OpenAI error body."""
+        return {"error": {"message": self.message, "type": self.error_type, "param": self.param, "code": self.code}}
+
+
+class InvalidRequest(APIError):
+    """400: a parameter is wrong, missing or not supported."""
+
+    default_code = "invalid_parameter"
+
+
+class ContextLengthExceeded(APIError):
+    """400: the prompt plus the tokens asked for do not fit the model's context."""
+
+    default_code = "context_length_exceeded"
+
+
+class ModelNotFound(APIError):
+    """404: no model with the id the client sent."""
+
+    status = 404
+    default_code = "model_not_found"
+
+
+class NotFound(APIError):
+    """404: no such route."""
+
+    status = 404
+    default_code = "not_found"
+
+
+class MethodNotAllowed(APIError):
+    """405: the route exists, the method does not."""
+
+    status = 405
+    default_code = "method_not_allowed"
+
+
+class PayloadTooLarge(APIError):
+    """413: the body is larger than the server accepts."""
+
+    status = 413
+    default_code = "request_too_large"
+
+
+class UnsupportedMediaType(APIError):
+    """415: the body is not JSON."""
+
+    status = 415
+    default_code = "unsupported_media_type"
+
+
+class RateLimited(APIError):
+    """429: too many requests in flight; the client should retry after ``Retry-After`` seconds."""
+
+    status = 429
+    error_type = "requests"
+    default_code = "rate_limit_exceeded"
+
+
+class ServerError(APIError):
+    """500: something failed inside the server; the details are in the log, not the response."""
+
+    status = 500
+    error_type = "server_error"
+    default_code = "internal_error"
+
+
+class EngineFailure(ServerError):
+    """500: the inference engine reported a failure for this request."""
+
+    default_code = "engine_error"
+
+
+class ModelLoadingFailed(Exception):
+    """The model folder could not be loaded at start-up; the server must not start."""
+
+    code = "model_loading_failed"
+
+
+# Location parts pydantic adds for union members and validators; clients never wrote them.
+_TYPE_TAGS = frozenset({"str", "int", "float", "bool", "list", "dict", "none"})
+
+
+def _is_param_part(part: int | str) -> bool:
+    return isinstance(part, int) or (part.isidentifier() and part not in _TYPE_TAGS)
+
+
+def from_validation_error(exc: ValidationError) -> InvalidRequest:
+    """A pydantic error as a 400 naming the offending parameter, e.g. ``messages.0.role``.
+
+    Of several errors (a union reports one per member) the deepest is the most specific.
+    """
+    error = max(exc.errors(), key=lambda e: len(e["loc"]))
+    param = ".".join(str(part) for part in error["loc"] if _is_param_part(part)) or None
+    code = "missing_parameter" if error["type"] == "missing" else "invalid_parameter"
+    message = error["msg"] if param is None else f"{param}: {error['msg']}"
+    return InvalidRequest(message, param=param, code=code)

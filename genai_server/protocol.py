@@ -1,0 +1,292 @@
+"""The OpenAI wire format: request and response models for chat, completions and models.
+
+Requests allow unknown extra fields (clients send many; the OpenAI API ignores
+what it does not know) and the server logs them at debug. Parameters the engine
+cannot honour are rejected with a 400 naming the parameter, never silently dropped.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from genai_server.errors import InvalidRequest
+
+log = logging.getLogger(__name__)
+
+FinishReason = Literal["stop", "length"]
+
+# Parameters the OpenAI API defines that this engine cannot honour, with the
+# values that mean "off" (and so are accepted). Anything else is a 400.
+_UNSUPPORTED: dict[str, tuple[Any, ...]] = {
+    "logprobs": (None, False),
+    "top_logprobs": (None, 0),
+    "tools": (None, []),
+    "tool_choice": (None, "none"),
+    "functions": (None, []),
+    "function_call": (None, "none"),
+    "parallel_tool_calls": (None,),
+    "response_format": (None, {"type": "text"}),
+    "presence_penalty": (None, 0, 0.0),
+    "frequency_penalty": (None, 0, 0.0),
+    "logit_bias": (None, {}),
+    "best_of": (None, 1),
+    "echo": (None, False),
+    "suffix": (None, ""),
+    "audio": (None,),
+    "modalities": (None, ["text"]),
+    "prediction": (None,),
+    "web_search_options": (None,),
+}
+
+
+class StreamOptions(BaseModel):
+    """``stream_options``: only ``include_usage`` is defined."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    include_usage: bool = False
+
+
+class SamplingRequest(BaseModel):
+    """Fields shared by chat and completion requests.
+
+    Strict: ``"stream": "yes"`` or ``"max_tokens": "10"`` are type errors, as in the OpenAI API.
+    """
+
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    model: str = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    top_k: int | None = Field(None, ge=-1, description="vLLM/llama.cpp extension; 0 or -1 = off")
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    n: int = Field(1, ge=1, le=16)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _check_stop(cls, value: str | list[str] | None) -> list[str] | None:
+        stops = [value] if isinstance(value, str) else value
+        if stops is None:
+            return None
+        if len(stops) > 4:
+            raise ValueError("at most 4 stop sequences are allowed")
+        if any(s == "" for s in stops):
+            raise ValueError("stop sequences must not be empty")
+        return stops
+
+    @model_validator(mode="before")
+    @classmethod
+    def _reject_unsupported(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            for name, allowed in _UNSUPPORTED.items():
+                if name in data and data[name] not in allowed:
+                    raise InvalidRequest(f"'{name}' is not supported by this server", param=name,
+                                         code="unsupported_parameter")
+        return data
+
+    @model_validator(mode="after")
+    def _check_stream_options(self) -> SamplingRequest:
+        if self.stream_options is not None and not self.stream:
+            raise InvalidRequest("stream_options is only allowed when stream is true", param="stream_options")
+        if self.model_extra:
+            log.debug("ignoring unknown request fields", extra={"fields": {"ignored": sorted(self.model_extra)}})
+        return self
+
+    @property
+    def stop_list(self) -> list[str]:
+        """Stop sequences as a list (the validator normalises a string to a list)."""
+        return list(self.stop or [])
+
+    @property
+    def include_usage(self) -> bool:
+        """Whether a streaming client asked for the final usage chunk."""
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+    @property
+    def limit(self) -> int | None:
+        """The most tokens to generate per choice, if the client set one."""
+        return self.max_tokens
+
+
+class TextContentPart(BaseModel):
+    """A text part of a message's content array; other part types are rejected."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    """One message of the conversation."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextContentPart]
+    name: str | None = None
+
+    def text(self) -> str:
+        """The content as one string (text parts are joined as the OpenAI API does)."""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text for part in self.content)
+
+
+class ChatCompletionRequest(SamplingRequest):
+    """``POST /v1/chat/completions``."""
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+
+    @property
+    def limit(self) -> int | None:
+        """``max_completion_tokens`` is the newer name; it wins when both are sent."""
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+
+class CompletionRequest(SamplingRequest):
+    """``POST /v1/completions``: a raw prompt, no chat template."""
+
+    prompt: str | list[str] | list[int] | list[list[int]]
+
+    @field_validator("prompt")
+    @classmethod
+    def _check_prompt(cls, value: Any) -> Any:
+        if isinstance(value, list) and not value:
+            raise ValueError("prompt must not be an empty list")
+        if isinstance(value, list) and len(value) > 16 and not isinstance(value[0], int):
+            raise ValueError("at most 16 prompts per request")
+        return value
+
+    def prompts(self) -> list[str | list[int]]:
+        """The prompt(s) as a list: strings, or token-id lists."""
+        value = self.prompt
+        if isinstance(value, str):
+            return [value]
+        if all(isinstance(item, int) for item in value):
+            return [list(value)]  # type: ignore[arg-type]
+        return list(value)  # type: ignore[arg-type]
+
+
+# ---- responses -------------------------------------------------------------------------
+
+
+def new_id(prefix: str) -> str:
+    """An OpenAI-style object id such as ``chatcmpl-…``."""
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def now() -> int:
+    """Unix seconds, as OpenAI's ``created``."""
+    return int(time.time())
+
+
+class Usage(BaseModel):
+    """Token counts from the model's own tokenizer."""
+
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class AssistantMessage(BaseModel):
+    """The generated message of a chat choice."""
+
+    role: Literal["assistant"] = "assistant"
+    content: str
+    refusal: None = None
+
+
+class ChatChoice(BaseModel):
+    """One choice of a chat completion."""
+
+    index: int
+    message: AssistantMessage
+    logprobs: None = None
+    finish_reason: FinishReason
+
+
+class ChatCompletion(BaseModel):
+    """The non-streaming chat response."""
+
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+def _is_none(value: object) -> bool:
+    return value is None
+
+
+class ChatDelta(BaseModel):
+    """What one chunk adds to a chat choice (absent fields are left out, as OpenAI does)."""
+
+    role: Literal["assistant"] | None = Field(None, exclude_if=_is_none)
+    content: str | None = Field(None, exclude_if=_is_none)
+
+
+class ChatChunkChoice(BaseModel):
+    """One choice's piece of a chat chunk."""
+
+    index: int
+    delta: ChatDelta
+    logprobs: None = None
+    finish_reason: FinishReason | None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    """One SSE event of a streamed chat completion."""
+
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = Field(None, exclude_if=_is_none)
+
+
+class CompletionChoice(BaseModel):
+    """One choice of a text completion (also the streamed piece)."""
+
+    index: int
+    text: str
+    logprobs: None = None
+    finish_reason: FinishReason | None = None
+
+
+class Completion(BaseModel):
+    """The text completion response, and each streamed chunk of one."""
+
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = Field(None, exclude_if=_is_none)
+
+
+class ModelCard(BaseModel):
+    """One entry of ``GET /v1/models``."""
+
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "genai_server"
+
+
+class ModelList(BaseModel):
+    """``GET /v1/models``."""
+
+    object: Literal["list"] = "list"
+    data: list[ModelCard]

@@ -1,0 +1,65 @@
+"""Request ids and the access log: one structured line per request.
+
+Outermost middleware, so it sees the final status after error mapping, and its
+``X-Request-Id`` header is added when any response is prepared, streams included.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+
+from genai_server.app_keys import REQUEST_ID, REQUEST_STATS
+
+log = logging.getLogger("genai_server.access")
+
+# A client's id is echoed back only if it is short and harmless in a header and a log line.
+_SAFE_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+
+
+def _request_id(request: web.Request) -> str:
+    given = request.headers.get("X-Request-Id", "")
+    return given if _SAFE_ID.match(given) else uuid.uuid4().hex
+
+
+async def _add_request_id(request: web.Request, response: web.StreamResponse) -> None:
+    if REQUEST_ID in request:
+        response.headers["X-Request-Id"] = request[REQUEST_ID]
+
+
+def setup_request_log(app: web.Application) -> None:
+    """Add the request-id/access-log middleware and the signal that sets the response header."""
+
+    @web.middleware
+    async def request_log(request: web.Request,
+                          handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+        request[REQUEST_ID] = _request_id(request)
+        started = time.perf_counter()
+        status = 500
+        try:
+            response = await handler(request)
+            status = response.status
+            return response
+        finally:
+            _log_line(request, status, (time.perf_counter() - started) * 1000)
+
+    app.middlewares.append(request_log)
+    app.on_response_prepare.append(_add_request_id)
+
+
+def _log_line(request: web.Request, status: int, duration_ms: float) -> None:
+    fields: dict[str, object] = {
+        "request_id": request[REQUEST_ID], "method": request.method, "path": request.path,
+        "status": status, "duration_ms": round(duration_ms, 2),
+    }
+    stats = request.get(REQUEST_STATS)
+    if stats is not None:
+        fields.update(model=stats.model, prompt_tokens=stats.prompt_tokens,
+                      completion_tokens=stats.completion_tokens,
+                      inference_time_ms=None if stats.inference_time_ms is None else round(stats.inference_time_ms, 2))
+    log.info("%s %s %s", request.method, request.path, status, extra={"fields": fields})

@@ -1,0 +1,110 @@
+"""Settings, read once at start-up from CLI flags, environment variables and an optional ``.env`` file.
+
+Precedence, highest first: CLI flag, environment variable, ``.env`` file, default.
+Nothing else in the package reads ``os.environ``: the one ``Settings`` object is passed down.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+BUNDLED_MODEL = Path(__file__).resolve().parent / "bundled_model" / "tiny-random-llama-int4"
+
+
+class Settings(BaseSettings):
+    """Every setting of the server. Each field is also an env var (upper case) and a CLI flag."""
+
+    model_config = SettingsConfigDict(env_file=".env", extra="ignore", frozen=True)
+
+    model_path: Path | None = Field(
+        None, description="ONNX Runtime GenAI model folder; unset = the bundled demo model (noise)"
+    )
+    model_id: str | None = Field(None, description="model id clients send; default: the model folder's name")
+    server_host: str = Field("127.0.0.1", description="address to listen on (0.0.0.0 for all interfaces)")
+    server_port: int = Field(8000, ge=1, le=65535, description="TCP port to listen on")
+    max_concurrent_requests: int = Field(
+        8, ge=1, description="generation requests in flight at once; the next one gets 429 rate_limit_exceeded"
+    )
+    cors_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["*"], description="comma-separated origins allowed by CORS; * for any"
+    )
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = Field(
+        "INFO", description="DEBUG, INFO, WARNING, ERROR or CRITICAL"
+    )
+    log_format: Literal["json", "text"] = Field("text", description="json (one object per line) or text")
+
+    @field_validator("cors_origins", mode="before")
+    @classmethod
+    def _split_origins(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [origin.strip() for origin in value.split(",") if origin.strip()]
+        return value
+
+    @field_validator("log_level", "log_format", mode="before")
+    @classmethod
+    def _normalise_case(cls, value: Any, info: Any) -> Any:
+        if not isinstance(value, str):
+            return value
+        return value.upper() if info.field_name == "log_level" else value.lower()
+
+    @property
+    def resolved_model_path(self) -> Path:
+        """The model folder to load: the configured one, or the bundled demo model."""
+        return self.model_path if self.model_path is not None else BUNDLED_MODEL
+
+    @property
+    def uses_bundled_model(self) -> bool:
+        """True when no MODEL_PATH was given and the demo model is served."""
+        return self.model_path is None
+
+    @property
+    def resolved_model_id(self) -> str:
+        """The id clients send as ``model``."""
+        return self.model_id or self.resolved_model_path.resolve().name
+
+
+class SettingsError(Exception):
+    """A setting has a bad value; the message names it."""
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """A CLI with one flag per setting; flags override env vars and ``.env``."""
+    parser = argparse.ArgumentParser(
+        prog="python -m genai_server",
+        description="OpenAI-compatible server for ONNX Runtime GenAI models.",
+        epilog="Every flag can also be set as an environment variable (e.g. SERVER_PORT) or in a .env file.",
+    )
+    parser.add_argument("--env-file", type=Path, default=Path(".env"), help="dotenv file to read (default .env)")
+    for name, field in Settings.model_fields.items():
+        parser.add_argument(_flag(name), dest=name, default=None, metavar=name.upper(),
+                            help=f"{field.description} [env {name.upper()}]")
+    return parser
+
+
+def load_settings(argv: list[str] | None = None) -> Settings:
+    """Parse CLI flags and build the validated settings, or raise ``SettingsError`` naming the bad one."""
+    args = vars(build_parser().parse_args(argv))
+    env_file = args.pop("env_file")
+    overrides = {name: value for name, value in args.items() if value is not None}
+    try:
+        return Settings(_env_file=env_file, **overrides)
+    except ValidationError as exc:
+        raise SettingsError(describe_errors(exc)) from None
+
+
+def describe_errors(exc: ValidationError) -> str:
+    """One readable line per bad setting, named as the env var users set."""
+    lines = []
+    for err in exc.errors():
+        name = str(err["loc"][0]).upper() if err["loc"] else "settings"
+        lines.append(f"invalid setting {name}={err.get('input')!r}: {err['msg']}")
+    return "; ".join(lines)

@@ -1,0 +1,57 @@
+"""Server-sent events: write a chunk stream as ``data: {json}`` events ending with ``data: [DONE]``."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+from collections.abc import AsyncGenerator
+
+from aiohttp import web
+from pydantic import BaseModel
+
+from genai_server.error_mapping import to_api_error
+
+log = logging.getLogger(__name__)
+
+_HEADERS = {
+    "Content-Type": "text/event-stream",
+    "Cache-Control": "no-cache",
+    "X-Accel-Buffering": "no",  # nginx would otherwise buffer the stream
+}
+_DONE = b"data: [DONE]\n\n"
+
+
+def _event(payload: bytes) -> bytes:
+    return b"data: " + payload + b"\n\n"
+
+
+async def write_sse(request: web.Request, chunks: AsyncGenerator[BaseModel, None]) -> web.StreamResponse:
+    """Stream ``chunks``; an error after the stream started is sent as an error event, then ``[DONE]``.
+
+    A client that disconnects ends the loop with ``ConnectionResetError``; closing
+    ``chunks`` then cancels its generation at once.
+    """
+    response = web.StreamResponse(headers=_HEADERS)
+    await response.prepare(request)
+    try:
+        async for chunk in chunks:
+            await response.write(_event(chunk.model_dump_json().encode()))
+        await response.write(_DONE)
+    except ConnectionResetError:
+        log.info("client disconnected mid-stream")
+        return response
+    except Exception as exc:
+        error = to_api_error(exc)
+        if error.status >= 500:
+            log.exception("error during a stream")
+        await _write_error(response, error.envelope())
+    finally:
+        await chunks.aclose()
+    await response.write_eof()
+    return response
+
+
+async def _write_error(response: web.StreamResponse, envelope: dict[str, object]) -> None:
+    with contextlib.suppress(ConnectionResetError):
+        await response.write(_event(json.dumps(envelope).encode()) + _DONE)
