@@ -128,6 +128,10 @@ class OnnxEngine:
             self._commands.put(None)
             await asyncio.get_running_loop().run_in_executor(None, self._thread.join)
 
+    def active_sequences(self) -> int:
+        """Sequences the owner thread is generating now (0 = the engine is idle)."""
+        return len(self._jobs) + len(self._generator_jobs)
+
     # ---- tokenizer (callable from any thread) ------------------------------------------
 
     def encode(self, text: str) -> list[int]:
@@ -314,11 +318,12 @@ class OnnxEngine:
             return
         gen.generate_next_token()
         token = int(gen.get_next_tokens()[0])
+        if token in self.eos_token_ids:  # not counted, as the Engine API does not count it
+            self._end_generator(job, "stop")
+            return
         job.generated += 1
         job.pending_text.append(job.stream.decode(token))
-        if token in self.eos_token_ids:
-            self._end_generator(job, "stop")
-        elif gen.is_done():
+        if gen.is_done():
             self._end_generator(job, "length")
         else:
             self._flush(job)

@@ -10,6 +10,7 @@ from pydantic import ValidationError
 
 from genai_server.errors import (
     APIError,
+    Forbidden,
     InvalidRequest,
     MethodNotAllowed,
     NotFound,
@@ -22,6 +23,7 @@ from genai_server.errors import (
 log = logging.getLogger(__name__)
 
 _HTTP_ERRORS: dict[int, type[APIError]] = {
+    403: Forbidden,
     404: NotFound,
     405: MethodNotAllowed,
     413: PayloadTooLarge,
@@ -42,7 +44,7 @@ def to_api_error(exc: BaseException) -> APIError:
         return from_validation_error(exc)
     if isinstance(exc, web.HTTPException):
         error_class = _HTTP_ERRORS.get(exc.status, InvalidRequest if exc.status < 500 else ServerError)
-        return error_class(exc.reason)
+        return error_class(exc.text or exc.reason)
     return ServerError("The server had an error while processing your request")
 
 

@@ -51,6 +51,13 @@ class ModelNotFound(APIError):
     default_code = "model_not_found"
 
 
+class Forbidden(APIError):
+    """403: refused, e.g. a CORS preflight from an origin that is not allowed."""
+
+    status = 403
+    default_code = "forbidden"
+
+
 class NotFound(APIError):
     """404: no such route."""
 

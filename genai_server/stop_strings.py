@@ -6,7 +6,7 @@ from __future__ import annotations
 class StopMatcher:
     """Finds the first stop sequence in streamed text and holds back text that may begin one.
 
-    Text is released only once it can no longer be the start of a stop
+    Text is released as soon as it can no longer be the start of a stop
     sequence, so a streaming client never sees part of the stop text.
     """
 
@@ -22,9 +22,17 @@ class StopMatcher:
         if hits:
             emit, self._buffer = self._buffer[: min(hits)], ""
             return emit, True
-        cut = max(len(self._buffer) - self._hold, 0)
+        cut = len(self._buffer) - self._partial_match_length()
         emit, self._buffer = self._buffer[:cut], self._buffer[cut:]
         return emit, False
+
+    def _partial_match_length(self) -> int:
+        """Length of the longest end of the buffer that is the beginning of a stop sequence."""
+        for n in range(min(self._hold, len(self._buffer)), 0, -1):
+            tail = self._buffer[-n:]
+            if any(stop.startswith(tail) for stop in self._stops):
+                return n
+        return 0
 
     def flush(self) -> str:
         """The held-back text, once generation ended without a stop sequence."""

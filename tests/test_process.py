@@ -1,0 +1,135 @@
+"""``python -m genai_server`` as a user runs it: a real process on a real port."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import MODEL_ID
+
+REPO = Path(__file__).resolve().parents[1]
+SETTING_NAMES = ("MODEL_PATH", "MODEL_ID", "SERVER_HOST", "SERVER_PORT", "MAX_CONCURRENT_REQUESTS",
+                 "CORS_ORIGINS", "LOG_LEVEL", "LOG_FORMAT")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _env(**settings: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in SETTING_NAMES}
+    env.update(settings)
+    return env
+
+
+def _start(*args: str, cwd: Path = REPO, **settings: str) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, "-m", "genai_server", *args], cwd=cwd, env=_env(**settings),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _get(url: str) -> Any:
+    with urllib.request.urlopen(url, timeout=10) as resp:
+        return json.loads(resp.read())
+
+
+def _post(url: str, body: dict[str, Any]) -> Any:
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=30) as resp:
+        return json.loads(resp.read())
+
+
+def _wait_healthy(proc: subprocess.Popen[str], port: int, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.communicate()[1]
+        try:
+            _get(f"http://127.0.0.1:{port}/health")
+            return
+        except OSError:
+            time.sleep(0.1)
+    raise AssertionError("server did not become healthy")
+
+
+@pytest.fixture
+def server() -> Iterator[tuple[subprocess.Popen[str], int]]:
+    port = _free_port()
+    proc = _start("--server-port", str(port), LOG_FORMAT="json")
+    try:
+        _wait_healthy(proc, port)
+        yield proc, port
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+
+
+def test_module_serves_the_bundled_model_and_stops_cleanly(server: tuple[subprocess.Popen[str], int]) -> None:
+    proc, port = server
+    assert _get(f"http://127.0.0.1:{port}/health") == {"status": "ok", "model": MODEL_ID}
+    body = {"model": MODEL_ID, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "temperature": 0}
+    result = _post(f"http://127.0.0.1:{port}/v1/chat/completions", body)
+    assert result["usage"]["completion_tokens"] == 4
+
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=30)
+    assert proc.returncode == 0
+    lines = [json.loads(line) for line in stderr.splitlines() if line.startswith("{")]
+    assert any("demo model" in line["message"] for line in lines), "the bundled-model warning is logged"
+    access = [line for line in lines if line.get("path") == "/v1/chat/completions"]
+    assert access[0]["status"] == 200
+    assert access[0]["completion_tokens"] == 4
+    assert access[0]["inference_time_ms"] > 0
+    assert access[0]["model"] == MODEL_ID
+    assert len(access[0]["request_id"]) >= 16
+
+
+def test_model_that_fails_to_load_exits_non_zero_before_binding(tmp_path: Path) -> None:
+    broken = tmp_path / "broken-model"
+    broken.mkdir()
+    (broken / "genai_config.json").write_text('{"model": {"type": "llama", "decoder": {}}}')
+    port = _free_port()
+    proc = _start(MODEL_PATH=str(broken), SERVER_PORT=str(port))
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 1
+    assert "model_loading_failed" in stderr
+    assert str(broken) in stderr
+    with socket.socket() as sock:
+        assert sock.connect_ex(("127.0.0.1", port)) != 0, "the port must never have been bound"
+
+
+def test_missing_model_folder_exits_non_zero(tmp_path: Path) -> None:
+    proc = _start("--model-path", str(tmp_path / "nothing"), "--server-port", str(_free_port()))
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 1
+    assert "model_loading_failed" in stderr
+
+
+def test_bad_setting_is_named_and_exits_2() -> None:
+    proc = _start(SERVER_PORT="not-a-port")
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 2
+    assert "SERVER_PORT" in stderr
+    proc = _start("--log-format", "xml")
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 2
+    assert "LOG_FORMAT" in stderr
+
+
+def test_help_lists_every_setting() -> None:
+    result = subprocess.run([sys.executable, "-m", "genai_server", "--help"], cwd=REPO, env=_env(),
+                            capture_output=True, text=True, timeout=60, check=True)
+    for name in SETTING_NAMES:
+        assert "--" + name.lower().replace("_", "-") in result.stdout
