@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+
 import aiohttp_cors
-from aiohttp import web
+from aiohttp import hdrs, web
 
 # Browsers hide response headers from scripts unless they are exposed.
 _EXPOSED = ("X-Request-Id", "Retry-After")
@@ -16,3 +18,20 @@ def setup_cors(app: web.Application, origins: list[str]) -> None:
     cors = aiohttp_cors.setup(app, defaults={origin: options for origin in origins})
     for route in list(app.router.routes()):
         cors.add(route)
+    app.on_response_prepare.append(_cors_for_unrouted_errors(frozenset(origins)))
+
+
+def _cors_for_unrouted_errors(
+        origins: frozenset[str]) -> Callable[[web.Request, web.StreamResponse], Awaitable[None]]:
+    """aiohttp-cors only knows routes, so a 404/405 for an unknown route or method would reach a
+    browser as an opaque CORS failure; give those error responses the same allow-origin."""
+
+    async def allow(request: web.Request, response: web.StreamResponse) -> None:
+        origin = request.headers.get(hdrs.ORIGIN)
+        if origin is None or request.match_info.route.resource is not None:
+            return  # no CORS request, or a routed one that aiohttp-cors handled
+        if "*" in origins or origin in origins:
+            response.headers[hdrs.ACCESS_CONTROL_ALLOW_ORIGIN] = "*" if "*" in origins else origin
+            response.headers[hdrs.ACCESS_CONTROL_EXPOSE_HEADERS] = ",".join(_EXPOSED)
+
+    return allow

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import AsyncGenerator, Awaitable
 from typing import TypeVar
 
 from aiohttp import web
@@ -53,18 +54,25 @@ async def get_model(request: web.Request) -> web.Response:
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     """``POST /v1/chat/completions``."""
     body = await parse_body(request, ChatCompletionRequest)
-    stats = request[REQUEST_STATS] = RequestStats()
-    result = await request.app[SERVING].chat(body, stats)
-    if isinstance(result, BaseModel):
-        return json_response(result)
-    return await write_sse(request, result)
+    return await _respond(request, request.app[SERVING].chat(body, _stats(request)))
 
 
 async def completions(request: web.Request) -> web.StreamResponse:
     """``POST /v1/completions``."""
     body = await parse_body(request, CompletionRequest)
+    return await _respond(request, request.app[SERVING].complete(body, _stats(request)))
+
+
+def _stats(request: web.Request) -> RequestStats:
+    """Fresh stats for this request, kept on it for the access log."""
     stats = request[REQUEST_STATS] = RequestStats()
-    result = await request.app[SERVING].complete(body, stats)
+    return stats
+
+
+async def _respond(request: web.Request,
+                   pending: Awaitable[BaseModel | AsyncGenerator[BaseModel, None]]) -> web.StreamResponse:
+    """Write the serving layer's answer: a whole response as JSON, a chunk stream as SSE."""
+    result = await pending
     if isinstance(result, BaseModel):
         return json_response(result)
     return await write_sse(request, result)

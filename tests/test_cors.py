@@ -56,3 +56,13 @@ async def test_only_listed_origins_are_allowed(make_client: Any) -> None:
     preflight = await client.options("/v1/models", headers={
         "Origin": "https://evil.example", "Access-Control-Request-Method": "GET"})
     assert preflight.status == 403
+
+
+async def test_unknown_routes_and_methods_carry_cors_headers(make_client: Any) -> None:
+    client = await make_client(cors_origins="https://good.example")
+    for method, path, status in [("GET", "/v1/nothing", 404), ("DELETE", "/v1/models", 405)]:
+        resp = await client.request(method, path, headers={"Origin": "https://good.example"})
+        assert resp.status == status
+        assert resp.headers["Access-Control-Allow-Origin"] == "https://good.example"
+        other = await client.request(method, path, headers={"Origin": "https://evil.example"})
+        assert "Access-Control-Allow-Origin" not in other.headers
