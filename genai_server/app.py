@@ -11,7 +11,7 @@ from aiohttp import web
 from genai_server.app_keys import ENGINE, LIMITER, SERVING, SETTINGS
 from genai_server.concurrency import ConcurrencyLimiter, setup_concurrency_limit
 from genai_server.cors import setup_cors
-from genai_server.engine import OnnxEngine
+from genai_server.engine import EngineConfig, OnnxEngine
 from genai_server.error_mapping import setup_error_mapping
 from genai_server.request_log import setup_request_log
 from genai_server.routes import add_routes
@@ -47,7 +47,7 @@ async def engine_context(app: web.Application) -> AsyncIterator[None]:
         log.warning("MODEL_PATH is not set: serving the bundled demo model %s, which has random weights "
                     "and produces noise", path.name)
     started = time.perf_counter()
-    engine = OnnxEngine(path)
+    engine = OnnxEngine(path, EngineConfig(settings.engine_max_batch_size, settings.engine_lanes))
     await engine.start()
     log.info("model loaded", extra={"fields": {"model_path": str(path), "model": settings.resolved_model_id,
                                                 "load_time_ms": round((time.perf_counter() - started) * 1000, 1),

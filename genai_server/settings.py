@@ -30,6 +30,13 @@ class Settings(BaseSettings):
     max_concurrent_requests: int = Field(
         8, ge=1, description="generation requests in flight at once; the next one gets 429 rate_limit_exceeded"
     )
+    engine_max_batch_size: int = Field(
+        4, ge=1, le=64, description="sequences the engine decodes together in one static batch"
+    )
+    engine_lanes: int = Field(
+        2, ge=1, le=8, description="static batches run side by side, so a new request need not wait for a "
+        "running batch to finish"
+    )
     cors_origins: Annotated[list[str], NoDecode] = Field(
         default_factory=lambda: ["*"], description="comma-separated origins allowed by CORS; * for any"
     )

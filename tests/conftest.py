@@ -86,7 +86,7 @@ def chat_body(content: str = "Hello there", **extra: Any) -> dict[str, Any]:
 
 def sse_events(raw: str) -> list[str]:
     """The ``data:`` payloads of an SSE body, in order."""
-    events = [block for block in raw.split("\n\n") if block.strip()]
+    events = [block.strip() for block in raw.split("\n\n") if block.strip()]
     assert all(e.startswith("data: ") for e in events), events
     return [e[len("data: "):] for e in events]
 

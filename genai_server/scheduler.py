@@ -1,0 +1,288 @@
+"""The batching scheduler: owner-thread-only code that shares the model between concurrent sequences.
+
+On CPU, ONNX Runtime GenAI's Engine batches statically: a request that arrives
+while a batch runs waits until the whole batch has finished. To avoid that wait
+the scheduler keeps several Engines ("lanes") on the one model and steps them in
+turn: waiting sequences are admitted together, as one batch, into a lane that is
+idle, so a newcomer starts within one decode step of the batches already running
+unless every lane is busy. A sampled sequence with a seed cannot run on the CPU
+Engine at all (it needs dynamic batching) and is stepped on a seeded Generator.
+
+Nothing here may be called from any thread but the engine's owner thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any, Literal
+
+import numpy as np
+import onnxruntime_genai as og
+
+log = logging.getLogger(__name__)
+
+EngineFinish = Literal["stop", "length", "cancelled"]
+
+# Prefill of a seeded Generator sequence is fed in chunks of this many tokens:
+# each append holds the GIL, and 64 tokens keeps one stall to tens of ms.
+PREFILL_CHUNK = 64
+_EVENT_BUFFER = 256
+
+
+@dataclass(frozen=True)
+class SamplingOptions:
+    """How one sequence is generated. ``temperature == 0`` means greedy."""
+
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+
+    @property
+    def greedy(self) -> bool:
+        """True when no sampling is needed."""
+        return self.temperature == 0.0
+
+
+@dataclass(frozen=True)
+class Delta:
+    """Tokens the engine produced for one sequence since the last delta."""
+
+    text: str
+    tokens: int
+    finish: EngineFinish | None = None
+    error: str | None = None
+
+
+@dataclass(eq=False)  # identity, not field equality: jobs hold numpy arrays
+class Job:
+    """One sequence; ``queue`` and ``loop`` belong to the event loop, the rest to the owner thread."""
+
+    prompt: np.ndarray
+    options: SamplingOptions
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue[Delta]
+    lane: Lane | None = None
+    request: Any = None
+    turn_id: int = 0
+    generator: Any = None
+    stream: Any = None
+    fed: int = 0
+    generated: int = 0
+    done: bool = False
+    pending_text: list[str] = field(default_factory=list)
+
+    def send(self, delta: Delta) -> None:
+        """Hand a delta to the event loop (asyncio.Queue is not thread-safe)."""
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, delta)
+
+
+class Lane:
+    """One og.Engine: a static batch of sequences that start together."""
+
+    def __init__(self, model: Any) -> None:
+        self.engine = og.Engine(model)
+        self.events = self.engine.create_event_buffer(_EVENT_BUFFER)
+        self.jobs: dict[int, Job] = {}  # by id() of the og.Request
+
+    @property
+    def idle(self) -> bool:
+        """No batch is running: a new batch may start here now."""
+        return not self.jobs and not self.engine.has_pending_requests()
+
+
+class BatchScheduler:
+    """Admits sequences into lanes and steps every lane and Generator in turn."""
+
+    def __init__(self, model: Any, tokenizer: Any, *, lanes: int, eos_token_ids: frozenset[int],
+                 max_batch_size: int) -> None:
+        self._model = model
+        self._tokenizer = tokenizer
+        self._lanes = [Lane(model) for _ in range(lanes)]
+        self._eos = eos_token_ids
+        self._max_batch = max_batch_size
+        self._waiting: deque[Job] = deque()
+        self._generators: list[Job] = []
+
+    # ---- what the owner thread loop asks ----------------------------------------------
+
+    @property
+    def busy(self) -> bool:
+        """Whether there is work to step."""
+        return bool(self._waiting or self._generators) or any(not lane.idle for lane in self._lanes)
+
+    def active(self) -> int:
+        """Sequences admitted or waiting (read from other threads only as a rough gauge)."""
+        return len(self._waiting) + len(self._generators) + sum(len(lane.jobs) for lane in self._lanes)
+
+    def step(self) -> None:
+        """One round: admit waiting sequences, then one step of every busy lane and Generator."""
+        self._admit()
+        for lane in self._lanes:
+            if lane.engine.has_pending_requests():
+                self._guarded(partial(self._step_lane, lane), list(lane.jobs.values()))
+        for job in list(self._generators):
+            self._guarded(partial(self._step_generator, job), [job])
+
+    # ---- commands ---------------------------------------------------------------------
+
+    def submit(self, job: Job) -> None:
+        """Queue a sequence; it starts at the next admission."""
+        job.stream = self._tokenizer.create_stream()
+        if job.options.seed is not None and not job.options.greedy:
+            self._guarded(partial(self._start_generator, job), [job])
+        else:
+            self._waiting.append(job)
+
+    def cancel(self, job: Job) -> None:
+        """Stop a sequence now and free what it holds."""
+        if job.done:
+            return
+        job.done = True
+        if job.request is not None:
+            job.request.cancel_turn(job.turn_id)
+            self._release(job)
+        elif job in self._generators:
+            self._generators.remove(job)
+            job.generator = None
+        elif job in self._waiting:
+            self._waiting.remove(job)
+
+    def shutdown(self) -> None:
+        """Cancel everything (each client is told), drain the engines and let go of them."""
+        jobs = [*self._waiting, *self._generators, *(j for lane in self._lanes for j in lane.jobs.values())]
+        for job in jobs:
+            self.cancel(job)
+            job.send(Delta("", 0, finish="cancelled"))
+        for lane in self._lanes:
+            while lane.engine.has_pending_requests():
+                lane.engine.run(lane.events)
+        self._lanes.clear()
+
+    # ---- lanes ------------------------------------------------------------------------
+
+    def _admit(self) -> None:
+        for lane in self._lanes:
+            if not self._waiting:
+                return
+            if lane.idle:
+                batch = [self._waiting.popleft() for _ in range(min(self._max_batch, len(self._waiting)))]
+                for job in batch:
+                    self._guarded(partial(self._begin, job, lane), [job])
+
+    def _begin(self, job: Job, lane: Lane) -> None:
+        request = lane.engine.create_request()
+        opts = og.TurnOptions(request)
+        opts.set_max_generated_tokens(job.options.max_tokens)
+        opts.set_do_sample(not job.options.greedy)
+        if not job.options.greedy:
+            opts.set_temperature(job.options.temperature)
+            opts.set_top_p(job.options.top_p)
+            opts.set_top_k(job.options.top_k)
+        job.lane, job.request = lane, request
+        job.turn_id = request.begin_turn(job.prompt, opts)
+        lane.jobs[id(request)] = job
+
+    def _step_lane(self, lane: Lane) -> None:
+        touched: dict[int, Job] = {}
+        for event in lane.engine.run(lane.events):
+            job = lane.jobs.get(id(event.request))
+            if job is None or job.done:
+                continue
+            touched[id(job)] = job
+            self._on_event(job, event)
+        for job in touched.values():
+            self._flush(job)
+
+    def _on_event(self, job: Job, event: Any) -> None:
+        flags = event.flags
+        if flags & og.EngineEventFlags.TOKEN:
+            job.generated += 1
+            job.pending_text.append(job.stream.decode(event.token))
+        if flags & og.EngineEventFlags.FAILED:
+            log.error("engine failed a request: %s", event.error_code)
+            self._finish(job, error=str(event.error_code))
+        elif flags & og.EngineEventFlags.TURN_FINISHED:
+            self._finish(job, finish=_finish_reason(event.finish_reason))
+
+    def _release(self, job: Job) -> None:
+        if job.lane is not None:
+            job.lane.jobs.pop(id(job.request), None)
+        job.request.close()
+
+    # ---- seeded Generators ------------------------------------------------------------
+
+    def _start_generator(self, job: Job) -> None:
+        params = og.GeneratorParams(self._model)
+        params.set_search_options(
+            max_length=len(job.prompt) + job.options.max_tokens, do_sample=True,
+            temperature=job.options.temperature, top_p=job.options.top_p, top_k=job.options.top_k,
+            random_seed=job.options.seed,
+        )
+        job.generator = og.Generator(self._model, params)
+        self._generators.append(job)
+
+    def _step_generator(self, job: Job) -> None:
+        gen = job.generator
+        if job.fed < len(job.prompt):
+            gen.append_tokens(job.prompt[job.fed: job.fed + PREFILL_CHUNK])
+            job.fed += PREFILL_CHUNK
+            return
+        gen.generate_next_token()
+        token = int(gen.get_next_tokens()[0])
+        if token in self._eos:  # not counted, as the Engine API does not count it
+            self._end_generator(job, "stop")
+            return
+        job.generated += 1
+        job.pending_text.append(job.stream.decode(token))
+        if gen.is_done():
+            self._end_generator(job, "length")
+        else:
+            self._flush(job)
+
+    def _end_generator(self, job: Job, finish: EngineFinish) -> None:
+        self._generators.remove(job)
+        job.generator = None
+        self._finish(job, finish=finish)
+
+    # ---- results ----------------------------------------------------------------------
+
+    def _finish(self, job: Job, *, finish: EngineFinish | None = None, error: str | None = None) -> None:
+        job.done = True
+        job.send(Delta("".join(job.pending_text), job.generated, finish=finish, error=error))
+        job.pending_text.clear()
+        job.generated = 0
+        if job.request is not None:
+            self._release(job)
+
+    def _flush(self, job: Job) -> None:
+        if job.done or not job.generated:
+            return
+        job.send(Delta("".join(job.pending_text), job.generated))
+        job.pending_text.clear()
+        job.generated = 0
+
+    def _guarded(self, action: Callable[[], None], concerned: list[Job]) -> None:
+        """Run one action; if the engine raises, fail the sequences it concerned and keep serving the rest."""
+        try:
+            action()
+        except Exception as exc:  # one failure must not stop the owner thread
+            log.exception("engine step failed")
+            for job in concerned:
+                if not job.done:
+                    self.cancel(job)
+                    job.send(Delta("", 0, error=str(exc)))
+
+
+def _finish_reason(reason: Any) -> EngineFinish:
+    if reason == og.FinishReason.CANCELLED:
+        return "cancelled"
+    if reason in (og.FinishReason.MAX_GENERATED_TOKENS, og.FinishReason.MAX_SESSION_TOKENS):
+        return "length"
+    return "stop"
