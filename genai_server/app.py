@@ -47,7 +47,8 @@ async def engine_context(app: web.Application) -> AsyncIterator[None]:
         log.warning("MODEL_PATH is not set: serving the bundled demo model %s, which has random weights "
                     "and produces noise", path.name)
     started = time.perf_counter()
-    engine = OnnxEngine(path, EngineConfig(settings.engine_max_batch_size, settings.engine_lanes))
+    engine = OnnxEngine(path, EngineConfig(settings.engine_max_batch_size, settings.engine_lanes,
+                                           settings.engine_batch_wait_ms))
     await engine.start()
     log.info("model loaded", extra={"fields": {"model_path": str(path), "model": settings.resolved_model_id,
                                                 "load_time_ms": round((time.perf_counter() - started) * 1000, 1),

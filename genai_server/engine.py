@@ -46,6 +46,7 @@ class EngineConfig:
 
     max_batch_size: int = 4
     lanes: int = 2
+    batch_wait_ms: float = 5.0
 
 
 class OnnxEngine:
@@ -144,17 +145,18 @@ class OnnxEngine:
         self.eos_token_ids = frozenset(int(t) for t in self._tokenizer.eos_token_ids)
         self.has_chat_template = _has_chat_template(self.model_path)
         return BatchScheduler(self._model, self._tokenizer, lanes=self.config.lanes,
-                              eos_token_ids=self.eos_token_ids, max_batch_size=self.config.max_batch_size)
+                              eos_token_ids=self.eos_token_ids, max_batch_size=self.config.max_batch_size,
+                              batch_wait_s=self.config.batch_wait_ms / 1000)
 
     def _serve(self, scheduler: BatchScheduler) -> None:
-        while self._drain_commands(block=not scheduler.busy):
-            if scheduler.busy:
-                scheduler.step()
+        while self._drain_commands(timeout=scheduler.wait_timeout()):
+            scheduler.step()
 
-    def _drain_commands(self, *, block: bool) -> bool:
-        """Run queued commands (waiting for one if ``block``); False once asked to stop."""
+    def _drain_commands(self, *, timeout: float | None) -> bool:
+        """Run queued commands, waiting up to ``timeout`` s for one (None: until one comes); False once asked
+        to stop."""
         try:
-            command = self._commands.get(block=block)
+            command = self._commands.get(block=timeout != 0, timeout=timeout or None)
         except queue.Empty:
             return True
         while command is not None:

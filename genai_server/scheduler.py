@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -101,21 +102,27 @@ class BatchScheduler:
     """Admits sequences into lanes and steps every lane and Generator in turn."""
 
     def __init__(self, model: Any, tokenizer: Any, *, lanes: int, eos_token_ids: frozenset[int],
-                 max_batch_size: int) -> None:
+                 max_batch_size: int, batch_wait_s: float) -> None:
         self._model = model
         self._tokenizer = tokenizer
         self._lanes = [Lane(model) for _ in range(lanes)]
         self._eos = eos_token_ids
         self._max_batch = max_batch_size
+        self._batch_wait_s = batch_wait_s
         self._waiting: deque[Job] = deque()
+        self._last_arrival = 0.0
         self._generators: list[Job] = []
 
     # ---- what the owner thread loop asks ----------------------------------------------
 
-    @property
-    def busy(self) -> bool:
-        """Whether there is work to step."""
-        return bool(self._waiting or self._generators) or any(not lane.idle for lane in self._lanes)
+    def wait_timeout(self) -> float | None:
+        """How long the owner thread may wait for commands: None = until one comes (idle),
+        0 = not at all (something is generating), else the seconds until waiting sequences are admitted."""
+        if self._generators or any(not lane.idle for lane in self._lanes):
+            return 0.0
+        if self._waiting:
+            return max(0.0, self._admission_time() - time.monotonic())
+        return None
 
     def active(self) -> int:
         """Sequences admitted or waiting (read from other threads only as a rough gauge)."""
@@ -123,7 +130,8 @@ class BatchScheduler:
 
     def step(self) -> None:
         """One round: admit waiting sequences, then one step of every busy lane and Generator."""
-        self._admit()
+        if self._waiting and (len(self._waiting) >= self._max_batch or time.monotonic() >= self._admission_time()):
+            self._admit()
         for lane in self._lanes:
             if lane.engine.has_pending_requests():
                 self._guarded(partial(self._step_lane, lane), list(lane.jobs.values()))
@@ -139,6 +147,7 @@ class BatchScheduler:
             self._guarded(partial(self._start_generator, job), [job])
         else:
             self._waiting.append(job)
+            self._last_arrival = time.monotonic()
 
     def cancel(self, job: Job) -> None:
         """Stop a sequence now and free what it holds."""
@@ -166,6 +175,11 @@ class BatchScheduler:
         self._lanes.clear()
 
     # ---- lanes ------------------------------------------------------------------------
+
+    def _admission_time(self) -> float:
+        """Clients of one burst arrive a few ms apart; a static batch cannot take latecomers, so a
+        batch starts once no one has arrived for ``batch_wait_s`` (or it is full)."""
+        return self._last_arrival + self._batch_wait_s
 
     def _admit(self) -> None:
         for lane in self._lanes:

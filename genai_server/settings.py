@@ -37,6 +37,10 @@ class Settings(BaseSettings):
         2, ge=1, le=8, description="static batches run side by side, so a new request need not wait for a "
         "running batch to finish"
     )
+    engine_batch_wait_ms: float = Field(
+        5.0, ge=0, le=1000, description="how long a batch waits for more arrivals before it starts (a static "
+        "batch cannot take latecomers)"
+    )
     cors_origins: Annotated[list[str], NoDecode] = Field(
         default_factory=lambda: ["*"], description="comma-separated origins allowed by CORS; * for any"
     )

@@ -46,7 +46,7 @@ async def test_a_new_request_does_not_wait_for_a_running_batch(make_client: Any)
     for resp in long_streams:
         await resp.content.readline()  # the batch is running
 
-    text, usage = await _text(client, content="quick one", max_tokens=5)
+    _, usage = await _text(client, content="quick one", max_tokens=5)
     assert usage["completion_tokens"] == 5
     for resp in long_streams:
         assert not resp.content.at_eof(), "the short request finished before the long batch"

@@ -1,0 +1,108 @@
+"""Writes a benchmark run as JSON, a Markdown table and PNG plots."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from load import median
+
+LABELS = {
+    "single_stream_vs_bare": ("single stream via HTTP/SSE vs bare in-process loop, tokens/s", "{:.2f}x", ">= 0.95x"),
+    "x4_vs_1": ("4 concurrent streams, aggregate tokens/s vs 1 stream", "{:.2f}x", ">= 2.5x"),
+    "x8_vs_1": ("8 concurrent streams, aggregate tokens/s vs 1 stream", "{:.2f}x", ">= 3x"),
+    "loop_lateness_p99_ms": ("event-loop lateness while 4 streams generate, p99", "{:.2f} ms", "<= 5 ms"),
+    "health_p99_ms": ("/health latency while 4 streams generate, p99", "{:.2f} ms", "<= 10 ms"),
+    "ttft_loaded_vs_idle_p50": ("TTFT arriving while 3 others stream vs idle, p50", "{:.2f}x", "<= 3x"),
+    "rss_vs_bare": ("server RSS vs bare process holding the model", "{:.2f}x", "<= 1.3x"),
+    "ready_vs_bare_load": ("start to ready vs bare model load (both from process spawn)", "{:.2f}x", "<= 1.5x"),
+}
+
+
+def markdown(results: dict[str, Any]) -> str:
+    """The target table per model and config, then latency per concurrency level."""
+    from run import meets
+
+    lines = [f"Profile `{results['profile']}`, {results['machine']['cpus']} CPUs, "
+             f"Python {results['machine']['python']}.", ""]
+    models = results["models"]
+    columns = [(m, c) for m in models for c in models[m]["configs"]]
+    lines.append("| figure | target | " + " | ".join(f"{m} ({c})" for m, c in columns) + " |")
+    lines.append("| --- | --- |" + " --- |" * len(columns))
+    for key, (label, fmt, target) in LABELS.items():
+        cells = []
+        for m, c in columns:
+            value = models[m]["configs"][c]["ratios"][key]
+            cells.append(fmt.format(value) + ("" if meets(key, value) else " ✗"))
+        lines.append(f"| {label} | {target} | " + " | ".join(cells) + " |")
+    lines.append("")
+    for m, entry in models.items():
+        lines.append(f"**{m} model**, {entry['tokens_per_request']} tokens per request.")
+        lines.append("")
+        for c, run in entry["configs"].items():
+            bare, server = run["bare"], run["server"]
+            lines.append(
+                f"Engine `{c}` (batch x lanes): single stream bare {median(bare['tokens_per_s']):.1f} tok/s vs "
+                f"server {median(server['tokens_per_s']):.1f} tok/s (medians of alternating runs); RSS bare "
+                f"{bare['rss_mb']:.0f} MiB vs server {server['rss_mb']:.0f} MiB (peak under load "
+                f"{server['rss_peak_mb']:.0f} MiB); ready bare {bare['ready_s']:.2f} s vs server "
+                f"{server['ready_s']:.2f} s; TTFT idle p50 {median(server['ttft_idle_ms']):.0f} ms vs loaded "
+                f"{median(server['ttft_loaded_ms']):.0f} ms; /health p50 {server['health_p50_ms']:.2f} ms.")
+            lines.append("")
+            lines.append("| concurrency | tokens/s | vs 1 | TTFT p50 | TTFT p95 | TPOT p50 | TPOT p95 |")
+            lines.append("| --- | --- | --- | --- | --- | --- | --- |")
+            base = server["levels"][0]["tokens_per_s"]
+            for lv in server["levels"]:
+                lines.append(f"| {lv['concurrency']} | {lv['tokens_per_s']:.1f} | {lv['tokens_per_s'] / base:.2f}x | "
+                             f"{lv['ttft_p50_ms']:.1f} ms | {lv['ttft_p95_ms']:.1f} ms | {lv['tpot_p50_ms']:.2f} ms | "
+                             f"{lv['tpot_p95_ms']:.2f} ms |")
+            lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+def plots(results: dict[str, Any], out: Path) -> None:
+    """throughput.png and latency.png: against concurrency, one line per model and config."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(results["models"]), figsize=(6 * len(results["models"]), 4), squeeze=False)
+    for ax, (m, entry) in zip(axes[0], results["models"].items(), strict=True):
+        for c, run in entry["configs"].items():
+            levels = run["server"]["levels"]
+            ax.plot([lv["concurrency"] for lv in levels], [lv["tokens_per_s"] for lv in levels], "o-",
+                    label=f"server, engine {c}")
+            ax.axhline(median(run["bare"]["tokens_per_s"]), color="grey", linestyle="--",
+                       label=f"bare loop, 1 stream ({c} run)")
+        ax.set(title=f"{m} model: aggregate throughput", xlabel="concurrent streams", ylabel="tokens/s",
+               xticks=[1, 2, 4, 8])
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "throughput.png", dpi=100)
+    plt.close(fig)
+
+    fig, axes = plt.subplots(2, len(results["models"]), figsize=(6 * len(results["models"]), 7), squeeze=False)
+    for col, (m, entry) in enumerate(results["models"].items()):
+        for c, run in entry["configs"].items():
+            levels = run["server"]["levels"]
+            xs = [lv["concurrency"] for lv in levels]
+            for row, metric in enumerate(("ttft", "tpot")):
+                for q, style in (("p50", "o-"), ("p95", "x--")):
+                    axes[row][col].plot(xs, [lv[f"{metric}_{q}_ms"] for lv in levels], style, label=f"{c} {q}")
+        for row, metric in enumerate(("TTFT", "TPOT")):
+            axes[row][col].set(title=f"{m} model: {metric}", xlabel="concurrent streams", ylabel="ms",
+                               xticks=[1, 2, 4, 8])
+            axes[row][col].legend()
+    fig.tight_layout()
+    fig.savefig(out / "latency.png", dpi=100)
+    plt.close(fig)
+
+
+def write_report(results: dict[str, Any], out: Path) -> None:
+    """results.json, results.md, throughput.png, latency.png in ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out / "results.md").write_text(markdown(results))
+    plots(results, out)

@@ -1,0 +1,324 @@
+"""The performance benchmark: every figure of docs/performance.md, measured side by side in one run.
+
+For each model it runs a bare in-process baseline and the real server (each in
+its own process), then measures through HTTP/SSE: single-stream tokens/s against
+the bare loop, aggregate tokens/s and TTFT/TPOT p50/p95 at concurrency 1/2/4/8,
+event-loop lateness and /health latency while 4 streams generate, the TTFT of a
+request that arrives while 3 others stream, resident memory and start-up time.
+Builds the benchmark models it needs with scripts/make_model.py.
+
+    python benchmarks/run.py            # small and realistic models, writes docs/benchmarks/
+    python benchmarks/run.py --quick    # small model only, < 2 minutes, prints the ratios (CI)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from load import LevelResult, median, pct, poll_health, run_level, stream_completion
+
+REPO = Path(__file__).resolve().parent.parent
+PROMPT = ("Once upon a time there was a small server in a quiet city. Every night it answered questions "
+          "about rivers, mountains and the stars, one token at a time.")
+LEVELS = (1, 2, 4, 8)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A benchmark model: the make_model.py preset that builds it and how many tokens to ask for."""
+
+    name: str
+    preset: str
+    path: Path
+    tokens: int
+
+
+@dataclass(frozen=True)
+class Profile:
+    """How much to measure."""
+
+    models: tuple[ModelSpec, ...]
+    per_worker: int
+    ttft_probes: int
+    single_repeat: int
+
+
+SMALL = ModelSpec("small", "bench", REPO / "models" / "bench-random-llama-int4", 128)
+REALISTIC = ModelSpec("realistic", "realistic", REPO / "models" / "realistic-random-qwen-shape-int4", 48)
+PROFILES = {
+    "quick": Profile((SMALL,), per_worker=2, ttft_probes=5, single_repeat=5),
+    "full": Profile((SMALL, REALISTIC), per_worker=2, ttft_probes=7, single_repeat=5),
+}
+TARGETS = {  # figure: (target, higher is better)
+    "single_stream_vs_bare": (0.95, True),
+    "x4_vs_1": (2.5, True),
+    "x8_vs_1": (3.0, True),
+    "loop_lateness_p99_ms": (5.0, False),
+    "health_p99_ms": (10.0, False),
+    "ttft_loaded_vs_idle_p50": (3.0, False),
+    "rss_vs_bare": (1.3, False),
+    "ready_vs_bare_load": (1.5, False),
+}
+
+
+def ensure_model(spec: ModelSpec) -> None:
+    """Build the model with the repo's own script if it is not there yet."""
+    if not (spec.path / "genai_config.json").is_file():
+        print(f"building the {spec.name} model ({spec.preset})...", flush=True)
+        subprocess.run([sys.executable, str(REPO / "scripts" / "make_model.py"), spec.preset, "-o", str(spec.path)],
+                       check=True, stdout=subprocess.DEVNULL)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def memory_mb(pid: int, field: str = "VmRSS") -> float:
+    """Resident memory of process ``pid`` in MiB: VmRSS now, or VmHWM, the peak."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no {field}")
+
+
+class Bare:
+    """benchmarks/bare.py as a process: the model in-process, no server, one stream on request."""
+
+    def __init__(self, spec: ModelSpec) -> None:
+        start = time.perf_counter()
+        self.proc = subprocess.Popen([sys.executable, str(REPO / "benchmarks" / "bare.py"), str(spec.path),
+                                      "--prompt", PROMPT], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        assert self.proc.stdout is not None and self.proc.stdin is not None
+        self._in, self._out = self.proc.stdin, self.proc.stdout
+        assert self._out.readline().strip() == "loaded"
+        self.ready_s = time.perf_counter() - start
+        self.load_s = float(json.loads(self._out.readline())["load_s"])
+        self.rss_mb = 0.0
+
+    def stream(self, tokens: int) -> float:
+        """One greedy stream; returns its tokens/s (tokens / (last token - submit))."""
+        self._in.write(f"{tokens}\n")
+        self._in.flush()
+        result = json.loads(self._out.readline())
+        self.rss_mb = result["rss_mb"]
+        return float(result["tokens"] / result["seconds"])
+
+    def stop(self) -> None:
+        self._in.close()
+        self.proc.wait(timeout=60)
+
+
+class Server:
+    """benchmarks/bench_server.py (the real app plus a loop probe) as a process."""
+
+    def __init__(self, spec: ModelSpec, extra: list[str]) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.model_id = spec.path.name
+        args = ["--model-path", str(spec.path), "--server-port", str(self.port), "--max-concurrent-requests", "64",
+                *extra]
+        self.started = time.perf_counter()
+        self.proc = subprocess.Popen([sys.executable, str(REPO / "benchmarks" / "bench_server.py"), *args])
+        self.ready_s = 0.0
+
+    async def wait_ready(self, session: aiohttp.ClientSession) -> None:
+        deadline = time.perf_counter() + 300
+        while time.perf_counter() < deadline:
+            assert self.proc.poll() is None, "the server exited"
+            try:
+                async with session.get(self.url + "/health") as resp:
+                    if resp.status == 200:
+                        self.ready_s = time.perf_counter() - self.started
+                        return
+            except aiohttp.ClientError:
+                pass
+            await asyncio.sleep(0.02)
+        raise TimeoutError("server not ready")
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+async def ttft_under_load(session: aiohttp.ClientSession, server: Server, spec: ModelSpec,
+                          probes: int) -> tuple[list[float], list[float]]:
+    """TTFT (ms) of short probe requests on an idle server, then while 3 other clients keep streaming."""
+
+    async def probe() -> float:
+        return (await stream_completion(session, server.url, server.model_id, PROMPT, 4)).ttft_s * 1000
+
+    idle = [await probe() for _ in range(probes)]
+    stop = asyncio.Event()
+
+    async def background() -> None:
+        while not stop.is_set():
+            await stream_completion(session, server.url, server.model_id, PROMPT, spec.tokens)
+
+    others = [asyncio.create_task(background()) for _ in range(3)]
+    loaded = []
+    for i in range(probes):
+        # Arrive at different points of the others' generation, not in step with it.
+        await asyncio.sleep(0.3 + 0.37 * i)
+        loaded.append(await probe())
+    stop.set()
+    await asyncio.gather(*others)
+    return idle, loaded
+
+
+async def single_streams(session: aiohttp.ClientSession, server: Server, bare: Bare, spec: ModelSpec,
+                         repeat: int) -> tuple[list[float], list[float]]:
+    """One stream at a time, alternating bare and server so noise hits both alike; tokens/s of each."""
+    bare_runs, server_runs = [], []
+    for _ in range(repeat):
+        bare_runs.append(bare.stream(spec.tokens))
+        result = await stream_completion(session, server.url, server.model_id, PROMPT, spec.tokens)
+        server_runs.append(result.tokens / result.e2e_s)
+    return bare_runs, server_runs
+
+
+async def measure(spec: ModelSpec, profile: Profile, extra: list[str]) -> dict[str, Any]:
+    """Every figure for one model and engine config: the bare process and the server side by side."""
+    bare = Bare(spec)
+    server = Server(spec, extra)
+    timeout = aiohttp.ClientTimeout(total=600)
+    try:
+        async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0)) as session:
+            await server.wait_ready(session)
+            bare.stream(spec.tokens)  # warm-up, and the same one stream on both before reading memory
+            await stream_completion(session, server.url, server.model_id, PROMPT, spec.tokens)
+            rss, bare_rss = memory_mb(server.proc.pid), bare.rss_mb
+            bare_tps, server_tps = await single_streams(session, server, bare, spec, profile.single_repeat)
+            bare.stop()
+            levels, health, loop_stats = await concurrency_levels(session, server, spec, profile)
+            idle, loaded = await ttft_under_load(session, server, spec, profile.ttft_probes)
+            peak = memory_mb(server.proc.pid, "VmHWM")
+    finally:
+        server.stop()
+        if bare.proc.poll() is None:
+            bare.proc.kill()
+    return {
+        "bare": {"ready_s": bare.ready_s, "load_s": bare.load_s, "rss_mb": bare_rss, "tokens_per_s": bare_tps},
+        "server": {"ready_s": server.ready_s, "rss_mb": rss, "rss_peak_mb": peak, "tokens_per_s": server_tps,
+                   "levels": [levels[c].summary() for c in LEVELS], "loop_lateness_ms": loop_stats,
+                   "health_p50_ms": pct(sorted(health), 0.5), "health_p99_ms": pct(sorted(health), 0.99),
+                   "ttft_idle_ms": idle, "ttft_loaded_ms": loaded},
+    }
+
+
+async def concurrency_levels(session: aiohttp.ClientSession, server: Server, spec: ModelSpec,
+                             profile: Profile) -> tuple[dict[int, LevelResult], list[float], dict[str, float]]:
+    """Each concurrency level in turn; at 4 streams also the loop lateness and /health latency."""
+    levels: dict[int, LevelResult] = {}
+    health: list[float] = []
+    loop_stats: dict[str, float] = {}
+    for c in LEVELS:
+        if c != 4:
+            levels[c] = await run_level(session, server.url, server.model_id, PROMPT, spec.tokens, c,
+                                        profile.per_worker)
+            continue
+        await session.get(server.url + "/_bench/loop")  # start a fresh lateness window
+        stop = asyncio.Event()
+        poller = asyncio.create_task(poll_health(session, server.url, stop))
+        levels[c] = await run_level(session, server.url, server.model_id, PROMPT, spec.tokens, c, profile.per_worker)
+        loop_stats = await (await session.get(server.url + "/_bench/loop")).json()
+        stop.set()
+        health = await poller
+    return levels, health, loop_stats
+
+
+def ratios(run: dict[str, Any]) -> dict[str, float]:
+    """The figures of the target table."""
+    bare, server = run["bare"], run["server"]
+    by_c = {level["concurrency"]: level for level in server["levels"]}
+    return {
+        "single_stream_vs_bare": median(server["tokens_per_s"]) / median(bare["tokens_per_s"]),
+        "x4_vs_1": by_c[4]["tokens_per_s"] / by_c[1]["tokens_per_s"],
+        "x8_vs_1": by_c[8]["tokens_per_s"] / by_c[1]["tokens_per_s"],
+        "loop_lateness_p99_ms": server["loop_lateness_ms"].get("p99_ms", float("nan")),
+        "health_p99_ms": server["health_p99_ms"],
+        "ttft_loaded_vs_idle_p50": median(server["ttft_loaded_ms"]) / median(server["ttft_idle_ms"]),
+        "rss_vs_bare": server["rss_mb"] / bare["rss_mb"],
+        "ready_vs_bare_load": server["ready_s"] / bare["ready_s"],
+    }
+
+
+def meets(name: str, value: float) -> bool:
+    target, higher = TARGETS[name]
+    return value >= target if higher else value <= target
+
+
+def print_ratios(model: str, figures: dict[str, float]) -> None:
+    print(f"\n{model}:")
+    for name, value in figures.items():
+        target, higher = TARGETS[name]
+        mark = "meets" if meets(name, value) else "MISSES"
+        print(f"  {name:26s} {value:8.2f}   target {'>=' if higher else '<='} {target:<5} {mark}")
+
+
+def parse_config(text: str) -> tuple[str, list[str]]:
+    """'8x1' -> engine batch 8, 1 lane; '8x1w0' -> the same with no batch wait."""
+    batch, rest = text.split("x")
+    lanes, _, wait = rest.partition("w")
+    extra = ["--engine-max-batch-size", batch, "--engine-lanes", lanes]
+    return text, extra + (["--engine-batch-wait-ms", wait] if wait else [])
+
+
+async def main_async(args: argparse.Namespace) -> dict[str, Any]:
+    profile = PROFILES["quick" if args.quick else "full"]
+    results: dict[str, Any] = {"machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]},
+                               "profile": "quick" if args.quick else "full", "prompt": PROMPT, "models": {}}
+    for spec in profile.models:
+        if args.models and spec.name not in args.models:
+            continue
+        ensure_model(spec)
+        entry: dict[str, Any] = {"tokens_per_request": spec.tokens, "configs": {}}
+        for config in args.configs:
+            label, extra = parse_config(config)
+            run = await measure(spec, profile, extra)
+            run["ratios"] = ratios(run)
+            entry["configs"][label] = run
+            print_ratios(f"{spec.name} model, engine {label} (batch x lanes)", run["ratios"])
+        results["models"][spec.name] = entry
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="small model only, fewer requests; prints ratios")
+    parser.add_argument("--models", nargs="*", choices=["small", "realistic"], help="only these models")
+    parser.add_argument("--configs", nargs="*", default=["4x2"],
+                        help="engine configs BATCHxLANES to compare; the first is the default (4x2)")
+    parser.add_argument("--out", type=Path, help="write results.json/.md and plots here "
+                        "(default: docs/benchmarks for a full run, nothing for --quick)")
+    args = parser.parse_args()
+    results = asyncio.run(main_async(args))
+    out = args.out or (None if args.quick else REPO / "docs" / "benchmarks")
+    if out is not None:
+        from report import write_report
+
+        write_report(results, out)
+        print(f"\nwrote {out}")
+
+
+if __name__ == "__main__":
+    main()
