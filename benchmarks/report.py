@@ -37,8 +37,18 @@ def markdown(results: dict[str, Any]) -> str:
             cells.append(fmt.format(value) + ("" if meets(key, value) else " ✗"))
         lines.append(f"| {label} | {target} | " + " | ".join(cells) + " |")
     lines.append("")
+    bandwidth = results["read_bandwidth_gb_s"]
+    lines.append(f"Measured memory read bandwidth: {bandwidth:.1f} GB/s.")
+    lines.append("")
     for m, entry in models.items():
-        lines.append(f"**{m} model**, {entry['tokens_per_request']} tokens per request.")
+        weights = entry["weight_bytes_per_token"]
+        bound = bandwidth * 1e9 / weights
+        first = next(iter(entry["configs"].values()))
+        bare_tps = median(first["bare"]["tokens_per_s"])
+        lines.append(f"**{m} model**, {entry['tokens_per_request']} tokens per request. A decode step reads "
+                     f"{weights / 1e6:.0f} MB of weights, so one stream is bound to {bound:.0f} tok/s by memory "
+                     f"bandwidth; the bare loop reaches {bare_tps:.0f} tok/s ({bare_tps / bound:.0%} of the bound, "
+                     f"prefill included).")
         lines.append("")
         for c, run in entry["configs"].items():
             bare, server = run["bare"], run["server"]

@@ -8,6 +8,7 @@ request that arrives while 3 others stream, resident memory and start-up time.
 Builds the benchmark models it needs with scripts/make_model.py.
 
     python benchmarks/run.py            # small and realistic models, writes docs/benchmarks/
+    python benchmarks/run.py --configs 8x2 4x2 4x1 8x1   # and the engine alternatives side by side
     python benchmarks/run.py --quick    # small model only, < 2 minutes, prints the ratios (CI)
 """
 
@@ -275,6 +276,27 @@ def print_ratios(model: str, figures: dict[str, float]) -> None:
         print(f"  {name:26s} {value:8.2f}   target {'>=' if higher else '<='} {target:<5} {mark}")
 
 
+def read_bandwidth_gb_s() -> float:
+    """Memory read bandwidth of this machine: best of 5 sums over a 512 MiB array (far beyond the caches)."""
+    import numpy as np
+
+    data = np.ones(128 * 1024 * 1024, dtype=np.float32)
+    best = float("inf")
+    for _ in range(5):
+        start = time.perf_counter()
+        data.sum()
+        best = min(best, time.perf_counter() - start)
+    return data.nbytes / best / 1e9
+
+
+def weight_bytes_per_token(spec: ModelSpec) -> int:
+    """Bytes of weights one decode step reads: every weight file, less the embedding table, of which a
+    step reads one row (the builder keeps it unquantized: vocab x hidden float32)."""
+    config = json.loads((spec.path / "genai_config.json").read_text())["model"]
+    files = sum(f.stat().st_size for f in spec.path.iterdir() if f.name.startswith("model.onnx"))
+    return int(files - config["vocab_size"] * config["decoder"]["hidden_size"] * 4)
+
+
 def parse_config(text: str) -> tuple[str, list[str]]:
     """'8x1' -> engine batch 8, 1 lane; '8x1w0' -> the same with no batch wait."""
     batch, rest = text.split("x")
@@ -286,12 +308,14 @@ def parse_config(text: str) -> tuple[str, list[str]]:
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     profile = PROFILES["quick" if args.quick else "full"]
     results: dict[str, Any] = {"machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]},
-                               "profile": "quick" if args.quick else "full", "prompt": PROMPT, "models": {}}
+                               "profile": "quick" if args.quick else "full", "prompt": PROMPT, "models": {},
+                               "read_bandwidth_gb_s": read_bandwidth_gb_s()}
     for spec in profile.models:
         if args.models and spec.name not in args.models:
             continue
         ensure_model(spec)
-        entry: dict[str, Any] = {"tokens_per_request": spec.tokens, "configs": {}}
+        entry: dict[str, Any] = {"tokens_per_request": spec.tokens, "configs": {},
+                                 "weight_bytes_per_token": weight_bytes_per_token(spec)}
         for config in args.configs:
             label, extra = parse_config(config)
             run = await measure(spec, profile, extra)
@@ -306,8 +330,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small model only, fewer requests; prints ratios")
     parser.add_argument("--models", nargs="*", choices=["small", "realistic"], help="only these models")
-    parser.add_argument("--configs", nargs="*", default=["4x2"],
-                        help="engine configs BATCHxLANES to compare; the first is the default (4x2)")
+    parser.add_argument("--configs", nargs="*", default=["8x2"],
+                        help="engine configs BATCHxLANES[wMS] to compare (default: the server's default, 8x2)")
     parser.add_argument("--out", type=Path, help="write results.json/.md and plots here "
                         "(default: docs/benchmarks for a full run, nothing for --quick)")
     args = parser.parse_args()

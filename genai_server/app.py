@@ -48,7 +48,7 @@ async def engine_context(app: web.Application) -> AsyncIterator[None]:
                     "and produces noise", path.name)
     started = time.perf_counter()
     engine = OnnxEngine(path, EngineConfig(settings.engine_max_batch_size, settings.engine_lanes,
-                                           settings.engine_batch_wait_ms))
+                                           settings.engine_batch_wait_ms, settings.max_model_len))
     await engine.start()
     log.info("model loaded", extra={"fields": {"model_path": str(path), "model": settings.resolved_model_id,
                                                 "load_time_ms": round((time.perf_counter() - started) * 1000, 1),

@@ -42,11 +42,13 @@ FALLBACK_CHAT_TEMPLATE = (
 
 @dataclass(frozen=True)
 class EngineConfig:
-    """How the engine batches: sequences per static batch, and batches (lanes) run side by side."""
+    """How the engine batches (sequences per static batch, batches run side by side, how long a batch waits
+    for a burst to arrive) and the most tokens one sequence may hold, which sets its KV-cache memory."""
 
-    max_batch_size: int = 4
+    max_batch_size: int = 8
     lanes: int = 2
     batch_wait_ms: float = 5.0
+    max_model_len: int | None = None
 
 
 class OnnxEngine:
@@ -136,12 +138,15 @@ class OnnxEngine:
     def _load(self) -> BatchScheduler:
         if not (self.model_path / "genai_config.json").is_file():
             raise FileNotFoundError(f"no genai_config.json in {self.model_path}")
+        genai_config = json.loads((self.model_path / "genai_config.json").read_text())
+        self.context_length = _context_length(genai_config, self.config.max_model_len)
         config = og.Config(str(self.model_path))
-        config.overlay(json.dumps({"engine": {"static_batching": {"max_batch_size": self.config.max_batch_size}}}))
+        # The Engine allocates every sequence's KV cache for search.max_length tokens up front, so
+        # that length (not the model's 128k, say) is what a sequence costs in memory.
+        config.overlay(json.dumps({"engine": {"static_batching": {"max_batch_size": self.config.max_batch_size}},
+                                   "search": {"max_length": self.context_length}}))
         self._model: Any = og.Model(config)
         self._tokenizer: Any = og.Tokenizer(self._model)
-        genai_config = json.loads((self.model_path / "genai_config.json").read_text())
-        self.context_length = int(genai_config["model"]["context_length"])
         self.eos_token_ids = frozenset(int(t) for t in self._tokenizer.eos_token_ids)
         self.has_chat_template = _has_chat_template(self.model_path)
         return BatchScheduler(self._model, self._tokenizer, lanes=self.config.lanes,
@@ -166,6 +171,15 @@ class OnnxEngine:
             except queue.Empty:
                 return True
         return False
+
+
+def _context_length(genai_config: dict[str, Any], cap: int | None) -> int:
+    """Tokens per sequence, prompt included: the model's context, its configured max_length, and the cap."""
+    limits = [int(genai_config["model"]["context_length"])]
+    limits.append(int(genai_config.get("search", {}).get("max_length") or limits[0]))
+    if cap is not None:
+        limits.append(cap)
+    return min(limits)
 
 
 def _has_chat_template(model_path: Path) -> bool:

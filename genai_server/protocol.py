@@ -283,6 +283,7 @@ class ModelCard(BaseModel):
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "genai_server"
+    max_model_len: int = Field(description="tokens per sequence, prompt included (vLLM's field)")
 
 
 class ModelList(BaseModel):

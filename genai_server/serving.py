@@ -83,7 +83,7 @@ class Serving:
         """``GET /v1/models/{id}``; unknown ids are a 404."""
         if model_id != self.model_id:
             raise ModelNotFound(f"The model '{model_id}' does not exist", param="model")
-        return ModelCard(id=self.model_id, created=self.created)
+        return ModelCard(id=self.model_id, created=self.created, max_model_len=self.engine.context_length)
 
     # ---- chat --------------------------------------------------------------------------
 

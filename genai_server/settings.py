@@ -30,8 +30,12 @@ class Settings(BaseSettings):
     max_concurrent_requests: int = Field(
         8, ge=1, description="generation requests in flight at once; the next one gets 429 rate_limit_exceeded"
     )
+    max_model_len: int | None = Field(
+        None, ge=16, description="most tokens per sequence, prompt included (default: the model's context); "
+        "each sequence's KV cache is allocated for this many tokens"
+    )
     engine_max_batch_size: int = Field(
-        4, ge=1, le=64, description="sequences the engine decodes together in one static batch"
+        8, ge=1, le=64, description="sequences the engine decodes together in one static batch"
     )
     engine_lanes: int = Field(
         2, ge=1, le=8, description="static batches run side by side, so a new request need not wait for a "

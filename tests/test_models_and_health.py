@@ -43,3 +43,21 @@ async def test_model_id_setting_renames_the_model(make_client: Any) -> None:
     client = await make_client(model_id="my-model")
     body = await (await client.get("/v1/models")).json()
     assert body["data"][0]["id"] == "my-model"
+
+
+async def test_max_model_len_caps_the_context(make_client: Any) -> None:
+    client = await make_client(max_model_len=64)
+    card = await (await client.get(f"/v1/models/{MODEL_ID}")).json()
+    assert card["max_model_len"] == 64
+    body = {"model": MODEL_ID, "prompt": "hello", "temperature": 0}
+    resp = await client.post("/v1/completions", json={**body, "max_tokens": 64})
+    assert resp.status == 400
+    assert (await resp.json())["error"]["code"] == "context_length_exceeded"
+    resp = await client.post("/v1/completions", json=body)  # no max_tokens: the rest of the 64
+    usage = (await resp.json())["usage"]
+    assert usage["total_tokens"] <= 64
+
+
+async def test_models_report_the_model_context(client: Any) -> None:
+    card = await (await client.get(f"/v1/models/{MODEL_ID}")).json()
+    assert card["max_model_len"] == 2048

@@ -21,7 +21,7 @@ from tests.conftest import MODEL_ID
 REPO = Path(__file__).resolve().parents[1]
 SETTING_NAMES = ("MODEL_PATH", "MODEL_ID", "SERVER_HOST", "SERVER_PORT", "MAX_CONCURRENT_REQUESTS",
                  "ENGINE_MAX_BATCH_SIZE", "ENGINE_LANES",
-                 "ENGINE_BATCH_WAIT_MS", "CORS_ORIGINS", "LOG_LEVEL", "LOG_FORMAT")
+                 "ENGINE_BATCH_WAIT_MS", "MAX_MODEL_LEN", "CORS_ORIGINS", "LOG_LEVEL", "LOG_FORMAT")
 
 
 def _free_port() -> int:
