@@ -70,6 +70,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=128)
     args = parser.parse_args()
     model = load(args.model, 8)
+    engines(model, 1, 8)  # warm-up: the first run pays for allocations and thread start-up
     base = engines(model, 1, args.tokens)
     rows = [("Engine, 1 stream", base)]
     for n in (2, 4, 8):

@@ -8,7 +8,6 @@ request that arrives while 3 others stream, resident memory and start-up time.
 Builds the benchmark models it needs with scripts/make_model.py.
 
     python benchmarks/run.py            # small and realistic models, writes docs/benchmarks/
-    python benchmarks/run.py --configs 8x2 4x2 4x1 8x1   # and the engine alternatives side by side
     python benchmarks/run.py --quick    # small model only, < 2 minutes, prints the ratios (CI)
 """
 
@@ -37,6 +36,9 @@ REPO = Path(__file__).resolve().parent.parent
 PROMPT = ("Once upon a time there was a small server in a quiet city. Every night it answered questions "
           "about rivers, mountains and the stars, one token at a time.")
 LEVELS = (1, 2, 4, 8)
+# Engine settings (batch x lanes) measured side by side: the server's default first, then the alternatives.
+FULL_CONFIGS = ("8x2", "4x2", "8x1")
+QUICK_CONFIGS = ("8x2",)
 
 
 @dataclass(frozen=True)
@@ -316,7 +318,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         ensure_model(spec)
         entry: dict[str, Any] = {"tokens_per_request": spec.tokens, "configs": {},
                                  "weight_bytes_per_token": weight_bytes_per_token(spec)}
-        for config in args.configs:
+        for config in args.configs or (QUICK_CONFIGS if args.quick else FULL_CONFIGS):
             label, extra = parse_config(config)
             run = await measure(spec, profile, extra)
             run["ratios"] = ratios(run)
@@ -330,8 +332,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small model only, fewer requests; prints ratios")
     parser.add_argument("--models", nargs="*", choices=["small", "realistic"], help="only these models")
-    parser.add_argument("--configs", nargs="*", default=["8x2"],
-                        help="engine configs BATCHxLANES[wMS] to compare (default: the server's default, 8x2)")
+    parser.add_argument("--configs", nargs="*",
+                        help="engine configs BATCHxLANES[wMS] to compare, the server's default first "
+                        f"(default: {' '.join(FULL_CONFIGS)}; --quick: {QUICK_CONFIGS[0]})")
     parser.add_argument("--out", type=Path, help="write results.json/.md and plots here "
                         "(default: docs/benchmarks for a full run, nothing for --quick)")
     args = parser.parse_args()

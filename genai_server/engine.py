@@ -133,6 +133,7 @@ class OnnxEngine:
             self._serve(scheduler)
         finally:
             scheduler.shutdown()
+            scheduler.deliver()
             del self._tokenizer, self._model
 
     def _load(self) -> BatchScheduler:
@@ -156,6 +157,7 @@ class OnnxEngine:
     def _serve(self, scheduler: BatchScheduler) -> None:
         while self._drain_commands(timeout=scheduler.wait_timeout()):
             scheduler.step()
+            scheduler.deliver()
 
     def _drain_commands(self, *, timeout: float | None) -> bool:
         """Run queued commands, waiting up to ``timeout`` s for one (None: until one comes); False once asked

@@ -79,9 +79,11 @@ class Job:
     done: bool = False
     pending_text: list[str] = field(default_factory=list)
 
-    def send(self, delta: Delta) -> None:
-        """Hand a delta to the event loop (asyncio.Queue is not thread-safe)."""
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, delta)
+
+def _deliver(items: list[tuple[asyncio.Queue[Delta], Delta]]) -> None:
+    """On the event loop: put each delta in its sequence's queue."""
+    for target, delta in items:
+        target.put_nowait(delta)
 
 
 class Lane:
@@ -112,6 +114,9 @@ class BatchScheduler:
         self._waiting: deque[Job] = deque()
         self._last_arrival = 0.0
         self._generators: list[Job] = []
+        # Deltas of one round go to the event loop in one call_soon_threadsafe per loop, not one per
+        # sequence: each call wakes the loop thread, which competes with the engine for the cores.
+        self._outbox: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue[Delta], Delta]]] = {}
 
     # ---- what the owner thread loop asks ----------------------------------------------
 
@@ -168,7 +173,7 @@ class BatchScheduler:
         jobs = [*self._waiting, *self._generators, *(j for lane in self._lanes for j in lane.jobs.values())]
         for job in jobs:
             self.cancel(job)
-            job.send(Delta("", 0, finish="cancelled"))
+            self._send(job, Delta("", 0, finish="cancelled"))
         for lane in self._lanes:
             while lane.engine.has_pending_requests():
                 lane.engine.run(lane.events)
@@ -269,7 +274,7 @@ class BatchScheduler:
 
     def _finish(self, job: Job, *, finish: EngineFinish | None = None, error: str | None = None) -> None:
         job.done = True
-        job.send(Delta("".join(job.pending_text), job.generated, finish=finish, error=error))
+        self._send(job, Delta("".join(job.pending_text), job.generated, finish=finish, error=error))
         job.pending_text.clear()
         job.generated = 0
         if job.request is not None:
@@ -278,9 +283,21 @@ class BatchScheduler:
     def _flush(self, job: Job) -> None:
         if job.done or not job.generated:
             return
-        job.send(Delta("".join(job.pending_text), job.generated))
+        self._send(job, Delta("".join(job.pending_text), job.generated))
         job.pending_text.clear()
         job.generated = 0
+
+    def _send(self, job: Job, delta: Delta) -> None:
+        self._outbox.setdefault(job.loop, []).append((job.queue, delta))
+
+    def deliver(self) -> None:
+        """Hand this round's deltas to their event loops (asyncio.Queue is not thread-safe)."""
+        for loop, items in self._outbox.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, items)
+            except RuntimeError:  # that loop is closed: nobody is left to read these
+                log.debug("dropped %d deltas for a closed event loop", len(items))
+        self._outbox = {}
 
     def _guarded(self, action: Callable[[], None], concerned: list[Job]) -> None:
         """Run one action; if the engine raises, fail the sequences it concerned and keep serving the rest."""
@@ -291,7 +308,7 @@ class BatchScheduler:
             for job in concerned:
                 if not job.done:
                     self.cancel(job)
-                    job.send(Delta("", 0, error=str(exc)))
+                    self._send(job, Delta("", 0, error=str(exc)))
 
 
 def _finish_reason(reason: Any) -> EngineFinish:
