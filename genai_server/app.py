@@ -8,11 +8,12 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from genai_server.app_keys import ENGINE, LIMITER, SERVING, SETTINGS
+from genai_server.app_keys import ENGINE, LIMITER, METRICS, SERVING, SETTINGS
 from genai_server.concurrency import ConcurrencyLimiter, setup_concurrency_limit
 from genai_server.cors import setup_cors
 from genai_server.engine import EngineConfig, OnnxEngine
 from genai_server.error_mapping import setup_error_mapping
+from genai_server.prometheus import ServerMetrics, setup_prometheus
 from genai_server.request_log import setup_request_log
 from genai_server.routes import add_routes
 from genai_server.serving import Serving
@@ -26,10 +27,13 @@ def create_app(settings: Settings) -> web.Application:
     app = web.Application()
     app[SETTINGS] = settings
     app[LIMITER] = ConcurrencyLimiter(settings.max_concurrent_requests)
+    app[METRICS] = ServerMetrics("onnx", lambda: _gauges(app))
     # The order is written once, outermost first:
-    # 1. request log: sees every request and the final status, after errors were mapped;
-    # 2. error mapping: turns every exception below it, 429 included, into the OpenAI envelope;
-    # 3. concurrency limit: innermost, so only real generation requests hold a slot.
+    # 1. Prometheus: counts every generation request by its final status, 429s included;
+    # 2. request log: sees every request and the final status, after errors were mapped;
+    # 3. error mapping: turns every exception below it, 429 included, into the OpenAI envelope;
+    # 4. concurrency limit: innermost, so only real generation requests hold a slot.
+    setup_prometheus(app, app[METRICS], settings.resolved_model_id)
     setup_request_log(app)
     setup_error_mapping(app)
     setup_concurrency_limit(app, app[LIMITER])
@@ -54,6 +58,13 @@ async def engine_context(app: web.Application) -> AsyncIterator[None]:
                                                 "load_time_ms": round((time.perf_counter() - started) * 1000, 1),
                                                 "context_length": engine.context_length}})
     app[ENGINE] = engine
-    app[SERVING] = Serving(engine, settings.resolved_model_id, created=int(time.time()))
+    app[SERVING] = Serving(engine, settings.resolved_model_id, created=int(time.time()),
+                           always_usage=settings.stream_usage_always)
     yield
     await engine.close()
+
+
+def _gauges(app: web.Application) -> tuple[int, int]:
+    """Generation requests in flight, and sequences waiting for a batch, read at scrape time."""
+    waiting = app[ENGINE].waiting_sequences() if ENGINE in app else 0
+    return app[LIMITER].in_flight, waiting

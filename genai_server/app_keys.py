@@ -2,17 +2,25 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from aiohttp import web
 
 from genai_server.concurrency import ConcurrencyLimiter
 from genai_server.engine import OnnxEngine
-from genai_server.serving import RequestStats, Serving
+from genai_server.serving import Serving
 from genai_server.settings import Settings
+from genai_server.telemetry import RequestTelemetry
+
+if TYPE_CHECKING:
+    from genai_server.prometheus import ServerMetrics
 
 SETTINGS = web.AppKey("settings", Settings)
 ENGINE = web.AppKey("engine", OnnxEngine)
 SERVING = web.AppKey("serving", Serving)
 LIMITER = web.AppKey("limiter", ConcurrencyLimiter)
+# Typed by annotation only: prometheus.py needs the request keys below, so importing it here would be circular.
+METRICS: web.AppKey[ServerMetrics] = web.AppKey("metrics")
 
 REQUEST_ID = web.RequestKey("request_id", str)
-REQUEST_STATS = web.RequestKey("request_stats", RequestStats)
+REQUEST_STATS = web.RequestKey("request_stats", RequestTelemetry)

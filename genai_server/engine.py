@@ -86,6 +86,10 @@ class OnnxEngine:
         """Sequences waiting or generating now (0 = the engine is idle)."""
         return self._scheduler.active() if self._scheduler is not None else 0
 
+    def waiting_sequences(self) -> int:
+        """Sequences waiting for a batch to start."""
+        return self._scheduler.waiting() if self._scheduler is not None else 0
+
     # ---- tokenizer (callable from any thread) ------------------------------------------
 
     def encode(self, text: str) -> list[int]:

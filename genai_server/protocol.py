@@ -15,6 +15,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from genai_server.errors import InvalidRequest
+from genai_server.telemetry import Performance, RequestMetrics
 
 log = logging.getLogger(__name__)
 
@@ -223,6 +224,8 @@ class ChatCompletion(BaseModel):
     model: str
     choices: list[ChatChoice]
     usage: Usage
+    metrics: RequestMetrics | None = None
+    performance: Performance | None = None
 
 
 def _is_none(value: object) -> bool:
@@ -254,6 +257,8 @@ class ChatCompletionChunk(BaseModel):
     model: str
     choices: list[ChatChunkChoice]
     usage: Usage | None = Field(None, exclude_if=_is_none)
+    metrics: RequestMetrics | None = Field(None, exclude_if=_is_none)
+    performance: Performance | None = Field(None, exclude_if=_is_none)
 
 
 class CompletionChoice(BaseModel):
@@ -274,6 +279,8 @@ class Completion(BaseModel):
     model: str
     choices: list[CompletionChoice]
     usage: Usage | None = Field(None, exclude_if=_is_none)
+    metrics: RequestMetrics | None = Field(None, exclude_if=_is_none)
+    performance: Performance | None = Field(None, exclude_if=_is_none)
 
 
 class ModelCard(BaseModel):

@@ -6,6 +6,7 @@ Outermost middleware, so it sees the final status after error mapping, and its
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import time
@@ -17,6 +18,9 @@ from aiohttp import web
 from genai_server.app_keys import REQUEST_ID, REQUEST_STATS
 
 log = logging.getLogger("genai_server.access")
+
+# nginx's code for a request whose client went away before the answer was complete.
+CLIENT_CLOSED_REQUEST = 499
 
 # A client's id is echoed back only if it is short and harmless in a header and a log line.
 _SAFE_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
@@ -45,11 +49,22 @@ def setup_request_log(app: web.Application) -> None:
             response = await handler(request)
             status = response.status
             return response
+        except asyncio.CancelledError:
+            status = CLIENT_CLOSED_REQUEST
+            raise
         finally:
+            if client_left(request):
+                status = CLIENT_CLOSED_REQUEST
             _log_line(request, status, (time.perf_counter() - started) * 1000)
 
     app.middlewares.append(request_log)
     app.on_response_prepare.append(_add_request_id)
+
+
+def client_left(request: web.Request) -> bool:
+    """Whether the client went away mid-stream (its 200 headers were sent, the answer was not)."""
+    stats = request.get(REQUEST_STATS)
+    return stats is not None and stats.client_disconnected
 
 
 def _log_line(request: web.Request, status: int, duration_ms: float) -> None:
@@ -59,7 +74,8 @@ def _log_line(request: web.Request, status: int, duration_ms: float) -> None:
     }
     stats = request.get(REQUEST_STATS)
     if stats is not None:
+        inference = stats.inference_time_ms
         fields.update(model=stats.model, prompt_tokens=stats.prompt_tokens,
                       completion_tokens=stats.completion_tokens,
-                      inference_time_ms=None if stats.inference_time_ms is None else round(stats.inference_time_ms, 2))
+                      inference_time_ms=None if inference is None else round(inference, 2))
     log.info("%s %s %s", request.method, request.path, status, extra={"fields": fields})

@@ -12,8 +12,8 @@ from pydantic import BaseModel
 from genai_server.app_keys import REQUEST_STATS, SERVING
 from genai_server.errors import InvalidRequest, UnsupportedMediaType
 from genai_server.protocol import ChatCompletionRequest, CompletionRequest
-from genai_server.serving import RequestStats
 from genai_server.sse import write_sse
+from genai_server.telemetry import RequestTelemetry
 
 RequestT = TypeVar("RequestT", bound=BaseModel)
 
@@ -53,29 +53,53 @@ async def get_model(request: web.Request) -> web.Response:
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     """``POST /v1/chat/completions``."""
+    stats = _telemetry(request)
     body = await parse_body(request, ChatCompletionRequest)
-    return await _respond(request, request.app[SERVING].chat(body, _stats(request)))
+    return await _respond(request, stats, request.app[SERVING].chat(body, stats))
 
 
 async def completions(request: web.Request) -> web.StreamResponse:
     """``POST /v1/completions``."""
+    stats = _telemetry(request)
     body = await parse_body(request, CompletionRequest)
-    return await _respond(request, request.app[SERVING].complete(body, _stats(request)))
+    return await _respond(request, stats, request.app[SERVING].complete(body, stats))
 
 
-def _stats(request: web.Request) -> RequestStats:
-    """Fresh stats for this request, kept on it for the access log."""
-    stats = request[REQUEST_STATS] = RequestStats()
+def _telemetry(request: web.Request) -> RequestTelemetry:
+    """This request's clock, started now and kept on the request for the log and the metrics."""
+    stats = request[REQUEST_STATS] = RequestTelemetry()
     return stats
 
 
-async def _respond(request: web.Request,
+async def _respond(request: web.Request, stats: RequestTelemetry,
                    pending: Awaitable[BaseModel | AsyncGenerator[BaseModel, None]]) -> web.StreamResponse:
-    """Write the serving layer's answer: a whole response as JSON, a chunk stream as SSE."""
+    """Write the serving layer's answer: a whole response as JSON with timing headers, a stream as SSE."""
     result = await pending
     if isinstance(result, BaseModel):
-        return json_response(result)
-    return await write_sse(request, result)
+        response = json_response(result)
+        response.headers.update(timing_headers(stats))
+        return response
+
+    def client_gone() -> None:
+        stats.client_disconnected = True
+
+    return await write_sse(request, result, on_client_gone=client_gone)
+
+
+def timing_headers(stats: RequestTelemetry) -> dict[str, str]:
+    """TGI's timing headers (milliseconds), plus time to first token. Streams cannot carry them: headers
+    leave before the first token; their last chunk carries the same figures."""
+    figures = stats.metrics()
+    values = {
+        "x-queue-time": figures.queue_time_ms,
+        "x-inference-time": figures.generation_time_ms,
+        "x-time-per-token": figures.time_per_output_token_ms,
+        "x-total-time": figures.e2e_latency_ms,
+        "x-time-to-first-token": figures.time_to_first_token_ms,
+        "x-prompt-tokens": figures.prompt_tokens,
+        "x-generated-tokens": figures.completion_tokens,
+    }
+    return {name: str(value) for name, value in values.items() if value is not None}
 
 
 def add_routes(app: web.Application) -> None:

@@ -59,6 +59,7 @@ class Delta:
     tokens: int
     finish: EngineFinish | None = None
     error: str | None = None
+    admitted_at: float | None = None  # perf_counter() when the sequence left the queue, once known
 
 
 @dataclass(eq=False)  # identity, not field equality: jobs hold numpy arrays
@@ -70,6 +71,7 @@ class Job:
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue[Delta]
     lane: Lane | None = None
+    admitted_at: float | None = None
     request: Any = None
     turn_id: int = 0
     generator: Any = None
@@ -132,6 +134,10 @@ class BatchScheduler:
     def active(self) -> int:
         """Sequences admitted or waiting (read from other threads only as a rough gauge)."""
         return len(self._waiting) + len(self._generators) + sum(len(lane.jobs) for lane in self._lanes)
+
+    def waiting(self) -> int:
+        """Sequences not yet admitted into a batch (a rough gauge from other threads)."""
+        return len(self._waiting)
 
     def step(self) -> None:
         """One round: admit waiting sequences, then one step of every busy lane and Generator."""
@@ -204,7 +210,7 @@ class BatchScheduler:
             opts.set_temperature(job.options.temperature)
             opts.set_top_p(job.options.top_p)
             opts.set_top_k(job.options.top_k)
-        job.lane, job.request = lane, request
+        job.lane, job.request, job.admitted_at = lane, request, time.perf_counter()
         job.turn_id = request.begin_turn(job.prompt, opts)
         lane.jobs[id(request)] = job
 
@@ -245,6 +251,7 @@ class BatchScheduler:
             random_seed=job.options.seed,
         )
         job.generator = og.Generator(self._model, params)
+        job.admitted_at = time.perf_counter()
         self._generators.append(job)
 
     def _step_generator(self, job: Job) -> None:
@@ -274,7 +281,8 @@ class BatchScheduler:
 
     def _finish(self, job: Job, *, finish: EngineFinish | None = None, error: str | None = None) -> None:
         job.done = True
-        self._send(job, Delta("".join(job.pending_text), job.generated, finish=finish, error=error))
+        self._send(job, Delta("".join(job.pending_text), job.generated, finish=finish, error=error,
+                              admitted_at=job.admitted_at))
         job.pending_text.clear()
         job.generated = 0
         if job.request is not None:
@@ -283,7 +291,7 @@ class BatchScheduler:
     def _flush(self, job: Job) -> None:
         if job.done or not job.generated:
             return
-        self._send(job, Delta("".join(job.pending_text), job.generated))
+        self._send(job, Delta("".join(job.pending_text), job.generated, admitted_at=job.admitted_at))
         job.pending_text.clear()
         job.generated = 0
 

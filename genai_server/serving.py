@@ -7,8 +7,8 @@ returns, either a response model or an async iterator of chunk models.
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import AsyncGenerator, Sequence
+from contextlib import aclosing
 from dataclasses import dataclass, replace
 
 from genai_server.engine import OnnxEngine, SamplingOptions
@@ -33,16 +33,7 @@ from genai_server.protocol import (
     now,
 )
 from genai_server.stop_strings import StopMatcher
-
-
-@dataclass
-class RequestStats:
-    """What the access log reports about one generation request."""
-
-    model: str | None = None
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    inference_time_ms: float | None = None
+from genai_server.telemetry import RequestTelemetry
 
 
 @dataclass(frozen=True)
@@ -68,10 +59,12 @@ class _Sequence:
 class Serving:
     """Chat and text completions for one model on the embedded engine."""
 
-    def __init__(self, engine: OnnxEngine, model_id: str, created: int) -> None:
+    def __init__(self, engine: OnnxEngine, model_id: str, created: int, *, always_usage: bool = False) -> None:
         self.engine = engine
         self.model_id = model_id
         self.created = created
+        # Streams end with a usage + metrics chunk even when the client did not ask (STREAM_USAGE_ALWAYS).
+        self.always_usage = always_usage
 
     # ---- models ------------------------------------------------------------------------
 
@@ -88,7 +81,7 @@ class Serving:
     # ---- chat --------------------------------------------------------------------------
 
     async def chat(self, req: ChatCompletionRequest,
-                   stats: RequestStats) -> ChatCompletion | AsyncGenerator[ChatCompletionChunk, None]:
+                   stats: RequestTelemetry) -> ChatCompletion | AsyncGenerator[ChatCompletionChunk, None]:
         """A chat completion, or its chunk stream when ``req.stream``."""
         self.get_model(req.model)
         messages = [{"role": _template_role(m.role), "content": m.text()} for m in req.messages]
@@ -101,30 +94,32 @@ class Serving:
         choices = [ChatChoice(index=i, message=AssistantMessage(content=text), finish_reason=finish)
                    for i, (text, finish) in enumerate(pieces)]
         return ChatCompletion(id=new_id("chatcmpl"), created=now(), model=self.model_id, choices=choices,
-                              usage=_usage(stats))
+                              usage=_usage(stats), metrics=stats.metrics(), performance=stats.performance())
 
     async def _chat_stream(self, req: ChatCompletionRequest, seqs: list[_Sequence],
-                           stats: RequestStats) -> AsyncGenerator[ChatCompletionChunk, None]:
+                           stats: RequestTelemetry) -> AsyncGenerator[ChatCompletionChunk, None]:
         chunk_id, created = new_id("chatcmpl"), now()
 
-        def chunk(choices: list[ChatChunkChoice], usage: Usage | None = None) -> ChatCompletionChunk:
-            return ChatCompletionChunk(id=chunk_id, created=created, model=self.model_id, choices=choices,
-                                       usage=usage)
+        def chunk(choices: list[ChatChunkChoice]) -> ChatCompletionChunk:
+            return ChatCompletionChunk(id=chunk_id, created=created, model=self.model_id, choices=choices)
 
         yield chunk([ChatChunkChoice(index=s.index, delta=ChatDelta(role="assistant", content=""))
                      for s in seqs])
-        async for piece in self._run(seqs, stats):
-            if piece.text:
-                yield chunk([ChatChunkChoice(index=piece.index, delta=ChatDelta(content=piece.text))])
-            if piece.finish:
-                yield chunk([ChatChunkChoice(index=piece.index, delta=ChatDelta(), finish_reason=piece.finish)])
-        if req.include_usage:
-            yield chunk([], _usage(stats))
+        # aclosing: a client that leaves closes this generator, and that must reach the engine now.
+        async with aclosing(self._run(seqs, stats)) as pieces:
+            async for piece in pieces:
+                if piece.text:
+                        yield chunk([ChatChunkChoice(index=piece.index, delta=ChatDelta(content=piece.text))])
+                if piece.finish:
+                    yield chunk([ChatChunkChoice(index=piece.index, delta=ChatDelta(), finish_reason=piece.finish)])
+        if req.include_usage or self.always_usage:
+            yield ChatCompletionChunk(id=chunk_id, created=created, model=self.model_id, choices=[],
+                                      usage=_usage(stats), metrics=stats.metrics(), performance=stats.performance())
 
     # ---- completions -------------------------------------------------------------------
 
     async def complete(self, req: CompletionRequest,
-                       stats: RequestStats) -> Completion | AsyncGenerator[Completion, None]:
+                       stats: RequestTelemetry) -> Completion | AsyncGenerator[Completion, None]:
         """A text completion (raw prompt, no template), or its chunk stream when ``req.stream``."""
         self.get_model(req.model)
         prompts = [p if isinstance(p, list) else self.engine.encode(p) for p in req.prompts()]
@@ -136,17 +131,19 @@ class Serving:
         choices = [CompletionChoice(index=i, text=text, finish_reason=finish)
                    for i, (text, finish) in enumerate(pieces)]
         return Completion(id=new_id("cmpl"), created=now(), model=self.model_id, choices=choices,
-                          usage=_usage(stats))
+                          usage=_usage(stats), metrics=stats.metrics(), performance=stats.performance())
 
     async def _complete_stream(self, req: CompletionRequest, seqs: list[_Sequence],
-                               stats: RequestStats) -> AsyncGenerator[Completion, None]:
+                               stats: RequestTelemetry) -> AsyncGenerator[Completion, None]:
         chunk_id, created = new_id("cmpl"), now()
-        async for piece in self._run(seqs, stats):
-            if piece.text or piece.finish:
-                choice = CompletionChoice(index=piece.index, text=piece.text, finish_reason=piece.finish)
-                yield Completion(id=chunk_id, created=created, model=self.model_id, choices=[choice])
-        if req.include_usage:
-            yield Completion(id=chunk_id, created=created, model=self.model_id, choices=[], usage=_usage(stats))
+        async with aclosing(self._run(seqs, stats)) as pieces:
+            async for piece in pieces:
+                if piece.text or piece.finish:
+                    choice = CompletionChoice(index=piece.index, text=piece.text, finish_reason=piece.finish)
+                    yield Completion(id=chunk_id, created=created, model=self.model_id, choices=[choice])
+        if req.include_usage or self.always_usage:
+            yield Completion(id=chunk_id, created=created, model=self.model_id, choices=[], usage=_usage(stats),
+                             metrics=stats.metrics(), performance=stats.performance())
 
     # ---- shared ------------------------------------------------------------------------
 
@@ -170,35 +167,37 @@ class Serving:
                 sequences.append(_Sequence(p * req.n + j, prompt, replace(options, seed=seed), req.stop_list))
         return sequences
 
-    async def _collect(self, seqs: list[_Sequence], stats: RequestStats) -> list[tuple[str, FinishReason]]:
+    async def _collect(self, seqs: list[_Sequence], stats: RequestTelemetry) -> list[tuple[str, FinishReason]]:
         """Run every sequence to its end; returns (text, finish) per choice index."""
         texts: dict[int, list[str]] = {s.index: [] for s in seqs}
         finishes: dict[int, FinishReason] = {}
-        async for piece in self._run(seqs, stats):
-            texts[piece.index].append(piece.text)
-            if piece.finish:
-                finishes[piece.index] = piece.finish
+        async with aclosing(self._run(seqs, stats)) as pieces:
+            async for piece in pieces:
+                texts[piece.index].append(piece.text)
+                if piece.finish:
+                    finishes[piece.index] = piece.finish
         return [("".join(texts[i]), finishes[i]) for i in sorted(texts)]
 
-    async def _run(self, seqs: list[_Sequence], stats: RequestStats) -> AsyncGenerator[Piece, None]:
-        """Pieces of all sequences as they arrive, counting tokens and inference time into ``stats``."""
-        started = time.perf_counter()
-        streams = [self._sequence(s) for s in seqs]
+    async def _run(self, seqs: list[_Sequence], stats: RequestTelemetry) -> AsyncGenerator[Piece, None]:
+        """Pieces of all sequences as they arrive, with their tokens and times recorded in ``stats``."""
+        streams = [self._sequence(s, stats) for s in seqs]
         merged = streams[0] if len(streams) == 1 else _merge(streams)
         try:
             async for piece in merged:
-                stats.completion_tokens += piece.tokens
+                stats.on_tokens(piece.tokens)
                 yield piece
         finally:
             await merged.aclose()
-            stats.inference_time_ms = (time.perf_counter() - started) * 1000
+            stats.on_end()
 
-    async def _sequence(self, seq: _Sequence) -> AsyncGenerator[Piece, None]:
+    async def _sequence(self, seq: _Sequence, stats: RequestTelemetry) -> AsyncGenerator[Piece, None]:
         """One choice's pieces, with stop sequences applied."""
         matcher = StopMatcher(seq.stops)
         stream = self.engine.generate(seq.prompt, seq.options)
         try:
             async for delta in stream:
+                if delta.admitted_at is not None:
+                    stats.on_admitted(delta.admitted_at)
                 text, stopped = matcher.feed(delta.text)
                 if stopped:
                     yield Piece(seq.index, text, delta.tokens, "stop")
@@ -257,6 +256,6 @@ def _template_role(role: str) -> str:
     return "system" if role == "developer" else role
 
 
-def _usage(stats: RequestStats) -> Usage:
+def _usage(stats: RequestTelemetry) -> Usage:
     return Usage(prompt_tokens=stats.prompt_tokens, completion_tokens=stats.completion_tokens,
                  total_tokens=stats.prompt_tokens + stats.completion_tokens)

@@ -45,6 +45,10 @@ class Settings(BaseSettings):
         5.0, ge=0, le=1000, description="how long a batch waits for more arrivals before it starts (a static "
         "batch cannot take latecomers)"
     )
+    stream_usage_always: bool = Field(
+        False, description="end every stream with the usage + metrics chunk, even when the client did not ask "
+        "for stream_options.include_usage"
+    )
     cors_origins: Annotated[list[str], NoDecode] = Field(
         default_factory=lambda: ["*"], description="comma-separated origins allowed by CORS; * for any"
     )

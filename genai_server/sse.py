@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 
 from aiohttp import web
 from pydantic import BaseModel
@@ -26,7 +27,8 @@ def _event(payload: bytes) -> bytes:
     return b"data: " + payload + b"\n\n"
 
 
-async def write_sse(request: web.Request, chunks: AsyncGenerator[BaseModel, None]) -> web.StreamResponse:
+async def write_sse(request: web.Request, chunks: AsyncGenerator[BaseModel, None],
+                    on_client_gone: Callable[[], None] | None = None) -> web.StreamResponse:
     """Stream ``chunks``; an error after the stream started is sent as an error event, then ``[DONE]``.
 
     A client that disconnects ends the loop with ``ConnectionResetError``; closing
@@ -40,7 +42,14 @@ async def write_sse(request: web.Request, chunks: AsyncGenerator[BaseModel, None
         await response.write(_DONE)
     except ConnectionResetError:
         log.info("client disconnected mid-stream")
+        if on_client_gone is not None:
+            on_client_gone()
         return response
+    except asyncio.CancelledError:
+        # aiohttp cancels the handler when the connection drops while it waits on a write.
+        if on_client_gone is not None and _client_left(request):
+            on_client_gone()
+        raise
     except Exception as exc:
         error = to_api_error(exc)
         if error.status >= 500:
@@ -50,6 +59,11 @@ async def write_sse(request: web.Request, chunks: AsyncGenerator[BaseModel, None
         await chunks.aclose()
     await response.write_eof()
     return response
+
+
+def _client_left(request: web.Request) -> bool:
+    transport = request.transport
+    return transport is None or transport.is_closing()
 
 
 async def _write_error(response: web.StreamResponse, envelope: dict[str, object]) -> None:

@@ -1,0 +1,112 @@
+"""Prometheus ``/metrics`` through the official client library: the per-request telemetry, aggregated.
+
+Names follow vLLM's (``vllm:time_to_first_token_seconds`` -> ``genai_server_time_to_first_token_seconds``),
+labelled by model and backend, so dashboards built for vLLM need only a new prefix. Each app has its own
+registry: several apps in one process (the tests) never share counters.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.process_collector import ProcessCollector
+
+from genai_server.app_keys import REQUEST_STATS
+from genai_server.concurrency import GENERATION_PATHS
+from genai_server.request_log import CLIENT_CLOSED_REQUEST, client_left
+from genai_server.telemetry import RequestTelemetry
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
+                    40.0, 80.0, 160.0)
+_TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5)
+_LABELS = ("model", "backend")
+
+
+class ServerMetrics:
+    """The Prometheus collectors of one server."""
+
+    def __init__(self, backend: str, gauges: Callable[[], tuple[int, int]]) -> None:
+        self.backend = backend
+        self._gauges = gauges
+        self.registry = CollectorRegistry()
+        ProcessCollector(registry=self.registry)
+
+        def histogram(name: str, doc: str, buckets: tuple[float, ...]) -> Histogram:
+            return Histogram(f"genai_server_{name}", doc, _LABELS, buckets=buckets, registry=self.registry)
+
+        self.ttft = histogram("time_to_first_token_seconds", "Arrival to first token.", _LATENCY_BUCKETS)
+        self.tpot = histogram("request_time_per_output_token_seconds", "(e2e - TTFT) / (tokens - 1).",
+                              _TOKEN_BUCKETS)
+        self.itl = histogram("inter_token_latency_seconds", "Time between successive tokens.", _TOKEN_BUCKETS)
+        self.e2e = histogram("e2e_request_latency_seconds", "Arrival to last token.", _LATENCY_BUCKETS)
+        self.queue = histogram("request_queue_time_seconds", "Arrival to the start of generation.",
+                               _LATENCY_BUCKETS)
+        self.prompt_tokens = Counter("genai_server_prompt_tokens", "Prompt tokens.", _LABELS, registry=self.registry)
+        self.generation_tokens = Counter("genai_server_generation_tokens", "Generated tokens.", _LABELS,
+                                         registry=self.registry)
+        self.requests = Counter("genai_server_requests", "Generation requests by HTTP status.",
+                                (*_LABELS, "status"), registry=self.registry)
+        self.disconnects = Counter("genai_server_client_disconnects", "Clients that left before the end.", _LABELS,
+                                   registry=self.registry)
+        self.running = Gauge("genai_server_num_requests_running", "Generation requests in flight.", ["backend"],
+                             registry=self.registry)
+        self.waiting = Gauge("genai_server_num_requests_waiting", "Sequences waiting for a batch to start.",
+                             ["backend"], registry=self.registry)
+
+    def observe(self, stats: RequestTelemetry | None, model: str, status: int) -> None:
+        """Record one finished generation request."""
+        labels = (model, self.backend)
+        self.requests.labels(*labels, str(status)).inc()
+        if stats is None or stats.end is None:
+            return
+        figures = stats.metrics()
+        for histogram, value in ((self.ttft, figures.time_to_first_token_ms), (self.e2e, figures.e2e_latency_ms),
+                                 (self.queue, figures.queue_time_ms), (self.tpot, figures.time_per_output_token_ms)):
+            if value is not None:
+                histogram.labels(*labels).observe(value / 1000)
+        itl = self.itl.labels(*labels)
+        for seconds in stats.itl_s:
+            itl.observe(seconds)
+        self.prompt_tokens.labels(*labels).inc(stats.prompt_tokens)
+        self.generation_tokens.labels(*labels).inc(stats.completion_tokens)
+        if stats.client_disconnected:
+            self.disconnects.labels(*labels).inc()
+
+    def exposition(self) -> bytes:
+        """The text format, with the gauges read now."""
+        running, waiting = self._gauges()
+        self.running.labels(self.backend).set(running)
+        self.waiting.labels(self.backend).set(waiting)
+        return generate_latest(self.registry)
+
+
+def setup_prometheus(app: web.Application, metrics: ServerMetrics, default_model: str) -> None:
+    """Add the middleware that records generation requests, and the public ``GET /metrics`` route."""
+
+    @web.middleware
+    async def prometheus(request: web.Request,
+                         handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+        if request.path not in GENERATION_PATHS:
+            return await handler(request)
+        status = 500
+        try:
+            response = await handler(request)
+            status = response.status
+            return response
+        except asyncio.CancelledError:
+            status = CLIENT_CLOSED_REQUEST
+            raise
+        finally:
+            if client_left(request):
+                status = CLIENT_CLOSED_REQUEST
+            stats = request.get(REQUEST_STATS)
+            metrics.observe(stats, (stats.model if stats else None) or default_model, status)
+
+    async def scrape(request: web.Request) -> web.Response:
+        return web.Response(body=metrics.exposition(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    app.middlewares.append(prometheus)
+    app.router.add_get("/metrics", scrape)

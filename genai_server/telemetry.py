@@ -1,0 +1,135 @@
+"""Per-request telemetry, measured by the server's own clock the same way for every backend.
+
+Engines measure differently, so their own numbers cannot be compared; these can.
+All times are ``time.perf_counter()`` seconds of this process. Field names follow
+vLLM's per-request ``metrics`` where it has one.
+"""
+
+from __future__ import annotations
+
+import resource
+import statistics
+import time
+from dataclasses import dataclass, field
+
+from pydantic import BaseModel
+
+
+class RequestMetrics(BaseModel):
+    """What one request cost, as the client receives it (``metrics`` in the body, the last stream chunk)."""
+
+    queue_time_ms: float | None = None
+    time_to_first_token_ms: float | None = None
+    time_per_output_token_ms: float | None = None
+    mean_itl_ms: float | None = None
+    itl_p50_ms: float | None = None
+    itl_p95_ms: float | None = None
+    generation_time_ms: float | None = None
+    e2e_latency_ms: float | None = None
+    tokens_per_second: float | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    peak_rss_mb: float | None = None
+    gpu_memory_used_start_mb: float | None = None
+    gpu_memory_peak_mb: float | None = None
+    gpu_memory_delta_mb: float | None = None
+    gpu_process_memory_mb: float | None = None
+    backend_reported: dict[str, object] | None = None
+
+
+class Performance(RequestMetrics):
+    """The same figures under the names the original design used."""
+
+    latency_ms: float | None = None
+    peak_memory_mb: float | None = None
+
+
+@dataclass
+class RequestTelemetry:
+    """The clock marks of one generation request; filled in by the serving layer as it runs."""
+
+    arrival: float = field(default_factory=time.perf_counter)
+    model: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    admitted: float | None = None
+    first_token: float | None = None
+    end: float | None = None
+    client_disconnected: bool = False
+    itl_s: list[float] = field(default_factory=list)
+    _last_token: float | None = None
+
+    def on_admitted(self, at: float) -> None:
+        """Generation started (the end of queueing); the earliest of several sequences counts."""
+        if self.admitted is None or at < self.admitted:
+            self.admitted = at
+
+    def on_tokens(self, count: int, at: float | None = None) -> None:
+        """``count`` tokens arrived together; each after the first contributes an inter-token latency."""
+        now = time.perf_counter() if at is None else at
+        if count <= 0:
+            return
+        self.completion_tokens += count
+        if self._last_token is None:
+            self.first_token = now
+            count -= 1
+        elif count:
+            self.itl_s.extend([(now - self._last_token) / count] * count)
+        self._last_token = now
+
+    def on_end(self) -> None:
+        """Generation ended (finished, failed or cancelled)."""
+        self.end = time.perf_counter()
+
+    @property
+    def inference_time_ms(self) -> float | None:
+        """Start of generation to its end."""
+        if self.end is None:
+            return None
+        return (self.end - (self.admitted if self.admitted is not None else self.arrival)) * 1000
+
+    def metrics(self) -> RequestMetrics:
+        """The figures so far."""
+        return RequestMetrics(**self._figures())
+
+    def performance(self) -> Performance:
+        """The figures with ``latency_ms`` and ``peak_memory_mb`` added."""
+        figures = self._figures()
+        return Performance(**figures, latency_ms=figures["e2e_latency_ms"], peak_memory_mb=figures["peak_rss_mb"])
+
+    def _figures(self) -> dict[str, object]:
+        end = self.end if self.end is not None else time.perf_counter()
+        e2e = end - self.arrival
+        ttft = None if self.first_token is None else self.first_token - self.arrival
+        generation = self.inference_time_ms
+        n = self.completion_tokens
+        itl = sorted(self.itl_s)
+        return {
+            "queue_time_ms": _ms(None if self.admitted is None else self.admitted - self.arrival),
+            "time_to_first_token_ms": _ms(ttft),
+            "time_per_output_token_ms": _ms(None if ttft is None or n < 2 else (e2e - ttft) / (n - 1)),
+            "mean_itl_ms": _ms(statistics.fmean(itl) if itl else None),
+            "itl_p50_ms": _ms(_quantile(itl, 0.5)),
+            "itl_p95_ms": _ms(_quantile(itl, 0.95)),
+            "generation_time_ms": None if generation is None else round(generation, 3),
+            "e2e_latency_ms": _ms(e2e),
+            "tokens_per_second": None if not generation else round(n / (generation / 1000), 3),
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": n,
+            "peak_rss_mb": peak_rss_mb(),
+        }
+
+
+def peak_rss_mb() -> float:
+    """The server process's peak resident memory so far (ru_maxrss is KiB on Linux)."""
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds * 1000, 3)
+
+
+def _quantile(sorted_values: list[float], q: float) -> float | None:
+    if not sorted_values:
+        return None
+    return sorted_values[min(len(sorted_values) - 1, int(q * len(sorted_values)))]
