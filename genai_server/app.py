@@ -8,11 +8,12 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from genai_server.app_keys import ENGINE, LIMITER, METRICS, SERVING, SETTINGS
+from genai_server.app_keys import ENGINE, GPU, LIMITER, METRICS, SERVING, SETTINGS
 from genai_server.concurrency import ConcurrencyLimiter, setup_concurrency_limit
 from genai_server.cors import setup_cors
 from genai_server.engine import EngineConfig, OnnxEngine
 from genai_server.error_mapping import setup_error_mapping
+from genai_server.gpu import GpuMonitor
 from genai_server.prometheus import ServerMetrics, setup_prometheus
 from genai_server.request_log import setup_request_log
 from genai_server.routes import add_routes
@@ -58,13 +59,18 @@ async def engine_context(app: web.Application) -> AsyncIterator[None]:
                                                 "load_time_ms": round((time.perf_counter() - started) * 1000, 1),
                                                 "context_length": engine.context_length}})
     app[ENGINE] = engine
+    gpu = GpuMonitor()
+    await gpu.start()
+    app[GPU] = gpu
     app[SERVING] = Serving(engine, settings.resolved_model_id, created=int(time.time()),
-                           always_usage=settings.stream_usage_always)
+                           always_usage=settings.stream_usage_always, gpu=gpu)
     yield
     await engine.close()
+    await gpu.stop()
 
 
-def _gauges(app: web.Application) -> tuple[int, int]:
-    """Generation requests in flight, and sequences waiting for a batch, read at scrape time."""
+def _gauges(app: web.Application) -> tuple[int, int, float | None]:
+    """Generation requests in flight, sequences waiting for a batch, GPU memory used: read at scrape time."""
     waiting = app[ENGINE].waiting_sequences() if ENGINE in app else 0
-    return app[LIMITER].in_flight, waiting
+    gpu_used = app[GPU].used_mb() if GPU in app else None
+    return app[LIMITER].in_flight, waiting, gpu_used

@@ -8,6 +8,7 @@ from aiohttp import web
 
 from genai_server.concurrency import ConcurrencyLimiter
 from genai_server.engine import OnnxEngine
+from genai_server.gpu import GpuMonitor
 from genai_server.serving import Serving
 from genai_server.settings import Settings
 from genai_server.telemetry import RequestTelemetry
@@ -19,6 +20,7 @@ SETTINGS = web.AppKey("settings", Settings)
 ENGINE = web.AppKey("engine", OnnxEngine)
 SERVING = web.AppKey("serving", Serving)
 LIMITER = web.AppKey("limiter", ConcurrencyLimiter)
+GPU = web.AppKey("gpu", GpuMonitor)
 # Typed by annotation only: prometheus.py needs the request keys below, so importing it here would be circular.
 METRICS: web.AppKey[ServerMetrics] = web.AppKey("metrics")
 

@@ -28,7 +28,7 @@ _LABELS = ("model", "backend")
 class ServerMetrics:
     """The Prometheus collectors of one server."""
 
-    def __init__(self, backend: str, gauges: Callable[[], tuple[int, int]]) -> None:
+    def __init__(self, backend: str, gauges: Callable[[], tuple[int, int, float | None]]) -> None:
         self.backend = backend
         self._gauges = gauges
         self.registry = CollectorRegistry()
@@ -53,6 +53,7 @@ class ServerMetrics:
                                    registry=self.registry)
         self.running = Gauge("genai_server_num_requests_running", "Generation requests in flight.", ["backend"],
                              registry=self.registry)
+        self.gpu_used: Gauge | None = None  # registered at the first scrape that finds a GPU: no GPU, no series
         self.waiting = Gauge("genai_server_num_requests_waiting", "Sequences waiting for a batch to start.",
                              ["backend"], registry=self.registry)
 
@@ -77,9 +78,14 @@ class ServerMetrics:
 
     def exposition(self) -> bytes:
         """The text format, with the gauges read now."""
-        running, waiting = self._gauges()
+        running, waiting, gpu_used_mb = self._gauges()
         self.running.labels(self.backend).set(running)
         self.waiting.labels(self.backend).set(waiting)
+        if gpu_used_mb is not None:
+            if self.gpu_used is None:
+                self.gpu_used = Gauge("genai_server_gpu_memory_used_bytes", "Memory in use on the visible GPUs (NVML).",
+                                      registry=self.registry)
+            self.gpu_used.set(gpu_used_mb * 1024 * 1024)
         return generate_latest(self.registry)
 
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass, replace
 
 from genai_server.engine import OnnxEngine, SamplingOptions
 from genai_server.errors import ContextLengthExceeded, InvalidRequest, ModelNotFound, ServerError
+from genai_server.gpu import GpuMonitor
 from genai_server.protocol import (
     AssistantMessage,
     ChatChoice,
@@ -59,8 +60,10 @@ class _Sequence:
 class Serving:
     """Chat and text completions for one model on the embedded engine."""
 
-    def __init__(self, engine: OnnxEngine, model_id: str, created: int, *, always_usage: bool = False) -> None:
+    def __init__(self, engine: OnnxEngine, model_id: str, created: int, *, always_usage: bool = False,
+                 gpu: GpuMonitor | None = None) -> None:
         self.engine = engine
+        self.gpu = gpu or GpuMonitor()
         self.model_id = model_id
         self.created = created
         # Streams end with a usage + metrics chunk even when the client did not ask (STREAM_USAGE_ALWAYS).
@@ -182,12 +185,14 @@ class Serving:
         """Pieces of all sequences as they arrive, with their tokens and times recorded in ``stats``."""
         streams = [self._sequence(s, stats) for s in seqs]
         merged = streams[0] if len(streams) == 1 else _merge(streams)
+        stats.gpu = self.gpu.open_window()
         try:
             async for piece in merged:
                 stats.on_tokens(piece.tokens)
                 yield piece
         finally:
             await merged.aclose()
+            self.gpu.close_window(stats.gpu)
             stats.on_end()
 
     async def _sequence(self, seq: _Sequence, stats: RequestTelemetry) -> AsyncGenerator[Piece, None]:

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 
 from pydantic import BaseModel
 
+from genai_server.gpu import GpuWindow
+
 
 class RequestMetrics(BaseModel):
     """What one request cost, as the client receives it (``metrics`` in the body, the last stream chunk)."""
@@ -56,6 +58,7 @@ class RequestTelemetry:
     first_token: float | None = None
     end: float | None = None
     client_disconnected: bool = False
+    gpu: GpuWindow | None = None
     itl_s: list[float] = field(default_factory=list)
     _last_token: float | None = None
 
@@ -117,7 +120,16 @@ class RequestTelemetry:
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": n,
             "peak_rss_mb": peak_rss_mb(),
+            **self._gpu_figures(),
         }
+
+    def _gpu_figures(self) -> dict[str, float | None]:
+        gpu = self.gpu
+        if gpu is None:
+            return {}
+        return {"gpu_memory_used_start_mb": round(gpu.used_start_mb, 1), "gpu_memory_peak_mb": round(gpu.peak_mb, 1),
+                "gpu_memory_delta_mb": round(gpu.delta_mb, 1),
+                "gpu_process_memory_mb": None if gpu.process_mb is None else round(gpu.process_mb, 1)}
 
 
 def peak_rss_mb() -> float:
