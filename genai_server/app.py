@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 
 from genai_server.app_keys import ENGINE, GPU, LIMITER, METRICS, SERVING, SETTINGS
+from genai_server.backends.onnx import OnnxBackend
 from genai_server.concurrency import ConcurrencyLimiter, setup_concurrency_limit
 from genai_server.cors import setup_cors
 from genai_server.engine import EngineConfig, OnnxEngine
@@ -62,8 +63,9 @@ async def engine_context(app: web.Application) -> AsyncIterator[None]:
     gpu = GpuMonitor()
     await gpu.start()
     app[GPU] = gpu
-    app[SERVING] = Serving(engine, settings.resolved_model_id, created=int(time.time()),
-                           always_usage=settings.stream_usage_always, gpu=gpu)
+    onnx = OnnxBackend(engine, settings.resolved_model_id, created=int(time.time()),
+                       always_usage=settings.stream_usage_always)
+    app[SERVING] = Serving({settings.resolved_model_id: onnx}, gpu)
     yield
     await engine.close()
     await gpu.stop()

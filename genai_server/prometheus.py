@@ -59,7 +59,7 @@ class ServerMetrics:
 
     def observe(self, stats: RequestTelemetry | None, model: str, status: int) -> None:
         """Record one finished generation request."""
-        labels = (model, self.backend)
+        labels = (model, (stats.backend if stats else None) or self.backend)
         self.requests.labels(*labels, str(status)).inc()
         if stats is None or stats.end is None:
             return

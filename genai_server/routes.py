@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncGenerator, Awaitable
+from collections.abc import Awaitable
 from typing import TypeVar
 
 from aiohttp import web
 from pydantic import BaseModel
 
 from genai_server.app_keys import REQUEST_STATS, SERVING
+from genai_server.backends import Response, Result
 from genai_server.errors import InvalidRequest, UnsupportedMediaType
 from genai_server.protocol import ChatCompletionRequest, CompletionRequest
 from genai_server.sse import write_sse
@@ -31,14 +32,15 @@ async def parse_body(request: web.Request, model: type[RequestT]) -> RequestT:
     return model.model_validate(body)
 
 
-def json_response(payload: BaseModel) -> web.Response:
-    """A pydantic model as a JSON response."""
-    return web.Response(text=payload.model_dump_json(), content_type="application/json")
+def json_response(payload: Response) -> web.Response:
+    """A pydantic model, or relayed upstream JSON, as a JSON response."""
+    text = json.dumps(payload) if isinstance(payload, dict) else payload.model_dump_json()
+    return web.Response(text=text, content_type="application/json")
 
 
 async def health(request: web.Request) -> web.Response:
     """``GET /health``: the model is loaded (the port only opens after it is)."""
-    return web.json_response({"status": "ok", "model": request.app[SERVING].model_id})
+    return web.json_response({"status": "ok", "model": request.app[SERVING].default_model})
 
 
 async def list_models(request: web.Request) -> web.Response:
@@ -71,11 +73,10 @@ def _telemetry(request: web.Request) -> RequestTelemetry:
     return stats
 
 
-async def _respond(request: web.Request, stats: RequestTelemetry,
-                   pending: Awaitable[BaseModel | AsyncGenerator[BaseModel, None]]) -> web.StreamResponse:
+async def _respond(request: web.Request, stats: RequestTelemetry, pending: Awaitable[Result]) -> web.StreamResponse:
     """Write the serving layer's answer: a whole response as JSON with timing headers, a stream as SSE."""
     result = await pending
-    if isinstance(result, BaseModel):
+    if isinstance(result, BaseModel | dict):
         response = json_response(result)
         response.headers.update(timing_headers(stats))
         return response

@@ -1,266 +1,68 @@
-"""The serving layer: OpenAI requests in, OpenAI responses or chunk streams out.
-
-It knows nothing of HTTP: handlers pass it parsed requests and write what it
-returns, either a response model or an async iterator of chunk models.
-"""
+"""The serving layer: routes each request to the backend serving its model. Knows nothing of HTTP."""
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import AsyncGenerator, Sequence
-from contextlib import aclosing
-from dataclasses import dataclass, replace
-
-from genai_server.engine import OnnxEngine, SamplingOptions
-from genai_server.errors import ContextLengthExceeded, InvalidRequest, ModelNotFound, ServerError
+from genai_server.backends import Backend, Result
+from genai_server.errors import ModelNotFound
 from genai_server.gpu import GpuMonitor
-from genai_server.protocol import (
-    AssistantMessage,
-    ChatChoice,
-    ChatChunkChoice,
-    ChatCompletion,
-    ChatCompletionChunk,
-    ChatCompletionRequest,
-    ChatDelta,
-    Completion,
-    CompletionChoice,
-    CompletionRequest,
-    FinishReason,
-    ModelCard,
-    ModelList,
-    SamplingRequest,
-    Usage,
-    new_id,
-    now,
-)
-from genai_server.stop_strings import StopMatcher
+from genai_server.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
 from genai_server.telemetry import RequestTelemetry
 
 
-@dataclass(frozen=True)
-class Piece:
-    """New text of one choice; ``finish`` is set on the choice's last piece."""
-
-    index: int
-    text: str
-    tokens: int
-    finish: FinishReason | None = None
-
-
-@dataclass(frozen=True)
-class _Sequence:
-    """One sequence to generate: which choice it is, its prompt and how to sample."""
-
-    index: int
-    prompt: list[int]
-    options: SamplingOptions
-    stops: list[str]
-
-
 class Serving:
-    """Chat and text completions for one model on the embedded engine."""
+    """Model ids to backends; every request is timed the same way whatever serves it."""
 
-    def __init__(self, engine: OnnxEngine, model_id: str, created: int, *, always_usage: bool = False,
-                 gpu: GpuMonitor | None = None) -> None:
-        self.engine = engine
-        self.gpu = gpu or GpuMonitor()
-        self.model_id = model_id
-        self.created = created
-        # Streams end with a usage + metrics chunk even when the client did not ask (STREAM_USAGE_ALWAYS).
-        self.always_usage = always_usage
+    def __init__(self, backends: dict[str, Backend], gpu: GpuMonitor) -> None:
+        self._backends = backends
+        self._gpu = gpu
 
-    # ---- models ------------------------------------------------------------------------
+    @property
+    def default_model(self) -> str:
+        """The first model, named by /health."""
+        return next(iter(self._backends))
+
+    def backend_name(self, model_id: str) -> str:
+        """Which kind of backend serves ``model_id`` (a metrics label)."""
+        backend = self._backends.get(model_id)
+        return backend.name if backend is not None else "none"
 
     def list_models(self) -> ModelList:
-        """``GET /v1/models``."""
-        return ModelList(data=[self.get_model(self.model_id)])
+        """``GET /v1/models``: every model of every backend."""
+        return ModelList(data=[self.get_model(model_id) for model_id in self._backends])
 
     def get_model(self, model_id: str) -> ModelCard:
         """``GET /v1/models/{id}``; unknown ids are a 404."""
-        if model_id != self.model_id:
-            raise ModelNotFound(f"The model '{model_id}' does not exist", param="model")
-        return ModelCard(id=self.model_id, created=self.created, max_model_len=self.engine.context_length)
+        for card in self._backend(model_id).model_cards():
+            if card.id == model_id:
+                return card
+        raise ModelNotFound(f"The model '{model_id}' does not exist", param="model")
 
-    # ---- chat --------------------------------------------------------------------------
-
-    async def chat(self, req: ChatCompletionRequest,
-                   stats: RequestTelemetry) -> ChatCompletion | AsyncGenerator[ChatCompletionChunk, None]:
-        """A chat completion, or its chunk stream when ``req.stream``."""
-        self.get_model(req.model)
-        messages = [{"role": _template_role(m.role), "content": m.text()} for m in req.messages]
-        prompt = self.engine.encode(self.engine.apply_chat_template(messages))
-        seqs = self._plan(req, [prompt], param="messages")
-        stats.model, stats.prompt_tokens = self.model_id, len(prompt)
-        if req.stream:
-            return self._chat_stream(req, seqs, stats)
-        pieces = await self._collect(seqs, stats)
-        choices = [ChatChoice(index=i, message=AssistantMessage(content=text), finish_reason=finish)
-                   for i, (text, finish) in enumerate(pieces)]
-        return ChatCompletion(id=new_id("chatcmpl"), created=now(), model=self.model_id, choices=choices,
-                              usage=_usage(stats), metrics=stats.metrics(), performance=stats.performance())
-
-    async def _chat_stream(self, req: ChatCompletionRequest, seqs: list[_Sequence],
-                           stats: RequestTelemetry) -> AsyncGenerator[ChatCompletionChunk, None]:
-        chunk_id, created = new_id("chatcmpl"), now()
-
-        def chunk(choices: list[ChatChunkChoice]) -> ChatCompletionChunk:
-            return ChatCompletionChunk(id=chunk_id, created=created, model=self.model_id, choices=choices)
-
-        yield chunk([ChatChunkChoice(index=s.index, delta=ChatDelta(role="assistant", content=""))
-                     for s in seqs])
-        # aclosing: a client that leaves closes this generator, and that must reach the engine now.
-        async with aclosing(self._run(seqs, stats)) as pieces:
-            async for piece in pieces:
-                if piece.text:
-                        yield chunk([ChatChunkChoice(index=piece.index, delta=ChatDelta(content=piece.text))])
-                if piece.finish:
-                    yield chunk([ChatChunkChoice(index=piece.index, delta=ChatDelta(), finish_reason=piece.finish)])
-        if req.include_usage or self.always_usage:
-            yield ChatCompletionChunk(id=chunk_id, created=created, model=self.model_id, choices=[],
-                                      usage=_usage(stats), metrics=stats.metrics(), performance=stats.performance())
-
-    # ---- completions -------------------------------------------------------------------
-
-    async def complete(self, req: CompletionRequest,
-                       stats: RequestTelemetry) -> Completion | AsyncGenerator[Completion, None]:
-        """A text completion (raw prompt, no template), or its chunk stream when ``req.stream``."""
-        self.get_model(req.model)
-        prompts = [p if isinstance(p, list) else self.engine.encode(p) for p in req.prompts()]
-        seqs = self._plan(req, prompts, param="prompt")
-        stats.model, stats.prompt_tokens = self.model_id, sum(len(p) for p in prompts)
-        if req.stream:
-            return self._complete_stream(req, seqs, stats)
-        pieces = await self._collect(seqs, stats)
-        choices = [CompletionChoice(index=i, text=text, finish_reason=finish)
-                   for i, (text, finish) in enumerate(pieces)]
-        return Completion(id=new_id("cmpl"), created=now(), model=self.model_id, choices=choices,
-                          usage=_usage(stats), metrics=stats.metrics(), performance=stats.performance())
-
-    async def _complete_stream(self, req: CompletionRequest, seqs: list[_Sequence],
-                               stats: RequestTelemetry) -> AsyncGenerator[Completion, None]:
-        chunk_id, created = new_id("cmpl"), now()
-        async with aclosing(self._run(seqs, stats)) as pieces:
-            async for piece in pieces:
-                if piece.text or piece.finish:
-                    choice = CompletionChoice(index=piece.index, text=piece.text, finish_reason=piece.finish)
-                    yield Completion(id=chunk_id, created=created, model=self.model_id, choices=[choice])
-        if req.include_usage or self.always_usage:
-            yield Completion(id=chunk_id, created=created, model=self.model_id, choices=[], usage=_usage(stats),
-                             metrics=stats.metrics(), performance=stats.performance())
-
-    # ---- shared ------------------------------------------------------------------------
-
-    def _plan(self, req: SamplingRequest, prompts: Sequence[list[int]], *, param: str) -> list[_Sequence]:
-        """Check the prompts against the context and make ``n`` sequences per prompt."""
-        context = self.engine.context_length
-        sequences = []
-        for p, prompt in enumerate(prompts):
-            if not prompt:
-                raise InvalidRequest("the prompt must not be empty", param=param)
-            room = context - len(prompt)
-            if room < 1 or (req.limit is not None and req.limit > room):
-                asked = len(prompt) + (req.limit or 1)
-                raise ContextLengthExceeded(
-                    f"This model's maximum context length is {context} tokens. However, you requested "
-                    f"{asked} tokens ({len(prompt)} in the prompt, {req.limit or 1} for the completion).",
-                    param="max_tokens" if room >= 1 else param)
-            options = _sampling(req, req.limit or room)
-            for j in range(req.n):
-                seed = None if req.seed is None else req.seed + j
-                sequences.append(_Sequence(p * req.n + j, prompt, replace(options, seed=seed), req.stop_list))
-        return sequences
-
-    async def _collect(self, seqs: list[_Sequence], stats: RequestTelemetry) -> list[tuple[str, FinishReason]]:
-        """Run every sequence to its end; returns (text, finish) per choice index."""
-        texts: dict[int, list[str]] = {s.index: [] for s in seqs}
-        finishes: dict[int, FinishReason] = {}
-        async with aclosing(self._run(seqs, stats)) as pieces:
-            async for piece in pieces:
-                texts[piece.index].append(piece.text)
-                if piece.finish:
-                    finishes[piece.index] = piece.finish
-        return [("".join(texts[i]), finishes[i]) for i in sorted(texts)]
-
-    async def _run(self, seqs: list[_Sequence], stats: RequestTelemetry) -> AsyncGenerator[Piece, None]:
-        """Pieces of all sequences as they arrive, with their tokens and times recorded in ``stats``."""
-        streams = [self._sequence(s, stats) for s in seqs]
-        merged = streams[0] if len(streams) == 1 else _merge(streams)
-        stats.gpu = self.gpu.open_window()
+    async def chat(self, req: ChatCompletionRequest, stats: RequestTelemetry) -> Result:
+        """Route a chat completion."""
+        backend = self._start(req.model, stats)
         try:
-            async for piece in merged:
-                stats.on_tokens(piece.tokens)
-                yield piece
-        finally:
-            await merged.aclose()
-            self.gpu.close_window(stats.gpu)
+            return await backend.chat(req, stats)
+        except BaseException:
+            stats.on_end()  # refused before generating: stop watching the GPU for it
+            raise
+
+    async def complete(self, req: CompletionRequest, stats: RequestTelemetry) -> Result:
+        """Route a text completion."""
+        backend = self._start(req.model, stats)
+        try:
+            return await backend.complete(req, stats)
+        except BaseException:
             stats.on_end()
+            raise
 
-    async def _sequence(self, seq: _Sequence, stats: RequestTelemetry) -> AsyncGenerator[Piece, None]:
-        """One choice's pieces, with stop sequences applied."""
-        matcher = StopMatcher(seq.stops)
-        stream = self.engine.generate(seq.prompt, seq.options)
-        try:
-            async for delta in stream:
-                if delta.admitted_at is not None:
-                    stats.on_admitted(delta.admitted_at)
-                text, stopped = matcher.feed(delta.text)
-                if stopped:
-                    yield Piece(seq.index, text, delta.tokens, "stop")
-                    return
-                if delta.finish == "cancelled":
-                    raise ServerError("generation was cancelled: the server is shutting down", code="shutting_down")
-                if delta.finish is not None:
-                    yield Piece(seq.index, text + matcher.flush(), delta.tokens, delta.finish)
-                    return
-                yield Piece(seq.index, text, delta.tokens)
-        finally:
-            await stream.aclose()
+    def _start(self, model_id: str, stats: RequestTelemetry) -> Backend:
+        backend = self._backend(model_id)
+        stats.model, stats.backend = model_id, backend.name
+        stats.watch_gpu(self._gpu)
+        return backend
 
-
-async def _merge(streams: list[AsyncGenerator[Piece, None]]) -> AsyncGenerator[Piece, None]:
-    """Interleave several choices' pieces in arrival order; closing it cancels them all."""
-    queue: asyncio.Queue[Piece | BaseException | None] = asyncio.Queue()
-
-    async def pump(stream: AsyncGenerator[Piece, None]) -> None:
-        try:
-            async for piece in stream:
-                queue.put_nowait(piece)
-            queue.put_nowait(None)
-        except Exception as exc:  # noqa: BLE001 - handed to the consumer and re-raised there
-            queue.put_nowait(exc)
-        finally:
-            await stream.aclose()  # cancels the engine sequence now, not whenever it is collected
-
-    tasks = [asyncio.create_task(pump(s)) for s in streams]
-    try:
-        remaining = len(tasks)
-        while remaining:
-            item = await queue.get()
-            if item is None:
-                remaining -= 1
-            elif isinstance(item, BaseException):
-                raise item
-            else:
-                yield item
-    finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-
-
-def _sampling(req: SamplingRequest, max_tokens: int) -> SamplingOptions:
-    """OpenAI defaults: temperature 1, top_p 1, no top_k."""
-    temperature = 1.0 if req.temperature is None else req.temperature
-    top_k = req.top_k if req.top_k is not None and req.top_k > 0 else 0
-    return SamplingOptions(max_tokens=max_tokens, temperature=temperature,
-                           top_p=1.0 if req.top_p is None else req.top_p, top_k=top_k)
-
-
-def _template_role(role: str) -> str:
-    """OpenAI's ``developer`` role is the system role under another name."""
-    return "system" if role == "developer" else role
-
-
-def _usage(stats: RequestTelemetry) -> Usage:
-    return Usage(prompt_tokens=stats.prompt_tokens, completion_tokens=stats.completion_tokens,
-                 total_tokens=stats.prompt_tokens + stats.completion_tokens)
+    def _backend(self, model_id: str) -> Backend:
+        backend = self._backends.get(model_id)
+        if backend is None:
+            raise ModelNotFound(f"The model '{model_id}' does not exist", param="model")
+        return backend

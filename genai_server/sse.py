@@ -7,6 +7,7 @@ import contextlib
 import json
 import logging
 from collections.abc import AsyncGenerator, Callable
+from typing import Any
 
 from aiohttp import web
 from pydantic import BaseModel
@@ -27,7 +28,7 @@ def _event(payload: bytes) -> bytes:
     return b"data: " + payload + b"\n\n"
 
 
-async def write_sse(request: web.Request, chunks: AsyncGenerator[BaseModel, None],
+async def write_sse(request: web.Request, chunks: AsyncGenerator[BaseModel | dict[str, Any], None],
                     on_client_gone: Callable[[], None] | None = None) -> web.StreamResponse:
     """Stream ``chunks``; an error after the stream started is sent as an error event, then ``[DONE]``.
 
@@ -38,7 +39,8 @@ async def write_sse(request: web.Request, chunks: AsyncGenerator[BaseModel, None
     await response.prepare(request)
     try:
         async for chunk in chunks:
-            await response.write(_event(chunk.model_dump_json().encode()))
+            payload = json.dumps(chunk) if isinstance(chunk, dict) else chunk.model_dump_json()
+            await response.write(_event(payload.encode()))
         await response.write(_DONE)
     except ConnectionResetError:
         log.info("client disconnected mid-stream")

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from pydantic import BaseModel
 
-from genai_server.gpu import GpuWindow
+from genai_server.gpu import GpuMonitor, GpuWindow
 
 
 class RequestMetrics(BaseModel):
@@ -52,6 +52,7 @@ class RequestTelemetry:
 
     arrival: float = field(default_factory=time.perf_counter)
     model: str | None = None
+    backend: str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
     admitted: float | None = None
@@ -59,8 +60,13 @@ class RequestTelemetry:
     end: float | None = None
     client_disconnected: bool = False
     gpu: GpuWindow | None = None
+    _gpu_monitor: GpuMonitor | None = None
     itl_s: list[float] = field(default_factory=list)
     _last_token: float | None = None
+
+    def watch_gpu(self, monitor: GpuMonitor) -> None:
+        """Sample GPU memory from now until ``on_end``."""
+        self._gpu_monitor, self.gpu = monitor, monitor.open_window()
 
     def on_admitted(self, at: float) -> None:
         """Generation started (the end of queueing); the earliest of several sequences counts."""
@@ -83,6 +89,8 @@ class RequestTelemetry:
     def on_end(self) -> None:
         """Generation ended (finished, failed or cancelled)."""
         self.end = time.perf_counter()
+        if self._gpu_monitor is not None:
+            self._gpu_monitor.close_window(self.gpu)
 
     @property
     def inference_time_ms(self) -> float | None:

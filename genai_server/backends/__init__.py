@@ -1,0 +1,38 @@
+"""Backends: what turns an OpenAI request into a response, behind one interface.
+
+``onnx`` runs the embedded engine; ``openai`` relays to any OpenAI-compatible upstream (vLLM, SGLang,
+TGI's Messages API, llama.cpp server, Ollama's /v1). Backends know nothing of the web app: they take parsed
+requests and a ``RequestTelemetry`` to fill in, and return a response or an async generator of chunks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator
+from typing import Any, Protocol
+
+from pydantic import BaseModel
+
+from genai_server.protocol import ChatCompletionRequest, CompletionRequest, ModelCard
+from genai_server.telemetry import RequestTelemetry
+
+# A response is a model of ours, or an upstream's JSON relayed as a dict (with our model id and metrics).
+Response = BaseModel | dict[str, Any]
+Result = Response | AsyncGenerator[Response, None]
+
+
+class Backend(Protocol):
+    """One engine behind the API."""
+
+    name: str
+
+    def model_cards(self) -> list[ModelCard]:
+        """The models this backend serves."""
+        ...
+
+    async def chat(self, req: ChatCompletionRequest, stats: RequestTelemetry) -> Result:
+        """A chat completion, or its chunk stream when ``req.stream``."""
+        ...
+
+    async def complete(self, req: CompletionRequest, stats: RequestTelemetry) -> Result:
+        """A text completion, or its chunk stream when ``req.stream``."""
+        ...
