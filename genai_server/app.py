@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
 
+import aiohttp
 from aiohttp import web
 
 from genai_server.app_keys import ENGINE, GPU, LIMITER, METRICS, SERVING, SETTINGS
+from genai_server.backends import Backend
 from genai_server.backends.onnx import OnnxBackend
+from genai_server.backends.openai_upstream import OpenAIUpstream
 from genai_server.concurrency import ConcurrencyLimiter, setup_concurrency_limit
 from genai_server.cors import setup_cors
 from genai_server.engine import EngineConfig, OnnxEngine
@@ -25,11 +29,11 @@ log = logging.getLogger(__name__)
 
 
 def create_app(settings: Settings) -> web.Application:
-    """Build the app; no I/O here: the model is loaded when the app starts (``engine_context``)."""
+    """Build the app; no I/O here: the backend starts with the app (``backends_context``)."""
     app = web.Application()
     app[SETTINGS] = settings
     app[LIMITER] = ConcurrencyLimiter(settings.max_concurrent_requests)
-    app[METRICS] = ServerMetrics("onnx", lambda: _gauges(app))
+    app[METRICS] = ServerMetrics(settings.backend, lambda: _gauges(app))
     # The order is written once, outermost first:
     # 1. Prometheus: counts every generation request by its final status, 429s included;
     # 2. request log: sees every request and the final status, after errors were mapped;
@@ -41,13 +45,30 @@ def create_app(settings: Settings) -> web.Application:
     setup_concurrency_limit(app, app[LIMITER])
     add_routes(app)
     setup_cors(app, settings.cors_origins)  # after the routes: it wraps each one
-    app.cleanup_ctx.append(engine_context)
+    app.cleanup_ctx.append(backends_context)
     return app
 
 
-async def engine_context(app: web.Application) -> AsyncIterator[None]:
-    """Load the model once before serving; release it after the server stopped."""
+async def backends_context(app: web.Application) -> AsyncIterator[None]:
+    """Start the configured backend before serving (load the model, or open the upstream session);
+    release it after the server stopped."""
     settings = app[SETTINGS]
+    gpu = GpuMonitor()
+    await gpu.start()
+    app[GPU] = gpu
+    async with contextlib.AsyncExitStack() as stack:
+        if settings.backend == "onnx":
+            backend: Backend = await stack.enter_async_context(_onnx_backend(app, settings))
+        else:
+            backend = await stack.enter_async_context(_openai_backend(settings))
+        app[SERVING] = Serving({settings.resolved_model_id: backend}, gpu)
+        yield
+    await gpu.stop()
+
+
+@contextlib.asynccontextmanager
+async def _onnx_backend(app: web.Application, settings: Settings) -> AsyncIterator[Backend]:
+    """Load the model once; the engine lives until the server stops."""
     path = settings.resolved_model_path
     if settings.uses_bundled_model:
         log.warning("MODEL_PATH is not set: serving the bundled demo model %s, which has random weights "
@@ -60,15 +81,27 @@ async def engine_context(app: web.Application) -> AsyncIterator[None]:
                                                 "load_time_ms": round((time.perf_counter() - started) * 1000, 1),
                                                 "context_length": engine.context_length}})
     app[ENGINE] = engine
-    gpu = GpuMonitor()
-    await gpu.start()
-    app[GPU] = gpu
-    onnx = OnnxBackend(engine, settings.resolved_model_id, created=int(time.time()),
-                       always_usage=settings.stream_usage_always)
-    app[SERVING] = Serving({settings.resolved_model_id: onnx}, gpu)
-    yield
-    await engine.close()
-    await gpu.stop()
+    try:
+        yield OnnxBackend(engine, settings.resolved_model_id, created=int(time.time()),
+                          always_usage=settings.stream_usage_always)
+    finally:
+        await engine.close()
+
+
+@contextlib.asynccontextmanager
+async def _openai_backend(settings: Settings) -> AsyncIterator[Backend]:
+    """One shared client session to the upstream for the server's lifetime."""
+    timeout = aiohttp.ClientTimeout(total=None, connect=settings.upstream_connect_timeout_s,
+                                    sock_read=settings.upstream_read_timeout_s)
+    async with aiohttp.ClientSession(timeout=timeout) as session:
+        assert settings.upstream_url is not None  # checked by Settings
+        api_key = settings.upstream_api_key.get_secret_value() if settings.upstream_api_key else None
+        log.info("relaying to an OpenAI-compatible upstream",
+                 extra={"fields": {"upstream_url": settings.upstream_url, "model": settings.resolved_model_id,
+                                   "upstream_model": settings.resolved_upstream_model}})
+        yield OpenAIUpstream(session, settings.upstream_url, settings.resolved_model_id,
+                             settings.resolved_upstream_model, api_key=api_key,
+                             always_usage=settings.stream_usage_always)
 
 
 def _gauges(app: web.Application) -> tuple[int, int, float | None]:

@@ -108,6 +108,37 @@ class EngineFailure(ServerError):
     default_code = "engine_error"
 
 
+class UpstreamError(APIError):
+    """502: the upstream engine failed, answered with a 5xx, or sent something that is not its API."""
+
+    status = 502
+    error_type = "server_error"
+    default_code = "upstream_error"
+
+
+class UpstreamUnavailable(UpstreamError):
+    """502: the upstream engine could not be reached."""
+
+    default_code = "upstream_unavailable"
+
+
+class UpstreamTimeout(UpstreamError):
+    """504: the upstream engine did not answer in time."""
+
+    status = 504
+    default_code = "upstream_timeout"
+
+
+class UpstreamRejected(APIError):
+    """The upstream's own 4xx, passed on with its status and message."""
+
+    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
+                 error_type: str | None = None, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message, param=param, code=code or "upstream_rejected", headers=headers)
+        self.status = status  # type: ignore[misc]
+        self.error_type = error_type or "invalid_request_error"  # type: ignore[misc]
+
+
 class ModelLoadingFailed(Exception):
     """The model folder could not be loaded at start-up; the server must not start."""
 

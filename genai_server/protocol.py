@@ -45,6 +45,10 @@ _UNSUPPORTED: dict[str, tuple[Any, ...]] = {
 }
 
 
+def _is_none(value: object) -> bool:
+    return value is None
+
+
 class StreamOptions(BaseModel):
     """``stream_options``: only ``include_usage`` is defined."""
 
@@ -228,10 +232,6 @@ class ChatCompletion(BaseModel):
     performance: Performance | None = None
 
 
-def _is_none(value: object) -> bool:
-    return value is None
-
-
 class ChatDelta(BaseModel):
     """What one chunk adds to a chat choice (absent fields are left out, as OpenAI does)."""
 
@@ -290,7 +290,8 @@ class ModelCard(BaseModel):
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "genai_server"
-    max_model_len: int = Field(description="tokens per sequence, prompt included (vLLM's field)")
+    max_model_len: int | None = Field(None, exclude_if=_is_none,
+                                      description="tokens per sequence, prompt included (vLLM's field)")
 
 
 class ModelList(BaseModel):

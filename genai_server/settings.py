@@ -10,7 +10,7 @@ import argparse
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 BUNDLED_MODEL = Path(__file__).resolve().parent / "bundled_model" / "tiny-random-llama-int4"
@@ -21,6 +21,20 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_file=".env", extra="ignore", frozen=True)
 
+    backend: Literal["onnx", "openai"] = Field(
+        "onnx", description="onnx: the embedded engine; openai: relay to an OpenAI-compatible UPSTREAM_URL"
+    )
+    upstream_url: str | None = Field(
+        None, description="base URL of the upstream's OpenAI API, e.g. http://127.0.0.1:8001/v1 (BACKEND=openai)"
+    )
+    upstream_api_key: SecretStr | None = Field(None, description="bearer key for the upstream, if it wants one")
+    upstream_model: str | None = Field(
+        None, description="model name the upstream knows (default: MODEL_ID); clients see MODEL_ID"
+    )
+    upstream_connect_timeout_s: float = Field(5.0, gt=0, description="seconds to connect to the upstream")
+    upstream_read_timeout_s: float = Field(
+        300.0, gt=0, description="seconds the upstream may stay silent, first token included, before a 504"
+    )
     model_path: Path | None = Field(
         None, description="ONNX Runtime GenAI model folder; unset = the bundled demo model (noise)"
     )
@@ -71,6 +85,19 @@ class Settings(BaseSettings):
             return value
         return value.upper() if info.field_name == "log_level" else value.lower()
 
+    @model_validator(mode="after")
+    def _check_upstream(self) -> Settings:
+        if self.backend == "openai" and not self.upstream_url:
+            raise ValueError("UPSTREAM_URL is required when BACKEND=openai")
+        if self.backend == "openai" and not (self.model_id or self.upstream_model):
+            raise ValueError("MODEL_ID or UPSTREAM_MODEL is required when BACKEND=openai")
+        return self
+
+    @property
+    def resolved_upstream_model(self) -> str:
+        """The model name sent upstream."""
+        return self.upstream_model or self.resolved_model_id
+
     @property
     def resolved_model_path(self) -> Path:
         """The model folder to load: the configured one, or the bundled demo model."""
@@ -84,6 +111,8 @@ class Settings(BaseSettings):
     @property
     def resolved_model_id(self) -> str:
         """The id clients send as ``model``."""
+        if self.backend == "openai":
+            return self.model_id or self.upstream_model or ""
         return self.model_id or self.resolved_model_path.resolve().name
 
 
@@ -124,6 +153,10 @@ def describe_errors(exc: ValidationError) -> str:
     """One readable line per bad setting, named as the env var users set."""
     lines = []
     for err in exc.errors():
-        name = str(err["loc"][0]).upper() if err["loc"] else "settings"
-        lines.append(f"invalid setting {name}={err.get('input')!r}: {err['msg']}")
+        if not err["loc"]:  # a rule across settings; its input is all of them, secrets included: not shown
+            lines.append(f"invalid settings: {err['msg'].removeprefix('Value error, ')}")
+            continue
+        name = str(err["loc"][0]).upper()
+        shown = "***" if "key" in name.lower() else repr(err.get("input"))
+        lines.append(f"invalid setting {name}={shown}: {err['msg']}")
     return "; ".join(lines)

@@ -59,6 +59,7 @@ class RequestTelemetry:
     first_token: float | None = None
     end: float | None = None
     client_disconnected: bool = False
+    backend_reported: dict[str, object] | None = None
     gpu: GpuWindow | None = None
     _gpu_monitor: GpuMonitor | None = None
     itl_s: list[float] = field(default_factory=list)
@@ -87,7 +88,9 @@ class RequestTelemetry:
         self._last_token = now
 
     def on_end(self) -> None:
-        """Generation ended (finished, failed or cancelled)."""
+        """Generation ended (finished, failed or cancelled); the first call counts."""
+        if self.end is not None:
+            return
         self.end = time.perf_counter()
         if self._gpu_monitor is not None:
             self._gpu_monitor.close_window(self.gpu)
@@ -128,6 +131,7 @@ class RequestTelemetry:
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": n,
             "peak_rss_mb": peak_rss_mb(),
+            "backend_reported": self.backend_reported,
             **self._gpu_figures(),
         }
 

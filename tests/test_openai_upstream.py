@@ -1,0 +1,220 @@
+"""BACKEND=openai: genai_server in front of another engine, real and scripted, faults included."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
+from genai_server.settings import SettingsError, load_settings
+from tests.conftest import MODEL_ID, ClientFactory, stream_chunks
+from tests.test_process import _free_port, _start, _wait_healthy
+
+PROXIED = "proxied-model"
+
+
+def _chat(**extra: Any) -> dict[str, Any]:
+    return {"model": PROXIED, "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 12,
+            "temperature": 0, **extra}
+
+
+@pytest.fixture(scope="module")
+def upstream() -> Iterator[str]:
+    """A second genai_server on the embedded engine, started as a process: a real upstream."""
+    port = _free_port()
+    proc = _start("--server-port", str(port))
+    try:
+        _wait_healthy(proc, port)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.kill()
+        proc.communicate()
+
+
+async def _proxy(make_client: ClientFactory, url: str, **settings: Any) -> Any:
+    return await make_client(backend="openai", upstream_url=url + "/v1", model_id=PROXIED,
+                             upstream_model=settings.pop("upstream_model", MODEL_ID), **settings)
+
+
+async def test_non_streaming_relay_matches_the_upstream(make_client: ClientFactory, upstream: str,
+                                                        openai_schema: Any) -> None:
+    proxy = await _proxy(make_client, upstream)
+    direct = await make_client()  # the same model in-process: the upstream's answer to compare with
+    body = await (await proxy.post("/v1/chat/completions", json=_chat())).json()
+    expected = await (await direct.post("/v1/chat/completions", json=_chat(model=MODEL_ID))).json()
+    assert body["model"] == PROXIED
+    assert body["choices"][0]["message"]["content"] == expected["choices"][0]["message"]["content"]
+    assert body["usage"] == expected["usage"]
+    openai_schema("CreateChatCompletionResponse", {k: v for k, v in body.items() if v is not None})
+    assert body["metrics"]["completion_tokens"] == 12
+    assert body["metrics"]["time_to_first_token_ms"] <= body["metrics"]["e2e_latency_ms"]
+    # The upstream's own figures ride along, apart from ours.
+    assert body["metrics"]["backend_reported"]["metrics"]["completion_tokens"] == 12
+
+
+async def test_streaming_relay_rewrites_the_model_and_ends_with_our_metrics(make_client: ClientFactory,
+                                                                            upstream: str) -> None:
+    proxy = await _proxy(make_client, upstream)
+    resp = await proxy.post("/v1/completions", json={"model": PROXIED, "prompt": "Once", "max_tokens": 9,
+                                                     "temperature": 0, "stream": True,
+                                                     "stream_options": {"include_usage": True}})
+    chunks = stream_chunks(await resp.text())
+    assert {c["model"] for c in chunks} == {PROXIED}
+    assert chunks[-1]["usage"]["completion_tokens"] == 9
+    assert chunks[-1]["metrics"]["completion_tokens"] == 9
+    plain = await proxy.post("/v1/chat/completions", json=_chat(stream=True))
+    assert all("usage" not in c for c in stream_chunks(await plain.text()))  # not asked, not sent
+
+
+async def test_models_lists_the_proxied_model(make_client: ClientFactory, upstream: str) -> None:
+    proxy = await _proxy(make_client, upstream)
+    body = await (await proxy.get("/v1/models")).json()
+    assert [m["id"] for m in body["data"]] == [PROXIED]
+    metrics = await (await proxy.get("/metrics")).text()
+    assert 'backend="openai"' in metrics
+
+
+async def test_upstream_refusing_connections_is_502(make_client: ClientFactory, openai_schema: Any) -> None:
+    proxy = await _proxy(make_client, f"http://127.0.0.1:{_free_port()}")
+    resp = await proxy.post("/v1/chat/completions", json=_chat())
+    assert resp.status == 502
+    body = await resp.json()
+    openai_schema("ErrorResponse", body)
+    assert body["error"]["code"] == "upstream_unavailable"
+
+
+def test_openai_backend_needs_an_upstream_url() -> None:
+    with pytest.raises(SettingsError, match="UPSTREAM_URL"):
+        load_settings(["--backend", "openai", "--model-id", "x", "--env-file", "/nonexistent"])
+
+
+# ---- a scripted upstream: the shapes other engines send, and their faults ---------------------------
+
+
+def _sse(*events: Any, done: bool = True) -> bytes:
+    body = b"".join(b"data: " + (e if isinstance(e, bytes) else json.dumps(e).encode()) + b"\n\n" for e in events)
+    return body + (b"data: [DONE]\n\n" if done else b"")
+
+
+def _chunk(text: str, finish: str | None = None) -> dict[str, Any]:
+    return {"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "up",
+            "choices": [{"index": 0, "delta": {"content": text}, "finish_reason": finish}]}
+
+
+USAGE = {"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "up", "choices": [],
+         "usage": {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7}}
+SCRIPTS: dict[str, tuple[int, bytes]] = {
+    "llamacpp": (200, _sse(_chunk("Hel"), _chunk("lo", "stop"), {**USAGE, "timings": {"predicted_n": 2}})),
+    "malformed": (200, _sse(_chunk("Hel"), b"{not json")),
+    "truncated": (200, _sse(_chunk("Hel"), done=False)),
+    "error-event": (200, _sse(_chunk("Hel"), {"error": {"message": "engine exploded"}})),
+    "not-found": (404, json.dumps({"error": {"message": "model 'x' not here", "type": "NotFoundError",
+                                              "code": "model_not_found", "param": "model"}}).encode()),
+    "bad-request": (400, json.dumps({"error": {"message": "max_tokens too large", "code": 400}}).encode()),
+    "crash": (500, b"Internal Server Error"),
+}
+
+
+@pytest.fixture
+async def scripted(aiohttp_server: Any) -> AsyncIterator[tuple[str, dict[str, Any]]]:
+    """An upstream that answers each model name with its script; 'slow' never answers; records disconnects."""
+    seen: dict[str, Any] = {"bodies": [], "disconnects": 0}
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        seen["bodies"].append(body)
+        if body["model"] == "slow":
+            await asyncio.sleep(30)
+        if body["model"] == "endless":
+            response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+            await response.prepare(request)
+            try:
+                while True:
+                    await response.write(_sse(_chunk("x"), done=False))
+                    await asyncio.sleep(0.01)
+            except (ConnectionResetError, asyncio.CancelledError):
+                seen["disconnects"] += 1
+                raise
+        status, payload = SCRIPTS[body["model"]]
+        content_type = "text/event-stream" if status == 200 else "application/json"
+        return web.Response(status=status, body=payload, content_type=content_type)
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", handle)
+    server: TestServer = await aiohttp_server(app)
+    yield str(server.make_url("")).rstrip("/"), seen
+
+
+async def test_llamacpp_shape_timings_are_kept_as_backend_reported(make_client: ClientFactory,
+                                                                   scripted: tuple[str, dict[str, Any]]) -> None:
+    url, seen = scripted
+    proxy = await _proxy(make_client, url, upstream_model="llamacpp")
+    body = await (await proxy.post("/v1/chat/completions", json=_chat())).json()
+    assert body["choices"][0]["message"]["content"] == "Hello"
+    assert body["choices"][0]["finish_reason"] == "stop"
+    assert body["usage"]["total_tokens"] == 7
+    assert body["metrics"]["backend_reported"] == {"timings": {"predicted_n": 2}}
+    assert seen["bodies"][0]["stream"] is True  # always streamed upstream, so we can time it
+    assert seen["bodies"][0]["stream_options"] == {"include_usage": True}
+
+
+@pytest.mark.parametrize(("script", "status", "code"), [
+    ("not-found", 404, "model_not_found"),
+    ("bad-request", 400, "400"),
+    ("crash", 502, "upstream_error"),
+    ("malformed", 502, "upstream_error"),
+    ("truncated", 502, "upstream_error"),
+    ("error-event", 502, "upstream_error"),
+])
+async def test_upstream_faults_become_openai_errors(make_client: ClientFactory, scripted: tuple[str, dict[str, Any]],
+                                                    openai_schema: Any, script: str, status: int, code: str) -> None:
+    url, _ = scripted
+    proxy = await _proxy(make_client, url, upstream_model=script)
+    resp = await proxy.post("/v1/chat/completions", json=_chat())
+    assert resp.status == status
+    body = await resp.json()
+    openai_schema("ErrorResponse", body)
+    assert body["error"]["code"] == code
+    if script == "not-found":
+        assert body["error"]["message"] == "model 'x' not here"
+
+
+@pytest.mark.parametrize("script", ["malformed", "truncated", "error-event"])
+async def test_broken_upstream_streams_end_with_an_error_event_then_done(
+        make_client: ClientFactory, scripted: tuple[str, dict[str, Any]], script: str) -> None:
+    url, _ = scripted
+    proxy = await _proxy(make_client, url, upstream_model=script)
+    resp = await proxy.post("/v1/chat/completions", json=_chat(stream=True))
+    assert resp.status == 200
+    events = (await resp.text()).strip().split("\n\n")
+    assert events[-1] == "data: [DONE]"
+    assert json.loads(events[-2][len("data: "):])["error"]["type"] == "server_error"
+    assert json.loads(events[0][len("data: "):])["choices"][0]["delta"]["content"] == "Hel"
+
+
+async def test_upstream_timeout_is_504(make_client: ClientFactory, scripted: tuple[str, dict[str, Any]]) -> None:
+    url, _ = scripted
+    proxy = await _proxy(make_client, url, upstream_model="slow", upstream_read_timeout_s=0.3)
+    resp = await proxy.post("/v1/chat/completions", json=_chat())
+    assert resp.status == 504
+    assert (await resp.json())["error"]["code"] == "upstream_timeout"
+
+
+async def test_a_client_that_leaves_closes_the_upstream_request(make_client: ClientFactory,
+                                                                scripted: tuple[str, dict[str, Any]]) -> None:
+    url, seen = scripted
+    proxy = await _proxy(make_client, url, upstream_model="endless")
+    resp = await proxy.post("/v1/chat/completions", json=_chat(stream=True))
+    await resp.content.readline()
+    resp.close()
+    for _ in range(500):  # generous: only catches a hang
+        if seen["disconnects"]:
+            break
+        await asyncio.sleep(0.01)
+    assert seen["disconnects"] == 1
+
