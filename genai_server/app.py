@@ -12,6 +12,7 @@ from aiohttp import web
 
 from genai_server.app_keys import ENGINE, GPU, LIMITER, METRICS, SERVING, SETTINGS
 from genai_server.backends import Backend
+from genai_server.backends.ollama import OllamaBackend
 from genai_server.backends.onnx import OnnxBackend
 from genai_server.backends.openai_upstream import OpenAIUpstream
 from genai_server.concurrency import ConcurrencyLimiter, setup_concurrency_limit
@@ -60,7 +61,7 @@ async def backends_context(app: web.Application) -> AsyncIterator[None]:
         if settings.backend == "onnx":
             backend: Backend = await stack.enter_async_context(_onnx_backend(app, settings))
         else:
-            backend = await stack.enter_async_context(_openai_backend(settings))
+            backend = await stack.enter_async_context(_upstream_backend(settings))
         app[SERVING] = Serving({settings.resolved_model_id: backend}, gpu)
         yield
     await gpu.stop()
@@ -89,16 +90,21 @@ async def _onnx_backend(app: web.Application, settings: Settings) -> AsyncIterat
 
 
 @contextlib.asynccontextmanager
-async def _openai_backend(settings: Settings) -> AsyncIterator[Backend]:
+async def _upstream_backend(settings: Settings) -> AsyncIterator[Backend]:
     """One shared client session to the upstream for the server's lifetime."""
     timeout = aiohttp.ClientTimeout(total=None, connect=settings.upstream_connect_timeout_s,
                                     sock_read=settings.upstream_read_timeout_s)
     async with aiohttp.ClientSession(timeout=timeout) as session:
         assert settings.upstream_url is not None  # checked by Settings
         api_key = settings.upstream_api_key.get_secret_value() if settings.upstream_api_key else None
-        log.info("relaying to an OpenAI-compatible upstream",
-                 extra={"fields": {"upstream_url": settings.upstream_url, "model": settings.resolved_model_id,
+        log.info("relaying to an upstream engine",
+                 extra={"fields": {"backend": settings.backend, "upstream_url": settings.upstream_url,
+                                   "model": settings.resolved_model_id,
                                    "upstream_model": settings.resolved_upstream_model}})
+        if settings.backend == "ollama":
+            yield OllamaBackend(session, settings.upstream_url, settings.resolved_model_id,
+                                settings.resolved_upstream_model, always_usage=settings.stream_usage_always)
+            return
         yield OpenAIUpstream(session, settings.upstream_url, settings.resolved_model_id,
                              settings.resolved_upstream_model, api_key=api_key,
                              always_usage=settings.stream_usage_always)

@@ -21,11 +21,13 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_file=".env", extra="ignore", frozen=True)
 
-    backend: Literal["onnx", "openai"] = Field(
-        "onnx", description="onnx: the embedded engine; openai: relay to an OpenAI-compatible UPSTREAM_URL"
+    backend: Literal["onnx", "openai", "ollama"] = Field(
+        "onnx", description="onnx: the embedded engine; openai: relay to an OpenAI-compatible UPSTREAM_URL; "
+        "ollama: Ollama's native API at UPSTREAM_URL"
     )
     upstream_url: str | None = Field(
-        None, description="base URL of the upstream's OpenAI API, e.g. http://127.0.0.1:8001/v1 (BACKEND=openai)"
+        None, description="the upstream: its OpenAI base URL, e.g. http://127.0.0.1:8001/v1 (openai), or "
+        "Ollama's address, e.g. http://127.0.0.1:11434 (ollama)"
     )
     upstream_api_key: SecretStr | None = Field(None, description="bearer key for the upstream, if it wants one")
     upstream_model: str | None = Field(
@@ -87,10 +89,10 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _check_upstream(self) -> Settings:
-        if self.backend == "openai" and not self.upstream_url:
-            raise ValueError("UPSTREAM_URL is required when BACKEND=openai")
-        if self.backend == "openai" and not (self.model_id or self.upstream_model):
-            raise ValueError("MODEL_ID or UPSTREAM_MODEL is required when BACKEND=openai")
+        if self.backend != "onnx" and not self.upstream_url:
+            raise ValueError(f"UPSTREAM_URL is required when BACKEND={self.backend}")
+        if self.backend != "onnx" and not (self.model_id or self.upstream_model):
+            raise ValueError(f"MODEL_ID or UPSTREAM_MODEL is required when BACKEND={self.backend}")
         return self
 
     @property
@@ -111,7 +113,7 @@ class Settings(BaseSettings):
     @property
     def resolved_model_id(self) -> str:
         """The id clients send as ``model``."""
-        if self.backend == "openai":
+        if self.backend != "onnx":
             return self.model_id or self.upstream_model or ""
         return self.model_id or self.resolved_model_path.resolve().name
 

@@ -12,12 +12,18 @@ from typing import Any, Protocol
 
 from pydantic import BaseModel
 
-from genai_server.protocol import ChatCompletionRequest, CompletionRequest, ModelCard
+from genai_server.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, Usage
 from genai_server.telemetry import RequestTelemetry
 
 # A response is a model of ours, or an upstream's JSON relayed as a dict (with our model id and metrics).
 Response = BaseModel | dict[str, Any]
 Result = Response | AsyncGenerator[Response, None]
+
+
+def usage(stats: RequestTelemetry) -> Usage:
+    """The usage object from the token counts a backend recorded."""
+    return Usage(prompt_tokens=stats.prompt_tokens, completion_tokens=stats.completion_tokens,
+                 total_tokens=stats.prompt_tokens + stats.completion_tokens)
 
 
 class Backend(Protocol):

@@ -11,6 +11,7 @@ from collections.abc import AsyncGenerator, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass, replace
 
+from genai_server.backends import usage
 from genai_server.engine import OnnxEngine, SamplingOptions
 from genai_server.errors import ContextLengthExceeded, InvalidRequest, ServerError
 from genai_server.protocol import (
@@ -27,7 +28,6 @@ from genai_server.protocol import (
     FinishReason,
     ModelCard,
     SamplingRequest,
-    Usage,
     new_id,
     now,
 )
@@ -86,7 +86,7 @@ class OnnxBackend:
         choices = [ChatChoice(index=i, message=AssistantMessage(content=text), finish_reason=finish)
                    for i, (text, finish) in enumerate(pieces)]
         return ChatCompletion(id=new_id("chatcmpl"), created=now(), model=self.model_id, choices=choices,
-                              usage=_usage(stats), metrics=stats.metrics(), performance=stats.performance())
+                              usage=usage(stats), metrics=stats.metrics(), performance=stats.performance())
 
     async def _chat_stream(self, req: ChatCompletionRequest, seqs: list[_Sequence],
                            stats: RequestTelemetry) -> AsyncGenerator[ChatCompletionChunk, None]:
@@ -106,7 +106,7 @@ class OnnxBackend:
                     yield chunk([ChatChunkChoice(index=piece.index, delta=ChatDelta(), finish_reason=piece.finish)])
         if req.include_usage or self.always_usage:
             yield ChatCompletionChunk(id=chunk_id, created=created, model=self.model_id, choices=[],
-                                      usage=_usage(stats), metrics=stats.metrics(), performance=stats.performance())
+                                      usage=usage(stats), metrics=stats.metrics(), performance=stats.performance())
 
     # ---- completions -------------------------------------------------------------------
 
@@ -122,7 +122,7 @@ class OnnxBackend:
         choices = [CompletionChoice(index=i, text=text, finish_reason=finish)
                    for i, (text, finish) in enumerate(pieces)]
         return Completion(id=new_id("cmpl"), created=now(), model=self.model_id, choices=choices,
-                          usage=_usage(stats), metrics=stats.metrics(), performance=stats.performance())
+                          usage=usage(stats), metrics=stats.metrics(), performance=stats.performance())
 
     async def _complete_stream(self, req: CompletionRequest, seqs: list[_Sequence],
                                stats: RequestTelemetry) -> AsyncGenerator[Completion, None]:
@@ -133,7 +133,7 @@ class OnnxBackend:
                     choice = CompletionChoice(index=piece.index, text=piece.text, finish_reason=piece.finish)
                     yield Completion(id=chunk_id, created=created, model=self.model_id, choices=[choice])
         if req.include_usage or self.always_usage:
-            yield Completion(id=chunk_id, created=created, model=self.model_id, choices=[], usage=_usage(stats),
+            yield Completion(id=chunk_id, created=created, model=self.model_id, choices=[], usage=usage(stats),
                              metrics=stats.metrics(), performance=stats.performance())
 
     # ---- shared ------------------------------------------------------------------------
@@ -245,8 +245,3 @@ def _sampling(req: SamplingRequest, max_tokens: int) -> SamplingOptions:
 def _template_role(role: str) -> str:
     """OpenAI's ``developer`` role is the system role under another name."""
     return "system" if role == "developer" else role
-
-
-def _usage(stats: RequestTelemetry) -> Usage:
-    return Usage(prompt_tokens=stats.prompt_tokens, completion_tokens=stats.completion_tokens,
-                 total_tokens=stats.prompt_tokens + stats.completion_tokens)

@@ -16,7 +16,8 @@ from typing import Any
 import aiohttp
 
 from genai_server.backends import Response, Result
-from genai_server.errors import UpstreamError, UpstreamRejected, UpstreamTimeout, UpstreamUnavailable
+from genai_server.backends.upstream import error_message, post_upstream
+from genai_server.errors import UpstreamError, UpstreamTimeout
 from genai_server.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, SamplingRequest, now
 from genai_server.telemetry import RequestTelemetry
 
@@ -54,26 +55,12 @@ class OpenAIUpstream:
     async def _relay(self, path: str, req: SamplingRequest, stats: RequestTelemetry, kind: str) -> Result:
         body = req.model_dump(exclude_none=True)
         body.update(model=self._upstream_model, stream=True, stream_options={"include_usage": True})
-        response = await self._post(path, body)
+        response = await post_upstream(self._session, self._base_url + path, body, self._headers)
         stats.on_admitted(time.perf_counter())  # our part of the wait ends when the upstream has the request
         chunks = self._chunks(response, req, stats)
         if req.stream:
             return chunks
         return await _aggregate(chunks, kind)
-
-    async def _post(self, path: str, body: dict[str, Any]) -> aiohttp.ClientResponse:
-        try:
-            response = await self._session.post(self._base_url + path, json=body, headers=self._headers)
-        except aiohttp.ClientConnectorError as exc:
-            raise UpstreamUnavailable(
-                f"The upstream engine at {self._base_url} cannot be reached: {exc.os_error}") from None
-        except TimeoutError:
-            raise UpstreamTimeout(f"The upstream engine at {self._base_url} did not answer in time") from None
-        except aiohttp.ClientError as exc:
-            raise UpstreamError(f"The upstream engine failed: {exc}") from None
-        if response.status >= 400:
-            raise await _rejection(response)
-        return response
 
     async def _chunks(self, response: aiohttp.ClientResponse, req: SamplingRequest,
                       stats: RequestTelemetry) -> AsyncGenerator[Response, None]:
@@ -81,7 +68,7 @@ class OpenAIUpstream:
         try:
             async for chunk in _sse_json(response):
                 if "error" in chunk:
-                    raise UpstreamError(f"The upstream engine failed: {_message(chunk['error'])}")
+                    raise UpstreamError(f"The upstream engine failed: {error_message(chunk['error'])}")
                 chunk["model"] = self.model_id
                 _keep_reported(chunk, stats)
                 if chunk.get("choices"):
@@ -130,32 +117,6 @@ async def _sse_json(response: aiohttp.ClientResponse) -> AsyncGenerator[dict[str
     except aiohttp.ClientError as exc:
         raise UpstreamError(f"The upstream stream broke: {exc}") from None
     raise UpstreamError("The upstream stream ended before [DONE]")
-
-
-async def _rejection(response: aiohttp.ClientResponse) -> Exception:
-    """The upstream's error answer as ours: its 4xx passed on with its message, its 5xx as a 502."""
-    text = await response.text()
-    response.close()
-    try:
-        error = json.loads(text).get("error", {})
-    except (ValueError, AttributeError):
-        error = {}
-    if not isinstance(error, dict):
-        error = {"message": str(error)}
-    message = _message(error) or text[:500] or response.reason or "no message"
-    if response.status >= 500:
-        return UpstreamError(f"The upstream engine answered {response.status}: {message}")
-    headers = {"Retry-After": response.headers["Retry-After"]} if "Retry-After" in response.headers else None
-    code = error.get("code")
-    return UpstreamRejected(response.status, message, param=error.get("param"),
-                            code=str(code) if code is not None else None, error_type=error.get("type"),
-                            headers=headers)
-
-
-def _message(error: Any) -> str:
-    if isinstance(error, dict):
-        return str(error.get("message", ""))
-    return str(error)
 
 
 def _text(choice: dict[str, Any]) -> str:

@@ -1,0 +1,194 @@
+"""The ``ollama`` backend: Ollama's native API (``/api/chat``, ``/api/generate``, NDJSON streams) translated
+to the same OpenAI responses every other backend gives, to prove the unification on a non-OpenAI interface.
+
+Ollama's own durations (nanoseconds) are kept under ``backend_reported``; its ``prompt_eval_count`` and
+``eval_count`` become ``usage``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncGenerator
+from typing import Any
+
+import aiohttp
+
+from genai_server.backends import Response, Result, usage
+from genai_server.backends.upstream import error_message, post_upstream
+from genai_server.errors import InvalidRequest, UpstreamError, UpstreamTimeout
+from genai_server.protocol import (
+    AssistantMessage,
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatDelta,
+    Completion,
+    CompletionChoice,
+    CompletionRequest,
+    FinishReason,
+    ModelCard,
+    SamplingRequest,
+    new_id,
+    now,
+)
+from genai_server.telemetry import RequestTelemetry
+
+# Ollama's own timing fields, kept as reported.
+_REPORTED = ("total_duration", "load_duration", "prompt_eval_count", "prompt_eval_duration", "eval_count",
+             "eval_duration")
+
+
+class OllamaBackend:
+    """One model served by an Ollama server, through its native API."""
+
+    name = "ollama"
+
+    def __init__(self, session: aiohttp.ClientSession, base_url: str, model_id: str, upstream_model: str, *,
+                 always_usage: bool = False) -> None:
+        self._session = session
+        self._base_url = base_url.rstrip("/")
+        self.model_id = model_id
+        self._upstream_model = upstream_model
+        self._always_usage = always_usage
+        self._created = now()
+
+    def model_cards(self) -> list[ModelCard]:
+        """The one model this backend relays to."""
+        return [ModelCard(id=self.model_id, created=self._created)]
+
+    async def chat(self, req: ChatCompletionRequest, stats: RequestTelemetry) -> Result:
+        """``/api/chat``, as an OpenAI chat completion or chunk stream."""
+        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+                    for m in req.messages]
+        body = {"model": self._upstream_model, "messages": messages, "stream": True, "options": _options(req)}
+        lines = await self._open("/api/chat", body, stats)
+        if req.stream:
+            return self._chat_chunks(lines, req, stats)
+        text, finish = await _collect(lines, stats, "message")
+        return ChatCompletion(id=new_id("chatcmpl"), created=now(), model=self.model_id,
+                              choices=[ChatChoice(index=0, message=AssistantMessage(content=text),
+                                                  finish_reason=finish)],
+                              usage=usage(stats), metrics=stats.metrics(), performance=stats.performance())
+
+    async def complete(self, req: CompletionRequest, stats: RequestTelemetry) -> Result:
+        """``/api/generate`` with ``raw`` (no template), as an OpenAI text completion or chunk stream."""
+        prompts = req.prompts()
+        if len(prompts) != 1 or not isinstance(prompts[0], str):
+            raise InvalidRequest("Ollama takes one text prompt per request", param="prompt")
+        body = {"model": self._upstream_model, "prompt": prompts[0], "raw": True, "stream": True,
+                "options": _options(req)}
+        lines = await self._open("/api/generate", body, stats)
+        if req.stream:
+            return self._completion_chunks(lines, req, stats)
+        text, finish = await _collect(lines, stats, "response")
+        return Completion(id=new_id("cmpl"), created=now(), model=self.model_id,
+                          choices=[CompletionChoice(index=0, text=text, finish_reason=finish)],
+                          usage=usage(stats), metrics=stats.metrics(), performance=stats.performance())
+
+    async def _open(self, path: str, body: dict[str, Any],
+                    stats: RequestTelemetry) -> AsyncGenerator[dict[str, Any], None]:
+        response = await post_upstream(self._session, self._base_url + path, body, {})
+        stats.on_admitted(time.perf_counter())
+        return _ndjson(response, stats)
+
+    async def _chat_chunks(self, lines: AsyncGenerator[dict[str, Any], None], req: SamplingRequest,
+                           stats: RequestTelemetry) -> AsyncGenerator[Response, None]:
+        chunk_id, created = new_id("chatcmpl"), now()
+
+        def chunk(choice: ChatChunkChoice | None) -> ChatCompletionChunk:
+            return ChatCompletionChunk(id=chunk_id, created=created, model=self.model_id,
+                                       choices=[choice] if choice else [])
+
+        yield chunk(ChatChunkChoice(index=0, delta=ChatDelta(role="assistant", content="")))
+        async for text, finish in _pieces(lines, stats, "message"):
+            if text:
+                yield chunk(ChatChunkChoice(index=0, delta=ChatDelta(content=text)))
+            if finish:
+                yield chunk(ChatChunkChoice(index=0, delta=ChatDelta(), finish_reason=finish))
+        if req.include_usage or self._always_usage:
+            final = chunk(None)
+            final.usage, final.metrics, final.performance = usage(stats), stats.metrics(), stats.performance()
+            yield final
+
+    async def _completion_chunks(self, lines: AsyncGenerator[dict[str, Any], None], req: SamplingRequest,
+                                 stats: RequestTelemetry) -> AsyncGenerator[Response, None]:
+        chunk_id, created = new_id("cmpl"), now()
+        async for text, finish in _pieces(lines, stats, "response"):
+            if text or finish:
+                yield Completion(id=chunk_id, created=created, model=self.model_id,
+                                 choices=[CompletionChoice(index=0, text=text, finish_reason=finish)])
+        if req.include_usage or self._always_usage:
+            yield Completion(id=chunk_id, created=created, model=self.model_id, choices=[], usage=usage(stats),
+                             metrics=stats.metrics(), performance=stats.performance())
+
+
+def _options(req: SamplingRequest) -> dict[str, Any]:
+    """OpenAI sampling parameters under Ollama's names; ``n`` > 1 cannot be honoured."""
+    if req.n != 1:
+        raise InvalidRequest("Ollama generates one choice per request", param="n")
+    options = {"temperature": req.temperature, "top_p": req.top_p, "seed": req.seed, "num_predict": req.limit,
+               "stop": req.stop_list or None, "top_k": req.top_k if req.top_k and req.top_k > 0 else None}
+    return {name: value for name, value in options.items() if value is not None}
+
+
+async def _ndjson(response: aiohttp.ClientResponse, stats: RequestTelemetry) -> AsyncGenerator[dict[str, Any], None]:
+    """Ollama's NDJSON lines up to the one with ``done``; closing it closes the upstream request."""
+    try:
+        async for raw in response.content:
+            if not raw.strip():
+                continue
+            try:
+                line = json.loads(raw)
+            except ValueError:
+                raise UpstreamError("The upstream engine sent a malformed stream line") from None
+            if not isinstance(line, dict):
+                raise UpstreamError("The upstream engine sent a malformed stream line")
+            if "error" in line:
+                raise UpstreamError(f"The upstream engine failed: {error_message(line['error'])}")
+            yield line
+            if line.get("done"):
+                return
+        raise UpstreamError("The upstream stream ended before done")
+    except TimeoutError:
+        raise UpstreamTimeout("The upstream engine stopped sending mid-stream") from None
+    except aiohttp.ClientError as exc:
+        raise UpstreamError(f"The upstream stream broke: {exc}") from None
+    finally:
+        response.close()
+        stats.on_end()
+
+
+async def _pieces(lines: AsyncGenerator[dict[str, Any], None], stats: RequestTelemetry,
+                  field: str) -> AsyncGenerator[tuple[str, FinishReason | None], None]:
+    """(text, finish) per line, timing each token and taking usage and durations from the last line."""
+    try:
+        async for line in lines:
+            value = line.get(field)
+            text = str(value.get("content", "")) if isinstance(value, dict) else str(value or "")
+            if line.get("done"):
+                stats.prompt_tokens = int(line.get("prompt_eval_count", 0))
+                stats.backend_reported = {name: line[name] for name in _REPORTED if name in line}
+                if text:
+                    stats.on_tokens(1)
+                stats.completion_tokens = int(line.get("eval_count", stats.completion_tokens))
+                stats.on_end()
+                yield text, "length" if line.get("done_reason") == "length" else "stop"
+                return
+            if text:
+                stats.on_tokens(1)
+            yield text, None
+    finally:
+        await lines.aclose()
+
+
+async def _collect(lines: AsyncGenerator[dict[str, Any], None], stats: RequestTelemetry,
+                   field: str) -> tuple[str, FinishReason]:
+    texts: list[str] = []
+    finish: FinishReason = "stop"
+    async for text, done in _pieces(lines, stats, field):
+        texts.append(text)
+        finish = done or finish
+    return "".join(texts), finish

@@ -1,0 +1,53 @@
+"""What every backend that talks HTTP to an engine elsewhere shares: posting, and turning faults into our errors."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import aiohttp
+
+from genai_server.errors import UpstreamError, UpstreamRejected, UpstreamTimeout, UpstreamUnavailable
+
+
+async def post_upstream(session: aiohttp.ClientSession, url: str, body: dict[str, Any],
+                        headers: dict[str, str]) -> aiohttp.ClientResponse:
+    """POST ``body``; refused -> 502, no answer in time -> 504, an error status -> its ``UpstreamRejected``/502."""
+    try:
+        response = await session.post(url, json=body, headers=headers)
+    except aiohttp.ClientConnectorError as exc:
+        raise UpstreamUnavailable(f"The upstream engine at {url} cannot be reached: {exc.os_error}") from None
+    except TimeoutError:
+        raise UpstreamTimeout(f"The upstream engine at {url} did not answer in time") from None
+    except aiohttp.ClientError as exc:
+        raise UpstreamError(f"The upstream engine failed: {exc}") from None
+    if response.status >= 400:
+        raise await _rejection(response)
+    return response
+
+
+async def _rejection(response: aiohttp.ClientResponse) -> Exception:
+    """The upstream's error answer as ours: its 4xx passed on with its message, its 5xx as a 502."""
+    text = await response.text()
+    response.close()
+    try:
+        error = json.loads(text).get("error", {})
+    except (ValueError, AttributeError):
+        error = {}
+    if not isinstance(error, dict):  # Ollama: {"error": "model 'x' not found"}
+        error = {"message": str(error)}
+    message = error_message(error) or text[:500] or response.reason or "no message"
+    if response.status >= 500:
+        return UpstreamError(f"The upstream engine answered {response.status}: {message}")
+    headers = {"Retry-After": response.headers["Retry-After"]} if "Retry-After" in response.headers else None
+    code = error.get("code") or ("model_not_found" if response.status == 404 else None)
+    return UpstreamRejected(response.status, message, param=error.get("param"),
+                            code=str(code) if code is not None else None, error_type=error.get("type"),
+                            headers=headers)
+
+
+def error_message(error: Any) -> str:
+    """The message of an error object (OpenAI's dict) or string (Ollama's)."""
+    if isinstance(error, dict):
+        return str(error.get("message", ""))
+    return str(error)

@@ -1,0 +1,127 @@
+"""BACKEND=ollama: Ollama's native NDJSON API behind the same OpenAI responses (a scripted Ollama)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
+from tests.conftest import ClientFactory, stream_chunks
+
+DURATIONS = {"total_duration": 5_000_000, "load_duration": 1_000, "prompt_eval_count": 7,
+             "prompt_eval_duration": 2_000_000, "eval_count": 3, "eval_duration": 3_000_000}
+
+
+def _lines(*items: dict[str, Any]) -> bytes:
+    return b"".join(json.dumps(item).encode() + b"\n" for item in items)
+
+
+CHAT = _lines({"model": "q", "message": {"role": "assistant", "content": "Hi"}, "done": False},
+              {"model": "q", "message": {"role": "assistant", "content": " there"}, "done": False},
+              {"model": "q", "message": {"role": "assistant", "content": "!"}, "done": True, "done_reason": "length",
+               **DURATIONS})
+GENERATE = _lines({"model": "q", "response": "Once", "done": False},
+                  {"model": "q", "response": " more", "done": False},
+                  {"model": "q", "response": "", "done": True, "done_reason": "stop", **DURATIONS})
+BROKEN = _lines({"model": "q", "message": {"role": "assistant", "content": "Hi"}, "done": False},
+                {"error": "out of memory"})
+
+
+@pytest.fixture
+async def ollama(aiohttp_server: Any) -> AsyncIterator[tuple[str, list[dict[str, Any]]]]:
+    bodies: list[dict[str, Any]] = []
+
+    async def chat(request: web.Request) -> web.Response:
+        body = await request.json()
+        bodies.append(body)
+        if body["model"] == "missing":
+            return web.json_response({"error": "model 'missing' not found"}, status=404)
+        return web.Response(body=BROKEN if body["model"] == "broken" else CHAT, content_type="application/x-ndjson")
+
+    async def generate(request: web.Request) -> web.Response:
+        bodies.append(await request.json())
+        return web.Response(body=GENERATE, content_type="application/x-ndjson")
+
+    app = web.Application()
+    app.router.add_post("/api/chat", chat)
+    app.router.add_post("/api/generate", generate)
+    server: TestServer = await aiohttp_server(app)
+    yield str(server.make_url("")).rstrip("/"), bodies
+
+
+async def _client(make_client: ClientFactory, url: str, upstream_model: str = "qwen2.5:0.5b") -> Any:
+    return await make_client(backend="ollama", upstream_url=url, model_id="local-qwen", upstream_model=upstream_model)
+
+
+def _chat(**extra: Any) -> dict[str, Any]:
+    return {"model": "local-qwen", "messages": [{"role": "developer", "content": "Be kind"},
+                                                {"role": "user", "content": "Hello"}],
+            "max_tokens": 3, "temperature": 0.5, **extra}
+
+
+async def test_chat_is_translated_both_ways(make_client: ClientFactory, ollama: tuple[str, list[Any]],
+                                            openai_schema: Any) -> None:
+    url, bodies = ollama
+    client = await _client(make_client, url)
+    body = await (await client.post("/v1/chat/completions", json=_chat(stop="END", seed=4))).json()
+    openai_schema("CreateChatCompletionResponse", body)
+    assert body["model"] == "local-qwen"
+    assert body["choices"][0]["message"]["content"] == "Hi there!"
+    assert body["choices"][0]["finish_reason"] == "length"
+    assert body["usage"] == {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10}
+    assert body["metrics"]["backend_reported"] == DURATIONS
+    assert body["metrics"]["completion_tokens"] == 3
+    sent = bodies[0]
+    assert sent["model"] == "qwen2.5:0.5b"
+    assert sent["messages"][0] == {"role": "system", "content": "Be kind"}
+    assert sent["options"] == {"temperature": 0.5, "num_predict": 3, "seed": 4, "stop": ["END"]}
+
+
+async def test_chat_stream_is_an_openai_stream(make_client: ClientFactory, ollama: tuple[str, list[Any]],
+                                               openai_schema: Any) -> None:
+    url, _ = ollama
+    client = await _client(make_client, url)
+    resp = await client.post("/v1/chat/completions", json=_chat(stream=True, stream_options={"include_usage": True}))
+    chunks = stream_chunks(await resp.text())
+    for chunk in chunks:
+        openai_schema("CreateChatCompletionStreamResponse", chunk)
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+    assert text == "Hi there!"
+    assert chunks[-2]["choices"][0]["finish_reason"] == "length"
+    assert chunks[-1]["usage"]["completion_tokens"] == 3
+    assert chunks[-1]["metrics"]["backend_reported"]["eval_count"] == 3
+
+
+async def test_completions_use_generate_raw(make_client: ClientFactory, ollama: tuple[str, list[Any]]) -> None:
+    url, bodies = ollama
+    client = await _client(make_client, url)
+    resp = await client.post("/v1/completions", json={"model": "local-qwen", "prompt": "Tell", "stream": True})
+    chunks = stream_chunks(await resp.text())
+    assert "".join(c["choices"][0]["text"] for c in chunks) == "Once more"
+    assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
+    assert bodies[0]["raw"] is True and bodies[0]["prompt"] == "Tell"
+
+
+async def test_ollama_errors_and_limits(make_client: ClientFactory, ollama: tuple[str, list[Any]]) -> None:
+    url, _ = ollama
+    missing = await _client(make_client, url, upstream_model="missing")
+    resp = await missing.post("/v1/chat/completions", json=_chat())
+    assert resp.status == 404
+    error = (await resp.json())["error"]
+    assert (error["code"], error["message"]) == ("model_not_found", "model 'missing' not found")
+
+    client = await _client(make_client, url)
+    resp = await client.post("/v1/chat/completions", json=_chat(n=2))
+    assert resp.status == 400
+    assert (await resp.json())["error"]["param"] == "n"
+
+    broken = await _client(make_client, url, upstream_model="broken")
+    resp = await broken.post("/v1/chat/completions", json=_chat(stream=True))
+    events = (await resp.text()).strip().split("\n\n")
+    assert events[-1] == "data: [DONE]"
+    assert "out of memory" in json.loads(events[-2][len("data: "):])["error"]["message"]
