@@ -83,8 +83,10 @@ def ensure_model(spec: ModelSpec) -> None:
     """Build the model with the repo's own script if it is not there yet."""
     if not (spec.path / "genai_config.json").is_file():
         print(f"building the {spec.name} model ({spec.preset})...", flush=True)
-        subprocess.run([sys.executable, str(REPO / "scripts" / "make_model.py"), spec.preset, "-o", str(spec.path)],
-                       check=True, stdout=subprocess.DEVNULL)
+        build = subprocess.run([sys.executable, str(REPO / "scripts" / "make_model.py"), spec.preset, "-o",
+                                str(spec.path)], capture_output=True, text=True)
+        if build.returncode != 0:  # the builder is chatty: show its output only when it failed
+            sys.exit(f"building the {spec.name} model failed:\n{build.stdout}\n{build.stderr}")
 
 
 def free_port() -> int:
