@@ -17,7 +17,8 @@ if TYPE_CHECKING:
     from genai_server.prometheus import ServerMetrics
 
 SETTINGS = web.AppKey("settings", Settings)
-ENGINE = web.AppKey("engine", OnnxEngine)
+ENGINE = web.AppKey("engine", OnnxEngine)  # the first embedded engine
+ENGINES = web.AppKey("engines", list[OnnxEngine])  # every embedded engine
 SERVING = web.AppKey("serving", Serving)
 LIMITER = web.AppKey("limiter", ConcurrencyLimiter)
 GPU = web.AppKey("gpu", GpuMonitor)

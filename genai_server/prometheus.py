@@ -51,11 +51,11 @@ class ServerMetrics:
                                 (*_LABELS, "status"), registry=self.registry)
         self.disconnects = Counter("genai_server_client_disconnects", "Clients that left before the end.", _LABELS,
                                    registry=self.registry)
-        self.running = Gauge("genai_server_num_requests_running", "Generation requests in flight.", ["backend"],
+        self.running = Gauge("genai_server_num_requests_running", "Generation requests in flight.",
                              registry=self.registry)
         self.gpu_used: Gauge | None = None  # registered at the first scrape that finds a GPU: no GPU, no series
-        self.waiting = Gauge("genai_server_num_requests_waiting", "Sequences waiting for a batch to start.",
-                             ["backend"], registry=self.registry)
+        self.waiting = Gauge("genai_server_num_requests_waiting",
+                             "Sequences waiting for a batch to start in the embedded engines.", registry=self.registry)
 
     def observe(self, stats: RequestTelemetry | None, model: str, status: int) -> None:
         """Record one finished generation request."""
@@ -79,8 +79,8 @@ class ServerMetrics:
     def exposition(self) -> bytes:
         """The text format, with the gauges read now."""
         running, waiting, gpu_used_mb = self._gauges()
-        self.running.labels(self.backend).set(running)
-        self.waiting.labels(self.backend).set(waiting)
+        self.running.set(running)
+        self.waiting.set(waiting)
         if gpu_used_mb is not None:
             if self.gpu_used is None:
                 self.gpu_used = Gauge("genai_server_gpu_memory_used_bytes", "Memory in use on the visible GPUs (NVML).",
@@ -89,7 +89,12 @@ class ServerMetrics:
         return generate_latest(self.registry)
 
 
-def setup_prometheus(app: web.Application, metrics: ServerMetrics, default_model: str) -> None:
+# The model label of requests that never reached a backend (refused by the limit, invalid, unknown model):
+# the requested id is not trusted as a label, or any client could grow the series without bound.
+NO_MODEL = "-"
+
+
+def setup_prometheus(app: web.Application, metrics: ServerMetrics) -> None:
     """Add the middleware that records generation requests, and the public ``GET /metrics`` route."""
 
     @web.middleware
@@ -109,7 +114,7 @@ def setup_prometheus(app: web.Application, metrics: ServerMetrics, default_model
             if client_left(request):
                 status = CLIENT_CLOSED_REQUEST
             stats = request.get(REQUEST_STATS)
-            metrics.observe(stats, (stats.model if stats else None) or default_model, status)
+            metrics.observe(stats, (stats.model if stats else None) or NO_MODEL, status)
 
     async def scrape(request: web.Request) -> web.Response:
         return web.Response(body=metrics.exposition(), headers={"Content-Type": CONTENT_TYPE_LATEST})

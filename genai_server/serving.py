@@ -56,7 +56,7 @@ class Serving:
             raise
 
     def _start(self, model_id: str, stats: RequestTelemetry) -> Backend:
-        backend = self._backend(model_id)
+        backend = self._backend(model_id)  # before labelling: an unknown id must not become a metrics label
         stats.model, stats.backend = model_id, backend.name
         stats.watch_gpu(self._gpu)
         return backend

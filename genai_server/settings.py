@@ -7,13 +7,54 @@ Nothing else in the package reads ``os.environ``: the one ``Settings`` object is
 from __future__ import annotations
 
 import argparse
+import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 BUNDLED_MODEL = Path(__file__).resolve().parent / "bundled_model" / "tiny-random-llama-int4"
+
+BackendName = Literal["onnx", "openai", "ollama"]
+
+
+class ModelEntry(BaseModel):
+    """One model the server offers and the backend that serves it (a ``[[models]]`` table of MODELS_FILE)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    id: str = Field(min_length=1, description="the id clients send as model")
+    backend: BackendName = "onnx"
+    path: Path | None = Field(None, description="onnx: the model folder (default: the bundled demo model)")
+    url: str | None = Field(None, description="openai/ollama: the upstream's address")
+    upstream_model: str | None = Field(None, description="openai/ollama: the upstream's name for it (default: id)")
+    api_key: SecretStr | None = Field(None, description="openai: bearer key for the upstream")
+
+    @model_validator(mode="after")
+    def _check(self) -> ModelEntry:
+        if self.backend != "onnx" and not self.url:
+            raise ValueError(f"model {self.id!r}: backend {self.backend} needs a url")
+        return self
+
+    @property
+    def model_path(self) -> Path:
+        """The folder an onnx entry loads."""
+        return self.path if self.path is not None else BUNDLED_MODEL
+
+    @property
+    def upstream_name(self) -> str:
+        """The model name sent upstream."""
+        return self.upstream_model or self.id
 
 
 class Settings(BaseSettings):
@@ -21,7 +62,11 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_file=".env", extra="ignore", frozen=True)
 
-    backend: Literal["onnx", "openai", "ollama"] = Field(
+    models_file: Path | None = Field(
+        None, description="TOML file of [[models]] (id, backend, path or url, upstream_model, api_key): several "
+        "models on several backends; replaces BACKEND/MODEL_PATH/UPSTREAM_* when set"
+    )
+    backend: BackendName = Field(
         "onnx", description="onnx: the embedded engine; openai: relay to an OpenAI-compatible UPSTREAM_URL; "
         "ollama: Ollama's native API at UPSTREAM_URL"
     )
@@ -89,11 +134,30 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _check_upstream(self) -> Settings:
+        if self.models_file is not None:
+            return self  # the file names every model and its backend
         if self.backend != "onnx" and not self.upstream_url:
             raise ValueError(f"UPSTREAM_URL is required when BACKEND={self.backend}")
         if self.backend != "onnx" and not (self.model_id or self.upstream_model):
             raise ValueError(f"MODEL_ID or UPSTREAM_MODEL is required when BACKEND={self.backend}")
         return self
+
+    _entries: list[ModelEntry] = PrivateAttr(default_factory=list)
+
+    @model_validator(mode="after")
+    def _read_models(self) -> Settings:
+        self._entries = _read_models_file(self.models_file) if self.models_file else [self._single_entry()]
+        return self
+
+    def _single_entry(self) -> ModelEntry:
+        key = self.upstream_api_key
+        return ModelEntry(id=self.resolved_model_id, backend=self.backend, path=self.model_path,
+                          url=self.upstream_url, upstream_model=self.resolved_upstream_model, api_key=key)
+
+    @property
+    def models(self) -> list[ModelEntry]:
+        """Every model to serve, in order (the first is the one /health names)."""
+        return self._entries
 
     @property
     def resolved_upstream_model(self) -> str:
@@ -106,16 +170,29 @@ class Settings(BaseSettings):
         return self.model_path if self.model_path is not None else BUNDLED_MODEL
 
     @property
-    def uses_bundled_model(self) -> bool:
-        """True when no MODEL_PATH was given and the demo model is served."""
-        return self.model_path is None
-
-    @property
     def resolved_model_id(self) -> str:
         """The id clients send as ``model``."""
         if self.backend != "onnx":
             return self.model_id or self.upstream_model or ""
         return self.model_id or self.resolved_model_path.resolve().name
+
+
+def _read_models_file(path: Path) -> list[ModelEntry]:
+    """The ``[[models]]`` tables of a TOML file, ids unique."""
+    try:
+        data = tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ValueError(f"cannot read MODELS_FILE {path}: {exc}") from None
+    try:
+        entries = [ModelEntry.model_validate(item) for item in data.get("models", [])]
+    except ValidationError as exc:
+        raise ValueError(f"MODELS_FILE {path}: {describe_errors(exc)}") from None
+    if not entries:
+        raise ValueError(f"MODELS_FILE {path} has no [[models]]")
+    ids = [entry.id for entry in entries]
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"MODELS_FILE {path} names a model id twice")
+    return entries
 
 
 class SettingsError(Exception):

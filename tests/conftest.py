@@ -97,3 +97,12 @@ def stream_chunks(raw: str) -> list[dict[str, Any]]:
     assert events[-1] == "[DONE]"
     assert events.count("[DONE]") == 1
     return [json.loads(e) for e in events[:-1]]
+
+
+def metric_sample(text: str, name: str, **labels: str) -> float:
+    """The value of one sample in the exposition text."""
+    wanted = ",".join(f'{k}="{v}"' for k, v in labels.items())
+    for line in text.splitlines():
+        if line.startswith(name + "{") and all(part in line for part in wanted.split(",")):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"no sample {name} {labels}")

@@ -12,7 +12,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from genai_server.settings import SettingsError, load_settings
-from tests.conftest import MODEL_ID, ClientFactory, stream_chunks
+from tests.conftest import MODEL_ID, ClientFactory, metric_sample, stream_chunks
 from tests.test_process import _free_port, _start, _wait_healthy
 
 PROXIED = "proxied-model"
@@ -75,8 +75,9 @@ async def test_models_lists_the_proxied_model(make_client: ClientFactory, upstre
     proxy = await _proxy(make_client, upstream)
     body = await (await proxy.get("/v1/models")).json()
     assert [m["id"] for m in body["data"]] == [PROXIED]
+    assert (await proxy.post("/v1/chat/completions", json=_chat())).status == 200
     metrics = await (await proxy.get("/metrics")).text()
-    assert 'backend="openai"' in metrics
+    assert metric_sample(metrics, "genai_server_requests_total", model=PROXIED, backend="openai", status="200") == 1
 
 
 async def test_upstream_refusing_connections_is_502(make_client: ClientFactory, openai_schema: Any) -> None:

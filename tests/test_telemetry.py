@@ -10,7 +10,7 @@ import openai
 from aiohttp.test_utils import TestServer
 
 from genai_server.app import create_app
-from tests.conftest import MODEL_ID, chat_body, make_settings, stream_chunks
+from tests.conftest import MODEL_ID, chat_body, make_settings, metric_sample, stream_chunks
 
 METRIC_KEYS = {"queue_time_ms", "time_to_first_token_ms", "time_per_output_token_ms", "mean_itl_ms", "itl_p50_ms",
                "itl_p95_ms", "generation_time_ms", "e2e_latency_ms", "tokens_per_second", "prompt_tokens",
@@ -103,13 +103,9 @@ async def test_openai_client_keeps_the_metrics(aiohttp_server: Any) -> None:
     assert result.model_extra["metrics"]["completion_tokens"] == 4
 
 
-def _sample(text: str, name: str, **labels: str) -> float:
-    """The value of one sample in the exposition text."""
-    wanted = ",".join(f'{k}="{v}"' for k, v in labels.items())
-    for line in text.splitlines():
-        if line.startswith(name + "{") and all(part in line for part in wanted.split(",")):
-            return float(line.rsplit(" ", 1)[1])
-    raise AssertionError(f"no sample {name} {labels}")
+def _gauge(text: str, name: str) -> float:
+    """The value of an unlabelled gauge."""
+    return next(float(line.split()[1]) for line in text.splitlines() if line.startswith(name + " "))
 
 
 async def test_prometheus_metrics_count_requests_tokens_and_latencies(make_client: Any) -> None:
@@ -123,7 +119,7 @@ async def test_prometheus_metrics_count_requests_tokens_and_latencies(make_clien
     limited = await client.post("/v1/chat/completions", json=chat_body())
     assert limited.status == 429
     running = await (await client.get("/metrics")).text()
-    assert _sample(running, "genai_server_num_requests_running", backend="onnx") == 1
+    assert _gauge(running, "genai_server_num_requests_running") == 1
     stream.close()  # a client that leaves mid-stream
 
     deadline = time.monotonic() + 10
@@ -133,19 +129,20 @@ async def test_prometheus_metrics_count_requests_tokens_and_latencies(make_clien
         assert resp.headers["Content-Type"].startswith("text/plain")
         text = await resp.text()
         try:
-            if _sample(text, "genai_server_client_disconnects_total", **labels) == 1:
+            if metric_sample(text, "genai_server_client_disconnects_total", **labels) == 1:
                 break
         except AssertionError:
             pass
         assert time.monotonic() < deadline, "the disconnect was never counted"
         await asyncio.sleep(0.02)
-    assert _sample(text, "genai_server_requests_total", status="200", **labels) == 1
-    assert _sample(text, "genai_server_requests_total", status="499", **labels) == 1  # the client left
-    assert _sample(text, "genai_server_requests_total", status="400", **labels) == 1
-    assert _sample(text, "genai_server_requests_total", status="429", **labels) == 1
-    assert _sample(text, "genai_server_generation_tokens_total", **labels) >= 8  # 7 + at least 1 streamed
-    assert _sample(text, "genai_server_time_to_first_token_seconds_count", **labels) == 2
-    assert _sample(text, "genai_server_e2e_request_latency_seconds_count", **labels) == 2
-    assert _sample(text, "genai_server_inter_token_latency_seconds_count", **labels) >= 6
-    assert _sample(text, "genai_server_num_requests_running", backend="onnx") == 0
+    assert metric_sample(text, "genai_server_requests_total", status="200", **labels) == 1
+    assert metric_sample(text, "genai_server_requests_total", status="499", **labels) == 1  # the client left
+    # Refused before reaching a backend: no model label from the request.
+    assert metric_sample(text, "genai_server_requests_total", status="400", model="-", backend="onnx") == 1
+    assert metric_sample(text, "genai_server_requests_total", status="429", model="-", backend="onnx") == 1
+    assert metric_sample(text, "genai_server_generation_tokens_total", **labels) >= 8  # 7 + at least 1 streamed
+    assert metric_sample(text, "genai_server_time_to_first_token_seconds_count", **labels) == 2
+    assert metric_sample(text, "genai_server_e2e_request_latency_seconds_count", **labels) == 2
+    assert metric_sample(text, "genai_server_inter_token_latency_seconds_count", **labels) >= 6
+    assert _gauge(text, "genai_server_num_requests_running") == 0
     assert "process_resident_memory_bytes" in text

@@ -79,7 +79,7 @@ class OnnxBackend:
         messages = [{"role": _template_role(m.role), "content": m.text()} for m in req.messages]
         prompt = self.engine.encode(self.engine.apply_chat_template(messages))
         seqs = self._plan(req, [prompt], param="messages")
-        stats.model, stats.prompt_tokens = self.model_id, len(prompt)
+        stats.prompt_tokens = len(prompt)
         if req.stream:
             return self._chat_stream(req, seqs, stats)
         pieces = await self._collect(seqs, stats)
@@ -115,7 +115,7 @@ class OnnxBackend:
         """A text completion (raw prompt, no template), or its chunk stream when ``req.stream``."""
         prompts = [p if isinstance(p, list) else self.engine.encode(p) for p in req.prompts()]
         seqs = self._plan(req, prompts, param="prompt")
-        stats.model, stats.prompt_tokens = self.model_id, sum(len(p) for p in prompts)
+        stats.prompt_tokens = sum(len(p) for p in prompts)
         if req.stream:
             return self._complete_stream(req, seqs, stats)
         pieces = await self._collect(seqs, stats)
