@@ -109,8 +109,25 @@ def _chunk(text: str, finish: str | None = None) -> dict[str, Any]:
 
 USAGE = {"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "up", "choices": [],
          "usage": {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7}}
+def _vllm(text: str, finish: str | None = None) -> dict[str, Any]:
+    chunk = _chunk(text, finish)
+    chunk["choices"][0].update(logprobs=None, stop_reason=None)  # vLLM's extra field
+    return {**chunk, "system_fingerprint": None}
+
+
+def _sglang(text: str, finish: str | None = None) -> dict[str, Any]:
+    chunk = _chunk(text, finish)
+    chunk["choices"][0]["matched_stop"] = 2 if finish else None  # SGLang's extra field
+    return chunk
+
+
 SCRIPTS: dict[str, tuple[int, bytes]] = {
     "llamacpp": (200, _sse(_chunk("Hel"), _chunk("lo", "stop"), {**USAGE, "timings": {"predicted_n": 2}})),
+    # vLLM sends the role first in an empty-content delta, and its per-request metrics when enabled.
+    "vllm": (200, _sse({**_vllm(""), "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                                   "finish_reason": None}]},
+                       _vllm("Hel"), _vllm("lo", "stop"), {**USAGE, "metrics": {"time_to_first_token_ms": 3.0}})),
+    "sglang": (200, _sse(_sglang("Hel"), _sglang("lo", "stop"), USAGE)),
     "malformed": (200, _sse(_chunk("Hel"), b"{not json")),
     "truncated": (200, _sse(_chunk("Hel"), done=False)),
     "error-event": (200, _sse(_chunk("Hel"), {"error": {"message": "engine exploded"}})),
@@ -151,17 +168,28 @@ async def scripted(aiohttp_server: Any) -> AsyncIterator[tuple[str, dict[str, An
     yield str(server.make_url("")).rstrip("/"), seen
 
 
-async def test_llamacpp_shape_timings_are_kept_as_backend_reported(make_client: ClientFactory,
-                                                                   scripted: tuple[str, dict[str, Any]]) -> None:
+@pytest.mark.parametrize(("shape", "reported"), [
+    ("llamacpp", {"timings": {"predicted_n": 2}}),
+    ("vllm", {"metrics": {"time_to_first_token_ms": 3.0}}),
+    ("sglang", None),
+])
+async def test_engine_shapes_become_the_same_response(make_client: ClientFactory,
+                                                      scripted: tuple[str, dict[str, Any]], shape: str,
+                                                      reported: dict[str, Any] | None) -> None:
     url, seen = scripted
-    proxy = await _proxy(make_client, url, upstream_model="llamacpp")
+    proxy = await _proxy(make_client, url, upstream_model=shape)
     body = await (await proxy.post("/v1/chat/completions", json=_chat())).json()
     assert body["choices"][0]["message"]["content"] == "Hello"
     assert body["choices"][0]["finish_reason"] == "stop"
     assert body["usage"]["total_tokens"] == 7
-    assert body["metrics"]["backend_reported"] == {"timings": {"predicted_n": 2}}
+    assert body["metrics"]["completion_tokens"] == 2
+    assert body["metrics"]["backend_reported"] == reported
     assert seen["bodies"][0]["stream"] is True  # always streamed upstream, so we can time it
     assert seen["bodies"][0]["stream_options"] == {"include_usage": True}
+    stream = await proxy.post("/v1/chat/completions", json=_chat(stream=True))
+    chunks = stream_chunks(await stream.text())
+    assert "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks) == "Hello"
+    assert all("metrics" not in c and "timings" not in c for c in chunks)  # moved out of the relayed chunks
 
 
 @pytest.mark.parametrize(("script", "status", "code"), [
