@@ -27,3 +27,5 @@ METRICS: web.AppKey[ServerMetrics] = web.AppKey("metrics")
 
 REQUEST_ID = web.RequestKey("request_id", str)
 REQUEST_STATS = web.RequestKey("request_stats", RequestTelemetry)
+# The status a request ended with, as logged (499: the client left); read by the Prometheus middleware.
+FINAL_STATUS = web.RequestKey("final_status", int)

@@ -7,16 +7,14 @@ registry: several apps in one process (the tests) never share counters.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.process_collector import ProcessCollector
 
-from genai_server.app_keys import REQUEST_STATS
+from genai_server.app_keys import FINAL_STATUS, REQUEST_STATS
 from genai_server.concurrency import GENERATION_PATHS
-from genai_server.request_log import CLIENT_CLOSED_REQUEST, client_left
 from genai_server.telemetry import RequestTelemetry
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
@@ -102,19 +100,12 @@ def setup_prometheus(app: web.Application, metrics: ServerMetrics) -> None:
                          handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
         if request.path not in GENERATION_PATHS:
             return await handler(request)
-        status = 500
         try:
-            response = await handler(request)
-            status = response.status
-            return response
-        except asyncio.CancelledError:
-            status = CLIENT_CLOSED_REQUEST
-            raise
+            return await handler(request)
         finally:
-            if client_left(request):
-                status = CLIENT_CLOSED_REQUEST
+            # The request log, just inside, has settled the status (499 for a client that left).
             stats = request.get(REQUEST_STATS)
-            metrics.observe(stats, (stats.model if stats else None) or NO_MODEL, status)
+            metrics.observe(stats, (stats.model if stats else None) or NO_MODEL, request.get(FINAL_STATUS, 500))
 
     async def scrape(request: web.Request) -> web.Response:
         return web.Response(body=metrics.exposition(), headers={"Content-Type": CONTENT_TYPE_LATEST})

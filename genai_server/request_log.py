@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
-from genai_server.app_keys import REQUEST_ID, REQUEST_STATS
+from genai_server.app_keys import FINAL_STATUS, REQUEST_ID, REQUEST_STATS
 
 log = logging.getLogger("genai_server.access")
 
@@ -55,6 +55,7 @@ def setup_request_log(app: web.Application) -> None:
         finally:
             if client_left(request):
                 status = CLIENT_CLOSED_REQUEST
+            request[FINAL_STATUS] = status
             _log_line(request, status, (time.perf_counter() - started) * 1000)
 
     app.middlewares.append(request_log)
