@@ -33,7 +33,8 @@ def create_app(settings: Settings) -> web.Application:
     """Build the app; no I/O here: the backend starts with the app (``backends_context``)."""
     app = web.Application()
     app[SETTINGS] = settings
-    app[LIMITER] = ConcurrencyLimiter(settings.max_concurrent_requests)
+    app[LIMITER] = ConcurrencyLimiter(settings.max_concurrent_requests, settings.max_queued_requests,
+                                      settings.queue_timeout)
     app[METRICS] = ServerMetrics(settings.backend, lambda: _gauges(app))
     # The order is written once, outermost first:
     # 1. Prometheus: counts every generation request by its final status, 429s included;

@@ -26,6 +26,8 @@ GPU = web.AppKey("gpu", GpuMonitor)
 METRICS: web.AppKey[ServerMetrics] = web.AppKey("metrics")
 
 REQUEST_ID = web.RequestKey("request_id", str)
+# perf_counter() when the request reached the server, before any queueing: where its telemetry starts.
+ARRIVAL = web.RequestKey("arrival", float)
 REQUEST_STATS = web.RequestKey("request_stats", RequestTelemetry)
 # The status a request ended with, as logged (499: the client left); read by the Prometheus middleware.
 FINAL_STATUS = web.RequestKey("final_status", int)

@@ -1,59 +1,117 @@
-"""The concurrency limit: at most N generation requests in flight, the next gets an immediate 429.
+"""The concurrency limit with a bounded wait queue in front of it.
 
-The slot is held by the middleware around the whole handler, and a streaming
-handler returns only when its stream has ended, so a slot is never freed early.
+At most MAX_CONCURRENT_REQUESTS generation requests run; up to MAX_QUEUED_REQUESTS more wait their turn in
+arrival order, each for at most QUEUE_TIMEOUT seconds; beyond that, a 429 ``rate_limit_exceeded`` with a
+``Retry-After`` estimated from the queue. The middleware holds the slot around the whole handler, and a
+streaming handler returns only when its stream has ended, so a slot is never freed early. The rejection
+happens before the body is read, so before any tokenising or templating.
 """
 
 from __future__ import annotations
 
+import asyncio
+import math
+from collections import deque
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
 from genai_server.errors import RateLimited
 
-# Only these routes generate tokens; listing models or health never waits or counts.
+# Only these routes generate tokens; listing models, health and metrics never wait or count.
 GENERATION_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
 
-# A generation on the bundled and small models takes about a second; a client retrying
-# sooner would most likely be refused again.
-RETRY_AFTER_S = 1
+# How much the running estimate of a request's duration moves with each finished one.
+_EWMA_WEIGHT = 0.2
 
 
 class ConcurrencyLimiter:
-    """Counts generation requests in flight against a fixed limit."""
+    """Slots for generation requests, and a FIFO of requests waiting for one."""
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, max_queued: int = 0, queue_timeout_s: float = 0.0) -> None:
         self.limit = limit
+        self.max_queued = max_queued
+        self.queue_timeout_s = queue_timeout_s
         self.in_flight = 0
+        self._waiters: deque[asyncio.Future[None]] = deque()
+        self._mean_hold_s = 1.0  # until measured: about a second, the bundled and small models' scale
 
-    def try_acquire(self) -> bool:
-        """Take a slot if one is free."""
-        if self.in_flight >= self.limit:
-            return False
-        self.in_flight += 1
-        return True
+    @property
+    def queued(self) -> int:
+        """Requests waiting for a slot."""
+        return len(self._waiters)
 
-    def release(self) -> None:
-        """Give a slot back."""
+    async def acquire(self) -> None:
+        """Take a slot, waiting in line if allowed; ``RateLimited`` when the line is full or too slow."""
+        if self.in_flight < self.limit and not self._waiters:
+            self.in_flight += 1
+            return
+        if len(self._waiters) >= self.max_queued:
+            raise self._refusal("Too many requests in flight and waiting")
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        try:
+            await asyncio.wait_for(asyncio.shield(waiter), self.queue_timeout_s)
+        except TimeoutError:
+            if not waiter.done():
+                self._waiters.remove(waiter)
+                raise self._refusal(f"Waited {self.queue_timeout_s:g} s in the queue without a free slot") from None
+        except asyncio.CancelledError:
+            self._abandon(waiter)
+            raise
+
+    def release(self, held_s: float) -> None:
+        """Give a slot back: to the first in line, or to the pool."""
+        self._mean_hold_s += _EWMA_WEIGHT * (held_s - self._mean_hold_s)
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)  # the slot passes on; in_flight is unchanged
+                return
         self.in_flight -= 1
+
+    def retry_after_s(self) -> int:
+        """When a slot is likely to be free for a new request: the line ahead of it, at the measured pace."""
+        return max(1, math.ceil(self._mean_hold_s * (self.queued + 1) / self.limit))
+
+    def headers(self) -> dict[str, str]:
+        """OpenAI's x-ratelimit-* headers, for requests in flight or waiting."""
+        capacity = self.limit + self.max_queued
+        remaining = max(0, capacity - self.in_flight - self.queued)
+        return {"x-ratelimit-limit-requests": str(capacity), "x-ratelimit-remaining-requests": str(remaining),
+                "x-ratelimit-reset-requests": f"{self.retry_after_s() if remaining == 0 else 0}s"}
+
+    def _refusal(self, reason: str) -> RateLimited:
+        retry = self.retry_after_s()
+        return RateLimited(f"{reason} (limit {self.limit} running, {self.max_queued} waiting); retry after {retry} s",
+                           headers={"Retry-After": str(retry), **self.headers()})
+
+    def _abandon(self, waiter: asyncio.Future[None]) -> None:
+        """A waiting client went away: leave the line, or hand back a slot it was just given."""
+        if waiter in self._waiters:
+            self._waiters.remove(waiter)
+        elif waiter.done() and not waiter.cancelled():
+            self.release(self._mean_hold_s)
 
 
 def setup_concurrency_limit(app: web.Application, limiter: ConcurrencyLimiter) -> None:
-    """Add the middleware that enforces ``limiter`` on generation routes."""
+    """Add the middleware that enforces ``limiter`` on generation routes, and its headers on their responses."""
 
     @web.middleware
     async def concurrency_limit(request: web.Request,
                                 handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
         if request.path not in GENERATION_PATHS or request.method != "POST":
             return await handler(request)
-        if not limiter.try_acquire():
-            raise RateLimited(
-                f"Too many requests in flight (limit {limiter.limit}); retry after {RETRY_AFTER_S} s",
-                headers={"Retry-After": str(RETRY_AFTER_S)})
+        await limiter.acquire()
+        started = asyncio.get_running_loop().time()
         try:
             return await handler(request)
         finally:
-            limiter.release()
+            limiter.release(asyncio.get_running_loop().time() - started)
+
+    async def add_headers(request: web.Request, response: web.StreamResponse) -> None:
+        if request.path in GENERATION_PATHS and response.status != 429:
+            response.headers.update(limiter.headers())
 
     app.middlewares.append(concurrency_limit)
+    app.on_response_prepare.append(add_headers)

@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
-from genai_server.app_keys import FINAL_STATUS, REQUEST_ID, REQUEST_STATS
+from genai_server.app_keys import ARRIVAL, FINAL_STATUS, REQUEST_ID, REQUEST_STATS
 
 log = logging.getLogger("genai_server.access")
 
@@ -43,7 +43,7 @@ def setup_request_log(app: web.Application) -> None:
     async def request_log(request: web.Request,
                           handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
         request[REQUEST_ID] = _request_id(request)
-        started = time.perf_counter()
+        started = request[ARRIVAL] = time.perf_counter()
         status = 500
         try:
             response = await handler(request)

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Awaitable
 from typing import TypeVar
 
 from aiohttp import web
 from pydantic import BaseModel
 
-from genai_server.app_keys import REQUEST_STATS, SERVING
+from genai_server.app_keys import ARRIVAL, REQUEST_STATS, SERVING
 from genai_server.backends import Response, Result
 from genai_server.errors import InvalidRequest, UnsupportedMediaType
 from genai_server.protocol import ChatCompletionRequest, CompletionRequest
@@ -68,8 +69,9 @@ async def completions(request: web.Request) -> web.StreamResponse:
 
 
 def _telemetry(request: web.Request) -> RequestTelemetry:
-    """This request's clock, started now and kept on the request for the log and the metrics."""
-    stats = request[REQUEST_STATS] = RequestTelemetry()
+    """This request's clock, started at its arrival (so time waiting for a slot is queue time), kept on the
+    request for the log and the metrics."""
+    stats = request[REQUEST_STATS] = RequestTelemetry(arrival=request.get(ARRIVAL, time.perf_counter()))
     return stats
 
 

@@ -91,6 +91,12 @@ class Settings(BaseSettings):
     max_concurrent_requests: int = Field(
         8, ge=1, description="generation requests in flight at once; the next one gets 429 rate_limit_exceeded"
     )
+    max_queued_requests: int = Field(
+        32, ge=0, description="generation requests that may wait for a slot, in arrival order; beyond, 429"
+    )
+    queue_timeout: float = Field(
+        60.0, gt=0, description="seconds a request may wait in the queue before it gets 429"
+    )
     max_model_len: int | None = Field(
         None, ge=16, description="most tokens per sequence, prompt included (default: the model's context); "
         "each sequence's KV cache is allocated for this many tokens"

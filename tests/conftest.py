@@ -17,6 +17,9 @@ from genai_server.app import create_app
 from genai_server.settings import BUNDLED_MODEL, Settings
 
 MODEL_ID = BUNDLED_MODEL.name
+# A prompt on which the bundled model's greedy output runs ~1970 tokens before the end-of-sequence token
+# (most prompts stop within a few hundred): what a test uses to keep a slot or a batch busy.
+LONG_PROMPT = "Tell me a long story"
 SPEC = Path(__file__).resolve().parents[2] / "shared" / "openai-spec" / "openai-schemas-subset.json"
 
 ClientFactory = Callable[..., Awaitable[TestClient[web.Request, web.Application]]]
@@ -82,6 +85,11 @@ def chat_body(content: str = "Hello there", **extra: Any) -> dict[str, Any]:
                             "max_tokens": 8, "temperature": 0}
     body.update(extra)
     return body
+
+
+def long_stream(max_tokens: int = 1900) -> dict[str, Any]:
+    """A streaming chat request that keeps generating for ~max_tokens tokens (a slot or batch kept busy)."""
+    return chat_body(content=LONG_PROMPT, max_tokens=max_tokens, stream=True)
 
 
 def sse_events(raw: str) -> list[str]:

@@ -6,7 +6,8 @@ import asyncio
 from typing import Any
 
 from genai_server.app_keys import ENGINE, LIMITER
-from tests.conftest import chat_body
+from genai_server.concurrency import ConcurrencyLimiter
+from tests.conftest import chat_body, long_stream
 
 
 async def _wait_until(predicate: Any, timeout: float = 10.0) -> None:
@@ -18,8 +19,8 @@ async def _wait_until(predicate: Any, timeout: float = 10.0) -> None:
 
 
 async def test_request_over_the_limit_gets_429_with_retry_after(make_client: Any, openai_schema: Any) -> None:
-    client = await make_client(max_concurrent_requests=2)
-    long = chat_body(max_tokens=1500, stream=True)
+    client = await make_client(max_concurrent_requests=2, max_queued_requests=0)
+    long = long_stream(1500)
     streams = [await client.post("/v1/chat/completions", json=long) for _ in range(2)]
     for resp in streams:
         assert resp.status == 200
@@ -39,24 +40,83 @@ async def test_request_over_the_limit_gets_429_with_retry_after(make_client: Any
     assert (await client.post("/v1/chat/completions", json=chat_body())).status == 200
 
 
-async def test_burst_gets_only_200_or_429(make_client: Any) -> None:
-    client = await make_client(max_concurrent_requests=3)
+async def _status(client: Any, body: dict[str, Any]) -> tuple[int, Any]:
+    resp = await client.post("/v1/chat/completions", json=body)
+    await resp.read()
+    return int(resp.status), resp.headers
 
-    async def one() -> int:
-        resp = await client.post("/v1/chat/completions", json=chat_body(max_tokens=600))
-        await resp.read()
-        return int(resp.status)
 
-    statuses = await asyncio.gather(*[one() for _ in range(12)])
-    assert set(statuses) <= {200, 429}
-    assert statuses.count(200) >= 3
-    assert statuses.count(429) >= 1
+async def test_a_burst_waits_in_the_queue_and_all_succeed(make_client: Any) -> None:
+    client = await make_client(max_concurrent_requests=3, max_queued_requests=32)
+    results = await asyncio.gather(*[_status(client, chat_body(max_tokens=300)) for _ in range(12)])
+    assert [status for status, _ in results] == [200] * 12
+    # The ones that waited for a slot report it as queue time, apart from the engine's own.
+    assert max(float(headers["x-queue-time"]) for _, headers in results) > 0
     assert client.app[LIMITER].in_flight == 0
+    assert results[0][1]["x-ratelimit-limit-requests"] == "35"
+
+
+async def test_beyond_the_queue_only_429_with_an_estimate(make_client: Any, openai_schema: Any) -> None:
+    client = await make_client(max_concurrent_requests=2, max_queued_requests=2)
+    results = await asyncio.gather(*[_status(client, chat_body(max_tokens=600)) for _ in range(12)])
+    statuses = [status for status, _ in results]
+    assert set(statuses) == {200, 429}
+    assert statuses.count(200) >= 4  # two running, two waiting
+    for status, headers in results:
+        if status == 429:
+            assert int(headers["Retry-After"]) >= 1
+            assert headers["x-ratelimit-remaining-requests"] == "0"
+            assert headers["x-ratelimit-reset-requests"].endswith("s")
+
+
+async def test_waiting_longer_than_the_queue_timeout_is_429(make_client: Any) -> None:
+    client = await make_client(max_concurrent_requests=1, max_queued_requests=4, queue_timeout=0.05)
+    stream = await client.post("/v1/chat/completions", json=long_stream(1900))
+    await stream.content.readline()  # the only slot is taken
+    status, _ = await _status(client, chat_body())
+    assert status == 429
+    body = await (await client.post("/v1/chat/completions", json=chat_body())).json()
+    assert "Waited 0.05 s" in body["error"]["message"]
+    assert (await client.get("/v1/models")).status == 200  # never queued
+    stream.close()
+
+
+async def test_the_queue_is_served_in_arrival_order() -> None:
+    limiter = ConcurrencyLimiter(limit=1, max_queued=8, queue_timeout_s=10)
+    await limiter.acquire()  # the only slot is taken
+    served: list[int] = []
+
+    async def wait_turn(i: int) -> None:
+        await limiter.acquire()
+        served.append(i)
+        limiter.release(0.01)
+
+    tasks = []
+    for i in range(4):
+        tasks.append(asyncio.create_task(wait_turn(i)))
+        await asyncio.sleep(0)  # let it join the line
+    assert limiter.queued == 4
+    limiter.release(0.01)
+    await asyncio.gather(*tasks)
+    assert served == [0, 1, 2, 3]
+    assert (limiter.in_flight, limiter.queued) == (0, 0)
+
+
+async def test_a_waiter_that_leaves_gives_its_place_up() -> None:
+    limiter = ConcurrencyLimiter(limit=1, max_queued=1, queue_timeout_s=10)
+    await limiter.acquire()
+    leaving = asyncio.create_task(limiter.acquire())
+    await asyncio.sleep(0)
+    leaving.cancel()
+    await asyncio.gather(leaving, return_exceptions=True)
+    assert limiter.queued == 0
+    limiter.release(0.01)
+    assert limiter.in_flight == 0
 
 
 async def test_client_disconnect_mid_stream_frees_the_slot_and_the_engine(make_client: Any) -> None:
     client = await make_client(max_concurrent_requests=1)
-    resp = await client.post("/v1/chat/completions", json=chat_body(max_tokens=2000, stream=True))
+    resp = await client.post("/v1/chat/completions", json=long_stream(2000))
     await resp.content.readline()
     resp.close()  # the client goes away mid-stream
     await _wait_until(lambda: client.app[LIMITER].in_flight == 0 and client.app[ENGINE].active_sequences() == 0)

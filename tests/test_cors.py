@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from tests.conftest import chat_body
+from tests.conftest import chat_body, long_stream
 
 ORIGIN = "https://app.example"
 
@@ -29,7 +29,7 @@ async def test_responses_carry_cors_headers(client: Any) -> None:
 
 
 async def test_error_responses_carry_cors_headers(make_client: Any) -> None:
-    client = await make_client(max_concurrent_requests=1)
+    client = await make_client(max_concurrent_requests=1, max_queued_requests=0)
     bad = await client.post("/v1/chat/completions", json={"model": "x"}, headers={"Origin": ORIGIN})
     assert bad.status == 400
     assert bad.headers["Access-Control-Allow-Origin"] in (ORIGIN, "*")
@@ -37,7 +37,7 @@ async def test_error_responses_carry_cors_headers(make_client: Any) -> None:
     assert missing.status == 404
     assert missing.headers["Access-Control-Allow-Origin"] in (ORIGIN, "*")
 
-    stream = await client.post("/v1/chat/completions", json=chat_body(max_tokens=1500, stream=True))
+    stream = await client.post("/v1/chat/completions", json=long_stream(1500))
     await stream.content.readline()
     limited = await client.post("/v1/chat/completions", json=chat_body(), headers={"Origin": ORIGIN})
     assert limited.status == 429

@@ -6,7 +6,7 @@ import asyncio
 from typing import Any
 
 from genai_server.app_keys import ENGINE, LIMITER
-from tests.conftest import chat_body, stream_chunks
+from tests.conftest import chat_body, long_stream, stream_chunks
 from tests.test_concurrency import _wait_until
 
 
@@ -29,7 +29,7 @@ async def test_cancelling_one_sequence_leaves_the_rest_of_its_batch_intact(make_
     client = await make_client(engine_max_batch_size=4, engine_lanes=1)
     expected = [await _text(client, content=f"story {i}", max_tokens=300) for i in range(3)]
 
-    leaving = await client.post("/v1/chat/completions", json=chat_body(content="bye", max_tokens=1500, stream=True))
+    leaving = await client.post("/v1/chat/completions", json=long_stream(1500))
     staying = [asyncio.create_task(_text(client, content=f"story {i}", max_tokens=300)) for i in range(3)]
     await leaving.content.readline()
     await leaving.content.readline()
@@ -41,7 +41,7 @@ async def test_cancelling_one_sequence_leaves_the_rest_of_its_batch_intact(make_
 
 async def test_a_new_request_does_not_wait_for_a_running_batch(make_client: Any) -> None:
     client = await make_client(engine_max_batch_size=4, engine_lanes=2, max_concurrent_requests=8)
-    long_streams = [await client.post("/v1/chat/completions", json=chat_body(max_tokens=1900, stream=True))
+    long_streams = [await client.post("/v1/chat/completions", json=long_stream(1900))
                     for _ in range(3)]
     for resp in long_streams:
         await resp.content.readline()  # the batch is running

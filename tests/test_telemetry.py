@@ -10,7 +10,7 @@ import openai
 from aiohttp.test_utils import TestServer
 
 from genai_server.app import create_app
-from tests.conftest import MODEL_ID, chat_body, make_settings, metric_sample, stream_chunks
+from tests.conftest import MODEL_ID, chat_body, long_stream, make_settings, metric_sample, stream_chunks
 
 METRIC_KEYS = {"queue_time_ms", "time_to_first_token_ms", "time_per_output_token_ms", "mean_itl_ms", "itl_p50_ms",
                "itl_p95_ms", "generation_time_ms", "e2e_latency_ms", "tokens_per_second", "prompt_tokens",
@@ -109,11 +109,11 @@ def _gauge(text: str, name: str) -> float:
 
 
 async def test_prometheus_metrics_count_requests_tokens_and_latencies(make_client: Any) -> None:
-    client = await make_client(max_concurrent_requests=1)
+    client = await make_client(max_concurrent_requests=1, max_queued_requests=0)
     labels = {"model": MODEL_ID, "backend": "onnx"}
     await client.post("/v1/chat/completions", json=chat_body(max_tokens=7))
     await client.post("/v1/chat/completions", json=chat_body(temperature=9))  # 400
-    stream = await client.post("/v1/chat/completions", json=chat_body(max_tokens=1500, stream=True))
+    stream = await client.post("/v1/chat/completions", json=long_stream(1500))
     while b'"role"' in (line := await stream.content.readline()) or b'"content"' not in line:
         pass  # read on until the first generated text: the stream has produced tokens
     limited = await client.post("/v1/chat/completions", json=chat_body())
