@@ -11,6 +11,7 @@ import aiohttp
 from aiohttp import web
 
 from genai_server.app_keys import ENGINE, ENGINES, GPU, LIMITER, METRICS, SERVING, SETTINGS
+from genai_server.auth import setup_api_keys
 from genai_server.backends import Backend
 from genai_server.backends.ollama import OllamaBackend
 from genai_server.backends.onnx import OnnxBackend
@@ -39,11 +40,13 @@ def create_app(settings: Settings) -> web.Application:
     # The order is written once, outermost first:
     # 1. Prometheus: counts every generation request by its final status, 429s included;
     # 2. request log: sees every request and the final status, after errors were mapped;
-    # 3. error mapping: turns every exception below it, 429 included, into the OpenAI envelope;
-    # 4. concurrency limit: innermost, so only real generation requests hold a slot.
+    # 3. error mapping: turns every exception below it, 401 and 429 included, into the OpenAI envelope;
+    # 4. API keys: a request without one is refused before it can take or wait for a slot;
+    # 5. concurrency limit: innermost, so only real generation requests hold a slot.
     setup_prometheus(app, app[METRICS])
     setup_request_log(app)
     setup_error_mapping(app)
+    setup_api_keys(app, settings.all_api_keys, protect_metrics=settings.metrics_require_key)
     setup_concurrency_limit(app, app[LIMITER])
     add_routes(app)
     setup_cors(app, settings.cors_origins)  # after the routes: it wraps each one

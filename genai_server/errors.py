@@ -51,6 +51,13 @@ class ModelNotFound(APIError):
     default_code = "model_not_found"
 
 
+class InvalidApiKey(APIError):
+    """401: no API key, or not one of the server's."""
+
+    status = 401
+    default_code = "invalid_api_key"
+
+
 class Forbidden(APIError):
     """403: refused, e.g. a CORS preflight from an origin that is not allowed."""
 

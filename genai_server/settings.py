@@ -116,6 +116,11 @@ class Settings(BaseSettings):
         False, description="end every stream with the usage + metrics chunk, even when the client did not ask "
         "for stream_options.include_usage"
     )
+    api_keys: Annotated[list[SecretStr], NoDecode] = Field(
+        default_factory=list, description="comma-separated bearer keys clients must send; none = open server"
+    )
+    api_keys_file: Path | None = Field(None, description="file of bearer keys, one per line (# comments)")
+    metrics_require_key: bool = Field(False, description="require an API key for /metrics too (health stays public)")
     cors_origins: Annotated[list[str], NoDecode] = Field(
         default_factory=lambda: ["*"], description="comma-separated origins allowed by CORS; * for any"
     )
@@ -124,9 +129,9 @@ class Settings(BaseSettings):
     )
     log_format: Literal["json", "text"] = Field("text", description="json (one object per line) or text")
 
-    @field_validator("cors_origins", mode="before")
+    @field_validator("cors_origins", "api_keys", mode="before")
     @classmethod
-    def _split_origins(cls, value: Any) -> Any:
+    def _split_commas(cls, value: Any) -> Any:
         if isinstance(value, str):
             return [origin.strip() for origin in value.split(",") if origin.strip()]
         return value
@@ -159,6 +164,21 @@ class Settings(BaseSettings):
         key = self.upstream_api_key
         return ModelEntry(id=self.resolved_model_id, backend=self.backend, path=self.model_path,
                           url=self.upstream_url, upstream_model=self.resolved_upstream_model, api_key=key)
+
+    @property
+    def all_api_keys(self) -> list[str]:
+        """API_KEYS and the keys of API_KEYS_FILE together."""
+        keys = [key.get_secret_value() for key in self.api_keys]
+        if self.api_keys_file is not None:
+            lines = self.api_keys_file.read_text().splitlines()
+            keys += [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+        return keys
+
+    @model_validator(mode="after")
+    def _check_keys_file(self) -> Settings:
+        if self.api_keys_file is not None and not self.api_keys_file.is_file():
+            raise ValueError(f"API_KEYS_FILE {self.api_keys_file} cannot be read")
+        return self
 
     @property
     def models(self) -> list[ModelEntry]:

@@ -1,0 +1,49 @@
+"""API keys: ``Authorization: Bearer <key>`` on every route but health (and metrics, unless protected).
+
+Keys come from API_KEYS and API_KEYS_FILE; none configured means the server is open. Each presented key is
+compared with every configured one in constant time, so neither a match's position nor a prefix leaks
+through timing, and keys are never logged.
+"""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Awaitable, Callable
+
+from aiohttp import hdrs, web
+
+from genai_server.errors import InvalidApiKey
+
+_ALWAYS_PUBLIC = frozenset({"/health", "/health/live", "/health/ready"})
+
+
+def setup_api_keys(app: web.Application, keys: list[str], *, protect_metrics: bool) -> None:
+    """Add the middleware that requires one of ``keys`` (no-op when there are none)."""
+    if not keys:
+        return
+    encoded = [key.encode() for key in keys]
+    public = _ALWAYS_PUBLIC if protect_metrics else _ALWAYS_PUBLIC | {"/metrics"}
+
+    @web.middleware
+    async def api_keys(request: web.Request,
+                       handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+        # CORS preflights carry no credentials by design; aiohttp-cors answers them.
+        if request.path in public or request.method == hdrs.METH_OPTIONS:
+            return await handler(request)
+        if not _valid(request.headers.get(hdrs.AUTHORIZATION, ""), encoded):
+            raise InvalidApiKey("Incorrect or missing API key: send 'Authorization: Bearer <key>'",
+                                headers={"WWW-Authenticate": "Bearer"})
+        return await handler(request)
+
+    app.middlewares.append(api_keys)
+
+
+def _valid(header: str, keys: list[bytes]) -> bool:
+    scheme, _, presented = header.partition(" ")
+    if scheme.lower() != "bearer" or not presented:
+        return False
+    candidate = presented.strip().encode()
+    matched = False
+    for key in keys:  # every key, whatever matched: the time taken does not depend on which one
+        matched |= hmac.compare_digest(candidate, key)
+    return matched
