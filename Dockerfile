@@ -19,6 +19,8 @@ USER genai
 EXPOSE 8000
 # Mount a model folder and set MODEL_PATH to serve it; without one the bundled demo model (noise) is served.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=60s --retries=3 \
-    CMD python -c "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/health' % os.environ.get('SERVER_PORT', '8000'), timeout=4)"
+    CMD python -c "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/health/ready' % os.environ.get('SERVER_PORT', '8000'), timeout=4)"
+# SIGTERM drains: in-flight streams get SHUTDOWN_TIMEOUT (30 s) to finish, so stop with a longer grace:
+# docker stop -t 40 (docker's default is 10 s).
 STOPSIGNAL SIGTERM
 CMD ["python", "-m", "genai_server"]

@@ -26,8 +26,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         # The model loads during app start-up, before the port is bound: a model that
         # fails to load never leaves a half-alive server listening.
+        # aiohttp's own wait comes after our drain (on_shutdown), so give it room not to cut it short.
         web.run_app(create_app(settings), host=settings.server_host, port=settings.server_port,
-                    print=None, access_log=None)
+                    print=None, access_log=None, shutdown_timeout=settings.shutdown_timeout + 5)
     except ModelLoadingFailed as exc:
         log.error("model_loading_failed: %s", exc, extra={"fields": {"code": exc.code}})
         return 1

@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 import aiohttp
 from aiohttp import web
 
-from genai_server.app_keys import ENGINE, ENGINES, GPU, LIMITER, METRICS, SERVING, SETTINGS
+from genai_server.app_keys import ENGINE, ENGINES, GPU, LIMITER, METRICS, SERVING, SETTINGS, UPSTREAM_SESSION
 from genai_server.auth import setup_api_keys
 from genai_server.backends import Backend
 from genai_server.backends.ollama import OllamaBackend
@@ -21,6 +21,7 @@ from genai_server.cors import setup_cors
 from genai_server.engine import EngineConfig, OnnxEngine
 from genai_server.error_mapping import setup_error_mapping
 from genai_server.gpu import GpuMonitor
+from genai_server.lifecycle import setup_lifecycle
 from genai_server.prometheus import ServerMetrics, setup_prometheus
 from genai_server.request_log import setup_request_log
 from genai_server.routes import add_routes
@@ -49,6 +50,7 @@ def create_app(settings: Settings) -> web.Application:
     setup_api_keys(app, settings.all_api_keys, protect_metrics=settings.metrics_require_key)
     setup_concurrency_limit(app, app[LIMITER])
     add_routes(app)
+    setup_lifecycle(app, settings.shutdown_timeout)
     setup_cors(app, settings.cors_origins)  # after the routes: it wraps each one
     app.cleanup_ctx.append(backends_context)
     return app
@@ -65,7 +67,7 @@ async def backends_context(app: web.Application) -> AsyncIterator[None]:
     timeout = aiohttp.ClientTimeout(total=None, connect=settings.upstream_connect_timeout_s,
                                     sock_read=settings.upstream_read_timeout_s)
     async with contextlib.AsyncExitStack() as stack:
-        session = await stack.enter_async_context(aiohttp.ClientSession(timeout=timeout))
+        session = app[UPSTREAM_SESSION] = await stack.enter_async_context(aiohttp.ClientSession(timeout=timeout))
         backends: dict[str, Backend] = {}
         for entry in settings.models:
             if entry.backend == "onnx":

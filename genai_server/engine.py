@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import onnxruntime_genai as og
 
-from genai_server.errors import EngineFailure, ModelLoadingFailed
+from genai_server.errors import EngineFailure, ModelLoadingFailed, ShuttingDown
 from genai_server.scheduler import BatchScheduler, Delta, Job, SamplingOptions
 
 __all__ = ["FALLBACK_CHAT_TEMPLATE", "Delta", "EngineConfig", "OnnxEngine", "SamplingOptions"]
@@ -62,6 +62,7 @@ class OnnxEngine:
         self._load_error: BaseException | None = None
         self._thread = threading.Thread(target=self._thread_main, name="onnx-engine-owner", daemon=True)
         self._scheduler: BatchScheduler | None = None
+        self._closed = False
         self.context_length = 0
         self.eos_token_ids: frozenset[int] = frozenset()
         self.has_chat_template = False
@@ -106,9 +107,11 @@ class OnnxEngine:
 
     async def generate(self, prompt: list[int], options: SamplingOptions) -> AsyncGenerator[Delta, None]:
         """Stream deltas for one sequence; closing the iterator early cancels the sequence."""
-        job = Job(np.asarray(prompt, dtype=np.int32), options, asyncio.get_running_loop(), asyncio.Queue())
         scheduler = self._scheduler
         assert scheduler is not None, "start() the engine first"
+        if self._closed:
+            raise ShuttingDown("The server is shutting down; no new generation starts")
+        job = Job(np.asarray(prompt, dtype=np.int32), options, asyncio.get_running_loop(), asyncio.Queue())
         self._commands.put(lambda: scheduler.submit(job))
         finished = False
         try:
@@ -136,6 +139,11 @@ class OnnxEngine:
         try:
             self._serve(scheduler)
         finally:
+            scheduler.shutdown()
+            scheduler.deliver()
+            self._closed = True
+            # A submit that raced the stop is run, then cancelled like the rest: nobody waits forever.
+            self._drain_commands(timeout=0)
             scheduler.shutdown()
             scheduler.deliver()
             del self._tokenizer, self._model

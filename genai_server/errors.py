@@ -109,6 +109,14 @@ class ServerError(APIError):
     default_code = "internal_error"
 
 
+class ShuttingDown(APIError):
+    """503: the server is stopping; this request was not finished."""
+
+    status = 503
+    error_type = "server_error"
+    default_code = "shutting_down"
+
+
 class EngineFailure(ServerError):
     """500: the inference engine reported a failure for this request."""
 

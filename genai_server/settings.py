@@ -97,6 +97,10 @@ class Settings(BaseSettings):
     queue_timeout: float = Field(
         60.0, gt=0, description="seconds a request may wait in the queue before it gets 429"
     )
+    shutdown_timeout: float = Field(
+        30.0, ge=0, description="seconds in-flight requests may finish after SIGTERM/SIGINT before their streams "
+        "are ended with an error event"
+    )
     max_model_len: int | None = Field(
         None, ge=16, description="most tokens per sequence, prompt included (default: the model's context); "
         "each sequence's KV cache is allocated for this many tokens"

@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 
 from genai_server.backends import usage
 from genai_server.engine import OnnxEngine, SamplingOptions
-from genai_server.errors import ContextLengthExceeded, InvalidRequest, ServerError
+from genai_server.errors import ContextLengthExceeded, InvalidRequest, ShuttingDown
 from genai_server.protocol import (
     AssistantMessage,
     ChatChoice,
@@ -194,7 +194,7 @@ class OnnxBackend:
                     yield Piece(seq.index, text, delta.tokens, "stop")
                     return
                 if delta.finish == "cancelled":
-                    raise ServerError("generation was cancelled: the server is shutting down", code="shutting_down")
+                    raise ShuttingDown("The server is shutting down; this generation was not finished")
                 if delta.finish is not None:
                     yield Piece(seq.index, text + matcher.flush(), delta.tokens, delta.finish)
                     return

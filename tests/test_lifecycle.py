@@ -1,0 +1,70 @@
+"""Liveness, readiness and graceful shutdown: in-process drains and a real process on SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+from typing import Any
+
+import aiohttp
+import pytest
+
+from tests.conftest import MODEL_ID, ClientFactory, long_stream, stream_chunks
+from tests.test_process import _free_port, _start, _wait_healthy
+
+
+async def test_live_and_ready(client: Any) -> None:
+    assert await (await client.get("/health/live")).json() == {"status": "alive"}
+    ready = await client.get("/health/ready")
+    assert ready.status == 200
+    assert (await ready.json())["models"] == [MODEL_ID]
+
+
+async def test_a_drain_turns_not_ready_and_lets_the_stream_finish(make_client: ClientFactory) -> None:
+    client = await make_client(shutdown_timeout=30)
+    stream = await client.post("/v1/chat/completions", json=long_stream(1900))
+    await stream.content.readline()
+    shutdown = asyncio.create_task(client.app.shutdown())
+    await asyncio.sleep(0.01)
+    probe = await client.get("/health/ready")
+    assert (probe.status, await probe.json()) == (503, {"status": "draining"})
+    chunks = stream_chunks((await stream.read()).decode())
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"  # finished, not cut
+    await shutdown
+
+
+async def test_past_the_timeout_streams_end_with_an_error_event(make_client: ClientFactory) -> None:
+    client = await make_client(shutdown_timeout=0)
+    stream = await client.post("/v1/chat/completions", json=long_stream(1900))
+    await stream.content.readline()
+    await client.app.shutdown()
+    events = (await stream.read()).decode().strip().split("\n\n")
+    assert events[-1] == "data: [DONE]"
+    error = json.loads(events[-2][len("data: "):])["error"]
+    assert (error["code"], error["type"]) == ("shutting_down", "server_error")
+
+
+@pytest.mark.parametrize(("timeout", "finished"), [("30", True), ("0", False)])
+async def test_sigterm_with_a_stream_in_flight(timeout: str, finished: bool) -> None:
+    port = _free_port()
+    proc = _start("--server-port", str(port), SHUTDOWN_TIMEOUT=timeout)
+    try:
+        await asyncio.to_thread(_wait_healthy, proc, port)
+        async with aiohttp.ClientSession() as session:
+            resp = await session.post(f"http://127.0.0.1:{port}/v1/chat/completions", json=long_stream(1900))
+            await resp.content.readline()
+            proc.send_signal(signal.SIGTERM)
+            body = (await resp.read()).decode()
+        _, stderr = await asyncio.to_thread(proc.communicate, timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, stderr
+    events = body.strip().split("\n\n")
+    assert events[-1] == "data: [DONE]"
+    last = json.loads(events[-2][len("data: "):])
+    if finished:
+        assert last["choices"][0]["finish_reason"] == "length"
+    else:
+        assert last["error"]["code"] == "shutting_down"
