@@ -28,7 +28,8 @@ def main(argv: list[str] | None = None) -> int:
         # fails to load never leaves a half-alive server listening.
         # aiohttp's own wait comes after our drain (on_shutdown), so give it room not to cut it short.
         web.run_app(create_app(settings), host=settings.server_host, port=settings.server_port,
-                    print=None, access_log=None, shutdown_timeout=settings.shutdown_timeout + 5)
+                    print=None, access_log=None, shutdown_timeout=settings.shutdown_timeout + 5,
+                    keepalive_timeout=settings.keepalive_timeout)
     except ModelLoadingFailed as exc:
         log.error("model_loading_failed: %s", exc, extra={"fields": {"code": exc.code}})
         return 1

@@ -25,7 +25,7 @@ from genai_server.lifecycle import setup_lifecycle
 from genai_server.prometheus import ServerMetrics, setup_prometheus
 from genai_server.request_log import setup_request_log
 from genai_server.routes import add_routes
-from genai_server.serving import Serving
+from genai_server.serving import RequestLimits, Serving
 from genai_server.settings import ModelEntry, Settings
 
 log = logging.getLogger(__name__)
@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 
 def create_app(settings: Settings) -> web.Application:
     """Build the app; no I/O here: the backend starts with the app (``backends_context``)."""
-    app = web.Application()
+    app = web.Application(client_max_size=settings.max_body_bytes)
     app[SETTINGS] = settings
     app[LIMITER] = ConcurrencyLimiter(settings.max_concurrent_requests, settings.max_queued_requests,
                                       settings.queue_timeout)
@@ -74,7 +74,7 @@ async def backends_context(app: web.Application) -> AsyncIterator[None]:
                 backends[entry.id] = await stack.enter_async_context(_onnx_backend(app, settings, entry))
             else:
                 backends[entry.id] = _upstream_backend(settings, entry, session)
-        app[SERVING] = Serving(backends, gpu)
+        app[SERVING] = Serving(backends, gpu, RequestLimits(settings.max_messages, settings.max_tokens_limit))
         yield
     await gpu.stop()
 
@@ -97,7 +97,8 @@ async def _onnx_backend(app: web.Application, settings: Settings, entry: ModelEn
     if ENGINE not in app:
         app[ENGINE] = engine
     try:
-        yield OnnxBackend(engine, entry.id, created=int(time.time()), always_usage=settings.stream_usage_always)
+        yield OnnxBackend(engine, entry.id, created=int(time.time()), always_usage=settings.stream_usage_always,
+                          max_prompt_tokens=settings.max_prompt_tokens, default_max_tokens=settings.max_tokens_limit)
     finally:
         await engine.close()
 

@@ -86,6 +86,13 @@ class PayloadTooLarge(APIError):
     default_code = "request_too_large"
 
 
+class RequestTimeout(APIError):
+    """408: the client took too long to send its request."""
+
+    status = 408
+    default_code = "request_timeout"
+
+
 class UnsupportedMediaType(APIError):
     """415: the body is not JSON."""
 

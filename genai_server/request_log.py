@@ -12,12 +12,16 @@ import re
 import time
 import uuid
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from aiohttp import web
+from pydantic import BaseModel
 
 from genai_server.app_keys import ARRIVAL, FINAL_STATUS, REQUEST_ID, REQUEST_STATS
 
 log = logging.getLogger("genai_server.access")
+# Prompts and completions go to their own logger, silent unless LOG_PROMPTS is on.
+prompts_log = logging.getLogger("genai_server.prompts")
 
 # nginx's code for a request whose client went away before the answer was complete.
 CLIENT_CLOSED_REQUEST = 499
@@ -80,3 +84,13 @@ def _log_line(request: web.Request, status: int, duration_ms: float) -> None:
                       completion_tokens=stats.completion_tokens,
                       inference_time_ms=None if inference is None else round(inference, 2))
     log.info("%s %s %s", request.method, request.path, status, extra={"fields": fields})
+
+
+def log_exchange(request: web.Request, body: BaseModel, result: BaseModel | dict[str, Any] | None) -> None:
+    """With LOG_PROMPTS on (and only then): the prompt and, when not streamed, the completion."""
+    answer = result.model_dump() if isinstance(result, BaseModel) else result
+    prompt = body.model_dump(include={"messages", "prompt"})
+    completion = [choice.get("message", choice).get("content", choice.get("text")) for choice in
+                  (answer or {}).get("choices", [])] or None
+    prompts_log.info("prompt and completion", extra={"fields": {
+        "request_id": request.get(REQUEST_ID), **prompt, "completion": completion}})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import Awaitable
@@ -10,10 +11,11 @@ from typing import TypeVar
 from aiohttp import web
 from pydantic import BaseModel
 
-from genai_server.app_keys import ARRIVAL, REQUEST_STATS, SERVING
+from genai_server.app_keys import ARRIVAL, REQUEST_STATS, SERVING, SETTINGS
 from genai_server.backends import Response, Result
-from genai_server.errors import InvalidRequest, UnsupportedMediaType
+from genai_server.errors import InvalidRequest, RequestTimeout, UnsupportedMediaType
 from genai_server.protocol import ChatCompletionRequest, CompletionRequest
+from genai_server.request_log import log_exchange
 from genai_server.sse import write_sse
 from genai_server.telemetry import RequestTelemetry
 
@@ -25,7 +27,12 @@ async def parse_body(request: web.Request, model: type[RequestT]) -> RequestT:
     if request.content_type != "application/json":
         raise UnsupportedMediaType(f"Content-Type must be application/json, not '{request.content_type}'")
     try:
-        body = json.loads(await request.read())
+        async with asyncio.timeout(request.app[SETTINGS].request_read_timeout):
+            raw = await request.read()
+    except TimeoutError:
+        raise RequestTimeout("The request body did not arrive in time") from None
+    try:
+        body = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
         raise InvalidRequest(f"The body is not valid JSON: {exc}", code="invalid_json") from None
     if not isinstance(body, dict):
@@ -58,14 +65,14 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     """``POST /v1/chat/completions``."""
     stats = _telemetry(request)
     body = await parse_body(request, ChatCompletionRequest)
-    return await _respond(request, stats, request.app[SERVING].chat(body, stats))
+    return await _respond(request, stats, body, request.app[SERVING].chat(body, stats))
 
 
 async def completions(request: web.Request) -> web.StreamResponse:
     """``POST /v1/completions``."""
     stats = _telemetry(request)
     body = await parse_body(request, CompletionRequest)
-    return await _respond(request, stats, request.app[SERVING].complete(body, stats))
+    return await _respond(request, stats, body, request.app[SERVING].complete(body, stats))
 
 
 def _telemetry(request: web.Request) -> RequestTelemetry:
@@ -75,9 +82,12 @@ def _telemetry(request: web.Request) -> RequestTelemetry:
     return stats
 
 
-async def _respond(request: web.Request, stats: RequestTelemetry, pending: Awaitable[Result]) -> web.StreamResponse:
+async def _respond(request: web.Request, stats: RequestTelemetry, body: BaseModel,
+                   pending: Awaitable[Result]) -> web.StreamResponse:
     """Write the serving layer's answer: a whole response as JSON with timing headers, a stream as SSE."""
     result = await pending
+    if request.app[SETTINGS].log_prompts:
+        log_exchange(request, body, result if isinstance(result, BaseModel | dict) else None)
     if isinstance(result, BaseModel | dict):
         response = json_response(result)
         response.headers.update(timing_headers(stats))
@@ -86,7 +96,8 @@ async def _respond(request: web.Request, stats: RequestTelemetry, pending: Await
     def client_gone() -> None:
         stats.client_disconnected = True
 
-    return await write_sse(request, result, on_client_gone=client_gone)
+    return await write_sse(request, result, on_client_gone=client_gone,
+                           write_timeout=request.app[SETTINGS].client_write_timeout)
 
 
 def timing_headers(stats: RequestTelemetry) -> dict[str, str]:

@@ -2,19 +2,30 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from genai_server.backends import Backend, Result
-from genai_server.errors import ModelNotFound
+from genai_server.errors import InvalidRequest, ModelNotFound
 from genai_server.gpu import GpuMonitor
-from genai_server.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
+from genai_server.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, SamplingRequest
 from genai_server.telemetry import RequestTelemetry
 
 
-class Serving:
-    """Model ids to backends; every request is timed the same way whatever serves it."""
+@dataclass(frozen=True)
+class RequestLimits:
+    """What one request may ask for, whatever the backend."""
 
-    def __init__(self, backends: dict[str, Backend], gpu: GpuMonitor) -> None:
+    max_messages: int = 256
+    max_tokens: int = 4096
+
+
+class Serving:
+    """Model ids to backends; every request is checked against the limits and timed the same way."""
+
+    def __init__(self, backends: dict[str, Backend], gpu: GpuMonitor, limits: RequestLimits | None = None) -> None:
         self._backends = backends
         self._gpu = gpu
+        self._limits = limits or RequestLimits()
 
     @property
     def default_model(self) -> str:
@@ -39,6 +50,9 @@ class Serving:
 
     async def chat(self, req: ChatCompletionRequest, stats: RequestTelemetry) -> Result:
         """Route a chat completion."""
+        if len(req.messages) > self._limits.max_messages:
+            raise InvalidRequest(f"At most {self._limits.max_messages} messages per request", param="messages")
+        self._check_max_tokens(req, "max_completion_tokens" if req.max_completion_tokens else "max_tokens")
         backend = self._start(req.model, stats)
         try:
             return await backend.chat(req, stats)
@@ -48,12 +62,17 @@ class Serving:
 
     async def complete(self, req: CompletionRequest, stats: RequestTelemetry) -> Result:
         """Route a text completion."""
+        self._check_max_tokens(req, "max_tokens")
         backend = self._start(req.model, stats)
         try:
             return await backend.complete(req, stats)
         except BaseException:
             stats.on_end()
             raise
+
+    def _check_max_tokens(self, req: SamplingRequest, param: str) -> None:
+        if req.limit is not None and req.limit > self._limits.max_tokens:
+            raise InvalidRequest(f"At most {self._limits.max_tokens} tokens per choice (MAX_TOKENS_LIMIT)", param=param)
 
     def _start(self, model_id: str, stats: RequestTelemetry) -> Backend:
         backend = self._backend(model_id)  # before labelling: an unknown id must not become a metrics label

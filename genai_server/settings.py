@@ -97,6 +97,20 @@ class Settings(BaseSettings):
     queue_timeout: float = Field(
         60.0, gt=0, description="seconds a request may wait in the queue before it gets 429"
     )
+    max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="largest request body; larger -> 413")
+    max_messages: int = Field(256, ge=1, description="most messages in one chat request")
+    max_prompt_tokens: int | None = Field(
+        None, ge=1, description="most prompt tokens per request on the embedded engine (default: the context)"
+    )
+    max_tokens_limit: int = Field(
+        4096, ge=1, description="most tokens one choice may ask for (max_tokens); also the cap when it is unset"
+    )
+    request_read_timeout: float = Field(30.0, gt=0, description="seconds a client may take to send its body -> 408")
+    client_write_timeout: float = Field(
+        60.0, gt=0, description="seconds a stream may wait on a client that does not read before it is dropped"
+    )
+    keepalive_timeout: float = Field(75.0, ge=0, description="seconds an idle keep-alive connection stays open")
+    log_prompts: bool = Field(False, description="log prompts and completions (off: they are never logged)")
     shutdown_timeout: float = Field(
         30.0, ge=0, description="seconds in-flight requests may finish after SIGTERM/SIGINT before their streams "
         "are ended with an error event"

@@ -29,7 +29,8 @@ def _event(payload: bytes) -> bytes:
 
 
 async def write_sse(request: web.Request, chunks: AsyncGenerator[BaseModel | dict[str, Any], None],
-                    on_client_gone: Callable[[], None] | None = None) -> web.StreamResponse:
+                    on_client_gone: Callable[[], None] | None = None,
+                    write_timeout: float | None = None) -> web.StreamResponse:
     """Stream ``chunks``; an error after the stream started is sent as an error event, then ``[DONE]``.
 
     A client that disconnects ends the loop with ``ConnectionResetError``; closing
@@ -40,12 +41,16 @@ async def write_sse(request: web.Request, chunks: AsyncGenerator[BaseModel | dic
     try:
         async for chunk in chunks:
             payload = json.dumps(chunk) if isinstance(chunk, dict) else chunk.model_dump_json()
-            await response.write(_event(payload.encode()))
+            async with asyncio.timeout(write_timeout):
+                await response.write(_event(payload.encode()))
         await response.write(_DONE)
-    except ConnectionResetError:
-        log.info("client disconnected mid-stream")
+    except (ConnectionResetError, TimeoutError) as exc:
+        # Gone, or not reading: a client that stalls its socket must not hold a slot forever.
+        log.info("client %s mid-stream", "stopped reading" if isinstance(exc, TimeoutError) else "disconnected")
         if on_client_gone is not None:
             on_client_gone()
+        if request.transport is not None:
+            request.transport.close()
         return response
     except asyncio.CancelledError:
         # aiohttp cancels the handler when the connection drops while it waits on a write.

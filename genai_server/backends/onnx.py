@@ -60,8 +60,12 @@ class OnnxBackend:
 
     name = "onnx"
 
-    def __init__(self, engine: OnnxEngine, model_id: str, created: int, *, always_usage: bool = False) -> None:
+    def __init__(self, engine: OnnxEngine, model_id: str, created: int, *, always_usage: bool = False,
+                 max_prompt_tokens: int | None = None, default_max_tokens: int | None = None) -> None:
         self.engine = engine
+        self._max_prompt_tokens = max_prompt_tokens
+        # When a request sets no max_tokens: the rest of the context, at most this (MAX_TOKENS_LIMIT).
+        self._default_max_tokens = default_max_tokens
         self.model_id = model_id
         self.created = created
         # Streams end with a usage + metrics chunk even when the client did not ask (STREAM_USAGE_ALWAYS).
@@ -145,6 +149,9 @@ class OnnxBackend:
         for p, prompt in enumerate(prompts):
             if not prompt:
                 raise InvalidRequest("the prompt must not be empty", param=param)
+            if self._max_prompt_tokens is not None and len(prompt) > self._max_prompt_tokens:
+                raise InvalidRequest(f"The prompt has {len(prompt)} tokens; at most {self._max_prompt_tokens} are "
+                                     "allowed (MAX_PROMPT_TOKENS)", param=param, code="prompt_too_long")
             room = context - len(prompt)
             if room < 1 or (req.limit is not None and req.limit > room):
                 asked = len(prompt) + (req.limit or 1)
@@ -152,7 +159,7 @@ class OnnxBackend:
                     f"This model's maximum context length is {context} tokens. However, you requested "
                     f"{asked} tokens ({len(prompt)} in the prompt, {req.limit or 1} for the completion).",
                     param="max_tokens" if room >= 1 else param)
-            options = _sampling(req, req.limit or room)
+            options = _sampling(req, req.limit or min(room, self._default_max_tokens or room))
             for j in range(req.n):
                 seed = None if req.seed is None else req.seed + j
                 sequences.append(_Sequence(p * req.n + j, prompt, replace(options, seed=seed), req.stop_list))
