@@ -22,6 +22,7 @@ from genai_server.engine import EngineConfig, OnnxEngine
 from genai_server.error_mapping import setup_error_mapping
 from genai_server.gpu import GpuMonitor
 from genai_server.lifecycle import setup_lifecycle
+from genai_server.openapi import setup_openapi
 from genai_server.prometheus import ServerMetrics, setup_prometheus
 from genai_server.request_log import setup_request_log
 from genai_server.routes import add_routes
@@ -50,6 +51,7 @@ def create_app(settings: Settings) -> web.Application:
     setup_api_keys(app, settings.all_api_keys, protect_metrics=settings.metrics_require_key)
     setup_concurrency_limit(app, app[LIMITER])
     add_routes(app)
+    setup_openapi(app)
     setup_lifecycle(app, settings.shutdown_timeout)
     setup_cors(app, settings.cors_origins)  # after the routes: it wraps each one
     app.cleanup_ctx.append(backends_context)

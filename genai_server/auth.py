@@ -14,7 +14,7 @@ from aiohttp import hdrs, web
 
 from genai_server.errors import InvalidApiKey
 
-_ALWAYS_PUBLIC = frozenset({"/health", "/health/live", "/health/ready"})
+_ALWAYS_PUBLIC = frozenset({"/health", "/health/live", "/health/ready", "/openapi.json"})
 
 
 def setup_api_keys(app: web.Application, keys: list[str], *, protect_metrics: bool) -> None:

@@ -15,6 +15,7 @@ from prometheus_client.process_collector import ProcessCollector
 
 from genai_server.app_keys import FINAL_STATUS, REQUEST_STATS
 from genai_server.concurrency import GENERATION_PATHS
+from genai_server.request_log import CLIENT_CLOSED_REQUEST
 from genai_server.telemetry import RequestTelemetry
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
@@ -71,7 +72,7 @@ class ServerMetrics:
             itl.observe(seconds)
         self.prompt_tokens.labels(*labels).inc(stats.prompt_tokens)
         self.generation_tokens.labels(*labels).inc(stats.completion_tokens)
-        if stats.client_disconnected:
+        if stats.client_disconnected or status == CLIENT_CLOSED_REQUEST:  # mid-stream, or mid-wait for a JSON
             self.disconnects.labels(*labels).inc()
 
     def exposition(self) -> bytes:

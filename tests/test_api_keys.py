@@ -45,6 +45,7 @@ async def test_any_configured_key_works_and_health_and_metrics_stay_public(make_
         assert (await client.post("/v1/chat/completions", json=chat_body(), headers=_auth(key))).status == 200
     assert (await client.get("/health")).status == 200
     assert (await client.get("/metrics")).status == 200
+    assert (await client.get("/openapi.json")).status == 200
     preflight = await client.options("/v1/chat/completions", headers={
         "Origin": "https://app.example", "Access-Control-Request-Method": "POST",
         "Access-Control-Request-Headers": "authorization,content-type"})

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from typing import Any
 
 from genai_server.app_keys import ENGINE, LIMITER
 from genai_server.concurrency import ConcurrencyLimiter
-from tests.conftest import chat_body, long_stream
+from tests.conftest import LONG_PROMPT, MODEL_ID, chat_body, long_stream, metric_sample
 
 
 async def _wait_until(predicate: Any, timeout: float = 10.0) -> None:
@@ -122,3 +123,19 @@ async def test_client_disconnect_mid_stream_frees_the_slot_and_the_engine(make_c
     await _wait_until(lambda: client.app[LIMITER].in_flight == 0 and client.app[ENGINE].active_sequences() == 0)
     again = await client.post("/v1/chat/completions", json=chat_body())
     assert again.status == 200
+
+
+async def test_a_client_that_leaves_a_non_streaming_request_frees_everything(make_client: Any) -> None:
+    client = await make_client(max_concurrent_requests=1)
+    _, writer = await asyncio.open_connection(client.server.host, client.server.port)
+    body = json.dumps(chat_body(content=LONG_PROMPT, max_tokens=1900)).encode()
+    writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+    await writer.drain()
+    await _wait_until(lambda: client.app[ENGINE].active_sequences() == 1)  # generating
+    writer.close()  # the client goes away before the answer
+    await writer.wait_closed()
+    await _wait_until(lambda: client.app[LIMITER].in_flight == 0 and client.app[ENGINE].active_sequences() == 0)
+    text = await (await client.get("/metrics")).text()
+    assert metric_sample(text, "genai_server_client_disconnects_total", model=MODEL_ID) == 1
+    assert metric_sample(text, "genai_server_requests_total", model=MODEL_ID, status="499") == 1

@@ -52,6 +52,7 @@ async def test_a_client_that_stops_sending_its_body_gets_408(make_client: Client
     head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
     assert head.startswith(b"HTTP/1.1 408")
     writer.close()
+    await writer.wait_closed()
 
 
 async def test_a_client_that_stops_reading_is_dropped_and_frees_its_slot(make_client: ClientFactory) -> None:
@@ -81,6 +82,7 @@ async def test_a_client_that_stops_reading_is_dropped_and_frees_its_slot(make_cl
     assert disconnects == 1
     assert client.app[LIMITER].in_flight == 0
     writer.close()
+    await writer.wait_closed()
     assert (await client.post("/v1/chat/completions", json=chat_body())).status == 200
 
 

@@ -27,7 +27,7 @@ def _chat(**extra: Any) -> dict[str, Any]:
 def upstream() -> Iterator[str]:
     """A second genai_server on the embedded engine, started as a process: a real upstream."""
     port = _free_port()
-    proc = _start("--server-port", str(port))
+    proc = _start("--server-port", str(port), quiet=True)
     try:
         _wait_healthy(proc, port)
         yield f"http://127.0.0.1:{port}"

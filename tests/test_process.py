@@ -40,9 +40,12 @@ def _env(**settings: str) -> dict[str, str]:
     return env
 
 
-def _start(*args: str, cwd: Path = REPO, **settings: str) -> subprocess.Popen[str]:
+def _start(*args: str, cwd: Path = REPO, quiet: bool = False, **settings: str) -> subprocess.Popen[str]:
+    """The server as a process. Its log is piped for the test to read, or dropped (``quiet``) for a
+    long-lived one nobody reads: a full pipe would block the server's logging, and the server with it."""
+    output = subprocess.DEVNULL if quiet else subprocess.PIPE
     return subprocess.Popen([sys.executable, "-m", "genai_server", *args], cwd=cwd, env=_env(**settings),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=output, stderr=output, text=True)
 
 
 def _get(url: str) -> Any:
