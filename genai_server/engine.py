@@ -64,6 +64,7 @@ class OnnxEngine:
         self._scheduler: BatchScheduler | None = None
         self._closed = False
         self.context_length = 0
+        self.vocab_size = 0
         self.eos_token_ids: frozenset[int] = frozenset()
         self.has_chat_template = False
 
@@ -153,6 +154,7 @@ class OnnxEngine:
             raise FileNotFoundError(f"no genai_config.json in {self.model_path}")
         genai_config = json.loads((self.model_path / "genai_config.json").read_text())
         self.context_length = _context_length(genai_config, self.config.max_model_len)
+        self.vocab_size = int(genai_config["model"].get("vocab_size", 0))
         config = og.Config(str(self.model_path))
         # The Engine allocates every sequence's KV cache for search.max_length tokens up front, so
         # that length (not the model's 128k, say) is what a sequence costs in memory.

@@ -132,6 +132,8 @@ async def test_too_long_prompt_is_context_length_exceeded(client: Any, openai_sc
     ({"model": MODEL_ID, "prompt": ""}, "invalid_parameter", "prompt"),
     ({"model": MODEL_ID, "prompt": []}, "invalid_parameter", "prompt"),
     ({"model": MODEL_ID, "prompt": "hi", "echo": True}, "unsupported_parameter", "echo"),
+    ({"model": MODEL_ID, "prompt": [5, 512]}, "invalid_parameter", "prompt"),
+    ({"model": MODEL_ID, "prompt": [[1, -1]]}, "invalid_parameter", "prompt"),
     ({"model": MODEL_ID, "prompt": "hi", "best_of": 3}, "unsupported_parameter", "best_of"),
     ({"model": MODEL_ID, "prompt": "hi", "suffix": "end"}, "unsupported_parameter", "suffix"),
 ])

@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.conftest import MODEL_ID
-from tests.test_process import _free_port, _start, _wait_healthy
+from tests.test_process import running_server
 
 # Enough to find what a fuzzer finds in seconds, few enough for CI on 2 cores.
 EXAMPLES = 60
@@ -38,14 +38,8 @@ _bodies = st.fixed_dictionaries({}, optional=_fields) | _json
 @pytest.fixture(scope="module")
 def server_url() -> Iterator[str]:
     """A real server process; small limits keep each fuzzed generation short."""
-    port = _free_port()
-    proc = _start("--server-port", str(port), quiet=True, MAX_TOKENS_LIMIT="16", MAX_QUEUED_REQUESTS="64")
-    try:
-        _wait_healthy(proc, port)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        proc.kill()
-        proc.communicate()
+    with running_server(MAX_TOKENS_LIMIT="16", MAX_QUEUED_REQUESTS="64") as url:
+        yield url
 
 
 CASES: Counter[str] = Counter()

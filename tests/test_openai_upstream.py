@@ -13,7 +13,7 @@ from aiohttp.test_utils import TestServer
 
 from genai_server.settings import SettingsError, load_settings
 from tests.conftest import MODEL_ID, ClientFactory, metric_sample, stream_chunks
-from tests.test_process import _free_port, _start, _wait_healthy
+from tests.test_process import _free_port, running_server
 
 PROXIED = "proxied-model"
 
@@ -26,14 +26,8 @@ def _chat(**extra: Any) -> dict[str, Any]:
 @pytest.fixture(scope="module")
 def upstream() -> Iterator[str]:
     """A second genai_server on the embedded engine, started as a process: a real upstream."""
-    port = _free_port()
-    proc = _start("--server-port", str(port), quiet=True)
-    try:
-        _wait_healthy(proc, port)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        proc.kill()
-        proc.communicate()
+    with running_server() as url:
+        yield url
 
 
 async def _proxy(make_client: ClientFactory, url: str, **settings: Any) -> Any:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -46,6 +47,19 @@ def _start(*args: str, cwd: Path = REPO, quiet: bool = False, **settings: str) -
     output = subprocess.DEVNULL if quiet else subprocess.PIPE
     return subprocess.Popen([sys.executable, "-m", "genai_server", *args], cwd=cwd, env=_env(**settings),
                             stdout=output, stderr=output, text=True)
+
+
+@contextlib.contextmanager
+def running_server(**settings: str) -> Iterator[str]:
+    """A quiet server process with these settings, for a whole module; yields its URL."""
+    port = _free_port()
+    proc = _start("--server-port", str(port), quiet=True, **settings)  # type: ignore[arg-type]  # all str
+    try:
+        _wait_healthy(proc, port)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.kill()
+        proc.communicate()
 
 
 def _get(url: str) -> Any:

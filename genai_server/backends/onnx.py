@@ -117,7 +117,7 @@ class OnnxBackend:
     async def complete(self, req: CompletionRequest,
                        stats: RequestTelemetry) -> Completion | AsyncGenerator[Completion, None]:
         """A text completion (raw prompt, no template), or its chunk stream when ``req.stream``."""
-        prompts = [p if isinstance(p, list) else self.engine.encode(p) for p in req.prompts()]
+        prompts = [self._token_ids(p) if isinstance(p, list) else self.engine.encode(p) for p in req.prompts()]
         seqs = self._plan(req, prompts, param="prompt")
         stats.prompt_tokens = sum(len(p) for p in prompts)
         if req.stream:
@@ -141,6 +141,13 @@ class OnnxBackend:
                              metrics=stats.metrics(), performance=stats.performance())
 
     # ---- shared ------------------------------------------------------------------------
+
+    def _token_ids(self, ids: list[int]) -> list[int]:
+        """A prompt given as token ids, each checked against the vocabulary: the engine would fail on it."""
+        vocab = self.engine.vocab_size
+        if vocab and any(not 0 <= token < vocab for token in ids):
+            raise InvalidRequest(f"Token ids must be between 0 and {vocab - 1}", param="prompt")
+        return ids
 
     def _plan(self, req: SamplingRequest, prompts: Sequence[list[int]], *, param: str) -> list[_Sequence]:
         """Check the prompts against the context and make ``n`` sequences per prompt."""
