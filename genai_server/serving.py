@@ -32,11 +32,6 @@ class Serving:
         """The first model, named by /health."""
         return next(iter(self._backends))
 
-    def backend_name(self, model_id: str) -> str:
-        """Which kind of backend serves ``model_id`` (a metrics label)."""
-        backend = self._backends.get(model_id)
-        return backend.name if backend is not None else "none"
-
     def list_models(self) -> ModelList:
         """``GET /v1/models``: every model of every backend."""
         return ModelList(data=[self.get_model(model_id) for model_id in self._backends])

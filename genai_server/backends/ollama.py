@@ -7,7 +7,6 @@ Ollama's own durations (nanoseconds) are kept under ``backend_reported``; its ``
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import AsyncGenerator
 from typing import Any
@@ -15,8 +14,8 @@ from typing import Any
 import aiohttp
 
 from genai_server.backends import Response, Result, usage
-from genai_server.backends.upstream import error_message, post_upstream
-from genai_server.errors import InvalidRequest, UpstreamError, UpstreamTimeout
+from genai_server.backends.upstream import error_message, parse_event, post_upstream, stream_faults
+from genai_server.errors import InvalidRequest, UpstreamError
 from genai_server.protocol import (
     AssistantMessage,
     ChatChoice,
@@ -137,25 +136,17 @@ def _options(req: SamplingRequest) -> dict[str, Any]:
 async def _ndjson(response: aiohttp.ClientResponse, stats: RequestTelemetry) -> AsyncGenerator[dict[str, Any], None]:
     """Ollama's NDJSON lines up to the one with ``done``; closing it closes the upstream request."""
     try:
-        async for raw in response.content:
-            if not raw.strip():
-                continue
-            try:
-                line = json.loads(raw)
-            except ValueError:
-                raise UpstreamError("The upstream engine sent a malformed stream line") from None
-            if not isinstance(line, dict):
-                raise UpstreamError("The upstream engine sent a malformed stream line")
-            if "error" in line:
-                raise UpstreamError(f"The upstream engine failed: {error_message(line['error'])}")
-            yield line
-            if line.get("done"):
-                return
+        with stream_faults():
+            async for raw in response.content:
+                if not raw.strip():
+                    continue
+                line = parse_event(raw)
+                if "error" in line:
+                    raise UpstreamError(f"The upstream engine failed: {error_message(line['error'])}")
+                yield line
+                if line.get("done"):
+                    return
         raise UpstreamError("The upstream stream ended before done")
-    except TimeoutError:
-        raise UpstreamTimeout("The upstream engine stopped sending mid-stream") from None
-    except aiohttp.ClientError as exc:
-        raise UpstreamError(f"The upstream stream broke: {exc}") from None
     finally:
         response.close()
         stats.on_end()

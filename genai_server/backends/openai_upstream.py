@@ -8,7 +8,6 @@ when the client asked for one JSON answer; chunks are relayed as they arrive. Th
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import AsyncGenerator
 from typing import Any
@@ -16,8 +15,8 @@ from typing import Any
 import aiohttp
 
 from genai_server.backends import Response, Result
-from genai_server.backends.upstream import error_message, post_upstream
-from genai_server.errors import UpstreamError, UpstreamTimeout
+from genai_server.backends.upstream import error_message, parse_event, post_upstream, stream_faults
+from genai_server.errors import UpstreamError
 from genai_server.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, SamplingRequest, now
 from genai_server.telemetry import RequestTelemetry
 
@@ -97,25 +96,15 @@ class OpenAIUpstream:
 
 async def _sse_json(response: aiohttp.ClientResponse) -> AsyncGenerator[dict[str, Any], None]:
     """The JSON events of an SSE body up to ``[DONE]``; anything else is the upstream breaking its API."""
-    try:
+    with stream_faults():
         async for raw in response.content:
             line = raw.strip()
-            if not line or line.startswith(b":") or not line.startswith(b"data:"):
+            if not line.startswith(b"data:"):  # blank lines, comments, other SSE fields
                 continue
             data = line[5:].strip()
             if data == b"[DONE]":
                 return
-            try:
-                event = json.loads(data)
-            except ValueError:
-                raise UpstreamError("The upstream engine sent a malformed stream event") from None
-            if not isinstance(event, dict):
-                raise UpstreamError("The upstream engine sent a malformed stream event")
-            yield event
-    except TimeoutError:
-        raise UpstreamTimeout("The upstream engine stopped sending mid-stream") from None
-    except aiohttp.ClientError as exc:
-        raise UpstreamError(f"The upstream stream broke: {exc}") from None
+            yield parse_event(data)
     raise UpstreamError("The upstream stream ended before [DONE]")
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
 from typing import Any
 
 import aiohttp
@@ -44,6 +46,28 @@ async def _rejection(response: aiohttp.ClientResponse) -> Exception:
     return UpstreamRejected(response.status, message, param=error.get("param"),
                             code=str(code) if code is not None else None, error_type=error.get("type"),
                             headers=headers)
+
+
+def parse_event(data: bytes) -> dict[str, Any]:
+    """One JSON event of an upstream stream; anything but a JSON object is the upstream breaking its API."""
+    try:
+        event = json.loads(data)
+    except ValueError:
+        raise UpstreamError("The upstream engine sent a malformed stream event") from None
+    if not isinstance(event, dict):
+        raise UpstreamError("The upstream engine sent a malformed stream event")
+    return event
+
+
+@contextlib.contextmanager
+def stream_faults() -> Iterator[None]:
+    """A stream that goes silent or breaks mid-way, as our errors (504, 502)."""
+    try:
+        yield
+    except TimeoutError:
+        raise UpstreamTimeout("The upstream engine stopped sending mid-stream") from None
+    except aiohttp.ClientError as exc:
+        raise UpstreamError(f"The upstream stream broke: {exc}") from None
 
 
 def error_message(error: Any) -> str:
