@@ -20,7 +20,8 @@ MODEL_ID = BUNDLED_MODEL.name
 # A prompt on which the bundled model's greedy output runs ~1970 tokens before the end-of-sequence token
 # (most prompts stop within a few hundred): what a test uses to keep a slot or a batch busy.
 LONG_PROMPT = "Tell me a long story"
-SPEC = Path(__file__).resolve().parents[2] / "shared" / "openai-spec" / "openai-schemas-subset.json"
+# Kept in the repository (MIT, licence beside it) so the suite needs nothing outside the checkout.
+SPEC = Path(__file__).resolve().parent / "openai-spec" / "openai-schemas-subset.json"
 
 ClientFactory = Callable[..., Awaitable[TestClient[web.Request, web.Application]]]
 
@@ -90,6 +91,16 @@ def chat_body(content: str = "Hello there", **extra: Any) -> dict[str, Any]:
 def long_stream(max_tokens: int = 1900) -> dict[str, Any]:
     """A streaming chat request that keeps generating for ~max_tokens tokens (a slot or batch kept busy)."""
     return chat_body(content=LONG_PROMPT, max_tokens=max_tokens, stream=True)
+
+
+def assert_same_greedy_text(got: str, expected: str) -> None:
+    """Greedy text of a sequence run batched against the same sequence run otherwise (alone, or in a batch
+    whose mate was cancelled). Batched arithmetic can flip a late near-tie on some x86-64 CPUs (measured on an
+    AMD EPYC: 300-token sequences identical for their first ~700 characters, then not), so what holds on any
+    box is a long identical beginning, not the last characters."""
+    keep = len(expected) // 2
+    assert len(got) >= keep, (got, expected)
+    assert got[:keep] == expected[:keep], (got, expected)
 
 
 def sse_events(raw: str) -> list[str]:
