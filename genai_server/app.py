@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -10,7 +9,7 @@ from collections.abc import AsyncIterator
 import aiohttp
 from aiohttp import web
 
-from genai_server.app_keys import ENGINE, ENGINES, GPU, LIMITER, METRICS, SERVING, SETTINGS, UPSTREAM_SESSION
+from genai_server.app_keys import ENGINE, ENGINES, GPU, LIMITER, METRICS, SERVING, SETTINGS
 from genai_server.auth import setup_api_keys
 from genai_server.backends import Backend
 from genai_server.backends.ollama import OllamaBackend
@@ -21,7 +20,7 @@ from genai_server.cors import setup_cors
 from genai_server.engine import EngineConfig, OnnxEngine
 from genai_server.error_mapping import setup_error_mapping
 from genai_server.gpu import GpuMonitor
-from genai_server.lifecycle import setup_lifecycle
+from genai_server.lifecycle import server_failed, setup_lifecycle
 from genai_server.openapi import setup_openapi
 from genai_server.prometheus import ServerMetrics, setup_prometheus
 from genai_server.request_log import setup_request_log
@@ -59,63 +58,52 @@ def create_app(settings: Settings) -> web.Application:
 
 
 async def backends_context(app: web.Application) -> AsyncIterator[None]:
-    """Start every model's backend before serving (load the engines, open the one upstream session);
-    release them after the server stopped."""
+    """Start every model's backend before serving (load the engines, open the upstream sessions); the serving
+    layer owns them from then on and releases them when it stops (the drain, or here after the server stopped)."""
     settings = app[SETTINGS]
-    gpu = GpuMonitor()
+    gpu = app[GPU] = GpuMonitor()
     await gpu.start()
-    app[GPU] = gpu
-    app[ENGINES] = []
-    timeout = aiohttp.ClientTimeout(total=None, connect=settings.upstream_connect_timeout_s,
-                                    sock_read=settings.upstream_read_timeout_s)
-    async with contextlib.AsyncExitStack() as stack:
-        session = app[UPSTREAM_SESSION] = await stack.enter_async_context(aiohttp.ClientSession(timeout=timeout))
-        backends: dict[str, Backend] = {}
-        for entry in settings.models:
-            if entry.backend == "onnx":
-                backends[entry.id] = await stack.enter_async_context(_onnx_backend(app, settings, entry))
-            else:
-                backends[entry.id] = _upstream_backend(settings, entry, session)
-        app[SERVING] = Serving(backends, gpu, RequestLimits(settings.max_messages, settings.max_tokens_limit))
-        yield
-    await gpu.stop()
-
-
-@contextlib.asynccontextmanager
-async def _onnx_backend(app: web.Application, settings: Settings, entry: ModelEntry) -> AsyncIterator[Backend]:
-    """Load the model once; the engine lives until the server stops."""
-    path = entry.model_path
-    if entry.path is None:
-        log.warning("MODEL_PATH is not set: serving the bundled demo model %s, which has random weights "
-                    "and produces noise", path.name)
-    started = time.perf_counter()
-    engine = OnnxEngine(path, EngineConfig(settings.engine_max_batch_size, settings.engine_lanes,
-                                           settings.engine_batch_wait_ms, settings.max_model_len))
-    await engine.start()
-    log.info("model loaded", extra={"fields": {"model_path": str(path), "model": entry.id,
-                                                "load_time_ms": round((time.perf_counter() - started) * 1000, 1),
-                                                "context_length": engine.context_length}})
-    app[ENGINES].append(engine)
-    if ENGINE not in app:
-        app[ENGINE] = engine
+    backends = {entry.id: _backend(app, settings, entry) for entry in settings.models}
+    serving = Serving(backends, gpu, RequestLimits(settings.max_messages, settings.max_tokens_limit))
     try:
-        yield OnnxBackend(engine, entry.id, created=int(time.time()), always_usage=settings.stream_usage_always,
-                          max_prompt_tokens=settings.max_prompt_tokens, default_max_tokens=settings.max_tokens_limit)
+        await serving.start()
+        app[SERVING] = serving
+        app[ENGINES] = [backend.engine for backend in backends.values() if isinstance(backend, OnnxBackend)]
+        if app[ENGINES]:
+            app[ENGINE] = app[ENGINES][0]
+        yield
     finally:
-        await engine.close()
+        await serving.stop()
+        await gpu.stop()
 
 
-def _upstream_backend(settings: Settings, entry: ModelEntry, session: aiohttp.ClientSession) -> Backend:
-    """A backend relaying to an engine elsewhere over the shared session."""
+def _backend(app: web.Application, settings: Settings, entry: ModelEntry) -> Backend:
+    """The backend serving one model, not yet started."""
+    if entry.backend == "onnx":
+        return _onnx_backend(app, settings, entry)
     assert entry.url is not None  # checked by ModelEntry
     log.info("relaying to an upstream engine", extra={"fields": {
         "backend": entry.backend, "upstream_url": entry.url, "model": entry.id, "upstream_model": entry.upstream_name}})
+    timeout = aiohttp.ClientTimeout(total=None, connect=settings.upstream_connect_timeout_s,
+                                    sock_read=settings.upstream_read_timeout_s)
     if entry.backend == "ollama":
-        return OllamaBackend(session, entry.url, entry.id, entry.upstream_name,
-                             always_usage=settings.stream_usage_always)
+        return OllamaBackend(entry.url, entry.id, entry.upstream_name, timeout=timeout,
+                             always_usage=settings.stream_usage_always, default_max_tokens=settings.max_tokens_limit)
     api_key = entry.api_key.get_secret_value() if entry.api_key else None
-    return OpenAIUpstream(session, entry.url, entry.id, entry.upstream_name, api_key=api_key,
-                          always_usage=settings.stream_usage_always)
+    return OpenAIUpstream(entry.url, entry.id, entry.upstream_name, timeout=timeout, api_key=api_key,
+                          always_usage=settings.stream_usage_always, default_max_tokens=settings.max_tokens_limit)
+
+
+def _onnx_backend(app: web.Application, settings: Settings, entry: ModelEntry) -> OnnxBackend:
+    """The embedded engine on one model folder; if its owner thread ever dies, the server stops with an error."""
+    if entry.path is None:
+        log.warning("MODEL_PATH is not set: serving the bundled demo model %s, which has random weights "
+                    "and produces noise", entry.model_path.name)
+    engine = OnnxEngine(entry.model_path, EngineConfig(settings.engine_max_batch_size, settings.engine_lanes,
+                                                       settings.engine_batch_wait_ms, settings.max_model_len))
+    return OnnxBackend(engine, entry.id, created=int(time.time()), always_usage=settings.stream_usage_always,
+                       max_prompt_tokens=settings.max_prompt_tokens, default_max_tokens=settings.max_tokens_limit,
+                       on_failure=lambda exc: server_failed(app, f"the {entry.id} engine failed: {exc!r}"))
 
 
 def _gauges(app: web.Application) -> tuple[int, int, float | None]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-import aiohttp
 from aiohttp import web
 
 from genai_server.concurrency import ConcurrencyLimiter
@@ -23,7 +22,6 @@ ENGINES = web.AppKey("engines", list[OnnxEngine])  # every embedded engine
 SERVING = web.AppKey("serving", Serving)
 LIMITER = web.AppKey("limiter", ConcurrencyLimiter)
 GPU = web.AppKey("gpu", GpuMonitor)
-UPSTREAM_SESSION = web.AppKey("upstream_session", aiohttp.ClientSession)  # shared by every remote backend
 # Typed by annotation only: prometheus.py needs the request keys below, so importing it here would be circular.
 METRICS: web.AppKey[ServerMetrics] = web.AppKey("metrics")
 

@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
-from genai_server.errors import RateLimited
+from genai_server.errors import RateLimited, ShuttingDown
 
 # Only these routes generate tokens; listing models, health and metrics never wait or count.
 GENERATION_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
@@ -35,6 +35,7 @@ class ConcurrencyLimiter:
         self.in_flight = 0
         self._waiters: deque[asyncio.Future[None]] = deque()
         self._mean_hold_s = 1.0  # until measured: about a second, the bundled and small models' scale
+        self._admitting = True
 
     @property
     def queued(self) -> int:
@@ -42,7 +43,10 @@ class ConcurrencyLimiter:
         return len(self._waiters)
 
     async def acquire(self) -> None:
-        """Take a slot, waiting in line if allowed; ``RateLimited`` when the line is full or too slow."""
+        """Take a slot, waiting in line if allowed; ``RateLimited`` when the line is full or too slow,
+        ``ShuttingDown`` once the server drains."""
+        if not self._admitting:
+            raise ShuttingDown("The server is shutting down; send this request to another instance")
         if self.in_flight < self.limit and not self._waiters:
             self.in_flight += 1
             return
@@ -59,6 +63,18 @@ class ConcurrencyLimiter:
         except asyncio.CancelledError:
             self._abandon(waiter)
             raise
+
+    def stop_admitting(self) -> None:
+        """The drain began: new requests are refused; those running or in line carry on."""
+        self._admitting = False
+
+    def close(self) -> None:
+        """The drain is over: everyone still in line is told the server is shutting down."""
+        self._admitting = False
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_exception(ShuttingDown("The server shut down before this request could start"))
 
     def release(self, held_s: float) -> None:
         """Give a slot back: to the first in line, or to the pool."""
@@ -90,7 +106,7 @@ class ConcurrencyLimiter:
         """A waiting client went away: leave the line, or hand back a slot it was just given."""
         if waiter in self._waiters:
             self._waiters.remove(waiter)
-        elif waiter.done() and not waiter.cancelled():
+        elif waiter.done() and not waiter.cancelled() and waiter.exception() is None:
             self.release(self._mean_hold_s)
 
 

@@ -12,6 +12,7 @@ only through a command queue, and it answers only with ``loop.call_soon_threadsa
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import queue
@@ -62,8 +63,17 @@ class OnnxEngine:
         self._load_error: BaseException | None = None
         self._thread = threading.Thread(target=self._thread_main, name="onnx-engine-owner", daemon=True)
         self._scheduler: BatchScheduler | None = None
+        self._tokenizer: Any = None
+        self._model: Any = None
         self._closed = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        # Event-loop side: every sequence being generated, so a dying owner thread can still answer each one.
+        self._live: set[Job] = set()
+        self.failure: BaseException | None = None
+        # Called on the event loop if the owner thread dies: the server can no longer generate.
+        self.on_failure: Callable[[BaseException], None] | None = None
         self.context_length = 0
+        self.max_token_bytes = 0
         self.vocab_size = 0
         self.eos_token_ids: frozenset[int] = frozenset()
         self.has_chat_template = False
@@ -72,6 +82,7 @@ class OnnxEngine:
 
     async def start(self) -> None:
         """Load the model on the owner thread; raise ``ModelLoadingFailed`` with the reason."""
+        self._loop = asyncio.get_running_loop()
         self._thread.start()
         await asyncio.get_running_loop().run_in_executor(None, self._ready.wait)
         if self._load_error is not None:
@@ -96,13 +107,19 @@ class OnnxEngine:
 
     def encode(self, text: str) -> list[int]:
         """Token ids of ``text`` as the model's tokenizer counts them."""
-        return [int(t) for t in self._tokenizer.encode(text)]
+        return [int(t) for t in self._live_tokenizer().encode(text)]
 
     def apply_chat_template(self, messages: list[dict[str, str]]) -> str:
         """Render the conversation with the model's template (a Phi-3-style one when it has none)."""
         template = None if self.has_chat_template else FALLBACK_CHAT_TEMPLATE
-        return str(self._tokenizer.apply_chat_template(json.dumps(messages), template_str=template,
-                                                       add_generation_prompt=True))
+        return str(self._live_tokenizer().apply_chat_template(json.dumps(messages), template_str=template,
+                                                              add_generation_prompt=True))
+
+    def _live_tokenizer(self) -> Any:
+        tokenizer = self._tokenizer  # one read: the owner thread drops it when the engine closes
+        if tokenizer is None:
+            raise ShuttingDown("The server is shutting down; no new generation starts")
+        return tokenizer
 
     # ---- generation (event loop side) --------------------------------------------------
 
@@ -110,9 +127,12 @@ class OnnxEngine:
         """Stream deltas for one sequence; closing the iterator early cancels the sequence."""
         scheduler = self._scheduler
         assert scheduler is not None, "start() the engine first"
+        if self.failure is not None:
+            raise EngineFailure("the engine has failed; the server is restarting")
         if self._closed:
             raise ShuttingDown("The server is shutting down; no new generation starts")
         job = Job(np.asarray(prompt, dtype=np.int32), options, asyncio.get_running_loop(), asyncio.Queue())
+        self._live.add(job)
         self._commands.put(lambda: scheduler.submit(job))
         finished = False
         try:
@@ -123,6 +143,7 @@ class OnnxEngine:
                     raise EngineFailure("the engine failed to generate a response")
                 yield delta
         finally:
+            self._live.discard(job)
             if not finished:
                 self._commands.put(lambda: scheduler.cancel(job))
 
@@ -139,15 +160,33 @@ class OnnxEngine:
         self._ready.set()
         try:
             self._serve(scheduler)
-        finally:
-            scheduler.shutdown()
-            scheduler.deliver()
-            self._closed = True
-            # A submit that raced the stop is run, then cancelled like the rest: nobody waits forever.
-            self._drain_commands(timeout=0)
-            scheduler.shutdown()
-            scheduler.deliver()
-            del self._tokenizer, self._model
+        except BaseException as exc:  # a broken scheduler: told to the loop, which stops the server
+            log.critical("the engine owner thread failed; no generation is possible any more", exc_info=True)
+            self._die(exc)
+            return
+        scheduler.shutdown()
+        scheduler.deliver()
+        self._closed = True
+        # A submit that raced the stop is run, then cancelled like the rest: nobody waits forever.
+        self._drain_commands(timeout=0)
+        scheduler.shutdown()
+        scheduler.deliver()
+        self._tokenizer = self._model = None
+
+    def _die(self, exc: BaseException) -> None:
+        """Owner thread, last act: the event loop answers every live sequence and learns the engine is gone."""
+        self.failure = exc
+        self._closed = True
+        assert self._loop is not None
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is left to answer
+            self._loop.call_soon_threadsafe(self._on_death, exc)
+
+    def _on_death(self, exc: BaseException) -> None:
+        """Event loop: fail what is in flight (its clients get an error now) and report the failure."""
+        for job in self._live:
+            job.queue.put_nowait(Delta("", 0, error="engine owner thread failed"))
+        if self.on_failure is not None:
+            self.on_failure(exc)
 
     def _load(self) -> BatchScheduler:
         if not (self.model_path / "genai_config.json").is_file():
@@ -160,8 +199,9 @@ class OnnxEngine:
         # that length (not the model's 128k, say) is what a sequence costs in memory.
         config.overlay(json.dumps({"engine": {"static_batching": {"max_batch_size": self.config.max_batch_size}},
                                    "search": {"max_length": self.context_length}}))
-        self._model: Any = og.Model(config)
-        self._tokenizer: Any = og.Tokenizer(self._model)
+        self._model = og.Model(config)
+        self._tokenizer = og.Tokenizer(self._model)
+        self.max_token_bytes = _max_token_bytes(self._tokenizer, self.vocab_size)
         self.eos_token_ids = frozenset(int(t) for t in self._tokenizer.eos_token_ids)
         self.has_chat_template = _has_chat_template(self.model_path)
         return BatchScheduler(self._model, self._tokenizer, lanes=self.config.lanes,
@@ -196,6 +236,16 @@ def _context_length(genai_config: dict[str, Any], cap: int | None) -> int:
     if cap is not None:
         limits.append(cap)
     return min(limits)
+
+
+def _max_token_bytes(tokenizer: Any, vocab_size: int) -> int:
+    """The most UTF-8 bytes one token decodes to: text of B bytes has at least B / this many tokens, which lets
+    the server refuse a text that cannot fit the context without tokenising it. A token that is part of a
+    character decodes to U+FFFD (3 bytes, more than its own): an overestimate keeps the bound safe. 0 (no
+    bound) when the model does not say its vocabulary size."""
+    longest = max((len(tokenizer.decode(np.array([token], dtype=np.int32)).encode()) for token in range(vocab_size)),
+                  default=0)
+    return longest
 
 
 def _has_chat_template(model_path: Path) -> bool:

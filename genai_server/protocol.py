@@ -8,6 +8,7 @@ cannot honour are rejected with a 400 naming the parameter, never silently dropp
 from __future__ import annotations
 
 import logging
+import struct
 import time
 import uuid
 from typing import Any, Literal
@@ -45,8 +46,27 @@ _UNSUPPORTED: dict[str, tuple[Any, ...]] = {
 }
 
 
+# What the engine's C++ side can hold: sampling values are float32, counts and top_k int32. The OpenAI API
+# defines seed as a 64-bit integer; the server folds it into the engine's range itself (``engine_seed``).
+INT32_MAX = 2**31 - 1
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+
+
 def _is_none(value: object) -> bool:
     return value is None
+
+
+def as_float32(value: float) -> float:
+    """``value`` as the engine sees it (a C float); an overflow is a ``ValueError``."""
+    try:
+        return float(struct.unpack("f", struct.pack("f", value))[0])
+    except OverflowError:
+        raise ValueError(f"{value} is out of range for a 32-bit float") from None
+
+
+def engine_seed(seed: int) -> int:
+    """A 64-bit OpenAI seed folded into the engine's non-negative int32 range (-1 would mean "random")."""
+    return seed % (INT32_MAX + 1)
 
 
 class StreamOptions(BaseModel):
@@ -68,9 +88,9 @@ class SamplingRequest(BaseModel):
     max_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
-    top_k: int | None = Field(None, ge=-1, description="vLLM/llama.cpp extension; 0 or -1 = off")
+    top_k: int | None = Field(None, ge=-1, le=INT32_MAX, description="vLLM/llama.cpp extension; 0 or -1 = off")
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=INT64_MIN, le=INT64_MAX)
     n: int = Field(1, ge=1, le=16)
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -87,6 +107,14 @@ class SamplingRequest(BaseModel):
         if any(s == "" for s in stops):
             raise ValueError("stop sequences must not be empty")
         return stops
+
+    @field_validator("top_p")
+    @classmethod
+    def _check_top_p(cls, value: float | None) -> float | None:
+        # The engine refuses a sampled turn whose top_p is 0 as a float32, e.g. 1e-50.
+        if value is not None and as_float32(value) == 0.0:
+            raise ValueError("top_p must be greater than 0 (as a 32-bit float)")
+        return value
 
     @model_validator(mode="before")
     @classmethod

@@ -46,11 +46,6 @@ def json_response(payload: Response) -> web.Response:
     return web.Response(text=text, content_type="application/json")
 
 
-async def health(request: web.Request) -> web.Response:
-    """``GET /health``: the model is loaded (the port only opens after it is)."""
-    return web.json_response({"status": "ok", "model": request.app[SERVING].default_model})
-
-
 async def list_models(request: web.Request) -> web.Response:
     """``GET /v1/models``."""
     return json_response(request.app[SERVING].list_models())
@@ -118,7 +113,6 @@ def timing_headers(stats: RequestTelemetry) -> dict[str, str]:
 
 def add_routes(app: web.Application) -> None:
     """Register every route."""
-    app.router.add_get("/health", health)
     app.router.add_get("/v1/models", list_models)
     app.router.add_get("/v1/models/{model_id:.+}", get_model)
     app.router.add_post("/v1/chat/completions", chat_completions)

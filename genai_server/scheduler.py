@@ -153,20 +153,26 @@ class BatchScheduler:
 
     def submit(self, job: Job) -> None:
         """Queue a sequence; it starts at the next admission."""
+        self._guarded(partial(self._queue, job), [job])
+
+    def _queue(self, job: Job) -> None:
         job.stream = self._tokenizer.create_stream()
         if job.options.seed is not None and not job.options.greedy:
-            self._guarded(partial(self._start_generator, job), [job])
+            self._start_generator(job)
         else:
             self._waiting.append(job)
             self._last_arrival = time.monotonic()
 
     def cancel(self, job: Job) -> None:
-        """Stop a sequence now and free what it holds."""
+        """Stop a sequence now and free what it holds. Never raises: it runs on error paths too."""
         if job.done:
             return
         job.done = True
         if job.request is not None:
-            job.request.cancel_turn(job.turn_id)
+            try:
+                job.request.cancel_turn(job.turn_id)
+            except Exception:  # e.g. its turn never began; the request is closed below anyway
+                log.debug("cancel_turn failed", exc_info=True)
             self._release(job)
         elif job in self._generators:
             self._generators.remove(job)
@@ -210,8 +216,12 @@ class BatchScheduler:
             opts.set_temperature(job.options.temperature)
             opts.set_top_p(job.options.top_p)
             opts.set_top_k(job.options.top_k)
+        try:
+            job.turn_id = request.begin_turn(job.prompt, opts)
+        except BaseException:
+            request.close()  # its turn never began: nothing to cancel, only to free
+            raise
         job.lane, job.request, job.admitted_at = lane, request, time.perf_counter()
-        job.turn_id = request.begin_turn(job.prompt, opts)
         lane.jobs[id(request)] = job
 
     def _step_lane(self, lane: Lane) -> None:
@@ -239,7 +249,10 @@ class BatchScheduler:
     def _release(self, job: Job) -> None:
         if job.lane is not None:
             job.lane.jobs.pop(id(job.request), None)
-        job.request.close()
+        try:
+            job.request.close()
+        except Exception:  # freeing must not fail the caller; the engine logs its own reason
+            log.warning("closing an engine request failed", exc_info=True)
 
     # ---- seeded Generators ------------------------------------------------------------
 
@@ -308,7 +321,8 @@ class BatchScheduler:
         self._outbox = {}
 
     def _guarded(self, action: Callable[[], None], concerned: list[Job]) -> None:
-        """Run one action; if the engine raises, fail the sequences it concerned and keep serving the rest."""
+        """Run one action; if the engine raises, fail the sequences it concerned and keep serving the rest.
+        ``cancel`` never raises, so this error path cannot take the owner thread down with it."""
         try:
             action()
         except Exception as exc:  # one failure must not stop the owner thread
@@ -316,7 +330,7 @@ class BatchScheduler:
             for job in concerned:
                 if not job.done:
                     self.cancel(job)
-                    self._send(job, Delta("", 0, error=str(exc)))
+                    self._send(job, Delta("", 0, error=type(exc).__name__))
 
 
 def _finish_reason(reason: Any) -> EngineFinish:

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 from genai_server.backends import Backend, Result
-from genai_server.errors import InvalidRequest, ModelNotFound
+from genai_server.errors import InvalidRequest, ModelNotFound, ShuttingDown
 from genai_server.gpu import GpuMonitor
 from genai_server.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, SamplingRequest
 from genai_server.telemetry import RequestTelemetry
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -26,6 +29,32 @@ class Serving:
         self._backends = backends
         self._gpu = gpu
         self._limits = limits or RequestLimits()
+        self._stopped = False
+
+    async def start(self) -> None:
+        """Start every backend in order; if one fails, release those already started and re-raise."""
+        try:
+            for backend in self._backends.values():
+                await backend.start()
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def stop(self) -> None:
+        """Stop serving: new requests get ``ShuttingDown``, every backend is closed (ending what still runs).
+        Idempotent: the drain and the app's cleanup both call it."""
+        if self._stopped:
+            return
+        self._stopped = True
+        for backend in self._backends.values():
+            try:
+                await backend.close()
+            except Exception:  # one backend failing to close must not keep the others open
+                log.exception("closing the %s backend failed", backend.name)
+
+    async def ready(self) -> dict[str, bool]:
+        """Per model: whether its backend can serve now."""
+        return {model_id: not self._stopped and await backend.ready() for model_id, backend in self._backends.items()}
 
     @property
     def default_model(self) -> str:
@@ -70,6 +99,8 @@ class Serving:
             raise InvalidRequest(f"At most {self._limits.max_tokens} tokens per choice (MAX_TOKENS_LIMIT)", param=param)
 
     def _start(self, model_id: str, stats: RequestTelemetry) -> Backend:
+        if self._stopped:
+            raise ShuttingDown("The server is shutting down; no new generation starts")
         backend = self._backend(model_id)  # before labelling: an unknown id must not become a metrics label
         stats.model, stats.backend = model_id, backend.name
         stats.watch_gpu(self._gpu)

@@ -27,9 +27,21 @@ def usage(stats: RequestTelemetry) -> Usage:
 
 
 class Backend(Protocol):
-    """One engine behind the API."""
+    """One engine behind the API. It owns what it holds (an engine, an HTTP session) from ``start`` to ``close``."""
 
     name: str
+
+    async def start(self) -> None:
+        """Acquire what serving needs (load the model, open the session); raise if that fails."""
+        ...
+
+    async def close(self) -> None:
+        """Release it; what is still generating ends with ``ShuttingDown``. Safe to call twice."""
+        ...
+
+    async def ready(self) -> bool:
+        """Whether this backend can serve now (its engine alive, its upstream reachable)."""
+        ...
 
     def model_cards(self) -> list[ModelCard]:
         """The models this backend serves."""

@@ -12,9 +12,10 @@ from collections.abc import AsyncGenerator
 from typing import Any
 
 import aiohttp
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from genai_server.backends import Response, Result, usage
-from genai_server.backends.upstream import error_message, parse_event, post_upstream, stream_faults
+from genai_server.backends.upstream import UpstreamClient, error_message, parse_event, stream_faults
 from genai_server.errors import InvalidRequest, UpstreamError
 from genai_server.protocol import (
     AssistantMessage,
@@ -35,6 +36,8 @@ from genai_server.protocol import (
 )
 from genai_server.telemetry import RequestTelemetry
 
+# Lines a response may carry beyond the tokens asked for.
+_LINE_SLACK = 64
 # Ollama's own timing fields, kept as reported.
 _REPORTED = ("total_duration", "load_duration", "prompt_eval_count", "prompt_eval_duration", "eval_count",
              "eval_duration")
@@ -45,14 +48,26 @@ class OllamaBackend:
 
     name = "ollama"
 
-    def __init__(self, session: aiohttp.ClientSession, base_url: str, model_id: str, upstream_model: str, *,
-                 always_usage: bool = False) -> None:
-        self._session = session
-        self._base_url = base_url.rstrip("/")
+    def __init__(self, base_url: str, model_id: str, upstream_model: str, *, timeout: aiohttp.ClientTimeout,
+                 always_usage: bool = False, default_max_tokens: int = 4096) -> None:
+        self._upstream = UpstreamClient(base_url, timeout, probe_path="/api/version")
         self.model_id = model_id
         self._upstream_model = upstream_model
         self._always_usage = always_usage
+        self._default_max_tokens = default_max_tokens
         self._created = now()
+
+    async def start(self) -> None:
+        """Open the session to Ollama."""
+        await self._upstream.start()
+
+    async def close(self) -> None:
+        """Close it; relayed streams still open end with an error."""
+        await self._upstream.close()
+
+    async def ready(self) -> bool:
+        """Ollama answers."""
+        return await self._upstream.ready()
 
     def model_cards(self) -> list[ModelCard]:
         """The one model this backend relays to."""
@@ -89,9 +104,10 @@ class OllamaBackend:
 
     async def _open(self, path: str, body: dict[str, Any],
                     stats: RequestTelemetry) -> AsyncGenerator[dict[str, Any], None]:
-        response = await post_upstream(self._session, self._base_url + path, body, {})
+        response = await self._upstream.post(path, body)
         stats.on_admitted(time.perf_counter())
-        return _ndjson(response, stats)
+        limit = body["options"].get("num_predict") or self._default_max_tokens
+        return _ndjson(response, stats, max_lines=limit + _LINE_SLACK)
 
     async def _chat_chunks(self, lines: AsyncGenerator[dict[str, Any], None], req: SamplingRequest,
                            stats: RequestTelemetry) -> AsyncGenerator[Response, None]:
@@ -133,8 +149,9 @@ def _options(req: SamplingRequest) -> dict[str, Any]:
     return {name: value for name, value in options.items() if value is not None}
 
 
-async def _ndjson(response: aiohttp.ClientResponse, stats: RequestTelemetry) -> AsyncGenerator[dict[str, Any], None]:
-    """Ollama's NDJSON lines up to the one with ``done``; closing it closes the upstream request."""
+async def _ndjson(response: aiohttp.ClientResponse, stats: RequestTelemetry,
+                 max_lines: int) -> AsyncGenerator[dict[str, Any], None]:
+    """Ollama's NDJSON lines up to the one with ``done``, each checked; closing it closes the upstream request."""
     try:
         with stream_faults():
             async for raw in response.content:
@@ -142,14 +159,43 @@ async def _ndjson(response: aiohttp.ClientResponse, stats: RequestTelemetry) -> 
                     continue
                 line = parse_event(raw)
                 if "error" in line:
-                    raise UpstreamError(f"The upstream engine failed: {error_message(line['error'])}")
-                yield line
+                    raise UpstreamError(f"The upstream engine failed: {error_message(line['error'])[:500]}")
+                max_lines -= 1
+                if max_lines < 0:
+                    raise UpstreamError("The upstream engine sent more than the tokens asked for")
+                yield _checked(line)
                 if line.get("done"):
                     return
         raise UpstreamError("The upstream stream ended before done")
     finally:
         response.close()
         stats.on_end()
+
+
+class _Message(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+    content: str = ""
+
+
+class _Line(BaseModel):
+    """The fields of an Ollama line we read, with their types; the rest is ignored."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+    message: _Message | None = None
+    response: str | None = None
+    done: bool = False
+    done_reason: str | None = None
+    prompt_eval_count: int = Field(0, ge=0)
+    eval_count: int | None = Field(None, ge=0)
+
+
+def _checked(line: dict[str, Any]) -> dict[str, Any]:
+    """A line whose fields have the wrong types is Ollama breaking its API: 502."""
+    try:
+        _Line.model_validate(line)
+    except ValidationError:
+        raise UpstreamError("The upstream engine sent a malformed line") from None
+    return line
 
 
 async def _pieces(lines: AsyncGenerator[dict[str, Any], None], stats: RequestTelemetry,

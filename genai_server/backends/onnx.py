@@ -7,7 +7,9 @@ itself (``engine.py``) only turns token ids into token deltas.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncGenerator, Sequence
+import logging
+import time
+from collections.abc import AsyncGenerator, Callable, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass, replace
 
@@ -28,11 +30,15 @@ from genai_server.protocol import (
     FinishReason,
     ModelCard,
     SamplingRequest,
+    as_float32,
+    engine_seed,
     new_id,
     now,
 )
 from genai_server.stop_strings import StopMatcher
 from genai_server.telemetry import RequestTelemetry
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -61,8 +67,10 @@ class OnnxBackend:
     name = "onnx"
 
     def __init__(self, engine: OnnxEngine, model_id: str, created: int, *, always_usage: bool = False,
-                 max_prompt_tokens: int | None = None, default_max_tokens: int | None = None) -> None:
+                 max_prompt_tokens: int | None = None, default_max_tokens: int | None = None,
+                 on_failure: Callable[[BaseException], None] | None = None) -> None:
         self.engine = engine
+        engine.on_failure = on_failure
         self._max_prompt_tokens = max_prompt_tokens
         # When a request sets no max_tokens: the rest of the context, at most this (MAX_TOKENS_LIMIT).
         self._default_max_tokens = default_max_tokens
@@ -70,6 +78,23 @@ class OnnxBackend:
         self.created = created
         # Streams end with a usage + metrics chunk even when the client did not ask (STREAM_USAGE_ALWAYS).
         self.always_usage = always_usage
+
+    async def start(self) -> None:
+        """Load the model (``ModelLoadingFailed`` with the reason if it cannot be)."""
+        started = time.perf_counter()
+        await self.engine.start()
+        log.info("model loaded", extra={"fields": {
+            "model_path": str(self.engine.model_path), "model": self.model_id,
+            "load_time_ms": round((time.perf_counter() - started) * 1000, 1),
+            "context_length": self.engine.context_length}})
+
+    async def close(self) -> None:
+        """Stop the engine: sequences still running end with ``ShuttingDown``."""
+        await self.engine.close()
+
+    async def ready(self) -> bool:
+        """The engine's owner thread is alive."""
+        return self.engine.failure is None
 
     def model_cards(self) -> list[ModelCard]:
         """The one model this backend serves."""
@@ -166,9 +191,9 @@ class OnnxBackend:
                     f"This model's maximum context length is {context} tokens. However, you requested "
                     f"{asked} tokens ({len(prompt)} in the prompt, {req.limit or 1} for the completion).",
                     param="max_tokens" if room >= 1 else param)
-            options = _sampling(req, req.limit or min(room, self._default_max_tokens or room))
+            options = _sampling(req, req.limit or min(room, self._default_max_tokens or room), self.engine.vocab_size)
             for j in range(req.n):
-                seed = None if req.seed is None else req.seed + j
+                seed = None if req.seed is None else engine_seed(req.seed + j)
                 sequences.append(_Sequence(p * req.n + j, prompt, replace(options, seed=seed), req.stop_list))
         return sequences
 
@@ -248,12 +273,16 @@ async def _merge(streams: list[AsyncGenerator[Piece, None]]) -> AsyncGenerator[P
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
-def _sampling(req: SamplingRequest, max_tokens: int) -> SamplingOptions:
-    """OpenAI defaults: temperature 1, top_p 1, no top_k."""
-    temperature = 1.0 if req.temperature is None else req.temperature
+def _sampling(req: SamplingRequest, max_tokens: int, vocab_size: int) -> SamplingOptions:
+    """OpenAI defaults: temperature 1, top_p 1, no top_k; values as the engine's float32 sees them (a temperature
+    that is 0 as a float32 is greedy), and a top_k of the whole vocabulary or more is no top_k (the engine
+    refuses it)."""
+    temperature = as_float32(1.0 if req.temperature is None else req.temperature)
     top_k = req.top_k if req.top_k is not None and req.top_k > 0 else 0
+    if vocab_size and top_k >= vocab_size:
+        top_k = 0
     return SamplingOptions(max_tokens=max_tokens, temperature=temperature,
-                           top_p=1.0 if req.top_p is None else req.top_p, top_k=top_k)
+                           top_p=as_float32(1.0 if req.top_p is None else req.top_p), top_k=top_k)
 
 
 def _template_role(role: str) -> str:

@@ -13,15 +13,52 @@ from collections.abc import AsyncGenerator
 from typing import Any
 
 import aiohttp
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from genai_server.backends import Response, Result
-from genai_server.backends.upstream import error_message, parse_event, post_upstream, stream_faults
+from genai_server.backends.upstream import UpstreamClient, error_message, parse_event, stream_faults
 from genai_server.errors import UpstreamError
 from genai_server.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, SamplingRequest, now
 from genai_server.telemetry import RequestTelemetry
 
 # Fields upstreams put in their chunks with their own timings.
 _REPORTED = ("metrics", "timings")
+# A whole answer assembled for a non-streaming client is refused past this size: an upstream that never stops
+# must not grow it until the OOM killer comes.
+MAX_ASSEMBLED_CHARS = 16 * 1024 * 1024
+# Text chunks a choice may carry beyond the tokens asked for (role and empty chunks, engines that split tokens).
+_CHUNK_SLACK = 64
+
+
+class _Delta(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+    content: str | None = None
+
+
+class _Choice(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+    index: int = Field(0, ge=0)
+    delta: _Delta | None = None
+    text: str | None = None
+    finish_reason: str | None = None
+
+    def new_text(self) -> str:
+        """The text this chunk adds to the choice, chat or completion."""
+        return (self.delta.content if self.delta is not None else self.text) or ""
+
+
+class _Usage(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+    prompt_tokens: int = Field(0, ge=0)
+    completion_tokens: int = Field(0, ge=0)
+
+
+class _Chunk(BaseModel):
+    """What a relayed chunk must look like for us to time and relay it; other fields pass untouched."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+    choices: list[_Choice] = []
+    usage: _Usage | None = None
 
 
 class OpenAIUpstream:
@@ -29,15 +66,28 @@ class OpenAIUpstream:
 
     name = "openai"
 
-    def __init__(self, session: aiohttp.ClientSession, base_url: str, model_id: str, upstream_model: str, *,
-                 api_key: str | None = None, always_usage: bool = False) -> None:
-        self._session = session
-        self._base_url = base_url.rstrip("/")
+    def __init__(self, base_url: str, model_id: str, upstream_model: str, *, timeout: aiohttp.ClientTimeout,
+                 api_key: str | None = None, always_usage: bool = False, default_max_tokens: int = 4096) -> None:
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._upstream = UpstreamClient(base_url, timeout, headers=headers, probe_path="/models")
         self.model_id = model_id
         self._upstream_model = upstream_model
-        self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._always_usage = always_usage
+        # Tokens a choice may bring when the client set no max_tokens (MAX_TOKENS_LIMIT): bounds an endless upstream.
+        self._default_max_tokens = default_max_tokens
         self._created = now()
+
+    async def start(self) -> None:
+        """Open the session to the upstream."""
+        await self._upstream.start()
+
+    async def close(self) -> None:
+        """Close it; relayed streams still open end with an error."""
+        await self._upstream.close()
+
+    async def ready(self) -> bool:
+        """The upstream answers."""
+        return await self._upstream.ready()
 
     def model_cards(self) -> list[ModelCard]:
         """The one model this backend relays to."""
@@ -45,53 +95,92 @@ class OpenAIUpstream:
 
     async def chat(self, req: ChatCompletionRequest, stats: RequestTelemetry) -> Result:
         """Relay a chat completion."""
-        return await self._relay("/chat/completions", req, stats, "chat.completion")
+        return await self._relay("/chat/completions", req, stats, "chat.completion", choices=req.n)
 
     async def complete(self, req: CompletionRequest, stats: RequestTelemetry) -> Result:
         """Relay a text completion."""
-        return await self._relay("/completions", req, stats, "text_completion")
+        return await self._relay("/completions", req, stats, "text_completion", choices=req.n * len(req.prompts()))
 
-    async def _relay(self, path: str, req: SamplingRequest, stats: RequestTelemetry, kind: str) -> Result:
+    async def _relay(self, path: str, req: SamplingRequest, stats: RequestTelemetry, kind: str, *,
+                     choices: int) -> Result:
         body = req.model_dump(exclude_none=True)
         body.update(model=self._upstream_model, stream=True, stream_options={"include_usage": True})
-        response = await post_upstream(self._session, self._base_url + path, body, self._headers)
+        response = await self._upstream.post(path, body)
         stats.on_admitted(time.perf_counter())  # our part of the wait ends when the upstream has the request
-        chunks = self._chunks(response, req, stats)
+        chunks = self._chunks(response, req, stats, choices)
+        # The first chunk is awaited here, so an upstream that fails or sends nothing before it is an HTTP error
+        # status for the client, not a 200 stream that then carries an error.
+        try:
+            first = await anext(chunks)
+        except StopAsyncIteration:
+            raise UpstreamError("The upstream engine sent no choices") from None
+        stream = _prepend(first, chunks)
         if req.stream:
-            return chunks
-        return await _aggregate(chunks, kind)
+            return stream
+        return await _aggregate(stream, kind)
 
-    async def _chunks(self, response: aiohttp.ClientResponse, req: SamplingRequest,
-                      stats: RequestTelemetry) -> AsyncGenerator[Response, None]:
+    async def _chunks(self, response: aiohttp.ClientResponse, req: SamplingRequest, stats: RequestTelemetry,
+                      choices: int) -> AsyncGenerator[Response, None]:
         """The upstream's chunks with our model id; tokens timed as they arrive; the usage chunk gets our metrics."""
+        budget = choices * ((req.limit or self._default_max_tokens) + _CHUNK_SLACK)
+        seen_choice = False
         try:
             async for chunk in _sse_json(response):
                 if "error" in chunk:
-                    raise UpstreamError(f"The upstream engine failed: {error_message(chunk['error'])}")
+                    raise UpstreamError(f"The upstream engine failed: {error_message(chunk['error'])[:500]}")
+                parsed = _checked(chunk, choices)
                 chunk["model"] = self.model_id
                 _keep_reported(chunk, stats)
-                if chunk.get("choices"):
-                    if any(_text(choice) for choice in chunk["choices"]):
+                if parsed.choices:
+                    seen_choice = True
+                    budget -= 1
+                    if budget < 0:
+                        raise UpstreamError("The upstream engine sent more than the tokens asked for")
+                    if any(choice.new_text() for choice in parsed.choices):
                         stats.on_tokens(1)
                     yield chunk
-                elif chunk.get("usage"):
-                    final = self._final(chunk, req, stats)
+                elif parsed.usage is not None:
+                    final = self._final(chunk, parsed.usage, req, stats)
                     if final is not None:
                         yield final
+            if not seen_choice:
+                raise UpstreamError("The upstream engine sent no choices")
         finally:
             response.close()  # a client that left, or an error: the upstream sees the connection close
             stats.on_end()
 
-    def _final(self, chunk: dict[str, Any], req: SamplingRequest, stats: RequestTelemetry) -> dict[str, Any] | None:
-        usage = chunk["usage"]
-        stats.prompt_tokens = int(usage.get("prompt_tokens", 0))
-        stats.completion_tokens = int(usage.get("completion_tokens", stats.completion_tokens))
+    def _final(self, chunk: dict[str, Any], usage: _Usage, req: SamplingRequest,
+               stats: RequestTelemetry) -> dict[str, Any] | None:
+        stats.prompt_tokens = usage.prompt_tokens
+        stats.completion_tokens = usage.completion_tokens or stats.completion_tokens
         stats.on_end()
         if not (req.include_usage or self._always_usage or not req.stream):
             return None
         chunk["metrics"] = stats.metrics().model_dump()
         chunk["performance"] = stats.performance().model_dump()
         return chunk
+
+
+def _checked(chunk: dict[str, Any], choices: int) -> _Chunk:
+    """The chunk's shape checked where we read it: a choice that is not an object, text that is not a string,
+    an index beyond the choices asked for, usage that is not counts, are the upstream breaking its API."""
+    try:
+        parsed = _Chunk.model_validate(chunk)
+    except ValidationError:
+        raise UpstreamError("The upstream engine sent a malformed chunk") from None
+    if any(choice.index >= choices for choice in parsed.choices):
+        raise UpstreamError("The upstream engine sent a choice that was not asked for")
+    return parsed
+
+
+async def _prepend(first: Response, rest: AsyncGenerator[Response, None]) -> AsyncGenerator[Response, None]:
+    """``first``, then the rest; closing it closes the rest (and so the upstream request)."""
+    try:
+        yield first
+        async for item in rest:
+            yield item
+    finally:
+        await rest.aclose()
 
 
 async def _sse_json(response: aiohttp.ClientResponse) -> AsyncGenerator[dict[str, Any], None]:
@@ -128,12 +217,18 @@ async def _aggregate(chunks: AsyncGenerator[Response, None], kind: str) -> dict[
     texts: dict[int, list[str]] = {}
     finishes: dict[int, str | None] = {}
     head: dict[str, Any] = {}
+    size = 0
     async for item in chunks:
         chunk = item if isinstance(item, dict) else item.model_dump()
         head = head or chunk
         for choice in chunk.get("choices", []):
             index = int(choice.get("index", 0))
-            texts.setdefault(index, []).append(_text(choice))
+            text = _text(choice)
+            size += len(text)
+            if size > MAX_ASSEMBLED_CHARS:
+                await chunks.aclose()
+                raise UpstreamError("The upstream engine's answer is too large to assemble")
+            texts.setdefault(index, []).append(text)
             finishes[index] = choice.get("finish_reason") or finishes.get(index)
         for name in ("usage", "metrics", "performance"):
             if chunk.get(name):

@@ -1,58 +1,142 @@
-"""What every backend that talks HTTP to an engine elsewhere shares: posting, and turning faults into our errors."""
+"""What every backend that talks HTTP to an engine elsewhere shares: its session, posting, readiness, and turning
+faults into our errors.
+
+Every byte from an upstream is untrusted: error bodies are read up to a few KB, redirects are not followed, its
+credentials problems are ours (502), and neither its URL nor aiohttp's internals reach a client (they are logged).
+"""
 
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
+import time
 from collections.abc import Iterator
 from typing import Any
 
 import aiohttp
+from aiohttp import http_exceptions
 
 from genai_server.errors import UpstreamError, UpstreamRejected, UpstreamTimeout, UpstreamUnavailable
 
+log = logging.getLogger(__name__)
 
-async def post_upstream(session: aiohttp.ClientSession, url: str, body: dict[str, Any],
-                        headers: dict[str, str]) -> aiohttp.ClientResponse:
-    """POST ``body``; refused -> 502, no answer in time -> 504, an error status -> its ``UpstreamRejected``/502."""
+# An upstream's error body is read up to this many bytes: enough for any real error message.
+ERROR_BODY_LIMIT = 8192
+# A 4xx message passed on to the client is cut to this many characters.
+_MESSAGE_LIMIT = 1000
+# Readiness is asked of the upstream at most this often; probes in between get the last answer.
+_READY_CACHE_S = 1.0
+_READY_TIMEOUT_S = 2.0
+
+
+class UpstreamClient:
+    """One upstream engine's HTTP session, owned from ``start`` to ``close``."""
+
+    def __init__(self, base_url: str, timeout: aiohttp.ClientTimeout, *, headers: dict[str, str] | None = None,
+                 probe_path: str) -> None:
+        self.base_url = base_url.rstrip("/")
+        self._timeout = timeout
+        self._headers = headers or {}
+        self._probe_path = probe_path
+        self._session: aiohttp.ClientSession | None = None
+        self._ready: tuple[float, bool] = (float("-inf"), False)
+
+    async def start(self) -> None:
+        """Open the session (no connection is made until the first request)."""
+        self._session = aiohttp.ClientSession(timeout=self._timeout, headers=self._headers)
+
+    async def close(self) -> None:
+        """Close the session: relayed streams still open lose their upstream and end with an error."""
+        if self._session is not None:
+            await self._session.close()
+
+    async def ready(self) -> bool:
+        """Whether the upstream answers (any status below 500) on its probe path; cached for a second."""
+        checked_at, answer = self._ready
+        if time.monotonic() - checked_at < _READY_CACHE_S:
+            return answer
+        answer = await self._probe()
+        self._ready = (time.monotonic(), answer)
+        return answer
+
+    async def _probe(self) -> bool:
+        if self._session is None or self._session.closed:
+            return False
+        try:
+            async with self._session.get(self.base_url + self._probe_path, allow_redirects=False,
+                                         timeout=aiohttp.ClientTimeout(total=_READY_TIMEOUT_S)) as response:
+                return response.status < 500
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            log.warning("upstream not ready", extra={"fields": {"upstream_url": self.base_url, "reason": repr(exc)}})
+            return False
+
+    async def post(self, path: str, body: dict[str, Any]) -> aiohttp.ClientResponse:
+        """POST ``body``; refused -> 502, no answer in time -> 504, an error status -> its ``UpstreamRejected``/502."""
+        if self._session is None or self._session.closed:
+            raise UpstreamUnavailable("The upstream engine cannot be reached")
+        url = self.base_url + path
+        try:
+            response = await self._session.post(url, json=body, allow_redirects=False)
+        except aiohttp.ClientConnectorError as exc:
+            log.warning("upstream unreachable", extra={"fields": {"upstream_url": url, "reason": str(exc.os_error)}})
+            raise UpstreamUnavailable("The upstream engine cannot be reached") from None
+        except TimeoutError:
+            raise UpstreamTimeout("The upstream engine did not answer in time") from None
+        except (aiohttp.ClientError, http_exceptions.HttpProcessingError, ValueError) as exc:
+            log.warning("upstream request failed", extra={"fields": {"upstream_url": url, "reason": repr(exc)}})
+            raise UpstreamError("The upstream engine failed") from None
+        if response.status >= 300:
+            raise await _rejection(response, url)
+        return response
+
+
+async def _rejection(response: aiohttp.ClientResponse, url: str) -> Exception:
+    """The upstream's error answer as ours: its 4xx passed on with its message; its 5xx, a redirect or a refusal
+    of the gateway's own credentials (401/403) as a 502."""
     try:
-        response = await session.post(url, json=body, headers=headers)
-    except aiohttp.ClientConnectorError as exc:
-        raise UpstreamUnavailable(f"The upstream engine at {url} cannot be reached: {exc.os_error}") from None
-    except TimeoutError:
-        raise UpstreamTimeout(f"The upstream engine at {url} did not answer in time") from None
-    except aiohttp.ClientError as exc:
-        raise UpstreamError(f"The upstream engine failed: {exc}") from None
-    if response.status >= 400:
-        raise await _rejection(response)
-    return response
+        raw = await response.content.read(ERROR_BODY_LIMIT)
+    except (aiohttp.ClientError, http_exceptions.HttpProcessingError, TimeoutError):
+        raw = b""
+    finally:
+        response.close()
+    error = _error_object(raw)
+    message = error_message(error)[:_MESSAGE_LIMIT] or response.reason or "no message"
+    status = response.status
+    if status < 400 or status in (401, 403) or status >= 500:
+        log.warning("upstream refused a request", extra={"fields": {
+            "upstream_url": url, "upstream_status": status, "upstream_message": message}})
+        if status < 400:
+            return UpstreamError(f"The upstream engine answered with a redirect ({status}); redirects are not followed")
+        if status in (401, 403):
+            return UpstreamError(f"The upstream engine refused this gateway's credentials ({status}); see the "
+                                 "server log")
+        return UpstreamError(f"The upstream engine answered {status}")
+    headers = {"Retry-After": response.headers["Retry-After"]} if "Retry-After" in response.headers else None
+    code = error.get("code") or ("model_not_found" if status == 404 else None)
+    param, error_type = error.get("param"), error.get("type")
+    return UpstreamRejected(status, message, param=param if isinstance(param, str) else None,
+                            code=str(code)[:100] if code is not None else None,
+                            error_type=error_type if isinstance(error_type, str) else None, headers=headers)
 
 
-async def _rejection(response: aiohttp.ClientResponse) -> Exception:
-    """The upstream's error answer as ours: its 4xx passed on with its message, its 5xx as a 502."""
-    text = await response.text()
-    response.close()
+def _error_object(raw: bytes) -> dict[str, Any]:
+    """The ``error`` object of an error body (OpenAI's dict, Ollama's string), or the text itself."""
+    text = raw.decode("utf-8", errors="replace")
     try:
         error = json.loads(text).get("error", {})
-    except (ValueError, AttributeError):
-        error = {}
+    except (ValueError, AttributeError, RecursionError):
+        return {"message": text}
     if not isinstance(error, dict):  # Ollama: {"error": "model 'x' not found"}
-        error = {"message": str(error)}
-    message = error_message(error) or text[:500] or response.reason or "no message"
-    if response.status >= 500:
-        return UpstreamError(f"The upstream engine answered {response.status}: {message}")
-    headers = {"Retry-After": response.headers["Retry-After"]} if "Retry-After" in response.headers else None
-    code = error.get("code") or ("model_not_found" if response.status == 404 else None)
-    return UpstreamRejected(response.status, message, param=error.get("param"),
-                            code=str(code) if code is not None else None, error_type=error.get("type"),
-                            headers=headers)
+        return {"message": str(error)}
+    return error
 
 
 def parse_event(data: bytes) -> dict[str, Any]:
     """One JSON event of an upstream stream; anything but a JSON object is the upstream breaking its API."""
     try:
         event = json.loads(data)
-    except ValueError:
+    except (ValueError, RecursionError):
         raise UpstreamError("The upstream engine sent a malformed stream event") from None
     if not isinstance(event, dict):
         raise UpstreamError("The upstream engine sent a malformed stream event")
@@ -61,13 +145,14 @@ def parse_event(data: bytes) -> dict[str, Any]:
 
 @contextlib.contextmanager
 def stream_faults() -> Iterator[None]:
-    """A stream that goes silent or breaks mid-way, as our errors (504, 502)."""
+    """A stream that goes silent or breaks mid-way (an endless line included), as our errors (504, 502)."""
     try:
         yield
     except TimeoutError:
         raise UpstreamTimeout("The upstream engine stopped sending mid-stream") from None
-    except aiohttp.ClientError as exc:
-        raise UpstreamError(f"The upstream stream broke: {exc}") from None
+    except (aiohttp.ClientError, http_exceptions.HttpProcessingError) as exc:
+        log.warning("upstream stream broke", extra={"fields": {"reason": repr(exc)}})
+        raise UpstreamError("The upstream stream broke") from None
 
 
 def error_message(error: Any) -> str:
