@@ -22,7 +22,8 @@ from genai_server.error_mapping import setup_error_mapping
 from genai_server.gpu import GpuMonitor
 from genai_server.lifecycle import server_failed, setup_lifecycle
 from genai_server.openapi import setup_openapi
-from genai_server.prometheus import ServerMetrics, setup_prometheus
+from genai_server.prometheus import Gauges, ServerMetrics, setup_prometheus
+from genai_server.request_body import setup_request_body
 from genai_server.request_log import setup_request_log
 from genai_server.routes import add_routes
 from genai_server.serving import RequestLimits, Serving
@@ -42,12 +43,14 @@ def create_app(settings: Settings) -> web.Application:
     # 1. Prometheus: counts every generation request by its final status, 429s included;
     # 2. request log: sees every request and the final status, after errors were mapped;
     # 3. error mapping: turns every exception below it, 401 and 429 included, into the OpenAI envelope;
-    # 4. API keys: a request without one is refused before it can take or wait for a slot;
-    # 5. concurrency limit: innermost, so only real generation requests hold a slot.
+    # 4. API keys: a request without one is refused before its body is read or it can wait for a slot;
+    # 5. request body: read whole and checked before the slot, so a slow sender holds a connection, not a slot;
+    # 6. concurrency limit: innermost, so only real generation requests hold a slot.
     setup_prometheus(app, app[METRICS])
     setup_request_log(app)
     setup_error_mapping(app)
     setup_api_keys(app, settings.all_api_keys, protect_metrics=settings.metrics_require_key)
+    setup_request_body(app, settings.request_read_timeout)
     setup_concurrency_limit(app, app[LIMITER])
     add_routes(app)
     setup_openapi(app)
@@ -64,13 +67,14 @@ async def backends_context(app: web.Application) -> AsyncIterator[None]:
     gpu = app[GPU] = GpuMonitor()
     await gpu.start()
     backends = {entry.id: _backend(app, settings, entry) for entry in settings.models}
-    serving = Serving(backends, gpu, RequestLimits(settings.max_messages, settings.max_tokens_limit))
+    serving = Serving(backends, gpu, RequestLimits(settings.max_messages, settings.max_tokens_limit,
+                                                   settings.max_sequences_per_request))
     try:
         await serving.start()
         app[SERVING] = serving
-        app[ENGINES] = [backend.engine for backend in backends.values() if isinstance(backend, OnnxBackend)]
+        app[ENGINES] = {model: b.engine for model, b in backends.items() if isinstance(b, OnnxBackend)}
         if app[ENGINES]:
-            app[ENGINE] = app[ENGINES][0]
+            app[ENGINE] = next(iter(app[ENGINES].values()))
         yield
     finally:
         await serving.stop()
@@ -100,14 +104,17 @@ def _onnx_backend(app: web.Application, settings: Settings, entry: ModelEntry) -
         log.warning("MODEL_PATH is not set: serving the bundled demo model %s, which has random weights "
                     "and produces noise", entry.model_path.name)
     engine = OnnxEngine(entry.model_path, EngineConfig(settings.engine_max_batch_size, settings.engine_lanes,
-                                                       settings.engine_batch_wait_ms, settings.max_model_len))
+                                                       settings.engine_batch_wait_ms, settings.max_model_len,
+                                                       settings.engine_memory_budget_mb))
     return OnnxBackend(engine, entry.id, created=int(time.time()), always_usage=settings.stream_usage_always,
                        max_prompt_tokens=settings.max_prompt_tokens, default_max_tokens=settings.max_tokens_limit,
                        on_failure=lambda exc: server_failed(app, f"the {entry.id} engine failed: {exc!r}"))
 
 
-def _gauges(app: web.Application) -> tuple[int, int, float | None]:
-    """Generation requests in flight, sequences waiting for a batch, GPU memory used: read at scrape time."""
-    waiting = sum(engine.waiting_sequences() for engine in app.get(ENGINES, []))
-    gpu_used = app[GPU].used_mb() if GPU in app else None
-    return app[LIMITER].in_flight, waiting, gpu_used
+def _gauges(app: web.Application) -> Gauges:
+    """Generation requests in flight, sequences waiting, KV-cache use, GPU memory used: read at scrape time."""
+    engines = app.get(ENGINES, {})
+    return Gauges(running=app[LIMITER].in_flight,
+                  waiting=sum(engine.waiting_sequences() for engine in engines.values()),
+                  kv_cache_usage={model: engine.kv_cache_usage() for model, engine in engines.items()},
+                  gpu_used_mb=app[GPU].used_mb() if GPU in app else None)

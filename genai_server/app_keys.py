@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 
 SETTINGS = web.AppKey("settings", Settings)
 ENGINE = web.AppKey("engine", OnnxEngine)  # the first embedded engine
-ENGINES = web.AppKey("engines", list[OnnxEngine])  # every embedded engine
+ENGINES = web.AppKey("engines", dict[str, OnnxEngine])  # every embedded engine, by model id
 SERVING = web.AppKey("serving", Serving)
 LIMITER = web.AppKey("limiter", ConcurrencyLimiter)
 GPU = web.AppKey("gpu", GpuMonitor)
@@ -26,6 +26,8 @@ GPU = web.AppKey("gpu", GpuMonitor)
 METRICS: web.AppKey[ServerMetrics] = web.AppKey("metrics")
 
 REQUEST_ID = web.RequestKey("request_id", str)
+# A generation request's JSON body, read and checked before it takes a slot (request_body.py).
+BODY = web.RequestKey("body", dict[str, Any])
 # perf_counter() when the request reached the server, before any queueing: where its telemetry starts.
 ARRIVAL = web.RequestKey("arrival", float)
 REQUEST_STATS = web.RequestKey("request_stats", RequestTelemetry)

@@ -42,7 +42,9 @@ def _valid(header: str, keys: list[bytes]) -> bool:
     scheme, _, presented = header.partition(" ")
     if scheme.lower() != "bearer" or not presented:
         return False
-    candidate = presented.strip().encode()
+    # Header bytes that are not UTF-8 arrive as surrogate escapes: encoded as they are (they match no key),
+    # never a 500.
+    candidate = presented.strip().encode("utf-8", "surrogatepass")
     matched = False
     for key in keys:  # every key, whatever matched: the time taken does not depend on which one
         matched |= hmac.compare_digest(candidate, key)

@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import queue
 import threading
 from collections.abc import AsyncGenerator, Callable
@@ -26,7 +27,7 @@ import numpy as np
 import onnxruntime_genai as og
 
 from genai_server.errors import EngineFailure, ModelLoadingFailed, ShuttingDown
-from genai_server.scheduler import BatchScheduler, Delta, Job, SamplingOptions
+from genai_server.scheduler import BatchScheduler, Delta, Job, KvBudget, SamplingOptions
 
 __all__ = ["FALLBACK_CHAT_TEMPLATE", "Delta", "EngineConfig", "OnnxEngine", "SamplingOptions"]
 
@@ -50,6 +51,7 @@ class EngineConfig:
     lanes: int = 2
     batch_wait_ms: float = 5.0
     max_model_len: int | None = None
+    memory_budget_mb: float | None = None  # KV cache of running sequences; None: half of this machine's memory
 
 
 class OnnxEngine:
@@ -64,6 +66,8 @@ class OnnxEngine:
         self._thread = threading.Thread(target=self._thread_main, name="onnx-engine-owner", daemon=True)
         self._scheduler: BatchScheduler | None = None
         self._tokenizer: Any = None
+        # Tokenising runs in worker threads (off the event loop); the library does not promise it is thread-safe.
+        self._tokenizer_lock = threading.Lock()
         self._model: Any = None
         self._closed = False
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -74,6 +78,7 @@ class OnnxEngine:
         self.on_failure: Callable[[BaseException], None] | None = None
         self.context_length = 0
         self.max_token_bytes = 0
+        self.memory = KvBudget(0, 0, 0)
         self.vocab_size = 0
         self.eos_token_ids: frozenset[int] = frozenset()
         self.has_chat_template = False
@@ -103,17 +108,25 @@ class OnnxEngine:
         """Sequences waiting for a batch to start."""
         return self._scheduler.waiting() if self._scheduler is not None else 0
 
+    def kv_cache_usage(self) -> float:
+        """The share of the memory budget that running sequences' KV caches hold (0-1)."""
+        if self._scheduler is None or not self.memory.budget_bytes:
+            return 0.0
+        return self._scheduler.kv_bytes_reserved / self.memory.budget_bytes
+
     # ---- tokenizer (callable from any thread) ------------------------------------------
 
     def encode(self, text: str) -> list[int]:
-        """Token ids of ``text`` as the model's tokenizer counts them."""
-        return [int(t) for t in self._live_tokenizer().encode(text)]
+        """Token ids of ``text`` as the model's tokenizer counts them (from any thread; calls take turns)."""
+        with self._tokenizer_lock:
+            return [int(t) for t in self._live_tokenizer().encode(text)]
 
     def apply_chat_template(self, messages: list[dict[str, str]]) -> str:
         """Render the conversation with the model's template (a Phi-3-style one when it has none)."""
         template = None if self.has_chat_template else FALLBACK_CHAT_TEMPLATE
-        return str(self._live_tokenizer().apply_chat_template(json.dumps(messages), template_str=template,
-                                                              add_generation_prompt=True))
+        with self._tokenizer_lock:
+            return str(self._live_tokenizer().apply_chat_template(json.dumps(messages), template_str=template,
+                                                                  add_generation_prompt=True))
 
     def _live_tokenizer(self) -> Any:
         tokenizer = self._tokenizer  # one read: the owner thread drops it when the engine closes
@@ -194,6 +207,7 @@ class OnnxEngine:
         genai_config = json.loads((self.model_path / "genai_config.json").read_text())
         self.context_length = _context_length(genai_config, self.config.max_model_len)
         self.vocab_size = int(genai_config["model"].get("vocab_size", 0))
+        self.memory = _kv_budget(genai_config, self.context_length, self.config.memory_budget_mb)
         config = og.Config(str(self.model_path))
         # The Engine allocates every sequence's KV cache for search.max_length tokens up front, so
         # that length (not the model's 128k, say) is what a sequence costs in memory.
@@ -206,7 +220,7 @@ class OnnxEngine:
         self.has_chat_template = _has_chat_template(self.model_path)
         return BatchScheduler(self._model, self._tokenizer, lanes=self.config.lanes,
                               eos_token_ids=self.eos_token_ids, max_batch_size=self.config.max_batch_size,
-                              batch_wait_s=self.config.batch_wait_ms / 1000)
+                              batch_wait_s=self.config.batch_wait_ms / 1000, memory=self.memory)
 
     def _serve(self, scheduler: BatchScheduler) -> None:
         while self._drain_commands(timeout=scheduler.wait_timeout()):
@@ -236,6 +250,36 @@ def _context_length(genai_config: dict[str, Any], cap: int | None) -> int:
     if cap is not None:
         limits.append(cap)
     return min(limits)
+
+
+# KV cache entries are float32 in the CPU models the builder makes (fp16 models need half: the budget errs safe).
+_KV_BYTES_PER_VALUE = 4
+
+
+def _kv_budget(genai_config: dict[str, Any], context_length: int, budget_mb: float | None) -> KvBudget:
+    """The KV-cache budget and the cost of one token: 2 (key, value) x layers x KV heads x head size x 4 bytes.
+    A budget that cannot hold one full-context sequence could never serve: that is a start-up error."""
+    decoder = genai_config["model"]["decoder"]
+    per_token = (2 * int(decoder["num_hidden_layers"]) * int(decoder["num_key_value_heads"])
+                 * int(decoder["head_size"]) * _KV_BYTES_PER_VALUE)
+    budget = int(budget_mb * 2**20) if budget_mb is not None else default_memory_budget_bytes()
+    if per_token * context_length > budget:
+        raise ValueError(
+            f"one sequence of {context_length} tokens needs {per_token * context_length / 2**20:.0f} MB of KV cache, "
+            f"more than the engine's memory budget of {budget / 2**20:.0f} MB: lower MAX_MODEL_LEN (at most "
+            f"{budget // per_token}) or raise ENGINE_MEMORY_BUDGET_MB")
+    return KvBudget(budget, per_token, context_length)
+
+
+def default_memory_budget_bytes() -> int:
+    """Half of the memory this process may use: the cgroup's limit (a container's) or the machine's RAM. The
+    other half is for the weights, the runtime's buffers and the rest of the server."""
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    with contextlib.suppress(OSError, ValueError):
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit != "max":
+            total = min(total, int(limit))
+    return total // 2
 
 
 def _max_token_bytes(tokenizer: Any, vocab_size: int) -> int:

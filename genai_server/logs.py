@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 from datetime import UTC, datetime
 from typing import Any
@@ -25,17 +26,26 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str)
 
 
-class TextFormatter(logging.Formatter):
-    """Readable lines with the structured fields appended as ``key=value``."""
+# Control characters (CR and LF among them) in a message or a field: a client's URL path would otherwise forge
+# log lines in the text format (``%0d%0a`` decodes to a line break).
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
-    def __init__(self) -> None:
-        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+def _escape(text: str) -> str:
+    return _CONTROL.sub(lambda match: f"\\x{ord(match.group()):02x}", text)
+
+
+class TextFormatter(logging.Formatter):
+    """Readable lines with the structured fields appended as ``key=value``; one record is one line (a traceback
+    follows on its own lines)."""
 
     def format(self, record: logging.LogRecord) -> str:
-        line = super().format(record)
+        line = f"{self.formatTime(record)} {record.levelname} {record.name}: {_escape(record.getMessage())}"
         fields = getattr(record, "fields", None)
         if fields:
-            line += " " + " ".join(f"{key}={value}" for key, value in fields.items())
+            line += " " + " ".join(f"{key}={_escape(str(value))}" for key, value in fields.items())
+        if record.exc_info:
+            line += "\n" + self.formatException(record.exc_info)
         return line
 
 

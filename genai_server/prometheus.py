@@ -8,6 +8,7 @@ registry: several apps in one process (the tests) never share counters.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -24,10 +25,20 @@ _TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15,
 _LABELS = ("model", "backend")
 
 
+@dataclass(frozen=True)
+class Gauges:
+    """What the gauges read at scrape time."""
+
+    running: int  # generation requests in flight
+    waiting: int  # sequences waiting to be admitted by the embedded engines
+    kv_cache_usage: dict[str, float]  # per embedded model: the share of its KV budget in use
+    gpu_used_mb: float | None  # None without a GPU
+
+
 class ServerMetrics:
     """The Prometheus collectors of one server."""
 
-    def __init__(self, backend: str, gauges: Callable[[], tuple[int, int, float | None]]) -> None:
+    def __init__(self, backend: str, gauges: Callable[[], Gauges]) -> None:
         self.backend = backend
         self._gauges = gauges
         self.registry = CollectorRegistry()
@@ -55,6 +66,9 @@ class ServerMetrics:
         self.gpu_used: Gauge | None = None  # registered at the first scrape that finds a GPU: no GPU, no series
         self.waiting = Gauge("genai_server_num_requests_waiting",
                              "Sequences waiting for a batch to start in the embedded engines.", registry=self.registry)
+        self.kv_cache = Gauge("genai_server_kv_cache_usage_perc",
+                              "Share of an embedded engine's KV-cache memory budget held by running sequences (0-1).",
+                              ("model",), registry=self.registry)
 
     def observe(self, stats: RequestTelemetry | None, model: str, status: int) -> None:
         """Record one finished generation request."""
@@ -77,9 +91,12 @@ class ServerMetrics:
 
     def exposition(self) -> bytes:
         """The text format, with the gauges read now."""
-        running, waiting, gpu_used_mb = self._gauges()
-        self.running.set(running)
-        self.waiting.set(waiting)
+        gauges = self._gauges()
+        self.running.set(gauges.running)
+        self.waiting.set(gauges.waiting)
+        for model, usage in gauges.kv_cache_usage.items():
+            self.kv_cache.labels(model).set(usage)
+        gpu_used_mb = gauges.gpu_used_mb
         if gpu_used_mb is not None:
             if self.gpu_used is None:
                 self.gpu_used = Gauge("genai_server_gpu_memory_used_bytes", "Memory in use on the visible GPUs (NVML).",

@@ -57,8 +57,7 @@ def setup_request_log(app: web.Application) -> None:
             status = CLIENT_CLOSED_REQUEST
             raise
         finally:
-            if client_left(request):
-                status = CLIENT_CLOSED_REQUEST
+            status = final_status(request, status)
             request[FINAL_STATUS] = status
             _log_line(request, status, (time.perf_counter() - started) * 1000)
 
@@ -66,10 +65,15 @@ def setup_request_log(app: web.Application) -> None:
     app.on_response_prepare.append(_add_request_id)
 
 
-def client_left(request: web.Request) -> bool:
-    """Whether the client went away mid-stream (its 200 headers were sent, the answer was not)."""
+def final_status(request: web.Request, status: int) -> int:
+    """The status a request really ended with: 499 if the client went away mid-stream (its 200 headers were sent,
+    the answer was not), the error's status if an error ended its stream, else the response's."""
     stats = request.get(REQUEST_STATS)
-    return stats is not None and stats.client_disconnected
+    if stats is None:
+        return status
+    if stats.client_disconnected:
+        return CLIENT_CLOSED_REQUEST
+    return stats.error_status or status
 
 
 def _log_line(request: web.Request, status: int, duration_ms: float) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 from collections.abc import Awaitable
@@ -11,9 +10,8 @@ from typing import TypeVar
 from aiohttp import web
 from pydantic import BaseModel
 
-from genai_server.app_keys import ARRIVAL, REQUEST_STATS, SERVING, SETTINGS
+from genai_server.app_keys import ARRIVAL, BODY, REQUEST_STATS, SERVING, SETTINGS
 from genai_server.backends import Response, Result
-from genai_server.errors import InvalidRequest, RequestTimeout, UnsupportedMediaType
 from genai_server.protocol import ChatCompletionRequest, CompletionRequest
 from genai_server.request_log import log_exchange
 from genai_server.sse import write_sse
@@ -22,22 +20,9 @@ from genai_server.telemetry import RequestTelemetry
 RequestT = TypeVar("RequestT", bound=BaseModel)
 
 
-async def parse_body(request: web.Request, model: type[RequestT]) -> RequestT:
-    """The JSON body validated as ``model``; not-JSON is a 415, malformed JSON a 400."""
-    if request.content_type != "application/json":
-        raise UnsupportedMediaType(f"Content-Type must be application/json, not '{request.content_type}'")
-    try:
-        async with asyncio.timeout(request.app[SETTINGS].request_read_timeout):
-            raw = await request.read()
-    except TimeoutError:
-        raise RequestTimeout("The request body did not arrive in time") from None
-    try:
-        body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise InvalidRequest(f"The body is not valid JSON: {exc}", code="invalid_json") from None
-    if not isinstance(body, dict):
-        raise InvalidRequest("The body must be a JSON object", code="invalid_json")
-    return model.model_validate(body)
+def parse_body(request: web.Request, model: type[RequestT]) -> RequestT:
+    """The JSON body (read and checked by ``request_body.py`` before the slot) validated as ``model``."""
+    return model.model_validate(request[BODY])
 
 
 def json_response(payload: Response) -> web.Response:
@@ -59,14 +44,14 @@ async def get_model(request: web.Request) -> web.Response:
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     """``POST /v1/chat/completions``."""
     stats = _telemetry(request)
-    body = await parse_body(request, ChatCompletionRequest)
+    body = parse_body(request, ChatCompletionRequest)
     return await _respond(request, stats, body, request.app[SERVING].chat(body, stats))
 
 
 async def completions(request: web.Request) -> web.StreamResponse:
     """``POST /v1/completions``."""
     stats = _telemetry(request)
-    body = await parse_body(request, CompletionRequest)
+    body = parse_body(request, CompletionRequest)
     return await _respond(request, stats, body, request.app[SERVING].complete(body, stats))
 
 
@@ -91,7 +76,10 @@ async def _respond(request: web.Request, stats: RequestTelemetry, body: BaseMode
     def client_gone() -> None:
         stats.client_disconnected = True
 
-    return await write_sse(request, result, on_client_gone=client_gone,
+    def failed(status: int) -> None:
+        stats.error_status = status
+
+    return await write_sse(request, result, on_client_gone=client_gone, on_error=failed,
                            write_timeout=request.app[SETTINGS].client_write_timeout)
 
 

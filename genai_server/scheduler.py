@@ -8,6 +8,10 @@ idle, so a newcomer starts within one decode step of the batches already running
 unless every lane is busy. A sampled sequence with a seed cannot run on the CPU
 Engine at all (it needs dynamic batching) and is stepped on a seeded Generator.
 
+Memory is admitted, not hoped for: each running sequence holds a KV cache (a lane's for the whole context, a
+Generator's for its prompt plus max_tokens), and the sum stays within the engine's memory budget. Work beyond
+it waits in line; the serving layer refuses up front what could never fit.
+
 Nothing here may be called from any thread but the engine's owner thread.
 """
 
@@ -75,6 +79,7 @@ class Job:
     request: Any = None
     turn_id: int = 0
     generator: Any = None
+    kv_bytes: int = 0  # a Generator's KV cache, reserved while it runs
     stream: Any = None
     fed: int = 0
     generated: int = 0
@@ -88,6 +93,24 @@ def _deliver(items: list[tuple[asyncio.Queue[Delta], Delta]]) -> None:
         target.put_nowait(delta)
 
 
+@dataclass(frozen=True)
+class KvBudget:
+    """What running sequences may hold in KV cache, and what each costs."""
+
+    budget_bytes: int
+    bytes_per_token: int
+    context_length: int
+
+    @property
+    def lane_sequence_bytes(self) -> int:
+        """A lane sequence: the Engine allocates its cache for the whole context up front."""
+        return self.bytes_per_token * self.context_length
+
+    def generator_bytes(self, prompt_tokens: int, max_tokens: int) -> int:
+        """A seeded Generator: its cache holds the prompt and max_tokens."""
+        return self.bytes_per_token * min(self.context_length, prompt_tokens + max_tokens)
+
+
 class Lane:
     """One og.Engine: a static batch of sequences that start together."""
 
@@ -95,6 +118,7 @@ class Lane:
         self.engine = og.Engine(model)
         self.events = self.engine.create_event_buffer(_EVENT_BUFFER)
         self.jobs: dict[int, Job] = {}  # by id() of the og.Request
+        self.kv_bytes = 0  # the running batch's KV cache, reserved until the lane is idle again
 
     @property
     def idle(self) -> bool:
@@ -106,7 +130,7 @@ class BatchScheduler:
     """Admits sequences into lanes and steps every lane and Generator in turn."""
 
     def __init__(self, model: Any, tokenizer: Any, *, lanes: int, eos_token_ids: frozenset[int],
-                 max_batch_size: int, batch_wait_s: float) -> None:
+                 max_batch_size: int, batch_wait_s: float, memory: KvBudget) -> None:
         self._model = model
         self._tokenizer = tokenizer
         self._lanes = [Lane(model) for _ in range(lanes)]
@@ -116,6 +140,10 @@ class BatchScheduler:
         self._waiting: deque[Job] = deque()
         self._last_arrival = 0.0
         self._generators: list[Job] = []
+        self._waiting_generators: deque[Job] = deque()
+        self._memory = memory
+        # The KV bytes reserved after the last round: what other threads read as a gauge.
+        self.kv_bytes_reserved = 0
         # Deltas of one round go to the event loop in one call_soon_threadsafe per loop, not one per
         # sequence: each call wakes the loop thread, which competes with the engine for the cores.
         self._outbox: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue[Delta], Delta]]] = {}
@@ -125,7 +153,7 @@ class BatchScheduler:
     def wait_timeout(self) -> float | None:
         """How long the owner thread may wait for commands: None = until one comes (idle),
         0 = not at all (something is generating), else the seconds until waiting sequences are admitted."""
-        if self._generators or any(not lane.idle for lane in self._lanes):
+        if self._generators or self._waiting_generators or any(not lane.idle for lane in self._lanes):
             return 0.0
         if self._waiting:
             return max(0.0, self._admission_time() - time.monotonic())
@@ -133,21 +161,27 @@ class BatchScheduler:
 
     def active(self) -> int:
         """Sequences admitted or waiting (read from other threads only as a rough gauge)."""
-        return len(self._waiting) + len(self._generators) + sum(len(lane.jobs) for lane in self._lanes)
+        return self.waiting() + len(self._generators) + sum(len(lane.jobs) for lane in self._lanes)
 
     def waiting(self) -> int:
-        """Sequences not yet admitted into a batch (a rough gauge from other threads)."""
-        return len(self._waiting)
+        """Sequences not yet admitted (a rough gauge from other threads)."""
+        return len(self._waiting) + len(self._waiting_generators)
+
+    def _kv_bytes_in_use(self) -> int:
+        """KV-cache bytes reserved by running batches and Generators (asks the Engines: owner thread only)."""
+        return sum(lane.kv_bytes for lane in self._lanes if not lane.idle) + sum(j.kv_bytes for j in self._generators)
 
     def step(self) -> None:
         """One round: admit waiting sequences, then one step of every busy lane and Generator."""
         if self._waiting and (len(self._waiting) >= self._max_batch or time.monotonic() >= self._admission_time()):
             self._admit()
+        self._admit_generators()
         for lane in self._lanes:
             if lane.engine.has_pending_requests():
                 self._guarded(partial(self._step_lane, lane), list(lane.jobs.values()))
         for job in list(self._generators):
             self._guarded(partial(self._step_generator, job), [job])
+        self.kv_bytes_reserved = self._kv_bytes_in_use()
 
     # ---- commands ---------------------------------------------------------------------
 
@@ -158,7 +192,7 @@ class BatchScheduler:
     def _queue(self, job: Job) -> None:
         job.stream = self._tokenizer.create_stream()
         if job.options.seed is not None and not job.options.greedy:
-            self._start_generator(job)
+            self._waiting_generators.append(job)
         else:
             self._waiting.append(job)
             self._last_arrival = time.monotonic()
@@ -179,10 +213,13 @@ class BatchScheduler:
             job.generator = None
         elif job in self._waiting:
             self._waiting.remove(job)
+        elif job in self._waiting_generators:
+            self._waiting_generators.remove(job)
 
     def shutdown(self) -> None:
         """Cancel everything (each client is told), drain the engines and let go of them."""
-        jobs = [*self._waiting, *self._generators, *(j for lane in self._lanes for j in lane.jobs.values())]
+        jobs = [*self._waiting, *self._waiting_generators, *self._generators,
+                *(j for lane in self._lanes for j in lane.jobs.values())]
         for job in jobs:
             self.cancel(job)
             self._send(job, Delta("", 0, finish="cancelled"))
@@ -198,14 +235,34 @@ class BatchScheduler:
         batch starts once no one has arrived for ``batch_wait_s`` (or it is full)."""
         return self._last_arrival + self._batch_wait_s
 
+    def _free_kv_bytes(self) -> int:
+        return self._memory.budget_bytes - self._kv_bytes_in_use()
+
     def _admit(self) -> None:
         for lane in self._lanes:
             if not self._waiting:
                 return
             if lane.idle:
-                batch = [self._waiting.popleft() for _ in range(min(self._max_batch, len(self._waiting)))]
+                fits = self._free_kv_bytes() // self._memory.lane_sequence_bytes
+                size = min(self._max_batch, len(self._waiting), fits)
+                if size < 1:
+                    return  # the budget is full: wait for a batch or a Generator to end
+                batch = [self._waiting.popleft() for _ in range(size)]
+                lane.kv_bytes = size * self._memory.lane_sequence_bytes
                 for job in batch:
                     self._guarded(partial(self._begin, job, lane), [job])
+
+    def _admit_generators(self) -> None:
+        """Start waiting Generators in arrival order while their KV caches fit (the first that does not fit
+        waits, and so do those behind it: a large one is not starved by small ones)."""
+        while self._waiting_generators:
+            job = self._waiting_generators[0]
+            cost = self._memory.generator_bytes(len(job.prompt), job.options.max_tokens)
+            if cost > self._free_kv_bytes():
+                return
+            self._waiting_generators.popleft()
+            job.kv_bytes = cost
+            self._guarded(partial(self._start_generator, job), [job])
 
     def _begin(self, job: Job, lane: Lane) -> None:
         request = lane.engine.create_request()

@@ -20,6 +20,7 @@ class RequestLimits:
 
     max_messages: int = 256
     max_tokens: int = 4096
+    max_sequences: int = 16
 
 
 class Serving:
@@ -77,6 +78,7 @@ class Serving:
         if len(req.messages) > self._limits.max_messages:
             raise InvalidRequest(f"At most {self._limits.max_messages} messages per request", param="messages")
         self._check_max_tokens(req, "max_completion_tokens" if req.max_completion_tokens else "max_tokens")
+        self._check_sequences(req.n)
         backend = self._start(req.model, stats)
         try:
             return await backend.chat(req, stats)
@@ -87,6 +89,7 @@ class Serving:
     async def complete(self, req: CompletionRequest, stats: RequestTelemetry) -> Result:
         """Route a text completion."""
         self._check_max_tokens(req, "max_tokens")
+        self._check_sequences(req.n * len(req.prompts()))
         backend = self._start(req.model, stats)
         try:
             return await backend.complete(req, stats)
@@ -97,6 +100,12 @@ class Serving:
     def _check_max_tokens(self, req: SamplingRequest, param: str) -> None:
         if req.limit is not None and req.limit > self._limits.max_tokens:
             raise InvalidRequest(f"At most {self._limits.max_tokens} tokens per choice (MAX_TOKENS_LIMIT)", param=param)
+
+    def _check_sequences(self, sequences: int) -> None:
+        """Each sequence holds a KV cache: what one request may ask for is counted in sequences, not requests."""
+        if sequences > self._limits.max_sequences:
+            raise InvalidRequest(f"This request asks for {sequences} sequences (n x prompts); at most "
+                                 f"{self._limits.max_sequences} are allowed (MAX_SEQUENCES_PER_REQUEST)", param="n")
 
     def _start(self, model_id: str, stats: RequestTelemetry) -> Backend:
         if self._stopped:

@@ -99,6 +99,9 @@ class Settings(BaseSettings):
     )
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="largest request body; larger -> 413")
     max_messages: int = Field(256, ge=1, description="most messages in one chat request")
+    max_sequences_per_request: int = Field(
+        16, ge=1, le=1024, description="most sequences one request may ask for: n x the prompts of a completion"
+    )
     max_prompt_tokens: int | None = Field(
         None, ge=1, description="most prompt tokens per request on the embedded engine (default: the context)"
     )
@@ -118,6 +121,10 @@ class Settings(BaseSettings):
     max_model_len: int | None = Field(
         None, ge=16, description="most tokens per sequence, prompt included (default: the model's context); "
         "each sequence's KV cache is allocated for this many tokens"
+    )
+    engine_memory_budget_mb: float | None = Field(
+        None, gt=0, description="KV-cache memory running sequences may hold (MB); work beyond it waits (default: half "
+        "of the machine's or container's memory)"
     )
     engine_max_batch_size: int = Field(
         8, ge=1, le=64, description="sequences the engine decodes together in one static batch"

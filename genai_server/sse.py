@@ -30,8 +30,10 @@ def _event(payload: bytes) -> bytes:
 
 async def write_sse(request: web.Request, chunks: AsyncGenerator[BaseModel | dict[str, Any], None],
                     on_client_gone: Callable[[], None] | None = None,
-                    write_timeout: float | None = None) -> web.StreamResponse:
-    """Stream ``chunks``; an error after the stream started is sent as an error event, then ``[DONE]``.
+                    write_timeout: float | None = None,
+                    on_error: Callable[[int], None] | None = None) -> web.StreamResponse:
+    """Stream ``chunks``; an error after the stream started is sent as an error event, then ``[DONE]``, and its
+    status is reported to ``on_error`` (the response's own status, 200, left with the headers).
 
     A client that disconnects ends the loop with ``ConnectionResetError``; closing
     ``chunks`` then cancels its generation at once.
@@ -61,6 +63,8 @@ async def write_sse(request: web.Request, chunks: AsyncGenerator[BaseModel | dic
         error = to_api_error(exc)
         if error.status >= 500:
             log.exception("error during a stream")
+        if on_error is not None:
+            on_error(error.status)
         await _write_error(response, error.envelope())
     finally:
         await chunks.aclose()

@@ -59,6 +59,8 @@ class RequestTelemetry:
     first_token: float | None = None
     end: float | None = None
     client_disconnected: bool = False
+    # The status of an error that ended a stream after its 200 headers left: what the log and metrics record.
+    error_status: int | None = None
     backend_reported: dict[str, object] | None = None
     gpu: GpuWindow | None = None
     _gpu_monitor: GpuMonitor | None = None

@@ -106,7 +106,8 @@ class OnnxBackend:
                    stats: RequestTelemetry) -> ChatCompletion | AsyncGenerator[ChatCompletionChunk, None]:
         """A chat completion, or its chunk stream when ``req.stream``."""
         messages = [{"role": _template_role(m.role), "content": m.text()} for m in req.messages]
-        prompt = self.engine.encode(self.engine.apply_chat_template(messages))
+        self._check_text_size(sum(len(m["content"]) for m in messages), param="messages")
+        prompt = await asyncio.to_thread(lambda: self.engine.encode(self.engine.apply_chat_template(messages)))
         seqs = self._plan(req, [prompt], param="messages")
         stats.prompt_tokens = len(prompt)
         if req.stream:
@@ -142,7 +143,11 @@ class OnnxBackend:
     async def complete(self, req: CompletionRequest,
                        stats: RequestTelemetry) -> Completion | AsyncGenerator[Completion, None]:
         """A text completion (raw prompt, no template), or its chunk stream when ``req.stream``."""
-        prompts = [self._token_ids(p) if isinstance(p, list) else self.engine.encode(p) for p in req.prompts()]
+        texts = [p for p in req.prompts() if isinstance(p, str)]
+        for text in texts:
+            self._check_text_size(len(text), param="prompt")
+        encoded = iter(await asyncio.to_thread(lambda: [self.engine.encode(text) for text in texts]))
+        prompts = [self._token_ids(p) if isinstance(p, list) else next(encoded) for p in req.prompts()]
         seqs = self._plan(req, prompts, param="prompt")
         stats.prompt_tokens = sum(len(p) for p in prompts)
         if req.stream:
@@ -166,6 +171,17 @@ class OnnxBackend:
                              metrics=stats.metrics(), performance=stats.performance())
 
     # ---- shared ------------------------------------------------------------------------
+
+    def _check_text_size(self, chars: int, *, param: str) -> None:
+        """Refuse a text that cannot fit before tokenising it: a text of C characters (at least C bytes) has at
+        least C / (the most bytes one token decodes to) tokens. Tokenising runs off the event loop, but a 4 MB
+        message would still cost a core for a quarter of a second."""
+        per_token = self.engine.max_token_bytes
+        limit = min(self.engine.context_length, self._max_prompt_tokens or self.engine.context_length)
+        if per_token and chars > limit * per_token:
+            code = "context_length_exceeded" if limit == self.engine.context_length else "prompt_too_long"
+            raise InvalidRequest(f"The prompt has at least {chars // per_token} tokens; at most {limit} are allowed",
+                                 param=param, code=code)
 
     def _token_ids(self, ids: list[int]) -> list[int]:
         """A prompt given as token ids, each checked against the vocabulary: the engine would fail on it."""
