@@ -104,8 +104,10 @@ async def _rejection(response: aiohttp.ClientResponse, url: str) -> Exception:
     message = error_message(error)[:_MESSAGE_LIMIT] or response.reason or "no message"
     status = response.status
     if status < 400 or status in (401, 403) or status >= 500:
+        # A refusal of our credentials may echo them: its message is not logged, only its status.
+        shown = "(not logged)" if status in (401, 403) else message
         log.warning("upstream refused a request", extra={"fields": {
-            "upstream_url": url, "upstream_status": status, "upstream_message": message}})
+            "upstream_url": url, "upstream_status": status, "upstream_message": shown}})
         if status < 400:
             return UpstreamError(f"The upstream engine answered with a redirect ({status}); redirects are not followed")
         if status in (401, 403):

@@ -1,0 +1,581 @@
+"""Hostile input against the process we ship: ``python -m genai_server`` on a real port, embedded and as a gateway
+in front of a scripted upstream that misbehaves in every way we know of.
+
+After every case the server must still answer a normal request and its gauges (requests running, sequences
+waiting, KV cache in use) must return to 0: no slot, sequence or memory is left behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from tests.conftest import LONG_PROMPT, MODEL_ID, chat_body, sse_events
+from tests.test_process import REPO, _env, _free_port, _wait_healthy
+
+KEY = "hostile-test-key"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+# Generous limits that only turn a hang into a failure.
+SETTLE_S = 30.0
+
+
+class Server:
+    """A server process with its log in a file (a pipe nobody reads would block the server's logging)."""
+
+    def __init__(self, log_path: Path, *args: str, **settings: str) -> None:
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        self._log = log_path.open("w")
+        command = list(args) or [sys.executable, "-m", "genai_server"]
+        self.proc = subprocess.Popen([*command, "--server-port", str(self.port)], cwd=REPO, env=_env(**settings),
+                                     stdout=self._log, stderr=self._log, text=True)
+
+    def wait_healthy(self) -> Server:
+        _wait_healthy(self.proc, self.port)
+        return self
+
+    def log(self) -> str:
+        return self.log_path.read_text()
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self._log.close()
+
+
+@pytest.fixture(scope="module")
+def embedded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """The embedded engine with small limits: 2 slots, 2 queue places, a KV budget of four full-context
+    sequences of the bundled model (1 MiB each), API keys on, the text log format."""
+    server = Server(tmp_path_factory.mktemp("embedded") / "server.log", API_KEYS=KEY, MAX_CONCURRENT_REQUESTS="2",
+                    MAX_QUEUED_REQUESTS="2", REQUEST_READ_TIMEOUT="3", ENGINE_MEMORY_BUDGET_MB="4",
+                    LOG_FORMAT="text", QUEUE_TIMEOUT="60")
+    try:
+        yield server.wait_healthy()
+    finally:
+        server.stop()
+
+
+def _gauges(text: str) -> dict[str, float]:
+    """Each gauge this module watches, summed over its labels."""
+    totals: dict[str, float] = {}
+    for line in text.splitlines():
+        name = line.split("{", 1)[0].split(" ", 1)[0]
+        if name in ("genai_server_num_requests_running", "genai_server_num_requests_waiting",
+                    "genai_server_kv_cache_usage_perc"):
+            totals[name] = totals.get(name, 0.0) + float(line.rsplit(" ", 1)[1])
+    return totals
+
+
+async def _metrics(session: aiohttp.ClientSession, url: str) -> str:
+    async with session.get(f"{url}/metrics") as resp:
+        return await resp.text()
+
+
+async def _settled(session: aiohttp.ClientSession, url: str) -> None:
+    """Every gauge back at 0 (polled: a handler finishes just after its client saw the end)."""
+    deadline = time.monotonic() + SETTLE_S
+    while True:
+        gauges = _gauges(await _metrics(session, url))
+        if gauges and not any(gauges.values()):
+            return
+        assert time.monotonic() < deadline, f"gauges did not return to 0: {gauges}"
+        await asyncio.sleep(0.05)
+
+
+async def _still_serves(url: str, model: str = MODEL_ID) -> None:
+    async with aiohttp.ClientSession(headers=AUTH) as session:
+        await _settled(session, url)
+        async with session.post(f"{url}/v1/chat/completions", json=chat_body(model=model, max_tokens=4)) as resp:
+            assert resp.status == 200, await resp.text()
+            assert (await resp.json())["usage"]["completion_tokens"] >= 1
+
+
+@pytest.fixture
+async def session(embedded: Server) -> AsyncIterator[aiohttp.ClientSession]:
+    """A client of the embedded server; after the case, the server must still serve with every gauge at 0."""
+    async with aiohttp.ClientSession(headers=AUTH) as client:
+        yield client
+    await _still_serves(embedded.url)
+
+
+async def _error(resp: aiohttp.ClientResponse) -> dict[str, Any]:
+    error: dict[str, Any] = (await resp.json())["error"]
+    assert isinstance(error["message"], str) and isinstance(error["code"], str)
+    return error
+
+
+async def _raw(url: str, request: bytes, *, read: bool = True) -> bytes:
+    """Send bytes as they are on a fresh connection; the whole answer (the server closes after it)."""
+    host, port = url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(request)
+    await writer.drain()
+    try:
+        return await asyncio.wait_for(reader.read(1 << 20), SETTLE_S) if read else b""
+    finally:
+        writer.close()
+
+
+def _post(path: str, body: bytes, *headers: bytes) -> bytes:
+    head = [b"POST " + path.encode() + b" HTTP/1.1", b"Host: x", b"Content-Type: application/json",
+            b"Connection: close", b"Content-Length: " + str(len(body)).encode(), *headers]
+    return b"\r\n".join(head) + b"\r\n\r\n" + body
+
+
+# ---- 1. values the engine sees differently --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("extra", "param"), [
+    ({"temperature": 1.0, "top_p": 1e-50}, "top_p"),  # positive as a float64, 0 as the engine's float32
+    ({"temperature": 1.0, "top_k": 2**31}, "top_k"),  # beyond int32
+    ({"seed": 2**64}, "seed"),  # beyond the int64 the OpenAI API allows
+    ({"max_tokens": 2**63}, "max_tokens"),  # beyond MAX_TOKENS_LIMIT, and any C integer
+])
+async def test_values_beyond_the_engine_are_400_naming_the_param(session: aiohttp.ClientSession, embedded: Server,
+                                                                 extra: dict[str, Any], param: str) -> None:
+    async with session.post(f"{embedded.url}/v1/chat/completions", json=chat_body(**extra)) as resp:
+        assert resp.status == 400
+        assert (await _error(resp))["param"] == param
+
+
+@pytest.mark.parametrize("extra", [
+    {"temperature": 0.7, "seed": 2**63 - 1},  # 64-bit seeds are the OpenAI API's
+    {"temperature": 0.7, "seed": -(2**63)},
+    {"temperature": 1e-50},  # 0 as a float32: greedy
+    {"temperature": 0.8, "top_k": 10**6},  # beyond the vocabulary: no top_k
+])
+async def test_values_the_api_allows_are_served(session: aiohttp.ClientSession, embedded: Server,
+                                                extra: dict[str, Any]) -> None:
+    async with session.post(f"{embedded.url}/v1/chat/completions", json=chat_body(**extra)) as resp:
+        assert resp.status == 200, await resp.text()
+
+
+# ---- 2. memory ------------------------------------------------------------------------------------------------
+
+
+async def test_sequences_are_counted_not_requests(session: aiohttp.ClientSession, embedded: Server) -> None:
+    body = {"model": MODEL_ID, "prompt": ["a"] * 16, "n": 16, "seed": 1, "temperature": 1.0, "max_tokens": 8}
+    async with session.post(f"{embedded.url}/v1/completions", json=body) as resp:
+        assert resp.status == 400
+        assert (await _error(resp))["param"] == "n"
+
+
+async def test_work_beyond_the_memory_budget_waits_and_completes(session: aiohttp.ClientSession,
+                                                                 embedded: Server) -> None:
+    """16 greedy sequences of 1 MiB of KV cache each (a lane's, for the whole context) and 16 seeded ones of
+    ~0.3 MiB against a 4 MiB budget: they take turns, the budget in use never passes 1, and every one finishes."""
+    seeded = chat_body(content=LONG_PROMPT, temperature=0.9, seed=5, n=16, max_tokens=600)
+    greedy = chat_body(content=LONG_PROMPT, n=16, max_tokens=1900)
+    requests = [asyncio.create_task(session.post(f"{embedded.url}/v1/chat/completions", json=body))
+                for body in (seeded, greedy)]
+    peak = 0.0
+    while not all(task.done() for task in requests):
+        peak = max(peak, _gauges(await _metrics(session, embedded.url)).get("genai_server_kv_cache_usage_perc", 0))
+        await asyncio.sleep(0.01)
+    assert 0 < peak <= 1.0
+    for task in requests:
+        resp = await task
+        assert resp.status == 200
+        choices = (await resp.json())["choices"]
+        assert len(choices) == 16 and all(choice["finish_reason"] for choice in choices)
+
+
+def test_a_context_the_budget_cannot_hold_is_a_start_up_error(tmp_path: Path) -> None:
+    server = Server(tmp_path / "server.log", ENGINE_MEMORY_BUDGET_MB="0.5")
+    try:
+        assert server.proc.wait(60) == 1
+        assert "MAX_MODEL_LEN" in server.log() and "model_loading_failed" in server.log()
+    finally:
+        server.stop()
+
+
+# ---- 3. a client that leaves is let go ------------------------------------------------------------------------
+
+
+async def _requests_with_status(session: aiohttp.ClientSession, url: str, status: str) -> float:
+    total = 0.0
+    for line in (await _metrics(session, url)).splitlines():
+        if line.startswith("genai_server_requests_total{") and f'status="{status}"' in line:
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_client_that_leaves_frees_its_slot_and_its_sequences(session: aiohttp.ClientSession,
+                                                                     embedded: Server, stream: bool) -> None:
+    """16 sequences of 1900 tokens take seconds under the 4 MiB budget; the client leaves as soon as they run.
+    Without handler cancellation the process would generate all of them and log a 200."""
+    before = await _requests_with_status(session, embedded.url, "499")
+    body = json.dumps(chat_body(content=LONG_PROMPT, n=16, max_tokens=1900, stream=stream)).encode()
+    host, port = embedded.url.removeprefix("http://").split(":")
+    _, writer = await asyncio.open_connection(host, int(port))
+    writer.write(_post("/v1/chat/completions", body, b"Authorization: Bearer " + KEY.encode()))
+    await writer.drain()
+    deadline = time.monotonic() + SETTLE_S
+    while not _gauges(await _metrics(session, embedded.url)).get("genai_server_kv_cache_usage_perc"):
+        assert time.monotonic() < deadline, "the request never started"
+        await asyncio.sleep(0.01)
+    writer.close()  # the client goes away mid-generation
+    await _settled(session, embedded.url)
+    assert await _requests_with_status(session, embedded.url, "499") == before + 1
+
+
+# ---- 4. slow and malformed clients ----------------------------------------------------------------------------
+
+
+async def test_slow_senders_hold_connections_not_slots(session: aiohttp.ClientSession, embedded: Server) -> None:
+    """Six clients each send one byte of their body (more than the 2 slots + 2 queue places); a real client is
+    served at once, and the slow ones get 408 after REQUEST_READ_TIMEOUT."""
+    host, port = embedded.url.removeprefix("http://").split(":")
+    slow = []
+    for _ in range(6):
+        reader, writer = await asyncio.open_connection(host, int(port))
+        head = _post("/v1/chat/completions", b"", b"Authorization: Bearer " + KEY.encode())
+        writer.write(head.replace(b"Content-Length: 0", b"Content-Length: 500") + b"{")
+        await writer.drain()
+        slow.append((reader, writer))
+    async with session.post(f"{embedded.url}/v1/chat/completions", json=chat_body()) as resp:
+        assert resp.status == 200
+    for reader, writer in slow:
+        answer = await asyncio.wait_for(reader.read(4096), SETTLE_S)
+        assert answer.startswith(b"HTTP/1.1 408"), answer[:100]
+        writer.close()
+
+
+ANY = "any param"
+
+
+@pytest.mark.parametrize(("body", "param"), [
+    (b'{"model": "m", "messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", None),  # deeply nested
+    (b'{"model": "m", "x": ' + b'{"a":' * 65 + b"1" + b"}" * 65 + b"}", ANY),  # past the depth limit, in an extra
+    (json.dumps(chat_body(content="\ud800")).encode(), "messages.0.content"),  # a lone surrogate
+    (json.dumps({"model": MODEL_ID, "prompt": "ok \udfff"}).encode(), "prompt"),
+    (b'{"model": "m", "messages": [{"role": "user", "content": "hi"}], "temperature": NaN}', None),
+    (b'{"model": "m", "messages": [{"role": "user", "content": "hi"}], "top_p": Infinity}', None),
+    (b'{"model": "\xff\xfe"}', None),  # not UTF-8
+])
+async def test_malformed_bodies_are_400(session: aiohttp.ClientSession, embedded: Server, body: bytes,
+                                        param: str | None) -> None:
+    path = "/v1/completions" if b'"prompt"' in body else "/v1/chat/completions"
+    answer = await _raw(embedded.url, _post(path, body, b"Authorization: Bearer " + KEY.encode()))
+    head, _, payload = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400"), answer[:300]
+    error = json.loads(payload)["error"]
+    assert param == ANY or error["param"] == param
+    assert error["code"] in ("invalid_json", "invalid_parameter")
+
+
+async def test_a_non_utf8_authorization_header_is_401(session: aiohttp.ClientSession, embedded: Server) -> None:
+    answer = await _raw(embedded.url, _post("/v1/chat/completions", json.dumps(chat_body()).encode(),
+                                            b"Authorization: Bearer \xff\xfe\x80"))
+    assert answer.startswith(b"HTTP/1.1 401"), answer[:200]
+    assert json.loads(answer.partition(b"\r\n\r\n")[2])["error"]["code"] == "invalid_api_key"
+
+
+async def test_a_text_that_cannot_fit_is_refused_without_tokenising(session: aiohttp.ClientSession,
+                                                                     embedded: Server) -> None:
+    """3.5 MB of text: far more tokens than the 2048-token context, refused from its length alone; liveness
+    answers meanwhile."""
+    big = io.BytesIO(json.dumps(chat_body(content="word " * 700_000)).encode())
+    posted = asyncio.create_task(session.post(f"{embedded.url}/v1/chat/completions", data=big,
+                                              headers={"Content-Type": "application/json"}))
+    async with session.get(f"{embedded.url}/health/live") as live:
+        assert live.status == 200
+    resp = await posted
+    assert resp.status == 400
+    assert (await _error(resp))["code"] == "context_length_exceeded"
+    for prompt in ("x" * 2_000_000, ["short", "y" * 2_000_000]):
+        body = io.BytesIO(json.dumps({"model": MODEL_ID, "prompt": prompt}).encode())
+        async with session.post(f"{embedded.url}/v1/completions", data=body,
+                                headers={"Content-Type": "application/json"}) as resp:
+            assert (resp.status, (await _error(resp))["param"]) == (400, "prompt")
+
+
+async def test_a_path_cannot_forge_log_lines(session: aiohttp.ClientSession, embedded: Server) -> None:
+    await _raw(embedded.url, b"GET /v1/x%0d%0a2026-01-01%20INFO%20forged:%20entry HTTP/1.1\r\nHost: x\r\n"
+               b"Connection: close\r\n\r\n")
+    await asyncio.sleep(0.2)  # the access line is written after the response
+    log = embedded.log()
+    assert "\\x0d\\x0a2026-01-01 INFO forged" in log
+    assert not any(line.startswith("2026-01-01 INFO forged") for line in log.splitlines())
+
+
+# ---- 1 (continued). an engine that fails, in the process we ship ---------------------------------------------
+
+# The owner thread's scheduler fails outside any engine call (a bug of ours, injected): the process must answer
+# what is in flight, stop, and exit non-zero so that its supervisor restarts it.
+_INJECT_FAULT = """
+import sys
+from genai_server import __main__, scheduler
+admit = scheduler.BatchScheduler._admit
+def broken(self):
+    if any(job.options.max_tokens == 1234 for job in self._waiting):
+        raise RuntimeError("injected scheduler fault")
+    admit(self)
+scheduler.BatchScheduler._admit = broken
+sys.exit(__main__.main())
+"""
+
+
+async def test_an_engine_that_dies_answers_everyone_and_the_process_exits_3(tmp_path: Path) -> None:
+    server = Server(tmp_path / "server.log", sys.executable, "-c", _INJECT_FAULT).wait_healthy()
+    try:
+        async with aiohttp.ClientSession() as session:
+            bodies = [chat_body(max_tokens=1234), chat_body(max_tokens=1234, stream=True)]
+            results = await asyncio.gather(*[session.post(f"{server.url}/v1/chat/completions", json=body)
+                                             for body in bodies])
+            plain, stream = results
+            assert plain.status == 500 and (await plain.json())["error"]["code"] == "engine_error"
+            events = sse_events(await stream.text()) if stream.status == 200 else []
+            assert stream.status == 500 or json.loads(events[-2])["error"]["code"] == "engine_error"
+        assert await asyncio.to_thread(server.proc.wait, 60) == 3
+        assert "cannot serve any more" in server.log()
+    finally:
+        server.stop()
+
+
+# ---- 6. shutdown that always ends -----------------------------------------------------------------------------
+
+
+async def test_a_drain_tells_every_client_and_ends_in_time(tmp_path: Path) -> None:
+    """One slot busy with a long generation, two requests queued, SIGTERM with SHUTDOWN_TIMEOUT=1: the queued
+    ones get 503 shutting_down, the running stream ends with that error event, the process exits 0 in time."""
+    server = Server(tmp_path / "server.log", MAX_CONCURRENT_REQUESTS="1", MAX_QUEUED_REQUESTS="4",
+                    SHUTDOWN_TIMEOUT="1", ENGINE_MEMORY_BUDGET_MB="2").wait_healthy()
+    try:
+        async with aiohttp.ClientSession() as session:
+            url = f"{server.url}/v1/chat/completions"
+            running = await session.post(url, json=chat_body(content=LONG_PROMPT, n=16, max_tokens=1900, stream=True))
+            await running.content.readline()
+            queued = [asyncio.create_task(session.post(url, json=chat_body())) for _ in range(2)]
+            await asyncio.sleep(0.3)  # they are in the queue
+            stopped_at = time.monotonic()
+            server.proc.send_signal(signal.SIGTERM)
+            for task in queued:
+                resp = await task
+                assert resp.status == 503 and (await resp.json())["error"]["code"] == "shutting_down"
+            events = sse_events((await running.read()).decode())
+            assert events[-1] == "[DONE]" and json.loads(events[-2])["error"]["code"] == "shutting_down"
+        assert await asyncio.to_thread(server.proc.wait, 30) == 0
+        assert time.monotonic() - stopped_at < 1 + 10  # SHUTDOWN_TIMEOUT plus the stop margin, generously
+    finally:
+        server.stop()
+
+
+# ---- 5. upstreams that misbehave (gateway mode) ---------------------------------------------------------------
+
+SECRET = "sk-upstream-secret-0451"
+
+
+def _chunk(text: str, finish: str | None = None) -> dict[str, Any]:
+    return {"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "u",
+            "choices": [{"index": 0, "delta": {"content": text}, "finish_reason": finish}]}
+
+
+def _sse(*events: Any, done: bool = True) -> bytes:
+    out = b"".join(b"data: " + (e if isinstance(e, bytes) else json.dumps(e).encode()) + b"\n\n" for e in events)
+    return out + (b"data: [DONE]\n\n" if done else b"")
+
+
+USAGE = {"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "u", "choices": [],
+         "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}}
+
+# Each upstream model name is one way to misbehave; the gateway's models file maps a client model id to each.
+SCRIPTS: dict[str, tuple[int, dict[str, str], bytes]] = {
+    "ok": (200, {}, _sse(_chunk("Hel"), _chunk("lo", "stop"), USAGE)),
+    "redirect": (302, {"Location": "/v1/elsewhere"}, b""),
+    "unauthorized": (401, {}, json.dumps({"error": {"message": f"bad key {SECRET}"}}).encode()),
+    "forbidden": (403, {}, f"forbidden for {SECRET}".encode()),
+    "huge-error": (500, {}, b"x" * (8 * 1024 * 1024)),
+    "no-choices": (200, {}, _sse(USAGE)),
+    "choices-not-a-list": (200, {}, _sse({**_chunk("a"), "choices": "nope"})),
+    "content-not-text": (200, {}, _sse({**_chunk("a"), "choices": [{"index": 0, "delta": {"content": 5}}]})),
+    "index-not-asked-for": (200, {}, _sse({**_chunk("a"), "choices": [{"index": 7, "delta": {"content": "a"}}]})),
+    "usage-not-counts": (200, {}, _sse({**USAGE, "usage": {"prompt_tokens": "3"}})),
+    "mid-stream-error": (200, {}, _sse(_chunk("Hel"), {"error": {"message": "engine exploded"}})),
+}
+STREAMED = ("endless", "endless-line")
+
+
+class ScriptedUpstream:
+    """An OpenAI-style upstream in a thread of its own (the gateway under test is another process)."""
+
+    def __init__(self) -> None:
+        self.port = _free_port()
+        self.disconnects = 0
+        self._loop = asyncio.new_event_loop()
+        self._started = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> ScriptedUpstream:
+        self._thread.start()
+        self._started.wait(10)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+        self._loop.close()
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        app = web.Application()
+        app.router.add_post("/v1/chat/completions", self._chat)
+        app.router.add_get("/v1/models", self._models)
+        runner = web.AppRunner(app, handler_cancellation=True)
+        self._loop.run_until_complete(runner.setup())
+        self._loop.run_until_complete(web.TCPSite(runner, "127.0.0.1", self.port).start())
+        self._started.set()
+        self._loop.run_forever()
+        self._loop.run_until_complete(runner.cleanup())
+
+    async def _models(self, request: web.Request) -> web.Response:
+        return web.json_response({"object": "list", "data": []})
+
+    async def _chat(self, request: web.Request) -> web.StreamResponse:
+        model = (await request.json())["model"]
+        if model in STREAMED:
+            return await self._endless(request, model)
+        status, headers, payload = SCRIPTS[model]
+        return web.Response(status=status, body=payload, headers={"Content-Type": "text/event-stream", **headers})
+
+    async def _endless(self, request: web.Request, model: str) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        piece = _sse(_chunk("x"), done=False) if model == "endless" else b"data: " + b"x" * 65536
+        try:
+            while True:
+                await response.write(piece)
+                await asyncio.sleep(0.001)
+        except (ConnectionResetError, asyncio.CancelledError):
+            self.disconnects += 1
+            raise
+
+
+@pytest.fixture(scope="module")
+def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Server, ScriptedUpstream]]:
+    """A gateway process whose models file maps each script to a model id, plus one model whose upstream is down."""
+    folder = tmp_path_factory.mktemp("gateway")
+    with ScriptedUpstream() as upstream:
+        entries = [f'[[models]]\nid = "{name}"\nbackend = "openai"\nurl = "http://127.0.0.1:{upstream.port}/v1"\n'
+                   f'upstream_model = "{name}"\napi_key = "{SECRET}"\n' for name in (*SCRIPTS, *STREAMED)]
+        entries.append(f'[[models]]\nid = "down"\nbackend = "openai"\nurl = "http://127.0.0.1:{_free_port()}/v1"\n')
+        models = folder / "models.toml"
+        models.write_text("\n".join(entries))
+        server = Server(folder / "server.log", MODELS_FILE=str(models), LOG_FORMAT="json")
+        try:
+            yield server.wait_healthy(), upstream
+        finally:
+            server.stop()
+
+
+@pytest.fixture
+async def relay(gateway: tuple[Server, ScriptedUpstream]) -> AsyncIterator[aiohttp.ClientSession]:
+    """A client of the gateway; after the case it must still relay a normal answer, every gauge at 0."""
+    async with aiohttp.ClientSession() as client:
+        yield client
+    await _still_serves(gateway[0].url, model="ok")
+
+
+@pytest.mark.parametrize("script", ["redirect", "unauthorized", "forbidden", "huge-error", "no-choices",
+                                    "choices-not-a-list", "content-not-text", "index-not-asked-for",
+                                    "usage-not-counts", "down"])
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_misbehaving_upstream_is_a_502_that_tells_no_secrets(
+        relay: aiohttp.ClientSession, gateway: tuple[Server, ScriptedUpstream], script: str, stream: bool) -> None:
+    server, upstream = gateway
+    async with relay.post(f"{server.url}/v1/chat/completions", json=chat_body(model=script, stream=stream)) as resp:
+        text = await resp.text()
+    assert resp.status == 502, text
+    error = json.loads(text)["error"]
+    assert (error["type"], error["code"]) == ("server_error", "upstream_unavailable" if script == "down"
+                                              else "upstream_error")
+    for leak in (SECRET, str(upstream.port), "127.0.0.1", "aiohttp", "Error:"):
+        assert leak not in error["message"]
+
+
+@pytest.mark.parametrize("script", STREAMED)
+async def test_an_upstream_that_never_ends_is_cut_and_closed(relay: aiohttp.ClientSession,
+                                                             gateway: tuple[Server, ScriptedUpstream],
+                                                             script: str) -> None:
+    """No end to its stream (or to one line of it): a JSON client gets a 502 once more arrived than it asked for,
+    a streaming client an error event; the gateway's memory stays bounded and the upstream sees it leave."""
+    server, upstream = gateway
+    before = upstream.disconnects
+    async with relay.post(f"{server.url}/v1/chat/completions", json=chat_body(model=script)) as resp:
+        assert resp.status == 502
+        assert (await resp.json())["error"]["code"] == "upstream_error"
+    async with relay.post(f"{server.url}/v1/chat/completions", json=chat_body(model=script, stream=True)) as resp:
+        text = await resp.text()
+    # Failing before its first chunk (a line that never ends) is a 502; after it, an error event ends the stream.
+    if resp.status == 502:
+        assert json.loads(text)["error"]["code"] == "upstream_error"
+    else:
+        events = sse_events(text)
+        assert events[-1] == "[DONE]" and json.loads(events[-2])["error"]["code"] == "upstream_error"
+    deadline = time.monotonic() + SETTLE_S
+    while upstream.disconnects < before + 2:
+        assert time.monotonic() < deadline, "the upstream request was never closed"
+        await asyncio.sleep(0.01)
+
+
+async def test_a_stream_that_fails_midway_is_counted_as_an_error(relay: aiohttp.ClientSession,
+                                                                 gateway: tuple[Server, ScriptedUpstream]) -> None:
+    server, _ = gateway
+    before = await _requests_with_status(relay, server.url, "502")
+    async with relay.post(f"{server.url}/v1/chat/completions",
+                          json=chat_body(model="mid-stream-error", stream=True)) as resp:
+        assert resp.status == 200  # the headers left with the first chunk
+        events = sse_events(await resp.text())
+    assert json.loads(events[0])["choices"][0]["delta"]["content"] == "Hel"
+    assert json.loads(events[-2])["error"]["code"] == "upstream_error"
+    await asyncio.sleep(0.2)
+    assert await _requests_with_status(relay, server.url, "502") == before + 1
+    access = [json.loads(line) for line in server.log().splitlines() if '"genai_server.access"' in line]
+    assert any(line.get("model") == "mid-stream-error" and line["status"] == 502 for line in access)
+
+
+async def test_a_client_that_leaves_closes_the_upstream_request(relay: aiohttp.ClientSession,
+                                                                gateway: tuple[Server, ScriptedUpstream]) -> None:
+    """Streamed or not: in the shipped process a client that leaves ends the upstream request, and is counted as
+    one that left (499), not as the 502 the gateway's own bound would have ended it with seconds later."""
+    server, upstream = gateway
+    for stream in (False, True):
+        before, left = upstream.disconnects, await _requests_with_status(relay, server.url, "499")
+        body = json.dumps(chat_body(model="endless", max_tokens=4096, stream=stream)).encode()
+        host, port = server.url.removeprefix("http://").split(":")
+        _, writer = await asyncio.open_connection(host, int(port))
+        writer.write(_post("/v1/chat/completions", body))
+        await writer.drain()
+        await asyncio.sleep(0.2)  # relaying
+        writer.close()
+        deadline = time.monotonic() + SETTLE_S
+        while upstream.disconnects == before:
+            assert time.monotonic() < deadline, "the upstream kept generating for nobody"
+            await asyncio.sleep(0.01)
+        await _settled(relay, server.url)
+        assert await _requests_with_status(relay, server.url, "499") == left + 1
+
+
+async def test_readiness_tells_the_truth_about_upstreams(relay: aiohttp.ClientSession,
+                                                         gateway: tuple[Server, ScriptedUpstream]) -> None:
+    server, _ = gateway
+    async with relay.get(f"{server.url}/health/ready") as resp:
+        assert resp.status == 503
+        assert await resp.json() == {"status": "unavailable", "models": ["down"]}
