@@ -15,7 +15,7 @@ import aiohttp
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from genai_server.backends import Response, Result, usage
-from genai_server.backends.upstream import UpstreamClient, error_message, parse_event, stream_faults
+from genai_server.backends.upstream import RelayBackend, UpstreamClient, error_message, parse_event, stream_faults
 from genai_server.errors import InvalidRequest, UpstreamError
 from genai_server.protocol import (
     AssistantMessage,
@@ -29,7 +29,6 @@ from genai_server.protocol import (
     CompletionChoice,
     CompletionRequest,
     FinishReason,
-    ModelCard,
     SamplingRequest,
     new_id,
     now,
@@ -43,35 +42,15 @@ _REPORTED = ("total_duration", "load_duration", "prompt_eval_count", "prompt_eva
              "eval_duration")
 
 
-class OllamaBackend:
+class OllamaBackend(RelayBackend):
     """One model served by an Ollama server, through its native API."""
 
     name = "ollama"
 
     def __init__(self, base_url: str, model_id: str, upstream_model: str, *, timeout: aiohttp.ClientTimeout,
                  always_usage: bool = False, default_max_tokens: int = 4096) -> None:
-        self._upstream = UpstreamClient(base_url, timeout, probe_path="/api/version")
-        self.model_id = model_id
-        self._upstream_model = upstream_model
-        self._always_usage = always_usage
-        self._default_max_tokens = default_max_tokens
-        self._created = now()
-
-    async def start(self) -> None:
-        """Open the session to Ollama."""
-        await self._upstream.start()
-
-    async def close(self) -> None:
-        """Close it; relayed streams still open end with an error."""
-        await self._upstream.close()
-
-    async def ready(self) -> bool:
-        """Ollama answers."""
-        return await self._upstream.ready()
-
-    def model_cards(self) -> list[ModelCard]:
-        """The one model this backend relays to."""
-        return [ModelCard(id=self.model_id, created=self._created)]
+        super().__init__(UpstreamClient(base_url, timeout, probe_path="/api/version"), model_id, upstream_model,
+                         always_usage=always_usage, default_max_tokens=default_max_tokens)
 
     async def chat(self, req: ChatCompletionRequest, stats: RequestTelemetry) -> Result:
         """``/api/chat``, as an OpenAI chat completion or chunk stream."""

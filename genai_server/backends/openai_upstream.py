@@ -16,9 +16,9 @@ import aiohttp
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from genai_server.backends import Response, Result
-from genai_server.backends.upstream import UpstreamClient, error_message, parse_event, stream_faults
+from genai_server.backends.upstream import RelayBackend, UpstreamClient, error_message, parse_event, stream_faults
 from genai_server.errors import UpstreamError
-from genai_server.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, SamplingRequest, now
+from genai_server.protocol import ChatCompletionRequest, CompletionRequest, SamplingRequest, now
 from genai_server.telemetry import RequestTelemetry
 
 # Fields upstreams put in their chunks with their own timings.
@@ -61,7 +61,7 @@ class _Chunk(BaseModel):
     usage: _Usage | None = None
 
 
-class OpenAIUpstream:
+class OpenAIUpstream(RelayBackend):
     """One model served by an OpenAI-compatible engine elsewhere."""
 
     name = "openai"
@@ -69,29 +69,8 @@ class OpenAIUpstream:
     def __init__(self, base_url: str, model_id: str, upstream_model: str, *, timeout: aiohttp.ClientTimeout,
                  api_key: str | None = None, always_usage: bool = False, default_max_tokens: int = 4096) -> None:
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self._upstream = UpstreamClient(base_url, timeout, headers=headers, probe_path="/models")
-        self.model_id = model_id
-        self._upstream_model = upstream_model
-        self._always_usage = always_usage
-        # Tokens a choice may bring when the client set no max_tokens (MAX_TOKENS_LIMIT): bounds an endless upstream.
-        self._default_max_tokens = default_max_tokens
-        self._created = now()
-
-    async def start(self) -> None:
-        """Open the session to the upstream."""
-        await self._upstream.start()
-
-    async def close(self) -> None:
-        """Close it; relayed streams still open end with an error."""
-        await self._upstream.close()
-
-    async def ready(self) -> bool:
-        """The upstream answers."""
-        return await self._upstream.ready()
-
-    def model_cards(self) -> list[ModelCard]:
-        """The one model this backend relays to."""
-        return [ModelCard(id=self.model_id, created=self._created)]
+        super().__init__(UpstreamClient(base_url, timeout, headers=headers, probe_path="/models"), model_id,
+                         upstream_model, always_usage=always_usage, default_max_tokens=default_max_tokens)
 
     async def chat(self, req: ChatCompletionRequest, stats: RequestTelemetry) -> Result:
         """Relay a chat completion."""

@@ -18,6 +18,7 @@ import aiohttp
 from aiohttp import http_exceptions
 
 from genai_server.errors import UpstreamError, UpstreamRejected, UpstreamTimeout, UpstreamUnavailable
+from genai_server.protocol import ModelCard
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +90,37 @@ class UpstreamClient:
         if response.status >= 300:
             raise await _rejection(response, url)
         return response
+
+
+class RelayBackend:
+    """What every backend relaying to an engine elsewhere shares: the one model it serves under our id, the
+    upstream's name for it, and the upstream client it owns from ``start`` to ``close``."""
+
+    def __init__(self, upstream: UpstreamClient, model_id: str, upstream_model: str, *, always_usage: bool,
+                 default_max_tokens: int) -> None:
+        self._upstream = upstream
+        self.model_id = model_id
+        self._upstream_model = upstream_model
+        self._always_usage = always_usage
+        # Tokens a choice may bring when the client set no max_tokens (MAX_TOKENS_LIMIT): bounds an endless upstream.
+        self._default_max_tokens = default_max_tokens
+        self._created = int(time.time())
+
+    async def start(self) -> None:
+        """Open the session to the upstream."""
+        await self._upstream.start()
+
+    async def close(self) -> None:
+        """Close it; relayed streams still open end with an error."""
+        await self._upstream.close()
+
+    async def ready(self) -> bool:
+        """The upstream answers."""
+        return await self._upstream.ready()
+
+    def model_cards(self) -> list[ModelCard]:
+        """The one model this backend relays to."""
+        return [ModelCard(id=self.model_id, created=self._created)]
 
 
 async def _rejection(response: aiohttp.ClientResponse, url: str) -> Exception:
