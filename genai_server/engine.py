@@ -287,9 +287,8 @@ def _max_token_bytes(tokenizer: Any, vocab_size: int) -> int:
     the server refuse a text that cannot fit the context without tokenising it. A token that is part of a
     character decodes to U+FFFD (3 bytes, more than its own): an overestimate keeps the bound safe. 0 (no
     bound) when the model does not say its vocabulary size."""
-    longest = max((len(tokenizer.decode(np.array([token], dtype=np.int32)).encode()) for token in range(vocab_size)),
-                  default=0)
-    return longest
+    return max((len(tokenizer.decode(np.array([token], dtype=np.int32)).encode()) for token in range(vocab_size)),
+               default=0)
 
 
 def _has_chat_template(model_path: Path) -> bool:

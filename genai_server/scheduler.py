@@ -10,7 +10,7 @@ Engine at all (it needs dynamic batching) and is stepped on a seeded Generator.
 
 Memory is admitted, not hoped for: each running sequence holds a KV cache (a lane's for the whole context, a
 Generator's for its prompt plus max_tokens), and the sum stays within the engine's memory budget. Work beyond
-it waits in line; the serving layer refuses up front what could never fit.
+it waits in line; a context whose one sequence could never fit is refused when the engine starts.
 
 Nothing here may be called from any thread but the engine's owner thread.
 """
