@@ -10,7 +10,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from tests.conftest import MODEL_ID, ClientFactory, long_stream, stream_chunks
+from tests.conftest import MODEL_ID, ClientFactory, chat_body, long_stream, stream_chunks
 from tests.test_process import _free_port, _start, _wait_healthy
 
 
@@ -68,3 +68,28 @@ async def test_sigterm_with_a_stream_in_flight(timeout: str, finished: bool) -> 
         assert last["choices"][0]["finish_reason"] == "length"
     else:
         assert last["error"]["code"] == "shutting_down"
+
+
+async def test_an_engine_that_dies_fails_every_probe_and_every_request(make_client: ClientFactory,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """The owner thread dies (a fault injected outside any engine call): what is in flight gets an error, the
+    probes turn 503 so an orchestrator restarts the server, and later requests fail at once instead of hanging.
+    (The real process also stops with exit status 3: test_hostile.py.)"""
+    from genai_server import scheduler
+
+    admit = scheduler.BatchScheduler._admit
+
+    def broken(self: scheduler.BatchScheduler) -> None:
+        if any(job.options.max_tokens == 1234 for job in self._waiting):
+            raise RuntimeError("injected scheduler fault")
+        admit(self)
+
+    monkeypatch.setattr(scheduler.BatchScheduler, "_admit", broken)
+    client = await make_client()
+    assert (await client.get("/health/ready")).status == 200
+    doomed = await client.post("/v1/chat/completions", json=chat_body(max_tokens=1234))
+    assert (doomed.status, (await doomed.json())["error"]["code"]) == (500, "engine_error")
+    for probe in ("/health", "/health/live", "/health/ready"):
+        assert (await client.get(probe)).status == 503
+    later = await client.post("/v1/chat/completions", json=chat_body())
+    assert (later.status, (await later.json())["error"]["code"]) == (500, "engine_error")

@@ -241,3 +241,13 @@ async def test_a_client_that_leaves_closes_the_upstream_request(make_client: Cli
         await asyncio.sleep(0.01)
     assert seen["disconnects"] == 1
 
+
+
+async def test_ready_while_the_upstream_answers_and_not_once_it_is_gone(make_client: ClientFactory,
+                                                                         scripted: tuple[str, dict[str, Any]]) -> None:
+    url, _ = scripted
+    proxy = await _proxy(make_client, url)
+    assert (await proxy.get("/health/ready")).status == 200  # any answer below 500 counts: it is reachable
+    gone = await _proxy(make_client, f"http://127.0.0.1:{_free_port()}")
+    resp = await gone.get("/health/ready")
+    assert (resp.status, await resp.json()) == (503, {"status": "unavailable", "models": [PROXIED]})
