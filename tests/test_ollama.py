@@ -29,6 +29,13 @@ GENERATE = _lines({"model": "q", "response": "Once", "done": False},
                   {"model": "q", "response": "", "done": True, "done_reason": "stop", **DURATIONS})
 BROKEN = _lines({"model": "q", "message": {"role": "assistant", "content": "Hi"}, "done": False},
                 {"error": "out of memory"})
+# Lines whose fields have the wrong types, and a stream that never ends: Ollama breaking its API.
+MALFORMED = {
+    "content-not-text": _lines({"model": "q", "message": {"role": "assistant", "content": 5}, "done": False}),
+    "counts-not-ints": _lines({"model": "q", "message": {"content": "!"}, "done": True, "prompt_eval_count": "7"}),
+    "done-not-bool": _lines({"model": "q", "response": "x", "done": "yes"}),
+    "endless": _lines(*[{"model": "q", "message": {"content": "x"}, "done": False}] * 200),
+}
 
 
 @pytest.fixture
@@ -40,7 +47,8 @@ async def ollama(aiohttp_server: Any) -> AsyncIterator[tuple[str, list[dict[str,
         bodies.append(body)
         if body["model"] == "missing":
             return web.json_response({"error": "model 'missing' not found"}, status=404)
-        return web.Response(body=BROKEN if body["model"] == "broken" else CHAT, content_type="application/x-ndjson")
+        script = MALFORMED.get(body["model"]) or (BROKEN if body["model"] == "broken" else CHAT)
+        return web.Response(body=script, content_type="application/x-ndjson")
 
     async def generate(request: web.Request) -> web.Response:
         bodies.append(await request.json())
@@ -125,3 +133,15 @@ async def test_ollama_errors_and_limits(make_client: ClientFactory, ollama: tupl
     events = (await resp.text()).strip().split("\n\n")
     assert events[-1] == "data: [DONE]"
     assert "out of memory" in json.loads(events[-2][len("data: "):])["error"]["message"]
+
+
+@pytest.mark.parametrize("script", sorted(MALFORMED))
+async def test_lines_of_the_wrong_shape_are_a_502(make_client: ClientFactory, ollama: tuple[str, list[Any]],
+                                                 script: str) -> None:
+    """Wrong types in a line (or more lines than the 3 tokens asked for) are Ollama breaking its API: a 502 in the
+    envelope, never a 500 or an answer built from whatever arrived."""
+    url, _ = ollama
+    client = await _client(make_client, url, upstream_model=script)
+    resp = await client.post("/v1/chat/completions", json=_chat())
+    assert resp.status == 502
+    assert (await resp.json())["error"]["code"] == "upstream_error"
