@@ -57,8 +57,7 @@ async def loop_stats(request: web.Request) -> web.Response:
     def pct(q: float) -> float:
         return samples[min(len(samples) - 1, int(q * len(samples)))]
 
-    return web.json_response({"samples": len(samples), "p50_ms": pct(0.5), "p99_ms": pct(0.99),
-                              "max_ms": samples[-1]})
+    return web.json_response({"samples": len(samples), "p50_ms": pct(0.5), "p99_ms": pct(0.99), "max_ms": samples[-1]})
 
 
 def main() -> None:

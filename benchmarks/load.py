@@ -33,11 +33,18 @@ class StreamResult:
         return (self.e2e_s - self.ttft_s) / max(self.tokens - 1, 1)
 
 
-async def stream_completion(session: aiohttp.ClientSession, url: str, model: str, prompt: str,
-                            max_tokens: int) -> StreamResult:
+async def stream_completion(
+    session: aiohttp.ClientSession, url: str, model: str, prompt: str, max_tokens: int
+) -> StreamResult:
     """POST a streaming /v1/completions request and time it."""
-    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
-            "stream_options": {"include_usage": True}}
+    body = {
+        "model": model,
+        "prompt": prompt,
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     start = time.perf_counter()
     ttft, tokens, times = None, 0, []
     async with session.post(url + "/v1/completions", json=body) as resp:
@@ -73,14 +80,27 @@ class LevelResult:
         """TTFT and TPOT percentiles (ms) and throughput."""
         ttft = sorted(r.ttft_s * 1000 for r in self.requests)
         tpot = sorted(r.tpot_s * 1000 for r in self.requests)
-        return {"concurrency": self.concurrency, "tokens_per_s": self.tokens_per_s,
-                "ttft_p50_ms": pct(ttft, 0.5), "ttft_p95_ms": pct(ttft, 0.95),
-                "tpot_p50_ms": pct(tpot, 0.5), "tpot_p95_ms": pct(tpot, 0.95),
-                "requests": len(self.requests), "tokens": sum(r.tokens for r in self.requests)}
+        return {
+            "concurrency": self.concurrency,
+            "tokens_per_s": self.tokens_per_s,
+            "ttft_p50_ms": pct(ttft, 0.5),
+            "ttft_p95_ms": pct(ttft, 0.95),
+            "tpot_p50_ms": pct(tpot, 0.5),
+            "tpot_p95_ms": pct(tpot, 0.95),
+            "requests": len(self.requests),
+            "tokens": sum(r.tokens for r in self.requests),
+        }
 
 
-async def run_level(session: aiohttp.ClientSession, url: str, model: str, prompt: str, max_tokens: int,
-                    concurrency: int, per_worker: int) -> LevelResult:
+async def run_level(
+    session: aiohttp.ClientSession,
+    url: str,
+    model: str,
+    prompt: str,
+    max_tokens: int,
+    concurrency: int,
+    per_worker: int,
+) -> LevelResult:
     """``concurrency`` workers, each sending ``per_worker`` streaming requests back to back."""
 
     async def worker() -> list[StreamResult]:
@@ -91,8 +111,9 @@ async def run_level(session: aiohttp.ClientSession, url: str, model: str, prompt
     return LevelResult(concurrency, time.perf_counter() - start, [r for rs in results for r in rs])
 
 
-async def poll_health(session: aiohttp.ClientSession, url: str, stop: asyncio.Event,
-                      interval_s: float = 0.02) -> list[float]:
+async def poll_health(
+    session: aiohttp.ClientSession, url: str, stop: asyncio.Event, interval_s: float = 0.02
+) -> list[float]:
     """GET /health every ``interval_s`` until ``stop``; returns the latencies in ms."""
     latencies = []
     while not stop.is_set():

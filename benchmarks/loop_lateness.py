@@ -88,8 +88,10 @@ def main() -> None:
     for name, row in rows.items():
         print(f"{name:10s} " + "  ".join(f"{k} {v:8.2f}" for k, v in row.items()))
     g, e = rows["generator"], rows["engine"]
-    print(f"ratio generator/engine: lateness p99 {g['lateness_p99_ms'] / max(e['lateness_p99_ms'], 1e-3):.1f}x, "
-          f"tokens/s {g['tokens_per_s'] / e['tokens_per_s']:.2f}x")
+    print(
+        f"ratio generator/engine: lateness p99 {g['lateness_p99_ms'] / max(e['lateness_p99_ms'], 1e-3):.1f}x, "
+        f"tokens/s {g['tokens_per_s'] / e['tokens_per_s']:.2f}x"
+    )
 
 
 if __name__ == "__main__":

@@ -35,8 +35,11 @@ def start(*args: str, **env: str) -> tuple[subprocess.Popen[bytes], str]:
     """``python -m genai_server`` with these flags and settings, on a free port."""
     port = free_port()
     clean = {k: v for k, v in os.environ.items() if not k.startswith(("MODEL", "BACKEND", "UPSTREAM", "SERVER"))}
-    proc = subprocess.Popen([sys.executable, "-m", "genai_server", "--server-port", str(port), "--log-level",
-                             "WARNING", *args], cwd=REPO, env={**clean, **env})
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "genai_server", "--server-port", str(port), "--log-level", "WARNING", *args],
+        cwd=REPO,
+        env={**clean, **env},
+    )
     return proc, f"http://127.0.0.1:{port}"
 
 
@@ -53,15 +56,17 @@ async def wait_ready(session: aiohttp.ClientSession, url: str) -> None:
     raise TimeoutError(url)
 
 
-async def alternate(session: aiohttp.ClientSession, targets: dict[str, tuple[str, str]], tokens: int,
-                    requests: int, concurrency: int) -> dict[str, dict[str, list[float]]]:
+async def alternate(
+    session: aiohttp.ClientSession, targets: dict[str, tuple[str, str]], tokens: int, requests: int, concurrency: int
+) -> dict[str, dict[str, list[float]]]:
     """``requests`` rounds; each round sends ``concurrency`` streams to each target in turn."""
     seen: dict[str, dict[str, list[float]]] = {name: {"ttft_ms": [], "tokens_per_s": []} for name in targets}
     for _ in range(requests):
         for name, (url, model) in targets.items():
             start_s = time.perf_counter()
-            results = await asyncio.gather(*[stream_completion(session, url, model, PROMPT, tokens)
-                                             for _ in range(concurrency)])
+            results = await asyncio.gather(
+                *[stream_completion(session, url, model, PROMPT, tokens) for _ in range(concurrency)]
+            )
             wall = time.perf_counter() - start_s
             seen[name]["ttft_ms"].extend(r.ttft_s * 1000 for r in results)
             seen[name]["tokens_per_s"].append(sum(r.tokens for r in results) / wall)
@@ -72,10 +77,12 @@ def summarise(seen: dict[str, dict[str, list[float]]]) -> dict[str, float]:
     direct, proxy = seen["direct"], seen["proxy"]
     d_ttft, p_ttft = sorted(direct["ttft_ms"]), sorted(proxy["ttft_ms"])
     return {
-        "direct_ttft_p50_ms": pct(d_ttft, 0.5), "proxy_ttft_p50_ms": pct(p_ttft, 0.5),
+        "direct_ttft_p50_ms": pct(d_ttft, 0.5),
+        "proxy_ttft_p50_ms": pct(p_ttft, 0.5),
         "added_ttft_p50_ms": pct(p_ttft, 0.5) - pct(d_ttft, 0.5),
         "added_ttft_p95_ms": pct(p_ttft, 0.95) - pct(d_ttft, 0.95),
-        "direct_tokens_per_s": median(direct["tokens_per_s"]), "proxy_tokens_per_s": median(proxy["tokens_per_s"]),
+        "direct_tokens_per_s": median(direct["tokens_per_s"]),
+        "proxy_tokens_per_s": median(proxy["tokens_per_s"]),
         "throughput_ratio": median(proxy["tokens_per_s"]) / median(direct["tokens_per_s"]),
     }
 
@@ -86,8 +93,14 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         ensure_model(SMALL)
     upstream, up_url = start("--model-path", str(path), "--max-concurrent-requests", "64")
     model = path.name
-    proxy, proxy_url = start("--max-concurrent-requests", "64", BACKEND="openai", UPSTREAM_URL=up_url + "/v1",
-                             MODEL_ID="via-proxy", UPSTREAM_MODEL=model)
+    proxy, proxy_url = start(
+        "--max-concurrent-requests",
+        "64",
+        BACKEND="openai",
+        UPSTREAM_URL=up_url + "/v1",
+        MODEL_ID="via-proxy",
+        UPSTREAM_MODEL=model,
+    )
     try:
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
             await wait_ready(session, up_url)
@@ -106,14 +119,20 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def markdown(report: dict[str, Any]) -> str:
-    lines = [f"Proxy overhead, {report['model']} model, {report['tokens_per_request']} tokens per streamed request, "
-             f"{report['rounds']} alternating rounds per level.", "",
-             "| streams | TTFT direct p50 | TTFT via proxy p50 | added TTFT p50 | added TTFT p95 | tokens/s direct | "
-             "tokens/s via proxy | ratio |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        f"Proxy overhead, {report['model']} model, {report['tokens_per_request']} tokens per streamed request, "
+        f"{report['rounds']} alternating rounds per level.",
+        "",
+        "| streams | TTFT direct p50 | TTFT via proxy p50 | added TTFT p50 | added TTFT p95 | tokens/s direct | "
+        "tokens/s via proxy | ratio |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for level, r in report["results"].items():
-        lines.append(f"| {level.split('_')[1]} | {r['direct_ttft_p50_ms']:.1f} ms | {r['proxy_ttft_p50_ms']:.1f} ms | "
-                     f"{r['added_ttft_p50_ms']:+.1f} ms | {r['added_ttft_p95_ms']:+.1f} ms | "
-                     f"{r['direct_tokens_per_s']:.1f} | {r['proxy_tokens_per_s']:.1f} | {r['throughput_ratio']:.2f}x |")
+        lines.append(
+            f"| {level.split('_')[1]} | {r['direct_ttft_p50_ms']:.1f} ms | {r['proxy_ttft_p50_ms']:.1f} ms | "
+            f"{r['added_ttft_p50_ms']:+.1f} ms | {r['added_ttft_p95_ms']:+.1f} ms | "
+            f"{r['direct_tokens_per_s']:.1f} | {r['proxy_tokens_per_s']:.1f} | {r['throughput_ratio']:.2f}x |"
+        )
     return "\n".join(lines) + "\n"
 
 

@@ -35,8 +35,14 @@ BENCH_MODEL = REPO / "models" / "bench-random-llama-int4"
 
 def _serve(checkout: Path, **settings: str) -> tuple[subprocess.Popen[str], str]:
     port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "genai_server", "--server-port", str(port)], cwd=checkout,
-                            env=_env(**settings), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "genai_server", "--server-port", str(port)],
+        cwd=checkout,
+        env=_env(**settings),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
     _wait_healthy(proc, port)
     return proc, f"http://127.0.0.1:{port}"
 
@@ -53,8 +59,9 @@ async def _probe(session: aiohttp.ClientSession, url: str, stop: asyncio.Event) 
 
 
 async def _post(session: aiohttp.ClientSession, url: str, body: bytes) -> int:
-    async with session.post(f"{url}/v1/chat/completions", data=io.BytesIO(body),
-                            headers={"Content-Type": "application/json"}) as resp:
+    async with session.post(
+        f"{url}/v1/chat/completions", data=io.BytesIO(body), headers={"Content-Type": "application/json"}
+    ) as resp:
         await resp.read()
         return resp.status
 
@@ -65,8 +72,13 @@ async def liveness(checkout: Path) -> None:
     try:
         async with aiohttp.ClientSession() as session:
             for name, text, per_round in (("3.5 MB message", "word " * 700_000, 4), ("3 KB message", "word " * 600, 8)):
-                body = json.dumps({"model": "tiny-random-llama-int4", "max_tokens": 1,
-                                   "messages": [{"role": "user", "content": text}]}).encode()
+                body = json.dumps(
+                    {
+                        "model": "tiny-random-llama-int4",
+                        "max_tokens": 1,
+                        "messages": [{"role": "user", "content": text}],
+                    }
+                ).encode()
                 stop = asyncio.Event()
                 probe = asyncio.create_task(_probe(session, url, stop))
                 started = time.perf_counter()
@@ -76,9 +88,11 @@ async def liveness(checkout: Path) -> None:
                 took = time.perf_counter() - started
                 stop.set()
                 latencies = sorted(await probe)
-                print(f"{name} x{len(statuses)}: statuses {sorted(set(statuses))}, {took * 1000:.0f} ms; "
-                      f"/health/live p50 {statistics.median(latencies):.2f} ms, max {latencies[-1]:.2f} ms "
-                      f"over {len(latencies)} probes")
+                print(
+                    f"{name} x{len(statuses)}: statuses {sorted(set(statuses))}, {took * 1000:.0f} ms; "
+                    f"/health/live p50 {statistics.median(latencies):.2f} ms, max {latencies[-1]:.2f} ms "
+                    f"over {len(latencies)} probes"
+                )
     finally:
         proc.kill()
         proc.wait()
@@ -94,8 +108,14 @@ def _rss_mb(pid: int) -> float:
 async def memory(checkout: Path, settings: dict[str, str]) -> None:
     """64 seeded sequences asked for at once; RSS sampled every 100 ms."""
     proc, url = _serve(checkout, MODEL_PATH=str(BENCH_MODEL), **settings)
-    body = {"model": BENCH_MODEL.name, "messages": [{"role": "user", "content": "Tell me a story"}], "n": 16,
-            "seed": 1, "temperature": 1.0, "max_tokens": 2000}
+    body = {
+        "model": BENCH_MODEL.name,
+        "messages": [{"role": "user", "content": "Tell me a story"}],
+        "n": 16,
+        "seed": 1,
+        "temperature": 1.0,
+        "max_tokens": 2000,
+    }
     start = peak = _rss_mb(proc.pid)
     began = time.perf_counter()
     try:
@@ -110,8 +130,10 @@ async def memory(checkout: Path, settings: dict[str, str]) -> None:
     finally:
         proc.kill()
         proc.wait()
-    print(f"{settings or 'default settings'}: RSS at start {start:.0f} MB, peak {peak:.0f} MB, {done}/4 requests "
-          f"done after {time.perf_counter() - began:.1f} s")
+    print(
+        f"{settings or 'default settings'}: RSS at start {start:.0f} MB, peak {peak:.0f} MB, {done}/4 requests "
+        f"done after {time.perf_counter() - began:.1f} s"
+    )
 
 
 def main() -> None:

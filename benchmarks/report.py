@@ -24,8 +24,10 @@ def markdown(results: dict[str, Any]) -> str:
     """The target table per model and config, then latency per concurrency level."""
     from run import meets
 
-    lines = [f"Profile `{results['profile']}`, {results['machine']['cpus']} CPUs, "
-             f"Python {results['machine']['python']}.", ""]
+    lines = [
+        f"Profile `{results['profile']}`, {results['machine']['cpus']} CPUs, Python {results['machine']['python']}.",
+        "",
+    ]
     models = results["models"]
     columns = [(m, c) for m in models for c in models[m]["configs"]]
     lines.append("| figure | target | " + " | ".join(f"{m} ({c})" for m, c in columns) + " |")
@@ -45,10 +47,12 @@ def markdown(results: dict[str, Any]) -> str:
         bound = bandwidth * 1e9 / weights
         first = next(iter(entry["configs"].values()))
         bare_tps = median(first["bare"]["tokens_per_s"])
-        lines.append(f"**{m} model**, {entry['tokens_per_request']} tokens per request. A decode step reads "
-                     f"{weights / 1e6:.0f} MB of weights, so one stream is bound to {bound:.0f} tok/s by memory "
-                     f"bandwidth; the bare loop reaches {bare_tps:.0f} tok/s ({bare_tps / bound:.0%} of the bound, "
-                     f"prefill included).")
+        lines.append(
+            f"**{m} model**, {entry['tokens_per_request']} tokens per request. A decode step reads "
+            f"{weights / 1e6:.0f} MB of weights, so one stream is bound to {bound:.0f} tok/s by memory "
+            f"bandwidth; the bare loop reaches {bare_tps:.0f} tok/s ({bare_tps / bound:.0%} of the bound, "
+            f"prefill included)."
+        )
         lines.append("")
         for c, run in entry["configs"].items():
             bare, server = run["bare"], run["server"]
@@ -58,15 +62,18 @@ def markdown(results: dict[str, Any]) -> str:
                 f"{bare['rss_mb']:.0f} MiB vs server {server['rss_mb']:.0f} MiB (peak under load "
                 f"{server['rss_peak_mb']:.0f} MiB); ready bare {bare['ready_s']:.2f} s vs server "
                 f"{server['ready_s']:.2f} s; TTFT idle p50 {median(server['ttft_idle_ms']):.0f} ms vs loaded "
-                f"{median(server['ttft_loaded_ms']):.0f} ms; /health p50 {server['health_p50_ms']:.2f} ms.")
+                f"{median(server['ttft_loaded_ms']):.0f} ms; /health p50 {server['health_p50_ms']:.2f} ms."
+            )
             lines.append("")
             lines.append("| concurrency | tokens/s | vs 1 | TTFT p50 | TTFT p95 | TPOT p50 | TPOT p95 |")
             lines.append("| --- | --- | --- | --- | --- | --- | --- |")
             base = server["levels"][0]["tokens_per_s"]
             for lv in server["levels"]:
-                lines.append(f"| {lv['concurrency']} | {lv['tokens_per_s']:.1f} | {lv['tokens_per_s'] / base:.2f}x | "
-                             f"{lv['ttft_p50_ms']:.1f} ms | {lv['ttft_p95_ms']:.1f} ms | {lv['tpot_p50_ms']:.2f} ms | "
-                             f"{lv['tpot_p95_ms']:.2f} ms |")
+                lines.append(
+                    f"| {lv['concurrency']} | {lv['tokens_per_s']:.1f} | {lv['tokens_per_s'] / base:.2f}x | "
+                    f"{lv['ttft_p50_ms']:.1f} ms | {lv['ttft_p95_ms']:.1f} ms | {lv['tpot_p50_ms']:.2f} ms | "
+                    f"{lv['tpot_p95_ms']:.2f} ms |"
+                )
             lines.append("")
     return "\n".join(lines) + "\n"
 
@@ -82,12 +89,24 @@ def plots(results: dict[str, Any], out: Path) -> None:
     for ax, (m, entry) in zip(axes[0], results["models"].items(), strict=True):
         for c, run in entry["configs"].items():
             levels = run["server"]["levels"]
-            ax.plot([lv["concurrency"] for lv in levels], [lv["tokens_per_s"] for lv in levels], "o-",
-                    label=f"server, engine {c}")
-            ax.axhline(median(run["bare"]["tokens_per_s"]), color="grey", linestyle="--",
-                       label=f"bare loop, 1 stream ({c} run)")
-        ax.set(title=f"{m} model: aggregate throughput", xlabel="concurrent streams", ylabel="tokens/s",
-               xticks=[1, 2, 4, 8])
+            ax.plot(
+                [lv["concurrency"] for lv in levels],
+                [lv["tokens_per_s"] for lv in levels],
+                "o-",
+                label=f"server, engine {c}",
+            )
+            ax.axhline(
+                median(run["bare"]["tokens_per_s"]),
+                color="grey",
+                linestyle="--",
+                label=f"bare loop, 1 stream ({c} run)",
+            )
+        ax.set(
+            title=f"{m} model: aggregate throughput",
+            xlabel="concurrent streams",
+            ylabel="tokens/s",
+            xticks=[1, 2, 4, 8],
+        )
         ax.legend()
     fig.tight_layout()
     fig.savefig(out / "throughput.png", dpi=100)
@@ -102,8 +121,9 @@ def plots(results: dict[str, Any], out: Path) -> None:
                 for q, style in (("p50", "o-"), ("p95", "x--")):
                     axes[row][col].plot(xs, [lv[f"{metric}_{q}_ms"] for lv in levels], style, label=f"{c} {q}")
         for row, metric in enumerate(("TTFT", "TPOT")):
-            axes[row][col].set(title=f"{m} model: {metric}", xlabel="concurrent streams", ylabel="ms",
-                               xticks=[1, 2, 4, 8])
+            axes[row][col].set(
+                title=f"{m} model: {metric}", xlabel="concurrent streams", ylabel="ms", xticks=[1, 2, 4, 8]
+            )
             axes[row][col].legend()
     fig.tight_layout()
     fig.savefig(out / "latency.png", dpi=100)

@@ -33,8 +33,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from load import LevelResult, median, pct, poll_health, run_level, stream_completion
 
 REPO = Path(__file__).resolve().parent.parent
-PROMPT = ("Once upon a time there was a small server in a quiet city. Every night it answered questions "
-          "about rivers, mountains and the stars, one token at a time.")
+PROMPT = (
+    "Once upon a time there was a small server in a quiet city. Every night it answered questions "
+    "about rivers, mountains and the stars, one token at a time."
+)
 LEVELS = (1, 2, 4, 8)
 # Engine settings (batch x lanes) measured side by side: the server's default first, then the alternatives.
 FULL_CONFIGS = ("8x2", "4x2", "8x1")
@@ -83,8 +85,11 @@ def ensure_model(spec: ModelSpec) -> None:
     """Build the model with the repo's own script if it is not there yet."""
     if not (spec.path / "genai_config.json").is_file():
         print(f"building the {spec.name} model ({spec.preset})...", flush=True)
-        build = subprocess.run([sys.executable, str(REPO / "scripts" / "make_model.py"), spec.preset, "-o",
-                                str(spec.path)], capture_output=True, text=True)
+        build = subprocess.run(
+            [sys.executable, str(REPO / "scripts" / "make_model.py"), spec.preset, "-o", str(spec.path)],
+            capture_output=True,
+            text=True,
+        )
         if build.returncode != 0:  # the builder is chatty: show its output only when it failed
             sys.exit(f"building the {spec.name} model failed:\n{build.stdout}\n{build.stderr}")
 
@@ -108,8 +113,12 @@ class Bare:
 
     def __init__(self, spec: ModelSpec) -> None:
         start = time.perf_counter()
-        self.proc = subprocess.Popen([sys.executable, str(REPO / "benchmarks" / "bare.py"), str(spec.path),
-                                      "--prompt", PROMPT], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.proc = subprocess.Popen(
+            [sys.executable, str(REPO / "benchmarks" / "bare.py"), str(spec.path), "--prompt", PROMPT],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         assert self.proc.stdout is not None and self.proc.stdin is not None
         self._in, self._out = self.proc.stdin, self.proc.stdout
         assert self._out.readline().strip() == "loaded"
@@ -137,8 +146,15 @@ class Server:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.model_id = spec.path.name
-        args = ["--model-path", str(spec.path), "--server-port", str(self.port), "--max-concurrent-requests", "64",
-                *extra]
+        args = [
+            "--model-path",
+            str(spec.path),
+            "--server-port",
+            str(self.port),
+            "--max-concurrent-requests",
+            "64",
+            *extra,
+        ]
         self.started = time.perf_counter()
         self.proc = subprocess.Popen([sys.executable, str(REPO / "benchmarks" / "bench_server.py"), *args])
         self.ready_s = 0.0
@@ -165,8 +181,9 @@ class Server:
             self.proc.kill()
 
 
-async def ttft_under_load(session: aiohttp.ClientSession, server: Server, spec: ModelSpec,
-                          probes: int) -> tuple[list[float], list[float]]:
+async def ttft_under_load(
+    session: aiohttp.ClientSession, server: Server, spec: ModelSpec, probes: int
+) -> tuple[list[float], list[float]]:
     """TTFT (ms) of short probe requests on an idle server, then while 3 other clients keep streaming."""
 
     async def probe() -> float:
@@ -190,8 +207,9 @@ async def ttft_under_load(session: aiohttp.ClientSession, server: Server, spec: 
     return idle, loaded
 
 
-async def single_streams(session: aiohttp.ClientSession, server: Server, bare: Bare, spec: ModelSpec,
-                         repeat: int) -> tuple[list[float], list[float]]:
+async def single_streams(
+    session: aiohttp.ClientSession, server: Server, bare: Bare, spec: ModelSpec, repeat: int
+) -> tuple[list[float], list[float]]:
     """One stream at a time, alternating bare and server so noise hits both alike; tokens/s of each."""
     bare_runs, server_runs = [], []
     for _ in range(repeat):
@@ -223,23 +241,33 @@ async def measure(spec: ModelSpec, profile: Profile, extra: list[str]) -> dict[s
             bare.proc.kill()
     return {
         "bare": {"ready_s": bare.ready_s, "load_s": bare.load_s, "rss_mb": bare_rss, "tokens_per_s": bare_tps},
-        "server": {"ready_s": server.ready_s, "rss_mb": rss, "rss_peak_mb": peak, "tokens_per_s": server_tps,
-                   "levels": [levels[c].summary() for c in LEVELS], "loop_lateness_ms": loop_stats,
-                   "health_p50_ms": pct(sorted(health), 0.5), "health_p99_ms": pct(sorted(health), 0.99),
-                   "ttft_idle_ms": idle, "ttft_loaded_ms": loaded},
+        "server": {
+            "ready_s": server.ready_s,
+            "rss_mb": rss,
+            "rss_peak_mb": peak,
+            "tokens_per_s": server_tps,
+            "levels": [levels[c].summary() for c in LEVELS],
+            "loop_lateness_ms": loop_stats,
+            "health_p50_ms": pct(sorted(health), 0.5),
+            "health_p99_ms": pct(sorted(health), 0.99),
+            "ttft_idle_ms": idle,
+            "ttft_loaded_ms": loaded,
+        },
     }
 
 
-async def concurrency_levels(session: aiohttp.ClientSession, server: Server, spec: ModelSpec,
-                             profile: Profile) -> tuple[dict[int, LevelResult], list[float], dict[str, float]]:
+async def concurrency_levels(
+    session: aiohttp.ClientSession, server: Server, spec: ModelSpec, profile: Profile
+) -> tuple[dict[int, LevelResult], list[float], dict[str, float]]:
     """Each concurrency level in turn; at 4 streams also the loop lateness and /health latency."""
     levels: dict[int, LevelResult] = {}
     health: list[float] = []
     loop_stats: dict[str, float] = {}
     for c in LEVELS:
         if c != 4:
-            levels[c] = await run_level(session, server.url, server.model_id, PROMPT, spec.tokens, c,
-                                        profile.per_worker)
+            levels[c] = await run_level(
+                session, server.url, server.model_id, PROMPT, spec.tokens, c, profile.per_worker
+            )
             continue
         await session.get(server.url + "/_bench/loop")  # start a fresh lateness window
         stop = asyncio.Event()
@@ -311,15 +339,22 @@ def parse_config(text: str) -> tuple[str, list[str]]:
 
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     profile = PROFILES["quick" if args.quick else "full"]
-    results: dict[str, Any] = {"machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]},
-                               "profile": "quick" if args.quick else "full", "prompt": PROMPT, "models": {},
-                               "read_bandwidth_gb_s": read_bandwidth_gb_s()}
+    results: dict[str, Any] = {
+        "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]},
+        "profile": "quick" if args.quick else "full",
+        "prompt": PROMPT,
+        "models": {},
+        "read_bandwidth_gb_s": read_bandwidth_gb_s(),
+    }
     for spec in profile.models:
         if args.models and spec.name not in args.models:
             continue
         ensure_model(spec)
-        entry: dict[str, Any] = {"tokens_per_request": spec.tokens, "configs": {},
-                                 "weight_bytes_per_token": weight_bytes_per_token(spec)}
+        entry: dict[str, Any] = {
+            "tokens_per_request": spec.tokens,
+            "configs": {},
+            "weight_bytes_per_token": weight_bytes_per_token(spec),
+        }
         for config in args.configs or (QUICK_CONFIGS if args.quick else FULL_CONFIGS):
             label, extra = parse_config(config)
             run = await measure(spec, profile, extra)
@@ -334,11 +369,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small model only, fewer requests; prints ratios")
     parser.add_argument("--models", nargs="*", choices=["small", "realistic"], help="only these models")
-    parser.add_argument("--configs", nargs="*",
-                        help="engine configs BATCHxLANES[wMS] to compare, the server's default first "
-                        f"(default: {' '.join(FULL_CONFIGS)}; --quick: {QUICK_CONFIGS[0]})")
-    parser.add_argument("--out", type=Path, help="write results.json/.md and plots here "
-                        "(default: docs/benchmarks for a full run, nothing for --quick)")
+    parser.add_argument(
+        "--configs",
+        nargs="*",
+        help="engine configs BATCHxLANES[wMS] to compare, the server's default first "
+        f"(default: {' '.join(FULL_CONFIGS)}; --quick: {QUICK_CONFIGS[0]})",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        help="write results.json/.md and plots here (default: docs/benchmarks for a full run, nothing for --quick)",
+    )
     args = parser.parse_args()
     results = asyncio.run(main_async(args))
     out = args.out or (None if args.quick else REPO / "docs" / "benchmarks")

@@ -29,9 +29,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from proxy_overhead import start, wait_ready
 from run import SMALL, ensure_model, memory_mb
 
-BAD_BODIES: list[Any] = [{"messages": []}, {"model": "nope", "messages": [{"role": "user", "content": "x"}]},
-                         {"model": None}, [1, 2], {"messages": [{"role": "wizard", "content": "x"}]},
-                         {"prompt": "x", "temperature": 9}, {"prompt": "x", "max_tokens": -1}]
+BAD_BODIES: list[Any] = [
+    {"messages": []},
+    {"model": "nope", "messages": [{"role": "user", "content": "x"}]},
+    {"model": None},
+    [1, 2],
+    {"messages": [{"role": "wizard", "content": "x"}]},
+    {"prompt": "x", "temperature": 9},
+    {"prompt": "x", "max_tokens": -1},
+]
 
 
 class Soak:
@@ -58,8 +64,13 @@ class Soak:
             self._note("unexpected", f"{kind}: {exc!r}")
 
     def _body(self, rng: random.Random, **extra: Any) -> dict[str, Any]:
-        return {"model": self.model, "prompt": rng.choice(["Once upon a time", "Hello", "The server"]),
-                "max_tokens": rng.randint(4, 96), "temperature": rng.choice([0, 0.8]), **extra}
+        return {
+            "model": self.model,
+            "prompt": rng.choice(["Once upon a time", "Hello", "The server"]),
+            "max_tokens": rng.randint(4, 96),
+            "temperature": rng.choice([0, 0.8]),
+            **extra,
+        }
 
     async def _stream(self, session: aiohttp.ClientSession, rng: random.Random) -> None:
         async with session.post(self.url + "/v1/completions", json=self._body(rng, stream=True)) as resp:
@@ -82,13 +93,20 @@ class Soak:
             self._note("ok_json")
 
     async def _chat(self, session: aiohttp.ClientSession, rng: random.Random) -> None:
-        body = {"model": self.model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 16,
-                "n": rng.randint(1, 3), "stop": ["\n"]}
+        body = {
+            "model": self.model,
+            "messages": [{"role": "user", "content": "hi"}],
+            "max_tokens": 16,
+            "n": rng.randint(1, 3),
+            "stop": ["\n"],
+        }
         async with session.post(self.url + "/v1/chat/completions", json=body) as resp:
             payload = await resp.json()
         ok = resp.status == 200 and len(payload["choices"]) == body["n"]
-        self._note("ok_json" if ok else "rate_limited_429" if resp.status == 429 else "unexpected",
-                   f"chat {resp.status} {payload}")
+        self._note(
+            "ok_json" if ok else "rate_limited_429" if resp.status == 429 else "unexpected",
+            f"chat {resp.status} {payload}",
+        )
 
     async def _cancel(self, session: aiohttp.ClientSession, rng: random.Random) -> None:
         body = self._body(rng, stream=True, max_tokens=1000, prompt="Tell me a long story")
@@ -123,8 +141,17 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     url, model, pid = args.url, args.model, args.pid
     if url is None:
         ensure_model(SMALL)
-        proc, url = start("--model-path", str(SMALL.path), "--max-concurrent-requests", "4",
-                          "--max-queued-requests", "8", "--queue-timeout", "20", LOG_LEVEL="WARNING")
+        proc, url = start(
+            "--model-path",
+            str(SMALL.path),
+            "--max-concurrent-requests",
+            "4",
+            "--max-queued-requests",
+            "8",
+            "--queue-timeout",
+            "20",
+            LOG_LEVEL="WARNING",
+        )
         model, pid = SMALL.path.name, proc.pid
     soak = Soak(url, model, args.hang_s)
     memory: list[tuple[float, float]] = []
@@ -148,10 +175,17 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         if proc is not None:
             proc.send_signal(signal.SIGTERM)
             proc.wait(timeout=60)
-    return {"minutes": args.minutes, "workers": args.workers, "outcomes": dict(soak.outcomes),
-            "requests": sum(soak.outcomes.values()), "unexpected": soak.unexpected,
-            "hung": soak.outcomes.get("hung", 0), "rss_mb": memory, "ready_at_end": still_ready,
-            "exit_code": None if proc is None else proc.returncode}
+    return {
+        "minutes": args.minutes,
+        "workers": args.workers,
+        "outcomes": dict(soak.outcomes),
+        "requests": sum(soak.outcomes.values()),
+        "unexpected": soak.unexpected,
+        "hung": soak.outcomes.get("hung", 0),
+        "rss_mb": memory,
+        "ready_at_end": still_ready,
+        "exit_code": None if proc is None else proc.returncode,
+    }
 
 
 def main() -> None:

@@ -35,9 +35,16 @@ def main(argv: list[str] | None = None) -> int:
         # handler_cancellation: a client that disconnects cancels its handler, so its generation stops and its
         # slot is freed at once (aiohttp's default would generate every token for nobody). aiohttp's own wait
         # for handlers comes after our drain (on_shutdown), which has already waited SHUTDOWN_TIMEOUT.
-        web.run_app(app, host=settings.server_host, port=settings.server_port, print=None, access_log=None,
-                    shutdown_timeout=STOP_MARGIN_S, keepalive_timeout=settings.keepalive_timeout,
-                    handler_cancellation=True)
+        web.run_app(
+            app,
+            host=settings.server_host,
+            port=settings.server_port,
+            print=None,
+            access_log=None,
+            shutdown_timeout=STOP_MARGIN_S,
+            keepalive_timeout=settings.keepalive_timeout,
+            handler_cancellation=True,
+        )
     except ModelLoadingFailed as exc:
         log.error("model_loading_failed: %s", exc, extra={"fields": {"code": exc.code}})
         return 1

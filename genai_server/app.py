@@ -36,8 +36,9 @@ def create_app(settings: Settings) -> web.Application:
     """Build the app; no I/O here: the backend starts with the app (``backends_context``)."""
     app = web.Application(client_max_size=settings.max_body_bytes)
     app[SETTINGS] = settings
-    app[LIMITER] = ConcurrencyLimiter(settings.max_concurrent_requests, settings.max_queued_requests,
-                                      settings.queue_timeout)
+    app[LIMITER] = ConcurrencyLimiter(
+        settings.max_concurrent_requests, settings.max_queued_requests, settings.queue_timeout
+    )
     app[METRICS] = ServerMetrics(settings.backend, lambda: _gauges(app))
     # The order is written once, outermost first:
     # 1. Prometheus: counts every generation request by its final status, 429s included;
@@ -67,8 +68,11 @@ async def backends_context(app: web.Application) -> AsyncIterator[None]:
     gpu = app[GPU] = GpuMonitor()
     await gpu.start()
     backends = {entry.id: _backend(app, settings, entry) for entry in settings.models}
-    serving = Serving(backends, gpu, RequestLimits(settings.max_messages, settings.max_tokens_limit,
-                                                   settings.max_sequences_per_request))
+    serving = Serving(
+        backends,
+        gpu,
+        RequestLimits(settings.max_messages, settings.max_tokens_limit, settings.max_sequences_per_request),
+    )
     try:
         await serving.start()
         app[SERVING] = serving
@@ -86,35 +90,75 @@ def _backend(app: web.Application, settings: Settings, entry: ModelEntry) -> Bac
     if entry.backend == "onnx":
         return _onnx_backend(app, settings, entry)
     assert entry.url is not None  # checked by ModelEntry
-    log.info("relaying to an upstream engine", extra={"fields": {
-        "backend": entry.backend, "upstream_url": entry.url, "model": entry.id, "upstream_model": entry.upstream_name}})
-    timeout = aiohttp.ClientTimeout(total=None, connect=settings.upstream_connect_timeout_s,
-                                    sock_read=settings.upstream_read_timeout_s)
+    log.info(
+        "relaying to an upstream engine",
+        extra={
+            "fields": {
+                "backend": entry.backend,
+                "upstream_url": entry.url,
+                "model": entry.id,
+                "upstream_model": entry.upstream_name,
+            }
+        },
+    )
+    timeout = aiohttp.ClientTimeout(
+        total=None, connect=settings.upstream_connect_timeout_s, sock_read=settings.upstream_read_timeout_s
+    )
     if entry.backend == "ollama":
-        return OllamaBackend(entry.url, entry.id, entry.upstream_name, timeout=timeout,
-                             always_usage=settings.stream_usage_always, default_max_tokens=settings.max_tokens_limit)
+        return OllamaBackend(
+            entry.url,
+            entry.id,
+            entry.upstream_name,
+            timeout=timeout,
+            always_usage=settings.stream_usage_always,
+            default_max_tokens=settings.max_tokens_limit,
+        )
     api_key = entry.api_key.get_secret_value() if entry.api_key else None
-    return OpenAIUpstream(entry.url, entry.id, entry.upstream_name, timeout=timeout, api_key=api_key,
-                          always_usage=settings.stream_usage_always, default_max_tokens=settings.max_tokens_limit)
+    return OpenAIUpstream(
+        entry.url,
+        entry.id,
+        entry.upstream_name,
+        timeout=timeout,
+        api_key=api_key,
+        always_usage=settings.stream_usage_always,
+        default_max_tokens=settings.max_tokens_limit,
+    )
 
 
 def _onnx_backend(app: web.Application, settings: Settings, entry: ModelEntry) -> OnnxBackend:
     """The embedded engine on one model folder; if its owner thread ever dies, the server stops with an error."""
     if entry.path is None:
-        log.warning("MODEL_PATH is not set: serving the bundled demo model %s, which has random weights "
-                    "and produces noise", entry.model_path.name)
-    engine = OnnxEngine(entry.model_path, EngineConfig(settings.engine_max_batch_size, settings.engine_lanes,
-                                                       settings.engine_batch_wait_ms, settings.max_model_len,
-                                                       settings.engine_memory_budget_mb))
-    return OnnxBackend(engine, entry.id, created=int(time.time()), always_usage=settings.stream_usage_always,
-                       max_prompt_tokens=settings.max_prompt_tokens, default_max_tokens=settings.max_tokens_limit,
-                       on_failure=lambda exc: server_failed(app, f"the {entry.id} engine failed: {exc!r}"))
+        log.warning(
+            "MODEL_PATH is not set: serving the bundled demo model %s, which has random weights and produces noise",
+            entry.model_path.name,
+        )
+    engine = OnnxEngine(
+        entry.model_path,
+        EngineConfig(
+            settings.engine_max_batch_size,
+            settings.engine_lanes,
+            settings.engine_batch_wait_ms,
+            settings.max_model_len,
+            settings.engine_memory_budget_mb,
+        ),
+    )
+    return OnnxBackend(
+        engine,
+        entry.id,
+        created=int(time.time()),
+        always_usage=settings.stream_usage_always,
+        max_prompt_tokens=settings.max_prompt_tokens,
+        default_max_tokens=settings.max_tokens_limit,
+        on_failure=lambda exc: server_failed(app, f"the {entry.id} engine failed: {exc!r}"),
+    )
 
 
 def _gauges(app: web.Application) -> Gauges:
     """Generation requests in flight, sequences waiting, KV-cache use, GPU memory used: read at scrape time."""
     engines = app.get(ENGINES, {})
-    return Gauges(running=app[LIMITER].in_flight,
-                  waiting=sum(engine.waiting_sequences() for engine in engines.values()),
-                  kv_cache_usage={model: engine.kv_cache_usage() for model, engine in engines.items()},
-                  gpu_used_mb=app[GPU].used_mb() if GPU in app else None)
+    return Gauges(
+        running=app[LIMITER].in_flight,
+        waiting=sum(engine.waiting_sequences() for engine in engines.values()),
+        kv_cache_usage={model: engine.kv_cache_usage() for model, engine in engines.items()},
+        gpu_used_mb=app[GPU].used_mb() if GPU in app else None,
+    )

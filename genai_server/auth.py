@@ -25,14 +25,17 @@ def setup_api_keys(app: web.Application, keys: list[str], *, protect_metrics: bo
     public = _ALWAYS_PUBLIC if protect_metrics else _ALWAYS_PUBLIC | {"/metrics"}
 
     @web.middleware
-    async def api_keys(request: web.Request,
-                       handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+    async def api_keys(
+        request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
         # CORS preflights carry no credentials by design; aiohttp-cors answers them.
         if request.path in public or request.method == hdrs.METH_OPTIONS:
             return await handler(request)
         if not _valid(request.headers.get(hdrs.AUTHORIZATION, ""), encoded):
-            raise InvalidApiKey("Incorrect or missing API key: send 'Authorization: Bearer <key>'",
-                                headers={"WWW-Authenticate": "Bearer"})
+            raise InvalidApiKey(
+                "Incorrect or missing API key: send 'Authorization: Bearer <key>'",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
         return await handler(request)
 
     app.middlewares.append(api_keys)

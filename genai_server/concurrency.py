@@ -94,13 +94,18 @@ class ConcurrencyLimiter:
         """OpenAI's x-ratelimit-* headers, for requests in flight or waiting."""
         capacity = self.limit + self.max_queued
         remaining = max(0, capacity - self.in_flight - self.queued)
-        return {"x-ratelimit-limit-requests": str(capacity), "x-ratelimit-remaining-requests": str(remaining),
-                "x-ratelimit-reset-requests": f"{self.retry_after_s() if remaining == 0 else 0}s"}
+        return {
+            "x-ratelimit-limit-requests": str(capacity),
+            "x-ratelimit-remaining-requests": str(remaining),
+            "x-ratelimit-reset-requests": f"{self.retry_after_s() if remaining == 0 else 0}s",
+        }
 
     def _refusal(self, reason: str) -> RateLimited:
         retry = self.retry_after_s()
-        return RateLimited(f"{reason} (limit {self.limit} running, {self.max_queued} waiting); retry after {retry} s",
-                           headers={"Retry-After": str(retry), **self.headers()})
+        return RateLimited(
+            f"{reason} (limit {self.limit} running, {self.max_queued} waiting); retry after {retry} s",
+            headers={"Retry-After": str(retry), **self.headers()},
+        )
 
     def _abandon(self, waiter: asyncio.Future[None]) -> None:
         """A waiting client went away: leave the line, or hand back a slot it was just given."""
@@ -114,8 +119,9 @@ def setup_concurrency_limit(app: web.Application, limiter: ConcurrencyLimiter) -
     """Add the middleware that enforces ``limiter`` on generation routes, and its headers on their responses."""
 
     @web.middleware
-    async def concurrency_limit(request: web.Request,
-                                handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+    async def concurrency_limit(
+        request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
         if request.path not in GENERATION_PATHS or request.method != "POST":
             return await handler(request)
         await limiter.acquire()

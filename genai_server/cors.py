@@ -14,15 +14,15 @@ _EXPOSED = ("X-Request-Id", "Retry-After")
 def setup_cors(app: web.Application, origins: list[str]) -> None:
     """Allow ``origins`` (``*`` = any) on every route registered so far, error responses included."""
     options = aiohttp_cors.ResourceOptions(  # type: ignore[no-untyped-call]
-        allow_credentials=False, expose_headers=_EXPOSED, allow_headers="*", allow_methods="*")
+        allow_credentials=False, expose_headers=_EXPOSED, allow_headers="*", allow_methods="*"
+    )
     cors = aiohttp_cors.setup(app, defaults={origin: options for origin in origins})
     for route in list(app.router.routes()):
         cors.add(route)
     app.on_response_prepare.append(_cors_for_unrouted_errors(frozenset(origins)))
 
 
-def _cors_for_unrouted_errors(
-        origins: frozenset[str]) -> Callable[[web.Request, web.StreamResponse], Awaitable[None]]:
+def _cors_for_unrouted_errors(origins: frozenset[str]) -> Callable[[web.Request, web.StreamResponse], Awaitable[None]]:
     """aiohttp-cors only knows routes, so a 404/405 for an unknown route or method would reach a
     browser as an opaque CORS failure; give those error responses the same allow-origin."""
 

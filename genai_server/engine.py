@@ -125,8 +125,11 @@ class OnnxEngine:
         """Render the conversation with the model's template (a Phi-3-style one when it has none)."""
         template = None if self.has_chat_template else FALLBACK_CHAT_TEMPLATE
         with self._tokenizer_lock:
-            return str(self._live_tokenizer().apply_chat_template(json.dumps(messages), template_str=template,
-                                                                  add_generation_prompt=True))
+            return str(
+                self._live_tokenizer().apply_chat_template(
+                    json.dumps(messages), template_str=template, add_generation_prompt=True
+                )
+            )
 
     def _live_tokenizer(self) -> Any:
         tokenizer = self._tokenizer  # one read: the owner thread drops it when the engine closes
@@ -211,16 +214,28 @@ class OnnxEngine:
         config = og.Config(str(self.model_path))
         # The Engine allocates every sequence's KV cache for search.max_length tokens up front, so
         # that length (not the model's 128k, say) is what a sequence costs in memory.
-        config.overlay(json.dumps({"engine": {"static_batching": {"max_batch_size": self.config.max_batch_size}},
-                                   "search": {"max_length": self.context_length}}))
+        config.overlay(
+            json.dumps(
+                {
+                    "engine": {"static_batching": {"max_batch_size": self.config.max_batch_size}},
+                    "search": {"max_length": self.context_length},
+                }
+            )
+        )
         self._model = og.Model(config)
         self._tokenizer = og.Tokenizer(self._model)
         self.max_token_bytes = _max_token_bytes(self._tokenizer, self.vocab_size)
         self.eos_token_ids = frozenset(int(t) for t in self._tokenizer.eos_token_ids)
         self.has_chat_template = _has_chat_template(self.model_path)
-        return BatchScheduler(self._model, self._tokenizer, lanes=self.config.lanes,
-                              eos_token_ids=self.eos_token_ids, max_batch_size=self.config.max_batch_size,
-                              batch_wait_s=self.config.batch_wait_ms / 1000, memory=self.memory)
+        return BatchScheduler(
+            self._model,
+            self._tokenizer,
+            lanes=self.config.lanes,
+            eos_token_ids=self.eos_token_ids,
+            max_batch_size=self.config.max_batch_size,
+            batch_wait_s=self.config.batch_wait_ms / 1000,
+            memory=self.memory,
+        )
 
     def _serve(self, scheduler: BatchScheduler) -> None:
         while self._drain_commands(timeout=scheduler.wait_timeout()):
@@ -260,14 +275,20 @@ def _kv_budget(genai_config: dict[str, Any], context_length: int, budget_mb: flo
     """The KV-cache budget and the cost of one token: 2 (key, value) x layers x KV heads x head size x 4 bytes.
     A budget that cannot hold one full-context sequence could never serve: that is a start-up error."""
     decoder = genai_config["model"]["decoder"]
-    per_token = (2 * int(decoder["num_hidden_layers"]) * int(decoder["num_key_value_heads"])
-                 * int(decoder["head_size"]) * _KV_BYTES_PER_VALUE)
+    per_token = (
+        2
+        * int(decoder["num_hidden_layers"])
+        * int(decoder["num_key_value_heads"])
+        * int(decoder["head_size"])
+        * _KV_BYTES_PER_VALUE
+    )
     budget = int(budget_mb * 2**20) if budget_mb is not None else default_memory_budget_bytes()
     if per_token * context_length > budget:
         raise ValueError(
             f"one sequence of {context_length} tokens needs {per_token * context_length / 2**20:.0f} MB of KV cache, "
             f"more than the engine's memory budget of {budget / 2**20:.0f} MB: lower MAX_MODEL_LEN (at most "
-            f"{budget // per_token}) or raise ENGINE_MEMORY_BUDGET_MB")
+            f"{budget // per_token}) or raise ENGINE_MEMORY_BUDGET_MB"
+        )
     return KvBudget(budget, per_token, context_length)
 
 
@@ -287,8 +308,9 @@ def _max_token_bytes(tokenizer: Any, vocab_size: int) -> int:
     the server refuse a text that cannot fit the context without tokenising it. A token that is part of a
     character decodes to U+FFFD (3 bytes, more than its own): an overestimate keeps the bound safe. 0 (no
     bound) when the model does not say its vocabulary size."""
-    return max((len(tokenizer.decode(np.array([token], dtype=np.int32)).encode()) for token in range(vocab_size)),
-               default=0)
+    return max(
+        (len(tokenizer.decode(np.array([token], dtype=np.int32)).encode()) for token in range(vocab_size)), default=0
+    )
 
 
 def _has_chat_template(model_path: Path) -> bool:

@@ -52,8 +52,9 @@ def setup_error_mapping(app: web.Application) -> None:
     """Add the middleware that turns exceptions into OpenAI error responses."""
 
     @web.middleware
-    async def error_mapping(request: web.Request,
-                            handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+    async def error_mapping(
+        request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
         try:
             return await handler(request)
         except web.HTTPException as exc:

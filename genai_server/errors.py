@@ -19,8 +19,9 @@ class APIError(Exception):
     error_type: ClassVar[str] = "invalid_request_error"
     default_code: ClassVar[str] = "invalid_request"
 
-    def __init__(self, message: str, *, param: str | None = None, code: str | None = None,
-                 headers: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, message: str, *, param: str | None = None, code: str | None = None, headers: dict[str, str] | None = None
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.param = param
@@ -154,8 +155,16 @@ class UpstreamTimeout(UpstreamError):
 class UpstreamRejected(APIError):
     """The upstream's own 4xx, passed on with its status and message."""
 
-    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
-                 error_type: str | None = None, headers: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        error_type: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(message, param=param, code=code or "upstream_rejected", headers=headers)
         self.status = status  # type: ignore[misc]
         self.error_type = error_type or "invalid_request_error"  # type: ignore[misc]

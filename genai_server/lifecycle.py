@@ -66,8 +66,11 @@ def _failed(request: web.Request) -> web.Response | None:
 async def health(request: web.Request) -> web.Response:
     """``GET /health``: the model is loaded (the port only opens after it is) and its engine alive."""
     failed = _failed(request)  # a response is a mapping (falsy when empty): compared with None, never by truth
-    return failed if failed is not None else web.json_response({"status": "ok",
-                                                                 "model": request.app[SERVING].default_model})
+    return (
+        failed
+        if failed is not None
+        else web.json_response({"status": "ok", "model": request.app[SERVING].default_model})
+    )
 
 
 async def live(request: web.Request) -> web.Response:
@@ -102,12 +105,21 @@ def setup_lifecycle(app: web.Application, shutdown_timeout_s: float) -> None:
         app[STATE].draining = True
         limiter = app[LIMITER]
         limiter.stop_admitting()
-        log.info("draining", extra={"fields": {"running": limiter.in_flight, "queued": limiter.queued,
-                                               "shutdown_timeout_s": shutdown_timeout_s}})
+        log.info(
+            "draining",
+            extra={
+                "fields": {
+                    "running": limiter.in_flight,
+                    "queued": limiter.queued,
+                    "shutdown_timeout_s": shutdown_timeout_s,
+                }
+            },
+        )
         finished = await _wait_idle(app, shutdown_timeout_s)
         if not finished:
-            log.warning("shutdown timeout: ending %d requests still running or queued",
-                        limiter.in_flight + limiter.queued)
+            log.warning(
+                "shutdown timeout: ending %d requests still running or queued", limiter.in_flight + limiter.queued
+            )
         limiter.close()  # the queue is told 503 shutting_down
         if SERVING in app:
             await app[SERVING].stop()  # what still runs ends with a shutting_down error event

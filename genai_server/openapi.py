@@ -37,8 +37,15 @@ class ErrorResponse(BaseModel):
     error: ErrorBody
 
 
-_MODELS: list[type[BaseModel]] = [ChatCompletionRequest, CompletionRequest, ChatCompletion, Completion, ModelCard,
-                                  ModelList, ErrorResponse]
+_MODELS: list[type[BaseModel]] = [
+    ChatCompletionRequest,
+    CompletionRequest,
+    ChatCompletion,
+    Completion,
+    ModelCard,
+    ModelList,
+    ErrorResponse,
+]
 _ERRORS = {"400", "401", "404", "408", "413", "415", "429", "502", "503", "504"}
 
 
@@ -55,12 +62,21 @@ def _errors(*statuses: str) -> dict[str, Any]:
 
 
 def _generation(request: str, response: str) -> dict[str, Any]:
-    return {"post": {
-        "requestBody": {"required": True, **_json(_ref(request))},
-        "responses": {"200": {"description": "the completion (JSON), or with stream=true an SSE stream",
-                              "content": {"application/json": {"schema": _ref(response)},
-                                          "text/event-stream": {"schema": {"type": "string"}}}},
-                      **_errors(*sorted(_ERRORS))}}}
+    return {
+        "post": {
+            "requestBody": {"required": True, **_json(_ref(request))},
+            "responses": {
+                "200": {
+                    "description": "the completion (JSON), or with stream=true an SSE stream",
+                    "content": {
+                        "application/json": {"schema": _ref(response)},
+                        "text/event-stream": {"schema": {"type": "string"}},
+                    },
+                },
+                **_errors(*sorted(_ERRORS)),
+            },
+        }
+    }
 
 
 def _get(description: str, schema: dict[str, Any] | None = None, *errors: str) -> dict[str, Any]:
@@ -72,11 +88,13 @@ def _get(description: str, schema: dict[str, Any] | None = None, *errors: str) -
 
 def openapi_document() -> dict[str, Any]:
     """The whole description."""
-    _, defs = models_json_schema([(model, "validation") for model in _MODELS],
-                                 ref_template="#/components/schemas/{model}")
+    _, defs = models_json_schema(
+        [(model, "validation") for model in _MODELS], ref_template="#/components/schemas/{model}"
+    )
     model_path = _get("one model", _ref("ModelCard"), "401", "404")
-    model_path["get"]["parameters"] = [{"name": "model_id", "in": "path", "required": True,
-                                        "schema": {"type": "string"}}]
+    model_path["get"]["parameters"] = [
+        {"name": "model_id", "in": "path", "required": True, "schema": {"type": "string"}}
+    ]
     return {
         "openapi": "3.1.0",
         "info": {"title": "genai_server", "version": __version__},
@@ -87,9 +105,14 @@ def openapi_document() -> dict[str, Any]:
             "/v1/models/{model_id}": model_path,
             "/health": _get("the model is loaded", {"type": "object"}),
             "/health/live": _get("the process answers", {"type": "object"}),
-            "/health/ready": {"get": {"responses": {"200": {"description": "serving", **_json({"type": "object"})},
-                                                    "503": {"description": "draining",
-                                                            **_json({"type": "object"})}}}},
+            "/health/ready": {
+                "get": {
+                    "responses": {
+                        "200": {"description": "serving", **_json({"type": "object"})},
+                        "503": {"description": "draining", **_json({"type": "object"})},
+                    }
+                }
+            },
         },
         "components": {"schemas": defs.get("$defs", {})},
     }

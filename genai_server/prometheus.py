@@ -19,8 +19,27 @@ from genai_server.concurrency import GENERATION_PATHS
 from genai_server.request_log import CLIENT_CLOSED_REQUEST
 from genai_server.telemetry import RequestTelemetry
 
-_LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
-                    40.0, 80.0, 160.0)
+_LATENCY_BUCKETS = (
+    0.005,
+    0.01,
+    0.02,
+    0.04,
+    0.06,
+    0.08,
+    0.1,
+    0.25,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
+    160.0,
+)
 _TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5)
 _LABELS = ("model", "backend")
 
@@ -48,27 +67,35 @@ class ServerMetrics:
             return Histogram(f"genai_server_{name}", doc, _LABELS, buckets=buckets, registry=self.registry)
 
         self.ttft = histogram("time_to_first_token_seconds", "Arrival to first token.", _LATENCY_BUCKETS)
-        self.tpot = histogram("request_time_per_output_token_seconds", "(e2e - TTFT) / (tokens - 1).",
-                              _TOKEN_BUCKETS)
+        self.tpot = histogram("request_time_per_output_token_seconds", "(e2e - TTFT) / (tokens - 1).", _TOKEN_BUCKETS)
         self.itl = histogram("inter_token_latency_seconds", "Time between successive tokens.", _TOKEN_BUCKETS)
         self.e2e = histogram("e2e_request_latency_seconds", "Arrival to last token.", _LATENCY_BUCKETS)
-        self.queue = histogram("request_queue_time_seconds", "Arrival to the start of generation.",
-                               _LATENCY_BUCKETS)
+        self.queue = histogram("request_queue_time_seconds", "Arrival to the start of generation.", _LATENCY_BUCKETS)
         self.prompt_tokens = Counter("genai_server_prompt_tokens", "Prompt tokens.", _LABELS, registry=self.registry)
-        self.generation_tokens = Counter("genai_server_generation_tokens", "Generated tokens.", _LABELS,
-                                         registry=self.registry)
-        self.requests = Counter("genai_server_requests", "Generation requests by HTTP status.",
-                                (*_LABELS, "status"), registry=self.registry)
-        self.disconnects = Counter("genai_server_client_disconnects", "Clients that left before the end.", _LABELS,
-                                   registry=self.registry)
-        self.running = Gauge("genai_server_num_requests_running", "Generation requests in flight.",
-                             registry=self.registry)
+        self.generation_tokens = Counter(
+            "genai_server_generation_tokens", "Generated tokens.", _LABELS, registry=self.registry
+        )
+        self.requests = Counter(
+            "genai_server_requests", "Generation requests by HTTP status.", (*_LABELS, "status"), registry=self.registry
+        )
+        self.disconnects = Counter(
+            "genai_server_client_disconnects", "Clients that left before the end.", _LABELS, registry=self.registry
+        )
+        self.running = Gauge(
+            "genai_server_num_requests_running", "Generation requests in flight.", registry=self.registry
+        )
         self.gpu_used: Gauge | None = None  # registered at the first scrape that finds a GPU: no GPU, no series
-        self.waiting = Gauge("genai_server_num_requests_waiting",
-                             "Sequences waiting for a batch to start in the embedded engines.", registry=self.registry)
-        self.kv_cache = Gauge("genai_server_kv_cache_usage_perc",
-                              "Share of an embedded engine's KV-cache memory budget held by running sequences (0-1).",
-                              ("model",), registry=self.registry)
+        self.waiting = Gauge(
+            "genai_server_num_requests_waiting",
+            "Sequences waiting for a batch to start in the embedded engines.",
+            registry=self.registry,
+        )
+        self.kv_cache = Gauge(
+            "genai_server_kv_cache_usage_perc",
+            "Share of an embedded engine's KV-cache memory budget held by running sequences (0-1).",
+            ("model",),
+            registry=self.registry,
+        )
 
     def observe(self, stats: RequestTelemetry | None, model: str, status: int) -> None:
         """Record one finished generation request."""
@@ -77,8 +104,12 @@ class ServerMetrics:
         if stats is None or stats.end is None:
             return
         figures = stats.metrics()
-        for histogram, value in ((self.ttft, figures.time_to_first_token_ms), (self.e2e, figures.e2e_latency_ms),
-                                 (self.queue, figures.queue_time_ms), (self.tpot, figures.time_per_output_token_ms)):
+        for histogram, value in (
+            (self.ttft, figures.time_to_first_token_ms),
+            (self.e2e, figures.e2e_latency_ms),
+            (self.queue, figures.queue_time_ms),
+            (self.tpot, figures.time_per_output_token_ms),
+        ):
             if value is not None:
                 histogram.labels(*labels).observe(value / 1000)
         itl = self.itl.labels(*labels)
@@ -99,8 +130,11 @@ class ServerMetrics:
         gpu_used_mb = gauges.gpu_used_mb
         if gpu_used_mb is not None:
             if self.gpu_used is None:
-                self.gpu_used = Gauge("genai_server_gpu_memory_used_bytes", "Memory in use on the visible GPUs (NVML).",
-                                      registry=self.registry)
+                self.gpu_used = Gauge(
+                    "genai_server_gpu_memory_used_bytes",
+                    "Memory in use on the visible GPUs (NVML).",
+                    registry=self.registry,
+                )
             self.gpu_used.set(gpu_used_mb * 1024 * 1024)
         return generate_latest(self.registry)
 
@@ -114,8 +148,9 @@ def setup_prometheus(app: web.Application, metrics: ServerMetrics) -> None:
     """Add the middleware that records generation requests, and the public ``GET /metrics`` route."""
 
     @web.middleware
-    async def prometheus(request: web.Request,
-                         handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+    async def prometheus(
+        request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
         if request.path not in GENERATION_PATHS:
             return await handler(request)
         try:

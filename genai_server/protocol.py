@@ -122,8 +122,9 @@ class SamplingRequest(BaseModel):
         if isinstance(data, dict):
             for name, allowed in _UNSUPPORTED.items():
                 if name in data and data[name] not in allowed:
-                    raise InvalidRequest(f"'{name}' is not supported by this server", param=name,
-                                         code="unsupported_parameter")
+                    raise InvalidRequest(
+                        f"'{name}' is not supported by this server", param=name, code="unsupported_parameter"
+                    )
         return data
 
     @model_validator(mode="after")
@@ -318,8 +319,9 @@ class ModelCard(BaseModel):
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "genai_server"
-    max_model_len: int | None = Field(None, exclude_if=_is_none,
-                                      description="tokens per sequence, prompt included (vLLM's field)")
+    max_model_len: int | None = Field(
+        None, exclude_if=_is_none, description="tokens per sequence, prompt included (vLLM's field)"
+    )
 
 
 class ModelList(BaseModel):

@@ -49,8 +49,9 @@ def _check_values(body: dict[str, Any]) -> None:
     while stack:
         value, path, depth = stack.pop()
         if depth > MAX_JSON_DEPTH:
-            raise InvalidRequest(f"The body is nested deeper than {MAX_JSON_DEPTH} levels", param=path or None,
-                                 code="invalid_json")
+            raise InvalidRequest(
+                f"The body is nested deeper than {MAX_JSON_DEPTH} levels", param=path or None, code="invalid_json"
+            )
         if isinstance(value, str):
             _check_text(value, path)
         elif isinstance(value, dict):
@@ -67,16 +68,18 @@ def _check_text(text: str, path: str) -> None:
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
-        raise InvalidRequest("Text must be valid Unicode: a lone UTF-16 surrogate cannot be encoded",
-                             param=path or None) from None
+        raise InvalidRequest(
+            "Text must be valid Unicode: a lone UTF-16 surrogate cannot be encoded", param=path or None
+        ) from None
 
 
 def setup_request_body(app: web.Application, read_timeout_s: float) -> None:
     """Add the middleware that reads and checks generation bodies (``request[BODY]``) before the slot."""
 
     @web.middleware
-    async def request_body(request: web.Request,
-                           handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+    async def request_body(
+        request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
         if request.path in GENERATION_PATHS and request.method == "POST":
             request[BODY] = await _read(request, read_timeout_s)
         return await handler(request)

@@ -44,8 +44,9 @@ def setup_request_log(app: web.Application) -> None:
     """Add the request-id/access-log middleware and the signal that sets the response header."""
 
     @web.middleware
-    async def request_log(request: web.Request,
-                          handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+    async def request_log(
+        request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
         request[REQUEST_ID] = _request_id(request)
         started = request[ARRIVAL] = time.perf_counter()
         status = 500
@@ -78,15 +79,21 @@ def final_status(request: web.Request, status: int) -> int:
 
 def _log_line(request: web.Request, status: int, duration_ms: float) -> None:
     fields: dict[str, object] = {
-        "request_id": request[REQUEST_ID], "method": request.method, "path": request.path,
-        "status": status, "duration_ms": round(duration_ms, 2),
+        "request_id": request[REQUEST_ID],
+        "method": request.method,
+        "path": request.path,
+        "status": status,
+        "duration_ms": round(duration_ms, 2),
     }
     stats = request.get(REQUEST_STATS)
     if stats is not None:
         inference = stats.inference_time_ms
-        fields.update(model=stats.model, prompt_tokens=stats.prompt_tokens,
-                      completion_tokens=stats.completion_tokens,
-                      inference_time_ms=None if inference is None else round(inference, 2))
+        fields.update(
+            model=stats.model,
+            prompt_tokens=stats.prompt_tokens,
+            completion_tokens=stats.completion_tokens,
+            inference_time_ms=None if inference is None else round(inference, 2),
+        )
     log.info("%s %s %s", request.method, request.path, status, extra={"fields": fields})
 
 
@@ -94,7 +101,10 @@ def log_exchange(request: web.Request, body: BaseModel, result: BaseModel | dict
     """With LOG_PROMPTS on (and only then): the prompt and, when not streamed, the completion."""
     answer = result.model_dump() if isinstance(result, BaseModel) else result
     prompt = body.model_dump(include={"messages", "prompt"})
-    completion = [choice.get("message", choice).get("content", choice.get("text")) for choice in
-                  (answer or {}).get("choices", [])] or None
-    prompts_log.info("prompt and completion", extra={"fields": {
-        "request_id": request.get(REQUEST_ID), **prompt, "completion": completion}})
+    completion = [
+        choice.get("message", choice).get("content", choice.get("text")) for choice in (answer or {}).get("choices", [])
+    ] or None
+    prompts_log.info(
+        "prompt and completion",
+        extra={"fields": {"request_id": request.get(REQUEST_ID), **prompt, "completion": completion}},
+    )

@@ -62,8 +62,9 @@ def _telemetry(request: web.Request) -> RequestTelemetry:
     return stats
 
 
-async def _respond(request: web.Request, stats: RequestTelemetry, body: BaseModel,
-                   pending: Awaitable[Result]) -> web.StreamResponse:
+async def _respond(
+    request: web.Request, stats: RequestTelemetry, body: BaseModel, pending: Awaitable[Result]
+) -> web.StreamResponse:
     """Write the serving layer's answer: a whole response as JSON with timing headers, a stream as SSE."""
     result = await pending
     if request.app[SETTINGS].log_prompts:
@@ -79,8 +80,13 @@ async def _respond(request: web.Request, stats: RequestTelemetry, body: BaseMode
     def failed(status: int) -> None:
         stats.error_status = status
 
-    return await write_sse(request, result, on_client_gone=client_gone, on_error=failed,
-                           write_timeout=request.app[SETTINGS].client_write_timeout)
+    return await write_sse(
+        request,
+        result,
+        on_client_gone=client_gone,
+        on_error=failed,
+        write_timeout=request.app[SETTINGS].client_write_timeout,
+    )
 
 
 def timing_headers(stats: RequestTelemetry) -> dict[str, str]:

@@ -129,8 +129,17 @@ class Lane:
 class BatchScheduler:
     """Admits sequences into lanes and steps every lane and Generator in turn."""
 
-    def __init__(self, model: Any, tokenizer: Any, *, lanes: int, eos_token_ids: frozenset[int],
-                 max_batch_size: int, batch_wait_s: float, memory: KvBudget) -> None:
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        *,
+        lanes: int,
+        eos_token_ids: frozenset[int],
+        max_batch_size: int,
+        batch_wait_s: float,
+        memory: KvBudget,
+    ) -> None:
         self._model = model
         self._tokenizer = tokenizer
         self._lanes = [Lane(model) for _ in range(lanes)]
@@ -218,8 +227,12 @@ class BatchScheduler:
 
     def shutdown(self) -> None:
         """Cancel everything (each client is told), drain the engines and let go of them."""
-        jobs = [*self._waiting, *self._waiting_generators, *self._generators,
-                *(j for lane in self._lanes for j in lane.jobs.values())]
+        jobs = [
+            *self._waiting,
+            *self._waiting_generators,
+            *self._generators,
+            *(j for lane in self._lanes for j in lane.jobs.values()),
+        ]
         for job in jobs:
             self.cancel(job)
             self._send(job, Delta("", 0, finish="cancelled"))
@@ -316,8 +329,11 @@ class BatchScheduler:
     def _start_generator(self, job: Job) -> None:
         params = og.GeneratorParams(self._model)
         params.set_search_options(
-            max_length=len(job.prompt) + job.options.max_tokens, do_sample=True,
-            temperature=job.options.temperature, top_p=job.options.top_p, top_k=job.options.top_k,
+            max_length=len(job.prompt) + job.options.max_tokens,
+            do_sample=True,
+            temperature=job.options.temperature,
+            top_p=job.options.top_p,
+            top_k=job.options.top_k,
             random_seed=job.options.seed,
         )
         job.generator = og.Generator(self._model, params)
@@ -327,7 +343,7 @@ class BatchScheduler:
     def _step_generator(self, job: Job) -> None:
         gen = job.generator
         if job.fed < len(job.prompt):
-            gen.append_tokens(job.prompt[job.fed: job.fed + PREFILL_CHUNK])
+            gen.append_tokens(job.prompt[job.fed : job.fed + PREFILL_CHUNK])
             job.fed += PREFILL_CHUNK
             return
         gen.generate_next_token()
@@ -351,8 +367,10 @@ class BatchScheduler:
 
     def _finish(self, job: Job, *, finish: EngineFinish | None = None, error: str | None = None) -> None:
         job.done = True
-        self._send(job, Delta("".join(job.pending_text), job.generated, finish=finish, error=error,
-                              admitted_at=job.admitted_at))
+        self._send(
+            job,
+            Delta("".join(job.pending_text), job.generated, finish=finish, error=error, admitted_at=job.admitted_at),
+        )
         job.pending_text.clear()
         job.generated = 0
         if job.request is not None:

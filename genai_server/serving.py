@@ -104,8 +104,11 @@ class Serving:
     def _check_sequences(self, sequences: int) -> None:
         """Each sequence holds a KV cache: what one request may ask for is counted in sequences, not requests."""
         if sequences > self._limits.max_sequences:
-            raise InvalidRequest(f"This request asks for {sequences} sequences (n x prompts); at most "
-                                 f"{self._limits.max_sequences} are allowed (MAX_SEQUENCES_PER_REQUEST)", param="n")
+            raise InvalidRequest(
+                f"This request asks for {sequences} sequences (n x prompts); at most "
+                f"{self._limits.max_sequences} are allowed (MAX_SEQUENCES_PER_REQUEST)",
+                param="n",
+            )
 
     def _start(self, model_id: str, stats: RequestTelemetry) -> Backend:
         if self._stopped:

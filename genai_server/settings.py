@@ -63,16 +63,19 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_file=".env", extra="ignore", frozen=True)
 
     models_file: Path | None = Field(
-        None, description="TOML file of [[models]] (id, backend, path or url, upstream_model, api_key): several "
-        "models on several backends; replaces BACKEND/MODEL_PATH/UPSTREAM_* when set"
+        None,
+        description="TOML file of [[models]] (id, backend, path or url, upstream_model, api_key): several "
+        "models on several backends; replaces BACKEND/MODEL_PATH/UPSTREAM_* when set",
     )
     backend: BackendName = Field(
-        "onnx", description="onnx: the embedded engine; openai: relay to an OpenAI-compatible UPSTREAM_URL; "
-        "ollama: Ollama's native API at UPSTREAM_URL"
+        "onnx",
+        description="onnx: the embedded engine; openai: relay to an OpenAI-compatible UPSTREAM_URL; "
+        "ollama: Ollama's native API at UPSTREAM_URL",
     )
     upstream_url: str | None = Field(
-        None, description="the upstream: its OpenAI base URL, e.g. http://127.0.0.1:8001/v1 (openai), or "
-        "Ollama's address, e.g. http://127.0.0.1:11434 (ollama)"
+        None,
+        description="the upstream: its OpenAI base URL, e.g. http://127.0.0.1:8001/v1 (openai), or "
+        "Ollama's address, e.g. http://127.0.0.1:11434 (ollama)",
     )
     upstream_api_key: SecretStr | None = Field(None, description="bearer key for the upstream, if it wants one")
     upstream_model: str | None = Field(
@@ -94,9 +97,7 @@ class Settings(BaseSettings):
     max_queued_requests: int = Field(
         32, ge=0, description="generation requests that may wait for a slot, in arrival order; beyond, 429"
     )
-    queue_timeout: float = Field(
-        60.0, gt=0, description="seconds a request may wait in the queue before it gets 429"
-    )
+    queue_timeout: float = Field(60.0, gt=0, description="seconds a request may wait in the queue before it gets 429")
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="largest request body; larger -> 413")
     max_messages: int = Field(256, ge=1, description="most messages in one chat request")
     max_sequences_per_request: int = Field(
@@ -115,31 +116,42 @@ class Settings(BaseSettings):
     keepalive_timeout: float = Field(75.0, ge=0, description="seconds an idle keep-alive connection stays open")
     log_prompts: bool = Field(False, description="log prompts and completions (off: they are never logged)")
     shutdown_timeout: float = Field(
-        30.0, ge=0, description="seconds in-flight requests may finish after SIGTERM/SIGINT before their streams "
-        "are ended with an error event"
+        30.0,
+        ge=0,
+        description="seconds in-flight requests may finish after SIGTERM/SIGINT before their streams "
+        "are ended with an error event",
     )
     max_model_len: int | None = Field(
-        None, ge=16, description="most tokens per sequence, prompt included (default: the model's context); "
-        "each sequence's KV cache is allocated for this many tokens"
+        None,
+        ge=16,
+        description="most tokens per sequence, prompt included (default: the model's context); "
+        "each sequence's KV cache is allocated for this many tokens",
     )
     engine_memory_budget_mb: float | None = Field(
-        None, gt=0, description="KV-cache memory running sequences may hold (MB); work beyond it waits (default: half "
-        "of the machine's or container's memory)"
+        None,
+        gt=0,
+        description="KV-cache memory running sequences may hold (MB); work beyond it waits (default: half "
+        "of the machine's or container's memory)",
     )
     engine_max_batch_size: int = Field(
         8, ge=1, le=64, description="sequences the engine decodes together in one static batch"
     )
     engine_lanes: int = Field(
-        2, ge=1, le=8, description="static batches run side by side, so a new request need not wait for a "
-        "running batch to finish"
+        2,
+        ge=1,
+        le=8,
+        description="static batches run side by side, so a new request need not wait for a running batch to finish",
     )
     engine_batch_wait_ms: float = Field(
-        5.0, ge=0, le=1000, description="how long a batch waits for more arrivals before it starts (a static "
-        "batch cannot take latecomers)"
+        5.0,
+        ge=0,
+        le=1000,
+        description="how long a batch waits for more arrivals before it starts (a static batch cannot take latecomers)",
     )
     stream_usage_always: bool = Field(
-        False, description="end every stream with the usage + metrics chunk, even when the client did not ask "
-        "for stream_options.include_usage"
+        False,
+        description="end every stream with the usage + metrics chunk, even when the client did not ask "
+        "for stream_options.include_usage",
     )
     api_keys: Annotated[list[SecretStr], NoDecode] = Field(
         default_factory=list, description="comma-separated bearer keys clients must send; none = open server"
@@ -187,8 +199,14 @@ class Settings(BaseSettings):
 
     def _single_entry(self) -> ModelEntry:
         key = self.upstream_api_key
-        return ModelEntry(id=self.resolved_model_id, backend=self.backend, path=self.model_path,
-                          url=self.upstream_url, upstream_model=self.resolved_upstream_model, api_key=key)
+        return ModelEntry(
+            id=self.resolved_model_id,
+            backend=self.backend,
+            path=self.model_path,
+            url=self.upstream_url,
+            upstream_model=self.resolved_upstream_model,
+            api_key=key,
+        )
 
     @property
     def all_api_keys(self) -> list[str]:
@@ -263,8 +281,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--env-file", type=Path, default=Path(".env"), help="dotenv file to read (default .env)")
     for name, field in Settings.model_fields.items():
-        parser.add_argument(_flag(name), dest=name, default=None, metavar=name.upper(),
-                            help=f"{field.description} [env {name.upper()}]")
+        parser.add_argument(
+            _flag(name), dest=name, default=None, metavar=name.upper(), help=f"{field.description} [env {name.upper()}]"
+        )
     return parser
 
 

@@ -28,10 +28,13 @@ def _event(payload: bytes) -> bytes:
     return b"data: " + payload + b"\n\n"
 
 
-async def write_sse(request: web.Request, chunks: AsyncGenerator[BaseModel | dict[str, Any], None],
-                    on_client_gone: Callable[[], None] | None = None,
-                    write_timeout: float | None = None,
-                    on_error: Callable[[int], None] | None = None) -> web.StreamResponse:
+async def write_sse(
+    request: web.Request,
+    chunks: AsyncGenerator[BaseModel | dict[str, Any], None],
+    on_client_gone: Callable[[], None] | None = None,
+    write_timeout: float | None = None,
+    on_error: Callable[[int], None] | None = None,
+) -> web.StreamResponse:
     """Stream ``chunks``; an error after the stream started is sent as an error event, then ``[DONE]``, and its
     status is reported to ``on_error`` (the response's own status, 200, left with the headers).
 

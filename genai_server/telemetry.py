@@ -141,9 +141,12 @@ class RequestTelemetry:
         gpu = self.gpu
         if gpu is None:
             return {}
-        return {"gpu_memory_used_start_mb": round(gpu.used_start_mb, 1), "gpu_memory_peak_mb": round(gpu.peak_mb, 1),
-                "gpu_memory_delta_mb": round(gpu.delta_mb, 1),
-                "gpu_process_memory_mb": None if gpu.process_mb is None else round(gpu.process_mb, 1)}
+        return {
+            "gpu_memory_used_start_mb": round(gpu.used_start_mb, 1),
+            "gpu_memory_peak_mb": round(gpu.peak_mb, 1),
+            "gpu_memory_delta_mb": round(gpu.delta_mb, 1),
+            "gpu_process_memory_mb": None if gpu.process_mb is None else round(gpu.process_mb, 1),
+        }
 
 
 def peak_rss_mb() -> float:

@@ -112,8 +112,9 @@ def corpus(vocab_size: int, lines: int = 4000, seed: int = 0) -> list[str]:
     out = []
     for _ in range(lines if vocab_size <= 4096 else vocab_size * 4):
         if vocab_size > 4096:
-            out.append(" ".join("".join(rng.choices("abcdefghijklmnopqrstuvwxyz", k=rng.randint(2, 9)))
-                                for _ in range(12)))
+            out.append(
+                " ".join("".join(rng.choices("abcdefghijklmnopqrstuvwxyz", k=rng.randint(2, 9))) for _ in range(12))
+            )
         words = [rng.choice(_WORDS) for _ in range(rng.randint(3, 16))]
         out.append(" ".join(words).capitalize() + rng.choice([".", "?", "!", ",", ":"]))
         out.append(str(rng.randint(0, 10**6)) + " " + rng.choice(["{", "}", "(", ")", "[", "]", "\"'"]))
@@ -159,6 +160,12 @@ def save_random_model(preset: Preset, hf_dir: Path) -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tok = Tokenizer.from_file(str(hf_dir / "tokenizer.json"))
+
+    def token_id(name: str) -> int:
+        found = tok.token_to_id(name)
+        assert found is not None, f"the trained tokenizer has no {name}"
+        return int(found)
+
     config = LlamaConfig(
         vocab_size=tok.get_vocab_size(),
         hidden_size=preset.hidden_size,
@@ -167,9 +174,9 @@ def save_random_model(preset: Preset, hf_dir: Path) -> None:
         num_attention_heads=preset.heads,
         num_key_value_heads=preset.kv_heads,
         max_position_embeddings=preset.context_length,
-        bos_token_id=tok.token_to_id("<|endoftext|>"),
-        eos_token_id=[tok.token_to_id("<|im_end|>"), tok.token_to_id("<|endoftext|>")],
-        pad_token_id=tok.token_to_id("<|endoftext|>"),
+        bos_token_id=token_id("<|endoftext|>"),
+        eos_token_id=[token_id("<|im_end|>"), token_id("<|endoftext|>")],
+        pad_token_id=token_id("<|endoftext|>"),
         tie_word_embeddings=False,
     )
     torch.manual_seed(0)
@@ -187,8 +194,21 @@ def build(preset: Preset, output: Path) -> None:
         train_tokenizer(preset, hf_dir)
         save_random_model(preset, hf_dir)
         staging = Path(tmp) / "out"
-        cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf_dir),
-               "-o", str(staging), "-p", "int4", "-e", "cpu", "-c", str(cache)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "onnxruntime_genai.models.builder",
+            "-i",
+            str(hf_dir),
+            "-o",
+            str(staging),
+            "-p",
+            "int4",
+            "-e",
+            "cpu",
+            "-c",
+            str(cache),
+        ]
         subprocess.run(cmd, check=True)
         if output.exists():
             shutil.rmtree(output)

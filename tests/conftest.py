@@ -82,8 +82,12 @@ def _nullable_to_json_schema(node: Any) -> Any:
 
 def chat_body(content: str = "Hello there", **extra: Any) -> dict[str, Any]:
     """A chat request body for the bundled model."""
-    body: dict[str, Any] = {"model": MODEL_ID, "messages": [{"role": "user", "content": content}],
-                            "max_tokens": 8, "temperature": 0}
+    body: dict[str, Any] = {
+        "model": MODEL_ID,
+        "messages": [{"role": "user", "content": content}],
+        "max_tokens": 8,
+        "temperature": 0,
+    }
     body.update(extra)
     return body
 
@@ -107,7 +111,7 @@ def sse_events(raw: str) -> list[str]:
     """The ``data:`` payloads of an SSE body, in order."""
     events = [block.strip() for block in raw.split("\n\n") if block.strip()]
     assert all(e.startswith("data: ") for e in events), events
-    return [e[len("data: "):] for e in events]
+    return [e[len("data: ") :] for e in events]
 
 
 def stream_chunks(raw: str) -> list[dict[str, Any]]:

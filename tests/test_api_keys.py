@@ -25,10 +25,13 @@ async def test_without_keys_the_server_is_open(client: Any) -> None:
     assert (await client.post("/v1/chat/completions", json=chat_body())).status == 200
 
 
-@pytest.mark.parametrize("headers", [{}, _auth("wrong"), {"Authorization": KEY}, {"Authorization": "Basic eA=="},
-                                     _auth(KEY[:-1]), _auth(KEY + "x")])
-async def test_missing_or_wrong_key_is_401(make_client: ClientFactory, openai_schema: Any,
-                                           headers: dict[str, str]) -> None:
+@pytest.mark.parametrize(
+    "headers",
+    [{}, _auth("wrong"), {"Authorization": KEY}, {"Authorization": "Basic eA=="}, _auth(KEY[:-1]), _auth(KEY + "x")],
+)
+async def test_missing_or_wrong_key_is_401(
+    make_client: ClientFactory, openai_schema: Any, headers: dict[str, str]
+) -> None:
     client = await make_client(api_keys=f"{KEY},{OTHER}")
     for method, path, body in [("POST", "/v1/chat/completions", chat_body()), ("GET", "/v1/models", None)]:
         resp = await client.request(method, path, json=body, headers=headers)
@@ -46,9 +49,14 @@ async def test_any_configured_key_works_and_health_and_metrics_stay_public(make_
     assert (await client.get("/health")).status == 200
     assert (await client.get("/metrics")).status == 200
     assert (await client.get("/openapi.json")).status == 200
-    preflight = await client.options("/v1/chat/completions", headers={
-        "Origin": "https://app.example", "Access-Control-Request-Method": "POST",
-        "Access-Control-Request-Headers": "authorization,content-type"})
+    preflight = await client.options(
+        "/v1/chat/completions",
+        headers={
+            "Origin": "https://app.example",
+            "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "authorization,content-type",
+        },
+    )
     assert preflight.status == 200
 
 

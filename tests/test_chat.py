@@ -25,8 +25,9 @@ async def _chat(client: Any, **body: Any) -> dict[str, Any]:
     return result
 
 
-async def test_chat_returns_an_openai_completion_with_exact_usage(client: Any, tokenizer: Any,
-                                                                   openai_schema: Any) -> None:
+async def test_chat_returns_an_openai_completion_with_exact_usage(
+    client: Any, tokenizer: Any, openai_schema: Any
+) -> None:
     body = await _chat(client, content="Hello there", max_tokens=12)
     openai_schema("CreateChatCompletionResponse", body)
     assert body["object"] == "chat.completion"
@@ -35,8 +36,11 @@ async def test_chat_returns_an_openai_completion_with_exact_usage(client: Any, t
     assert choice["message"]["role"] == "assistant"
     assert choice["finish_reason"] == "length"
     expected_prompt = _prompt_tokens(tokenizer, [{"role": "user", "content": "Hello there"}])
-    assert body["usage"] == {"prompt_tokens": expected_prompt, "completion_tokens": 12,
-                             "total_tokens": expected_prompt + 12}
+    assert body["usage"] == {
+        "prompt_tokens": expected_prompt,
+        "completion_tokens": 12,
+        "total_tokens": expected_prompt + 12,
+    }
     assert len(tokenizer.encode(choice["message"]["content"])) > 0
 
 
@@ -54,8 +58,9 @@ async def test_roles_and_content_parts_reach_the_template(client: Any, tokenizer
     ]
     resp = await client.post("/v1/chat/completions", json={**chat_body(), "messages": messages})
     assert resp.status == 200
-    flat = [{"role": m["role"], "content": m["content"] if isinstance(m["content"], str) else "Hi there"}
-            for m in messages]
+    flat = [
+        {"role": m["role"], "content": m["content"] if isinstance(m["content"], str) else "Hi there"} for m in messages
+    ]
     assert (await resp.json())["usage"]["prompt_tokens"] == _prompt_tokens(tokenizer, flat)
 
 
@@ -74,8 +79,9 @@ async def test_greedy_output_is_the_same_streamed_alone_and_in_a_batch(client: A
 
 
 async def test_stream_has_role_first_finish_last_usage_and_done(client: Any, openai_schema: Any) -> None:
-    resp = await client.post("/v1/chat/completions", json=chat_body(
-        max_tokens=10, stream=True, stream_options={"include_usage": True}))
+    resp = await client.post(
+        "/v1/chat/completions", json=chat_body(max_tokens=10, stream=True, stream_options={"include_usage": True})
+    )
     assert resp.status == 200
     assert resp.headers["Content-Type"].startswith("text/event-stream")
     chunks = stream_chunks(await resp.text())
@@ -130,7 +136,8 @@ async def test_seed_makes_sampling_repeatable(client: Any) -> None:
         return {"temperature": 1.0, "top_p": 0.95, "seed": seed, "max_tokens": 20}
 
     first, second, other = await asyncio.gather(
-        _chat(client, **sampled(7)), _chat(client, **sampled(7)), _chat(client, **sampled(8)))
+        _chat(client, **sampled(7)), _chat(client, **sampled(7)), _chat(client, **sampled(8))
+    )
     assert first["choices"][0]["message"]["content"] == second["choices"][0]["message"]["content"]
     assert first["choices"][0]["message"]["content"] != other["choices"][0]["message"]["content"]
     assert first["usage"] == second["usage"]
@@ -155,8 +162,9 @@ async def test_without_max_tokens_generation_is_bounded_by_the_context(client: A
     assert result["usage"]["total_tokens"] <= 2048
 
 
-async def test_a_model_without_a_chat_template_gets_the_phi3_style_one(make_client: Any, tmp_path: Path,
-                                                                       tokenizer: Any) -> None:
+async def test_a_model_without_a_chat_template_gets_the_phi3_style_one(
+    make_client: Any, tmp_path: Path, tokenizer: Any
+) -> None:
     folder = tmp_path / "no-template"
     shutil.copytree(BUNDLED_MODEL, folder)
     (folder / "chat_template.jinja").unlink()
@@ -189,7 +197,7 @@ async def test_an_error_after_the_stream_started_is_an_error_event_then_done(cli
     assert resp.status == 200
     events = (await resp.text()).strip().split("\n\n")
     assert events[-1] == "data: [DONE]"
-    error = json.loads(events[-2][len("data: "):])
+    error = json.loads(events[-2][len("data: ") :])
     assert error["error"]["type"] == "server_error"
     assert error["error"]["code"] == "engine_error"
     engine.generate = real_generate

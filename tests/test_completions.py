@@ -18,15 +18,15 @@ async def test_completion_uses_the_raw_prompt(client: Any, tokenizer: Any, opena
     openai_schema("CreateCompletionResponse", body)
     assert body["object"] == "text_completion"
     prompt_tokens = len(tokenizer.encode("Once upon a time"))
-    assert body["usage"] == {"prompt_tokens": prompt_tokens, "completion_tokens": 7,
-                             "total_tokens": prompt_tokens + 7}
+    assert body["usage"] == {"prompt_tokens": prompt_tokens, "completion_tokens": 7, "total_tokens": prompt_tokens + 7}
     assert body["choices"][0]["finish_reason"] == "length"
 
 
 async def test_completion_stream_matches_the_whole_text(client: Any) -> None:
     whole = await (await client.post("/v1/completions", json=_body(max_tokens=20))).json()
-    resp = await client.post("/v1/completions", json=_body(
-        max_tokens=20, stream=True, stream_options={"include_usage": True}))
+    resp = await client.post(
+        "/v1/completions", json=_body(max_tokens=20, stream=True, stream_options={"include_usage": True})
+    )
     chunks = stream_chunks(await resp.text())
     assert all(c["object"] == "text_completion" for c in chunks)
     text = "".join(c["choices"][0]["text"] for c in chunks if c["choices"])

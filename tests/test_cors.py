@@ -10,9 +10,14 @@ ORIGIN = "https://app.example"
 
 
 async def test_preflight_is_answered(client: Any) -> None:
-    resp = await client.options("/v1/chat/completions", headers={
-        "Origin": ORIGIN, "Access-Control-Request-Method": "POST",
-        "Access-Control-Request-Headers": "content-type,authorization"})
+    resp = await client.options(
+        "/v1/chat/completions",
+        headers={
+            "Origin": ORIGIN,
+            "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "content-type,authorization",
+        },
+    )
     assert resp.status == 200
     assert resp.headers["Access-Control-Allow-Origin"] in (ORIGIN, "*")
     assert "POST" in resp.headers["Access-Control-Allow-Methods"]
@@ -20,8 +25,11 @@ async def test_preflight_is_answered(client: Any) -> None:
 
 
 async def test_responses_carry_cors_headers(client: Any) -> None:
-    for method, path, body in [("GET", "/v1/models", None), ("GET", "/health", None),
-                               ("POST", "/v1/chat/completions", chat_body(max_tokens=2))]:
+    for method, path, body in [
+        ("GET", "/v1/models", None),
+        ("GET", "/health", None),
+        ("POST", "/v1/chat/completions", chat_body(max_tokens=2)),
+    ]:
         resp = await client.request(method, path, json=body, headers={"Origin": ORIGIN})
         assert resp.status == 200
         assert resp.headers["Access-Control-Allow-Origin"] in (ORIGIN, "*")
@@ -53,8 +61,9 @@ async def test_only_listed_origins_are_allowed(make_client: Any) -> None:
     evil = await client.get("/v1/models", headers={"Origin": "https://evil.example"})
     assert evil.status == 200
     assert "Access-Control-Allow-Origin" not in evil.headers
-    preflight = await client.options("/v1/models", headers={
-        "Origin": "https://evil.example", "Access-Control-Request-Method": "GET"})
+    preflight = await client.options(
+        "/v1/models", headers={"Origin": "https://evil.example", "Access-Control-Request-Method": "GET"}
+    )
     assert preflight.status == 403
 
 

@@ -20,18 +20,32 @@ from tests.test_process import running_server
 EXAMPLES = 60
 
 _json = st.recursive(
-    st.none() | st.booleans() | st.integers(-(2**40), 2**40) | st.floats(allow_nan=False, allow_infinity=False)
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**40), 2**40)
+    | st.floats(allow_nan=False, allow_infinity=False)
     | st.text(max_size=20),
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner, max_size=4),
     max_leaves=12,
 )
-_fields = {"model": st.sampled_from([MODEL_ID, "nope", ""]) | _json,
-           "messages": st.lists(st.fixed_dictionaries({"role": st.sampled_from(["user", "system", "tool", "x"]),
-                                                        "content": st.text(max_size=40) | _json}), max_size=3) | _json,
-           "prompt": st.text(max_size=40) | st.lists(st.integers(-5, 600), max_size=8) | _json,
-           "max_tokens": st.integers(-3, 5000) | _json, "temperature": st.floats(-1, 3) | _json,
-           "top_p": st.floats(-1, 2) | _json, "n": st.integers(-1, 20) | _json, "stream": st.booleans() | _json,
-           "stop": st.text(max_size=5) | st.lists(st.text(max_size=5), max_size=6) | _json, "seed": _json}
+_fields = {
+    "model": st.sampled_from([MODEL_ID, "nope", ""]) | _json,
+    "messages": st.lists(
+        st.fixed_dictionaries(
+            {"role": st.sampled_from(["user", "system", "tool", "x"]), "content": st.text(max_size=40) | _json}
+        ),
+        max_size=3,
+    )
+    | _json,
+    "prompt": st.text(max_size=40) | st.lists(st.integers(-5, 600), max_size=8) | _json,
+    "max_tokens": st.integers(-3, 5000) | _json,
+    "temperature": st.floats(-1, 3) | _json,
+    "top_p": st.floats(-1, 2) | _json,
+    "n": st.integers(-1, 20) | _json,
+    "stream": st.booleans() | _json,
+    "stop": st.text(max_size=5) | st.lists(st.text(max_size=5), max_size=6) | _json,
+    "seed": _json,
+}
 _bodies = st.fixed_dictionaries({}, optional=_fields) | _json
 
 
@@ -62,6 +76,7 @@ def test_every_operation_survives_schemathesis(server_url: str) -> None:
     operations = [result.ok() for result in schema.get_all_operations()]  # type: ignore[union-attr]
     assert len(operations) == 7
     for operation in operations:
+
         @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
         @given(case=operation.as_strategy())
         def call(case: Any) -> None:
@@ -84,6 +99,7 @@ def test_arbitrary_json_bodies(server_url: str, path: str) -> None:
     assert CASES[path] - before >= EXAMPLES
     print(f"hypothesis JSON bodies on {path}: {CASES[path] - before}")
     # Still serving after all of it.
-    ok = requests.post(server_url + "/v1/completions", json={"model": MODEL_ID, "prompt": "hi", "max_tokens": 2},
-                       timeout=30)
+    ok = requests.post(
+        server_url + "/v1/completions", json={"model": MODEL_ID, "prompt": "hi", "max_tokens": 2}, timeout=30
+    )
     assert ok.status_code == 200

@@ -49,7 +49,11 @@ async def test_with_a_gpu_the_window_reports_memory() -> None:
 async def test_gpu_fields_are_null_in_responses_without_a_gpu(client: Any) -> None:
     body = await (await client.post("/v1/chat/completions", json=chat_body())).json()
     gpu = {k: v for k, v in body["metrics"].items() if k.startswith("gpu_")}
-    assert gpu == {"gpu_memory_used_start_mb": None, "gpu_memory_peak_mb": None, "gpu_memory_delta_mb": None,
-                   "gpu_process_memory_mb": None}
+    assert gpu == {
+        "gpu_memory_used_start_mb": None,
+        "gpu_memory_peak_mb": None,
+        "gpu_memory_delta_mb": None,
+        "gpu_process_memory_mb": None,
+    }
     metrics = await (await client.get("/metrics")).text()
     assert "genai_server_gpu_memory_used_bytes" not in metrics

@@ -41,8 +41,14 @@ class Server:
         self.log_path = log_path
         self._log = log_path.open("w")
         command = list(args) or [sys.executable, "-m", "genai_server"]
-        self.proc = subprocess.Popen([*command, "--server-port", str(self.port)], cwd=REPO, env=_env(**settings),
-                                     stdout=self._log, stderr=self._log, text=True)
+        self.proc = subprocess.Popen(
+            [*command, "--server-port", str(self.port)],
+            cwd=REPO,
+            env=_env(**settings),
+            stdout=self._log,
+            stderr=self._log,
+            text=True,
+        )
 
     def wait_healthy(self) -> Server:
         _wait_healthy(self.proc, self.port)
@@ -62,9 +68,16 @@ class Server:
 def embedded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """The embedded engine with small limits: 2 slots, 2 queue places, a KV budget of four full-context
     sequences of the bundled model (1 MiB each), API keys on, the text log format."""
-    server = Server(tmp_path_factory.mktemp("embedded") / "server.log", API_KEYS=KEY, MAX_CONCURRENT_REQUESTS="2",
-                    MAX_QUEUED_REQUESTS="2", REQUEST_READ_TIMEOUT="3", ENGINE_MEMORY_BUDGET_MB="4",
-                    LOG_FORMAT="text", QUEUE_TIMEOUT="60")
+    server = Server(
+        tmp_path_factory.mktemp("embedded") / "server.log",
+        API_KEYS=KEY,
+        MAX_CONCURRENT_REQUESTS="2",
+        MAX_QUEUED_REQUESTS="2",
+        REQUEST_READ_TIMEOUT="3",
+        ENGINE_MEMORY_BUDGET_MB="4",
+        LOG_FORMAT="text",
+        QUEUE_TIMEOUT="60",
+    )
     try:
         yield server.wait_healthy()
     finally:
@@ -76,8 +89,11 @@ def _gauges(text: str) -> dict[str, float]:
     totals: dict[str, float] = {}
     for line in text.splitlines():
         name = line.split("{", 1)[0].split(" ", 1)[0]
-        if name in ("genai_server_num_requests_running", "genai_server_num_requests_waiting",
-                    "genai_server_kv_cache_usage_perc"):
+        if name in (
+            "genai_server_num_requests_running",
+            "genai_server_num_requests_waiting",
+            "genai_server_kv_cache_usage_perc",
+        ):
             totals[name] = totals.get(name, 0.0) + float(line.rsplit(" ", 1)[1])
     return totals
 
@@ -133,35 +149,49 @@ async def _raw(url: str, request: bytes, *, read: bool = True) -> bytes:
 
 
 def _post(path: str, body: bytes, *headers: bytes) -> bytes:
-    head = [b"POST " + path.encode() + b" HTTP/1.1", b"Host: x", b"Content-Type: application/json",
-            b"Connection: close", b"Content-Length: " + str(len(body)).encode(), *headers]
+    head = [
+        b"POST " + path.encode() + b" HTTP/1.1",
+        b"Host: x",
+        b"Content-Type: application/json",
+        b"Connection: close",
+        b"Content-Length: " + str(len(body)).encode(),
+        *headers,
+    ]
     return b"\r\n".join(head) + b"\r\n\r\n" + body
 
 
 # ---- 1. values the engine sees differently --------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("extra", "param"), [
-    ({"temperature": 1.0, "top_p": 1e-50}, "top_p"),  # positive as a float64, 0 as the engine's float32
-    ({"temperature": 1.0, "top_k": 2**31}, "top_k"),  # beyond int32
-    ({"seed": 2**64}, "seed"),  # beyond the int64 the OpenAI API allows
-    ({"max_tokens": 2**63}, "max_tokens"),  # beyond MAX_TOKENS_LIMIT, and any C integer
-])
-async def test_values_beyond_the_engine_are_400_naming_the_param(session: aiohttp.ClientSession, embedded: Server,
-                                                                 extra: dict[str, Any], param: str) -> None:
+@pytest.mark.parametrize(
+    ("extra", "param"),
+    [
+        ({"temperature": 1.0, "top_p": 1e-50}, "top_p"),  # positive as a float64, 0 as the engine's float32
+        ({"temperature": 1.0, "top_k": 2**31}, "top_k"),  # beyond int32
+        ({"seed": 2**64}, "seed"),  # beyond the int64 the OpenAI API allows
+        ({"max_tokens": 2**63}, "max_tokens"),  # beyond MAX_TOKENS_LIMIT, and any C integer
+    ],
+)
+async def test_values_beyond_the_engine_are_400_naming_the_param(
+    session: aiohttp.ClientSession, embedded: Server, extra: dict[str, Any], param: str
+) -> None:
     async with session.post(f"{embedded.url}/v1/chat/completions", json=chat_body(**extra)) as resp:
         assert resp.status == 400
         assert (await _error(resp))["param"] == param
 
 
-@pytest.mark.parametrize("extra", [
-    {"temperature": 0.7, "seed": 2**63 - 1},  # 64-bit seeds are the OpenAI API's
-    {"temperature": 0.7, "seed": -(2**63)},
-    {"temperature": 1e-50},  # 0 as a float32: greedy
-    {"temperature": 0.8, "top_k": 10**6},  # beyond the vocabulary: no top_k
-])
-async def test_values_the_api_allows_are_served(session: aiohttp.ClientSession, embedded: Server,
-                                                extra: dict[str, Any]) -> None:
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"temperature": 0.7, "seed": 2**63 - 1},  # 64-bit seeds are the OpenAI API's
+        {"temperature": 0.7, "seed": -(2**63)},
+        {"temperature": 1e-50},  # 0 as a float32: greedy
+        {"temperature": 0.8, "top_k": 10**6},  # beyond the vocabulary: no top_k
+    ],
+)
+async def test_values_the_api_allows_are_served(
+    session: aiohttp.ClientSession, embedded: Server, extra: dict[str, Any]
+) -> None:
     async with session.post(f"{embedded.url}/v1/chat/completions", json=chat_body(**extra)) as resp:
         assert resp.status == 200, await resp.text()
 
@@ -176,14 +206,16 @@ async def test_sequences_are_counted_not_requests(session: aiohttp.ClientSession
         assert (await _error(resp))["param"] == "n"
 
 
-async def test_work_beyond_the_memory_budget_waits_and_completes(session: aiohttp.ClientSession,
-                                                                 embedded: Server) -> None:
+async def test_work_beyond_the_memory_budget_waits_and_completes(
+    session: aiohttp.ClientSession, embedded: Server
+) -> None:
     """16 greedy sequences of 1 MiB of KV cache each (a lane's, for the whole context) and 16 seeded ones of
     ~0.3 MiB against a 4 MiB budget: they take turns, the budget in use never passes 1, and every one finishes."""
     seeded = chat_body(content=LONG_PROMPT, temperature=0.9, seed=5, n=16, max_tokens=600)
     greedy = chat_body(content=LONG_PROMPT, n=16, max_tokens=1900)
-    requests = [asyncio.create_task(session.post(f"{embedded.url}/v1/chat/completions", json=body))
-                for body in (seeded, greedy)]
+    requests = [
+        asyncio.create_task(session.post(f"{embedded.url}/v1/chat/completions", json=body)) for body in (seeded, greedy)
+    ]
     peak = 0.0
     while not all(task.done() for task in requests):
         peak = max(peak, _gauges(await _metrics(session, embedded.url)).get("genai_server_kv_cache_usage_perc", 0))
@@ -217,8 +249,9 @@ async def _requests_with_status(session: aiohttp.ClientSession, url: str, status
 
 
 @pytest.mark.parametrize("stream", [False, True])
-async def test_a_client_that_leaves_frees_its_slot_and_its_sequences(session: aiohttp.ClientSession,
-                                                                     embedded: Server, stream: bool) -> None:
+async def test_a_client_that_leaves_frees_its_slot_and_its_sequences(
+    session: aiohttp.ClientSession, embedded: Server, stream: bool
+) -> None:
     """16 sequences of 1900 tokens take seconds under the 4 MiB budget; the client leaves as soon as they run.
     Without handler cancellation the process would generate all of them and log a 200."""
     before = await _requests_with_status(session, embedded.url, "499")
@@ -261,17 +294,21 @@ async def test_slow_senders_hold_connections_not_slots(session: aiohttp.ClientSe
 ANY = "any param"
 
 
-@pytest.mark.parametrize(("body", "param"), [
-    (b'{"model": "m", "messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", None),  # deeply nested
-    (b'{"model": "m", "x": ' + b'{"a":' * 65 + b"1" + b"}" * 65 + b"}", ANY),  # past the depth limit, in an extra
-    (json.dumps(chat_body(content="\ud800")).encode(), "messages.0.content"),  # a lone surrogate
-    (json.dumps({"model": MODEL_ID, "prompt": "ok \udfff"}).encode(), "prompt"),
-    (b'{"model": "m", "messages": [{"role": "user", "content": "hi"}], "temperature": NaN}', None),
-    (b'{"model": "m", "messages": [{"role": "user", "content": "hi"}], "top_p": Infinity}', None),
-    (b'{"model": "\xff\xfe"}', None),  # not UTF-8
-])
-async def test_malformed_bodies_are_400(session: aiohttp.ClientSession, embedded: Server, body: bytes,
-                                        param: str | None) -> None:
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        (b'{"model": "m", "messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", None),  # deeply nested
+        (b'{"model": "m", "x": ' + b'{"a":' * 65 + b"1" + b"}" * 65 + b"}", ANY),  # past the depth limit, in an extra
+        (json.dumps(chat_body(content="\ud800")).encode(), "messages.0.content"),  # a lone surrogate
+        (json.dumps({"model": MODEL_ID, "prompt": "ok \udfff"}).encode(), "prompt"),
+        (b'{"model": "m", "messages": [{"role": "user", "content": "hi"}], "temperature": NaN}', None),
+        (b'{"model": "m", "messages": [{"role": "user", "content": "hi"}], "top_p": Infinity}', None),
+        (b'{"model": "\xff\xfe"}', None),  # not UTF-8
+    ],
+)
+async def test_malformed_bodies_are_400(
+    session: aiohttp.ClientSession, embedded: Server, body: bytes, param: str | None
+) -> None:
     path = "/v1/completions" if b'"prompt"' in body else "/v1/chat/completions"
     answer = await _raw(embedded.url, _post(path, body, b"Authorization: Bearer " + KEY.encode()))
     head, _, payload = answer.partition(b"\r\n\r\n")
@@ -282,19 +319,23 @@ async def test_malformed_bodies_are_400(session: aiohttp.ClientSession, embedded
 
 
 async def test_a_non_utf8_authorization_header_is_401(session: aiohttp.ClientSession, embedded: Server) -> None:
-    answer = await _raw(embedded.url, _post("/v1/chat/completions", json.dumps(chat_body()).encode(),
-                                            b"Authorization: Bearer \xff\xfe\x80"))
+    answer = await _raw(
+        embedded.url,
+        _post("/v1/chat/completions", json.dumps(chat_body()).encode(), b"Authorization: Bearer \xff\xfe\x80"),
+    )
     assert answer.startswith(b"HTTP/1.1 401"), answer[:200]
     assert json.loads(answer.partition(b"\r\n\r\n")[2])["error"]["code"] == "invalid_api_key"
 
 
-async def test_a_text_that_cannot_fit_is_refused_without_tokenising(session: aiohttp.ClientSession,
-                                                                     embedded: Server) -> None:
+async def test_a_text_that_cannot_fit_is_refused_without_tokenising(
+    session: aiohttp.ClientSession, embedded: Server
+) -> None:
     """3.5 MB of text: far more tokens than the 2048-token context, refused from its length alone; liveness
     answers meanwhile."""
     big = io.BytesIO(json.dumps(chat_body(content="word " * 700_000)).encode())
-    posted = asyncio.create_task(session.post(f"{embedded.url}/v1/chat/completions", data=big,
-                                              headers={"Content-Type": "application/json"}))
+    posted = asyncio.create_task(
+        session.post(f"{embedded.url}/v1/chat/completions", data=big, headers={"Content-Type": "application/json"})
+    )
     async with session.get(f"{embedded.url}/health/live") as live:
         assert live.status == 200
     resp = await posted
@@ -302,14 +343,17 @@ async def test_a_text_that_cannot_fit_is_refused_without_tokenising(session: aio
     assert (await _error(resp))["code"] == "context_length_exceeded"
     for prompt in ("x" * 2_000_000, ["short", "y" * 2_000_000]):
         body = io.BytesIO(json.dumps({"model": MODEL_ID, "prompt": prompt}).encode())
-        async with session.post(f"{embedded.url}/v1/completions", data=body,
-                                headers={"Content-Type": "application/json"}) as resp:
+        async with session.post(
+            f"{embedded.url}/v1/completions", data=body, headers={"Content-Type": "application/json"}
+        ) as resp:
             assert (resp.status, (await _error(resp))["param"]) == (400, "prompt")
 
 
 async def test_a_path_cannot_forge_log_lines(session: aiohttp.ClientSession, embedded: Server) -> None:
-    await _raw(embedded.url, b"GET /v1/x%0d%0a2026-01-01%20INFO%20forged:%20entry HTTP/1.1\r\nHost: x\r\n"
-               b"Connection: close\r\n\r\n")
+    await _raw(
+        embedded.url,
+        b"GET /v1/x%0d%0a2026-01-01%20INFO%20forged:%20entry HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
     await asyncio.sleep(0.2)  # the access line is written after the response
     log = embedded.log()
     assert "\\x0d\\x0a2026-01-01 INFO forged" in log
@@ -338,8 +382,9 @@ async def test_an_engine_that_dies_answers_everyone_and_the_process_exits_3(tmp_
     try:
         async with aiohttp.ClientSession() as session:
             bodies = [chat_body(max_tokens=1234), chat_body(max_tokens=1234, stream=True)]
-            results = await asyncio.gather(*[session.post(f"{server.url}/v1/chat/completions", json=body)
-                                             for body in bodies])
+            results = await asyncio.gather(
+                *[session.post(f"{server.url}/v1/chat/completions", json=body) for body in bodies]
+            )
             plain, stream = results
             assert plain.status == 500 and (await plain.json())["error"]["code"] == "engine_error"
             events = sse_events(await stream.text()) if stream.status == 200 else []
@@ -356,8 +401,13 @@ async def test_an_engine_that_dies_answers_everyone_and_the_process_exits_3(tmp_
 async def test_a_drain_tells_every_client_and_ends_in_time(tmp_path: Path) -> None:
     """One slot busy with a long generation, two requests queued, SIGTERM with SHUTDOWN_TIMEOUT=1: the queued
     ones get 503 shutting_down, the running stream ends with that error event, the process exits 0 in time."""
-    server = Server(tmp_path / "server.log", MAX_CONCURRENT_REQUESTS="1", MAX_QUEUED_REQUESTS="4",
-                    SHUTDOWN_TIMEOUT="1", ENGINE_MEMORY_BUDGET_MB="2").wait_healthy()
+    server = Server(
+        tmp_path / "server.log",
+        MAX_CONCURRENT_REQUESTS="1",
+        MAX_QUEUED_REQUESTS="4",
+        SHUTDOWN_TIMEOUT="1",
+        ENGINE_MEMORY_BUDGET_MB="2",
+    ).wait_healthy()
     try:
         async with aiohttp.ClientSession() as session:
             url = f"{server.url}/v1/chat/completions"
@@ -384,8 +434,13 @@ SECRET = "sk-upstream-secret-0451"
 
 
 def _chunk(text: str, finish: str | None = None) -> dict[str, Any]:
-    return {"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "u",
-            "choices": [{"index": 0, "delta": {"content": text}, "finish_reason": finish}]}
+    return {
+        "id": "c",
+        "object": "chat.completion.chunk",
+        "created": 1,
+        "model": "u",
+        "choices": [{"index": 0, "delta": {"content": text}, "finish_reason": finish}],
+    }
 
 
 def _sse(*events: Any, done: bool = True) -> bytes:
@@ -393,8 +448,14 @@ def _sse(*events: Any, done: bool = True) -> bytes:
     return out + (b"data: [DONE]\n\n" if done else b"")
 
 
-USAGE = {"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "u", "choices": [],
-         "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}}
+USAGE = {
+    "id": "c",
+    "object": "chat.completion.chunk",
+    "created": 1,
+    "model": "u",
+    "choices": [],
+    "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5},
+}
 
 # Each upstream model name is one way to misbehave; the gateway's models file maps a client model id to each.
 SCRIPTS: dict[str, tuple[int, dict[str, str], bytes]] = {
@@ -473,8 +534,11 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Server, 
     """A gateway process whose models file maps each script to a model id, plus one model whose upstream is down."""
     folder = tmp_path_factory.mktemp("gateway")
     with ScriptedUpstream() as upstream:
-        entries = [f'[[models]]\nid = "{name}"\nbackend = "openai"\nurl = "http://127.0.0.1:{upstream.port}/v1"\n'
-                   f'upstream_model = "{name}"\napi_key = "{SECRET}"\n' for name in (*SCRIPTS, *STREAMED)]
+        entries = [
+            f'[[models]]\nid = "{name}"\nbackend = "openai"\nurl = "http://127.0.0.1:{upstream.port}/v1"\n'
+            f'upstream_model = "{name}"\napi_key = "{SECRET}"\n'
+            for name in (*SCRIPTS, *STREAMED)
+        ]
         entries.append(f'[[models]]\nid = "down"\nbackend = "openai"\nurl = "http://127.0.0.1:{_free_port()}/v1"\n')
         models = folder / "models.toml"
         models.write_text("\n".join(entries))
@@ -493,27 +557,42 @@ async def relay(gateway: tuple[Server, ScriptedUpstream]) -> AsyncIterator[aioht
     await _still_serves(gateway[0].url, model="ok")
 
 
-@pytest.mark.parametrize("script", ["redirect", "unauthorized", "forbidden", "huge-error", "no-choices",
-                                    "choices-not-a-list", "content-not-text", "index-not-asked-for",
-                                    "usage-not-counts", "down"])
+@pytest.mark.parametrize(
+    "script",
+    [
+        "redirect",
+        "unauthorized",
+        "forbidden",
+        "huge-error",
+        "no-choices",
+        "choices-not-a-list",
+        "content-not-text",
+        "index-not-asked-for",
+        "usage-not-counts",
+        "down",
+    ],
+)
 @pytest.mark.parametrize("stream", [False, True])
 async def test_a_misbehaving_upstream_is_a_502_that_tells_no_secrets(
-        relay: aiohttp.ClientSession, gateway: tuple[Server, ScriptedUpstream], script: str, stream: bool) -> None:
+    relay: aiohttp.ClientSession, gateway: tuple[Server, ScriptedUpstream], script: str, stream: bool
+) -> None:
     server, upstream = gateway
     async with relay.post(f"{server.url}/v1/chat/completions", json=chat_body(model=script, stream=stream)) as resp:
         text = await resp.text()
     assert resp.status == 502, text
     error = json.loads(text)["error"]
-    assert (error["type"], error["code"]) == ("server_error", "upstream_unavailable" if script == "down"
-                                              else "upstream_error")
+    assert (error["type"], error["code"]) == (
+        "server_error",
+        "upstream_unavailable" if script == "down" else "upstream_error",
+    )
     for leak in (SECRET, str(upstream.port), "127.0.0.1", "aiohttp", "Error:"):
         assert leak not in error["message"]
 
 
 @pytest.mark.parametrize("script", STREAMED)
-async def test_an_upstream_that_never_ends_is_cut_and_closed(relay: aiohttp.ClientSession,
-                                                             gateway: tuple[Server, ScriptedUpstream],
-                                                             script: str) -> None:
+async def test_an_upstream_that_never_ends_is_cut_and_closed(
+    relay: aiohttp.ClientSession, gateway: tuple[Server, ScriptedUpstream], script: str
+) -> None:
     """No end to its stream (or to one line of it): a JSON client gets a 502 once more arrived than it asked for,
     a streaming client an error event; the gateway's memory stays bounded and the upstream sees it leave."""
     server, upstream = gateway
@@ -535,12 +614,14 @@ async def test_an_upstream_that_never_ends_is_cut_and_closed(relay: aiohttp.Clie
         await asyncio.sleep(0.01)
 
 
-async def test_a_stream_that_fails_midway_is_counted_as_an_error(relay: aiohttp.ClientSession,
-                                                                 gateway: tuple[Server, ScriptedUpstream]) -> None:
+async def test_a_stream_that_fails_midway_is_counted_as_an_error(
+    relay: aiohttp.ClientSession, gateway: tuple[Server, ScriptedUpstream]
+) -> None:
     server, _ = gateway
     before = await _requests_with_status(relay, server.url, "502")
-    async with relay.post(f"{server.url}/v1/chat/completions",
-                          json=chat_body(model="mid-stream-error", stream=True)) as resp:
+    async with relay.post(
+        f"{server.url}/v1/chat/completions", json=chat_body(model="mid-stream-error", stream=True)
+    ) as resp:
         assert resp.status == 200  # the headers left with the first chunk
         events = sse_events(await resp.text())
     assert json.loads(events[0])["choices"][0]["delta"]["content"] == "Hel"
@@ -551,8 +632,9 @@ async def test_a_stream_that_fails_midway_is_counted_as_an_error(relay: aiohttp.
     assert any(line.get("model") == "mid-stream-error" and line["status"] == 502 for line in access)
 
 
-async def test_a_client_that_leaves_closes_the_upstream_request(relay: aiohttp.ClientSession,
-                                                                gateway: tuple[Server, ScriptedUpstream]) -> None:
+async def test_a_client_that_leaves_closes_the_upstream_request(
+    relay: aiohttp.ClientSession, gateway: tuple[Server, ScriptedUpstream]
+) -> None:
     """Streamed or not: in the shipped process a client that leaves ends the upstream request, and is counted as
     one that left (499), not as the 502 the gateway's own bound would have ended it with seconds later."""
     server, upstream = gateway
@@ -573,8 +655,9 @@ async def test_a_client_that_leaves_closes_the_upstream_request(relay: aiohttp.C
         assert await _requests_with_status(relay, server.url, "499") == left + 1
 
 
-async def test_readiness_tells_the_truth_about_upstreams(relay: aiohttp.ClientSession,
-                                                         gateway: tuple[Server, ScriptedUpstream]) -> None:
+async def test_readiness_tells_the_truth_about_upstreams(
+    relay: aiohttp.ClientSession, gateway: tuple[Server, ScriptedUpstream]
+) -> None:
     server, _ = gateway
     async with relay.get(f"{server.url}/health/ready") as resp:
         assert resp.status == 503

@@ -46,8 +46,10 @@ async def test_a_client_that_stops_sending_its_body_gets_408(make_client: Client
     client = await make_client(request_read_timeout=0.2)
     host, port = client.server.host, client.server.port
     reader, writer = await asyncio.open_connection(host, port)
-    writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                 b"Content-Length: 500\r\n\r\n{\"model\": ")
+    writer.write(
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b'Content-Length: 500\r\n\r\n{"model": '
+    )
     await writer.drain()
     head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
     assert head.startswith(b"HTTP/1.1 408")
@@ -66,15 +68,20 @@ async def test_a_client_that_stops_reading_is_dropped_and_frees_its_slot(make_cl
     _, writer = await asyncio.open_connection(sock=sock, limit=1024)
     # 16 choices of ~1900 tokens: megabytes of events, far more than the socket buffers hold.
     body = json.dumps({**long_stream(1900), "n": 16}).encode()
-    writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                 b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+    writer.write(
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+    )
     await writer.drain()
     writer.transport.pause_reading()  # type: ignore[attr-defined]  # the client never reads again
     disconnects = 0.0
     for _ in range(1000):  # generous: only catches a hang
         text = await (await client.get("/metrics")).text()
-        disconnects = sum(float(line.split()[-1]) for line in text.splitlines()
-                          if line.startswith("genai_server_client_disconnects_total"))
+        disconnects = sum(
+            float(line.split()[-1])
+            for line in text.splitlines()
+            if line.startswith("genai_server_client_disconnects_total")
+        )
         if disconnects and client.app[LIMITER].in_flight == 0:
             break
         await asyncio.sleep(0.02)
@@ -89,8 +96,9 @@ async def test_a_client_that_stops_reading_is_dropped_and_frees_its_slot(make_cl
 MARKER = "zebra-umbrella-4471"
 
 
-async def test_prompts_and_completions_are_not_logged_by_default(make_client: ClientFactory,
-                                                                 caplog: pytest.LogCaptureFixture) -> None:
+async def test_prompts_and_completions_are_not_logged_by_default(
+    make_client: ClientFactory, caplog: pytest.LogCaptureFixture
+) -> None:
     caplog.set_level(logging.DEBUG)
     client = await make_client(log_level="DEBUG")
     resp = await client.post("/v1/chat/completions", json=chat_body(content=MARKER, max_tokens=5))

@@ -41,7 +41,7 @@ async def test_past_the_timeout_streams_end_with_an_error_event(make_client: Cli
     await client.app.shutdown()
     events = (await stream.read()).decode().strip().split("\n\n")
     assert events[-1] == "data: [DONE]"
-    error = json.loads(events[-2][len("data: "):])["error"]
+    error = json.loads(events[-2][len("data: ") :])["error"]
     assert (error["code"], error["type"]) == ("shutting_down", "server_error")
 
 
@@ -63,15 +63,16 @@ async def test_sigterm_with_a_stream_in_flight(timeout: str, finished: bool) -> 
     assert proc.returncode == 0, stderr
     events = body.strip().split("\n\n")
     assert events[-1] == "data: [DONE]"
-    last = json.loads(events[-2][len("data: "):])
+    last = json.loads(events[-2][len("data: ") :])
     if finished:
         assert last["choices"][0]["finish_reason"] == "length"
     else:
         assert last["error"]["code"] == "shutting_down"
 
 
-async def test_an_engine_that_dies_fails_every_probe_and_every_request(make_client: ClientFactory,
-                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_an_engine_that_dies_fails_every_probe_and_every_request(
+    make_client: ClientFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The owner thread dies (a fault injected outside any engine call): what is in flight gets an error, the
     probes turn 503 so an orchestrator restarts the server, and later requests fail at once instead of hanging.
     (The real process also stops with exit status 3: test_hostile.py.)"""

@@ -20,10 +20,15 @@ def _write(tmp_path: Path, text: str) -> Path:
     return path
 
 
-async def test_several_models_on_several_backends(make_client: ClientFactory, tmp_path: Path,
-                                                  scripted: tuple[str, dict[str, Any]]) -> None:  # noqa: F811
+async def test_several_models_on_several_backends(
+    make_client: ClientFactory,
+    tmp_path: Path,
+    scripted: tuple[str, dict[str, Any]],  # noqa: F811 - the fixture imported above
+) -> None:
     url, _ = scripted
-    models = _write(tmp_path, f"""
+    models = _write(
+        tmp_path,
+        f"""
 [[models]]
 id = "local-a"
 
@@ -36,19 +41,23 @@ id = "remote"
 backend = "openai"
 url = "{url}/v1"
 upstream_model = "llamacpp"
-""")
+""",
+    )
     client = await make_client(models_file=models)
     listed = await (await client.get("/v1/models")).json()
     assert [m["id"] for m in listed["data"]] == ["local-a", "local-b", "remote"]
     assert (await (await client.get("/health")).json())["model"] == "local-a"
     for model in ("local-a", "local-b", "remote"):
-        resp = await client.post("/v1/chat/completions", json={
-            "model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "temperature": 0})
+        resp = await client.post(
+            "/v1/chat/completions",
+            json={"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "temperature": 0},
+        )
         assert resp.status == 200, await resp.text()
         body = await resp.json()
         assert body["model"] == model
-    missing = await client.post("/v1/chat/completions", json={"model": "nope", "messages": [
-        {"role": "user", "content": "hi"}]})
+    missing = await client.post(
+        "/v1/chat/completions", json={"model": "nope", "messages": [{"role": "user", "content": "hi"}]}
+    )
     assert missing.status == 404
     metrics = await (await client.get("/metrics")).text()
     for model, backend in (("local-a", "onnx"), ("local-b", "onnx"), ("remote", "openai")):
@@ -56,13 +65,16 @@ upstream_model = "llamacpp"
     assert metric_sample(metrics, "genai_server_requests_total", model="-", status="404") == 1
 
 
-@pytest.mark.parametrize(("text", "complaint"), [
-    ("[[models]]\nid = 'a'\n[[models]]\nid = 'a'\n", "twice"),
-    ("[[models]]\nid = 'a'\nbackend = 'openai'\n", "needs a url"),
-    ("[[models]]\nid = 'a'\nflavour = 'x'\n", "FLAVOUR"),
-    ("models = 3 = 4", "cannot read"),
-    ("", "no [[models]]"),
-])
+@pytest.mark.parametrize(
+    ("text", "complaint"),
+    [
+        ("[[models]]\nid = 'a'\n[[models]]\nid = 'a'\n", "twice"),
+        ("[[models]]\nid = 'a'\nbackend = 'openai'\n", "needs a url"),
+        ("[[models]]\nid = 'a'\nflavour = 'x'\n", "FLAVOUR"),
+        ("models = 3 = 4", "cannot read"),
+        ("", "no [[models]]"),
+    ],
+)
 def test_bad_models_files_are_named(tmp_path: Path, text: str, complaint: str) -> None:
     path = _write(tmp_path, text)
     with pytest.raises(SettingsError, match="MODELS_FILE") as error:
@@ -73,4 +85,7 @@ def test_bad_models_files_are_named(tmp_path: Path, text: str, complaint: str) -
 def test_the_example_file_is_valid() -> None:
     settings = load_settings(["--models-file", str(REPO_ETC / "models.example.toml"), "--env-file", "/nonexistent"])
     assert [(m.id, m.backend) for m in settings.models] == [
-        ("phi-3.5-mini", "onnx"), ("llama-3-8b", "openai"), ("qwen2.5-0.5b", "ollama")]
+        ("phi-3.5-mini", "onnx"),
+        ("llama-3-8b", "openai"),
+        ("qwen2.5-0.5b", "ollama"),
+    ]

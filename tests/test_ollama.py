@@ -12,23 +12,39 @@ from aiohttp.test_utils import TestServer
 
 from tests.conftest import ClientFactory, stream_chunks
 
-DURATIONS = {"total_duration": 5_000_000, "load_duration": 1_000, "prompt_eval_count": 7,
-             "prompt_eval_duration": 2_000_000, "eval_count": 3, "eval_duration": 3_000_000}
+DURATIONS = {
+    "total_duration": 5_000_000,
+    "load_duration": 1_000,
+    "prompt_eval_count": 7,
+    "prompt_eval_duration": 2_000_000,
+    "eval_count": 3,
+    "eval_duration": 3_000_000,
+}
 
 
 def _lines(*items: dict[str, Any]) -> bytes:
     return b"".join(json.dumps(item).encode() + b"\n" for item in items)
 
 
-CHAT = _lines({"model": "q", "message": {"role": "assistant", "content": "Hi"}, "done": False},
-              {"model": "q", "message": {"role": "assistant", "content": " there"}, "done": False},
-              {"model": "q", "message": {"role": "assistant", "content": "!"}, "done": True, "done_reason": "length",
-               **DURATIONS})
-GENERATE = _lines({"model": "q", "response": "Once", "done": False},
-                  {"model": "q", "response": " more", "done": False},
-                  {"model": "q", "response": "", "done": True, "done_reason": "stop", **DURATIONS})
-BROKEN = _lines({"model": "q", "message": {"role": "assistant", "content": "Hi"}, "done": False},
-                {"error": "out of memory"})
+CHAT = _lines(
+    {"model": "q", "message": {"role": "assistant", "content": "Hi"}, "done": False},
+    {"model": "q", "message": {"role": "assistant", "content": " there"}, "done": False},
+    {
+        "model": "q",
+        "message": {"role": "assistant", "content": "!"},
+        "done": True,
+        "done_reason": "length",
+        **DURATIONS,
+    },
+)
+GENERATE = _lines(
+    {"model": "q", "response": "Once", "done": False},
+    {"model": "q", "response": " more", "done": False},
+    {"model": "q", "response": "", "done": True, "done_reason": "stop", **DURATIONS},
+)
+BROKEN = _lines(
+    {"model": "q", "message": {"role": "assistant", "content": "Hi"}, "done": False}, {"error": "out of memory"}
+)
 # Lines whose fields have the wrong types, and a stream that never ends: Ollama breaking its API.
 MALFORMED = {
     "content-not-text": _lines({"model": "q", "message": {"role": "assistant", "content": 5}, "done": False}),
@@ -66,13 +82,18 @@ async def _client(make_client: ClientFactory, url: str, upstream_model: str = "q
 
 
 def _chat(**extra: Any) -> dict[str, Any]:
-    return {"model": "local-qwen", "messages": [{"role": "developer", "content": "Be kind"},
-                                                {"role": "user", "content": "Hello"}],
-            "max_tokens": 3, "temperature": 0.5, **extra}
+    return {
+        "model": "local-qwen",
+        "messages": [{"role": "developer", "content": "Be kind"}, {"role": "user", "content": "Hello"}],
+        "max_tokens": 3,
+        "temperature": 0.5,
+        **extra,
+    }
 
 
-async def test_chat_is_translated_both_ways(make_client: ClientFactory, ollama: tuple[str, list[Any]],
-                                            openai_schema: Any) -> None:
+async def test_chat_is_translated_both_ways(
+    make_client: ClientFactory, ollama: tuple[str, list[Any]], openai_schema: Any
+) -> None:
     url, bodies = ollama
     client = await _client(make_client, url)
     body = await (await client.post("/v1/chat/completions", json=_chat(stop="END", seed=4))).json()
@@ -89,8 +110,9 @@ async def test_chat_is_translated_both_ways(make_client: ClientFactory, ollama: 
     assert sent["options"] == {"temperature": 0.5, "num_predict": 3, "seed": 4, "stop": ["END"]}
 
 
-async def test_chat_stream_is_an_openai_stream(make_client: ClientFactory, ollama: tuple[str, list[Any]],
-                                               openai_schema: Any) -> None:
+async def test_chat_stream_is_an_openai_stream(
+    make_client: ClientFactory, ollama: tuple[str, list[Any]], openai_schema: Any
+) -> None:
     url, _ = ollama
     client = await _client(make_client, url)
     resp = await client.post("/v1/chat/completions", json=_chat(stream=True, stream_options={"include_usage": True}))
@@ -132,12 +154,13 @@ async def test_ollama_errors_and_limits(make_client: ClientFactory, ollama: tupl
     resp = await broken.post("/v1/chat/completions", json=_chat(stream=True))
     events = (await resp.text()).strip().split("\n\n")
     assert events[-1] == "data: [DONE]"
-    assert "out of memory" in json.loads(events[-2][len("data: "):])["error"]["message"]
+    assert "out of memory" in json.loads(events[-2][len("data: ") :])["error"]["message"]
 
 
 @pytest.mark.parametrize("script", sorted(MALFORMED))
-async def test_lines_of_the_wrong_shape_are_a_502(make_client: ClientFactory, ollama: tuple[str, list[Any]],
-                                                 script: str) -> None:
+async def test_lines_of_the_wrong_shape_are_a_502(
+    make_client: ClientFactory, ollama: tuple[str, list[Any]], script: str
+) -> None:
     """Wrong types in a line (or more lines than the 3 tokens asked for) are Ollama breaking its API: a 502 in the
     envelope, never a 500 or an answer built from whatever arrived."""
     url, _ = ollama

@@ -41,8 +41,14 @@ async def test_chat(oai: openai.AsyncOpenAI) -> None:
 
 
 async def test_chat_stream(oai: openai.AsyncOpenAI) -> None:
-    stream = await oai.chat.completions.create(model=MODEL_ID, messages=MESSAGES, max_completion_tokens=6,
-                                               temperature=0, stream=True, stream_options={"include_usage": True})
+    stream = await oai.chat.completions.create(
+        model=MODEL_ID,
+        messages=MESSAGES,
+        max_completion_tokens=6,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
     chunks = [chunk async for chunk in stream]
     assert chunks[0].choices[0].delta.role == "assistant"
     assert chunks[-2].choices[0].finish_reason == "length"
@@ -73,8 +79,9 @@ async def test_errors_map_to_the_client_exception_classes(oai: openai.AsyncOpenA
 async def test_rate_limit_is_a_rate_limit_error(aiohttp_server: Any) -> None:
     async for oai in _client(aiohttp_server, max_concurrent_requests=1, max_queued_requests=0):
         long: Any = [{"role": "user", "content": LONG_PROMPT}]
-        stream = await oai.chat.completions.create(model=MODEL_ID, messages=long, max_tokens=1500,
-                                                   temperature=0, stream=True)
+        stream = await oai.chat.completions.create(
+            model=MODEL_ID, messages=long, max_tokens=1500, temperature=0, stream=True
+        )
         first = await stream.__anext__()  # the stream holds the only slot
         assert first.choices[0].delta.role == "assistant"
         with pytest.raises(openai.RateLimitError) as limited:

@@ -19,8 +19,13 @@ PROXIED = "proxied-model"
 
 
 def _chat(**extra: Any) -> dict[str, Any]:
-    return {"model": PROXIED, "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 12,
-            "temperature": 0, **extra}
+    return {
+        "model": PROXIED,
+        "messages": [{"role": "user", "content": "Hello"}],
+        "max_tokens": 12,
+        "temperature": 0,
+        **extra,
+    }
 
 
 @pytest.fixture(scope="module")
@@ -31,12 +36,18 @@ def upstream() -> Iterator[str]:
 
 
 async def _proxy(make_client: ClientFactory, url: str, **settings: Any) -> Any:
-    return await make_client(backend="openai", upstream_url=url + "/v1", model_id=PROXIED,
-                             upstream_model=settings.pop("upstream_model", MODEL_ID), **settings)
+    return await make_client(
+        backend="openai",
+        upstream_url=url + "/v1",
+        model_id=PROXIED,
+        upstream_model=settings.pop("upstream_model", MODEL_ID),
+        **settings,
+    )
 
 
-async def test_non_streaming_relay_matches_the_upstream(make_client: ClientFactory, upstream: str,
-                                                        openai_schema: Any) -> None:
+async def test_non_streaming_relay_matches_the_upstream(
+    make_client: ClientFactory, upstream: str, openai_schema: Any
+) -> None:
     proxy = await _proxy(make_client, upstream)
     direct = await make_client()  # the same model in-process: the upstream's answer to compare with
     body = await (await proxy.post("/v1/chat/completions", json=_chat())).json()
@@ -51,12 +62,21 @@ async def test_non_streaming_relay_matches_the_upstream(make_client: ClientFacto
     assert body["metrics"]["backend_reported"]["metrics"]["completion_tokens"] == 12
 
 
-async def test_streaming_relay_rewrites_the_model_and_ends_with_our_metrics(make_client: ClientFactory,
-                                                                            upstream: str) -> None:
+async def test_streaming_relay_rewrites_the_model_and_ends_with_our_metrics(
+    make_client: ClientFactory, upstream: str
+) -> None:
     proxy = await _proxy(make_client, upstream)
-    resp = await proxy.post("/v1/completions", json={"model": PROXIED, "prompt": "Once", "max_tokens": 9,
-                                                     "temperature": 0, "stream": True,
-                                                     "stream_options": {"include_usage": True}})
+    resp = await proxy.post(
+        "/v1/completions",
+        json={
+            "model": PROXIED,
+            "prompt": "Once",
+            "max_tokens": 9,
+            "temperature": 0,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        },
+    )
     chunks = stream_chunks(await resp.text())
     assert {c["model"] for c in chunks} == {PROXIED}
     assert chunks[-1]["usage"]["completion_tokens"] == 9
@@ -97,12 +117,25 @@ def _sse(*events: Any, done: bool = True) -> bytes:
 
 
 def _chunk(text: str, finish: str | None = None) -> dict[str, Any]:
-    return {"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "up",
-            "choices": [{"index": 0, "delta": {"content": text}, "finish_reason": finish}]}
+    return {
+        "id": "c1",
+        "object": "chat.completion.chunk",
+        "created": 1,
+        "model": "up",
+        "choices": [{"index": 0, "delta": {"content": text}, "finish_reason": finish}],
+    }
 
 
-USAGE = {"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "up", "choices": [],
-         "usage": {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7}}
+USAGE = {
+    "id": "c1",
+    "object": "chat.completion.chunk",
+    "created": 1,
+    "model": "up",
+    "choices": [],
+    "usage": {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7},
+}
+
+
 def _vllm(text: str, finish: str | None = None) -> dict[str, Any]:
     chunk = _chunk(text, finish)
     chunk["choices"][0].update(logprobs=None, stop_reason=None)  # vLLM's extra field
@@ -118,15 +151,35 @@ def _sglang(text: str, finish: str | None = None) -> dict[str, Any]:
 SCRIPTS: dict[str, tuple[int, bytes]] = {
     "llamacpp": (200, _sse(_chunk("Hel"), _chunk("lo", "stop"), {**USAGE, "timings": {"predicted_n": 2}})),
     # vLLM sends the role first in an empty-content delta, and its per-request metrics when enabled.
-    "vllm": (200, _sse({**_vllm(""), "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
-                                                   "finish_reason": None}]},
-                       _vllm("Hel"), _vllm("lo", "stop"), {**USAGE, "metrics": {"time_to_first_token_ms": 3.0}})),
+    "vllm": (
+        200,
+        _sse(
+            {
+                **_vllm(""),
+                "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}],
+            },
+            _vllm("Hel"),
+            _vllm("lo", "stop"),
+            {**USAGE, "metrics": {"time_to_first_token_ms": 3.0}},
+        ),
+    ),
     "sglang": (200, _sse(_sglang("Hel"), _sglang("lo", "stop"), USAGE)),
     "malformed": (200, _sse(_chunk("Hel"), b"{not json")),
     "truncated": (200, _sse(_chunk("Hel"), done=False)),
     "error-event": (200, _sse(_chunk("Hel"), {"error": {"message": "engine exploded"}})),
-    "not-found": (404, json.dumps({"error": {"message": "model 'x' not here", "type": "NotFoundError",
-                                              "code": "model_not_found", "param": "model"}}).encode()),
+    "not-found": (
+        404,
+        json.dumps(
+            {
+                "error": {
+                    "message": "model 'x' not here",
+                    "type": "NotFoundError",
+                    "code": "model_not_found",
+                    "param": "model",
+                }
+            }
+        ).encode(),
+    ),
     "bad-request": (400, json.dumps({"error": {"message": "max_tokens too large", "code": 400}}).encode()),
     "crash": (500, b"Internal Server Error"),
 }
@@ -162,14 +215,17 @@ async def scripted(aiohttp_server: Any) -> AsyncIterator[tuple[str, dict[str, An
     yield str(server.make_url("")).rstrip("/"), seen
 
 
-@pytest.mark.parametrize(("shape", "reported"), [
-    ("llamacpp", {"timings": {"predicted_n": 2}}),
-    ("vllm", {"metrics": {"time_to_first_token_ms": 3.0}}),
-    ("sglang", None),
-])
-async def test_engine_shapes_become_the_same_response(make_client: ClientFactory,
-                                                      scripted: tuple[str, dict[str, Any]], shape: str,
-                                                      reported: dict[str, Any] | None) -> None:
+@pytest.mark.parametrize(
+    ("shape", "reported"),
+    [
+        ("llamacpp", {"timings": {"predicted_n": 2}}),
+        ("vllm", {"metrics": {"time_to_first_token_ms": 3.0}}),
+        ("sglang", None),
+    ],
+)
+async def test_engine_shapes_become_the_same_response(
+    make_client: ClientFactory, scripted: tuple[str, dict[str, Any]], shape: str, reported: dict[str, Any] | None
+) -> None:
     url, seen = scripted
     proxy = await _proxy(make_client, url, upstream_model=shape)
     body = await (await proxy.post("/v1/chat/completions", json=_chat())).json()
@@ -186,16 +242,25 @@ async def test_engine_shapes_become_the_same_response(make_client: ClientFactory
     assert all("metrics" not in c and "timings" not in c for c in chunks)  # moved out of the relayed chunks
 
 
-@pytest.mark.parametrize(("script", "status", "code"), [
-    ("not-found", 404, "model_not_found"),
-    ("bad-request", 400, "400"),
-    ("crash", 502, "upstream_error"),
-    ("malformed", 502, "upstream_error"),
-    ("truncated", 502, "upstream_error"),
-    ("error-event", 502, "upstream_error"),
-])
-async def test_upstream_faults_become_openai_errors(make_client: ClientFactory, scripted: tuple[str, dict[str, Any]],
-                                                    openai_schema: Any, script: str, status: int, code: str) -> None:
+@pytest.mark.parametrize(
+    ("script", "status", "code"),
+    [
+        ("not-found", 404, "model_not_found"),
+        ("bad-request", 400, "400"),
+        ("crash", 502, "upstream_error"),
+        ("malformed", 502, "upstream_error"),
+        ("truncated", 502, "upstream_error"),
+        ("error-event", 502, "upstream_error"),
+    ],
+)
+async def test_upstream_faults_become_openai_errors(
+    make_client: ClientFactory,
+    scripted: tuple[str, dict[str, Any]],
+    openai_schema: Any,
+    script: str,
+    status: int,
+    code: str,
+) -> None:
     url, _ = scripted
     proxy = await _proxy(make_client, url, upstream_model=script)
     resp = await proxy.post("/v1/chat/completions", json=_chat())
@@ -209,15 +274,16 @@ async def test_upstream_faults_become_openai_errors(make_client: ClientFactory, 
 
 @pytest.mark.parametrize("script", ["malformed", "truncated", "error-event"])
 async def test_broken_upstream_streams_end_with_an_error_event_then_done(
-        make_client: ClientFactory, scripted: tuple[str, dict[str, Any]], script: str) -> None:
+    make_client: ClientFactory, scripted: tuple[str, dict[str, Any]], script: str
+) -> None:
     url, _ = scripted
     proxy = await _proxy(make_client, url, upstream_model=script)
     resp = await proxy.post("/v1/chat/completions", json=_chat(stream=True))
     assert resp.status == 200
     events = (await resp.text()).strip().split("\n\n")
     assert events[-1] == "data: [DONE]"
-    assert json.loads(events[-2][len("data: "):])["error"]["type"] == "server_error"
-    assert json.loads(events[0][len("data: "):])["choices"][0]["delta"]["content"] == "Hel"
+    assert json.loads(events[-2][len("data: ") :])["error"]["type"] == "server_error"
+    assert json.loads(events[0][len("data: ") :])["choices"][0]["delta"]["content"] == "Hel"
 
 
 async def test_upstream_timeout_is_504(make_client: ClientFactory, scripted: tuple[str, dict[str, Any]]) -> None:
@@ -228,8 +294,9 @@ async def test_upstream_timeout_is_504(make_client: ClientFactory, scripted: tup
     assert (await resp.json())["error"]["code"] == "upstream_timeout"
 
 
-async def test_a_client_that_leaves_closes_the_upstream_request(make_client: ClientFactory,
-                                                                scripted: tuple[str, dict[str, Any]]) -> None:
+async def test_a_client_that_leaves_closes_the_upstream_request(
+    make_client: ClientFactory, scripted: tuple[str, dict[str, Any]]
+) -> None:
     url, seen = scripted
     proxy = await _proxy(make_client, url, upstream_model="endless")
     resp = await proxy.post("/v1/chat/completions", json=_chat(stream=True))
@@ -242,9 +309,9 @@ async def test_a_client_that_leaves_closes_the_upstream_request(make_client: Cli
     assert seen["disconnects"] == 1
 
 
-
-async def test_ready_while_the_upstream_answers_and_not_once_it_is_gone(make_client: ClientFactory,
-                                                                         scripted: tuple[str, dict[str, Any]]) -> None:
+async def test_ready_while_the_upstream_answers_and_not_once_it_is_gone(
+    make_client: ClientFactory, scripted: tuple[str, dict[str, Any]]
+) -> None:
     url, _ = scripted
     proxy = await _proxy(make_client, url)
     assert (await proxy.get("/health/ready")).status == 200  # any answer below 500 counts: it is reachable

@@ -20,14 +20,44 @@ import pytest
 from tests.conftest import MODEL_ID
 
 REPO = Path(__file__).resolve().parents[1]
-SETTING_NAMES = ("MODEL_PATH", "MODEL_ID", "SERVER_HOST", "SERVER_PORT", "MAX_CONCURRENT_REQUESTS",
-                 "MAX_QUEUED_REQUESTS", "QUEUE_TIMEOUT", "MODELS_FILE", "API_KEYS", "API_KEYS_FILE",
-                 "METRICS_REQUIRE_KEY", "SHUTDOWN_TIMEOUT", "MAX_BODY_BYTES", "MAX_MESSAGES", "MAX_PROMPT_TOKENS",
-                 "MAX_TOKENS_LIMIT", "MAX_SEQUENCES_PER_REQUEST", "ENGINE_MEMORY_BUDGET_MB",
-                 "REQUEST_READ_TIMEOUT", "CLIENT_WRITE_TIMEOUT", "KEEPALIVE_TIMEOUT", "LOG_PROMPTS",
-                 "ENGINE_MAX_BATCH_SIZE", "ENGINE_LANES", "ENGINE_BATCH_WAIT_MS", "MAX_MODEL_LEN", "BACKEND",
-                 "UPSTREAM_URL", "UPSTREAM_API_KEY", "UPSTREAM_MODEL", "UPSTREAM_CONNECT_TIMEOUT_S",
-                 "UPSTREAM_READ_TIMEOUT_S", "STREAM_USAGE_ALWAYS", "CORS_ORIGINS", "LOG_LEVEL", "LOG_FORMAT")
+SETTING_NAMES = (
+    "MODEL_PATH",
+    "MODEL_ID",
+    "SERVER_HOST",
+    "SERVER_PORT",
+    "MAX_CONCURRENT_REQUESTS",
+    "MAX_QUEUED_REQUESTS",
+    "QUEUE_TIMEOUT",
+    "MODELS_FILE",
+    "API_KEYS",
+    "API_KEYS_FILE",
+    "METRICS_REQUIRE_KEY",
+    "SHUTDOWN_TIMEOUT",
+    "MAX_BODY_BYTES",
+    "MAX_MESSAGES",
+    "MAX_PROMPT_TOKENS",
+    "MAX_TOKENS_LIMIT",
+    "MAX_SEQUENCES_PER_REQUEST",
+    "ENGINE_MEMORY_BUDGET_MB",
+    "REQUEST_READ_TIMEOUT",
+    "CLIENT_WRITE_TIMEOUT",
+    "KEEPALIVE_TIMEOUT",
+    "LOG_PROMPTS",
+    "ENGINE_MAX_BATCH_SIZE",
+    "ENGINE_LANES",
+    "ENGINE_BATCH_WAIT_MS",
+    "MAX_MODEL_LEN",
+    "BACKEND",
+    "UPSTREAM_URL",
+    "UPSTREAM_API_KEY",
+    "UPSTREAM_MODEL",
+    "UPSTREAM_CONNECT_TIMEOUT_S",
+    "UPSTREAM_READ_TIMEOUT_S",
+    "STREAM_USAGE_ALWAYS",
+    "CORS_ORIGINS",
+    "LOG_LEVEL",
+    "LOG_FORMAT",
+)
 
 
 def _free_port() -> int:
@@ -46,8 +76,14 @@ def _start(*args: str, cwd: Path = REPO, quiet: bool = False, **settings: str) -
     """The server as a process. Its log is piped for the test to read, or dropped (``quiet``) for a
     long-lived one nobody reads: a full pipe would block the server's logging, and the server with it."""
     output = subprocess.DEVNULL if quiet else subprocess.PIPE
-    return subprocess.Popen([sys.executable, "-m", "genai_server", *args], cwd=cwd, env=_env(**settings),
-                            stdout=output, stderr=output, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "genai_server", *args],
+        cwd=cwd,
+        env=_env(**settings),
+        stdout=output,
+        stderr=output,
+        text=True,
+    )
 
 
 @contextlib.contextmanager
@@ -152,7 +188,14 @@ def test_bad_setting_is_named_and_exits_2() -> None:
 
 
 def test_help_lists_every_setting() -> None:
-    result = subprocess.run([sys.executable, "-m", "genai_server", "--help"], cwd=REPO, env=_env(),
-                            capture_output=True, text=True, timeout=60, check=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "genai_server", "--help"],
+        cwd=REPO,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
     for name in SETTING_NAMES:
         assert "--" + name.lower().replace("_", "-") in result.stdout

@@ -29,7 +29,8 @@ async def test_streams_and_errors_carry_the_request_id(client: Any) -> None:
 
 
 async def test_one_log_line_per_request_with_tokens_and_inference_time(
-        client: Any, caplog: pytest.LogCaptureFixture) -> None:
+    client: Any, caplog: pytest.LogCaptureFixture
+) -> None:
     caplog.set_level(logging.INFO, logger="genai_server.access")
     resp = await client.post("/v1/chat/completions", json=chat_body(max_tokens=3), headers={"X-Request-Id": "r-9"})
     assert resp.status == 200

@@ -56,8 +56,7 @@ async def test_cancelling_one_sequence_leaves_the_rest_of_its_batch_intact(make_
 
 async def test_a_new_request_does_not_wait_for_a_running_batch(make_client: Any) -> None:
     client = await make_client(engine_max_batch_size=4, engine_lanes=2, max_concurrent_requests=8)
-    long_streams = [await client.post("/v1/chat/completions", json=long_stream(1900))
-                    for _ in range(3)]
+    long_streams = [await client.post("/v1/chat/completions", json=long_stream(1900)) for _ in range(3)]
     for resp in long_streams:
         await resp.content.readline()  # the batch is running
 
@@ -74,8 +73,9 @@ async def test_seeded_and_batched_requests_run_side_by_side(client: Any) -> None
     seeded = {"temperature": 0.9, "seed": 11, "max_tokens": 30}
     greedy_alone = [await _text(client, content=f"g{i}", max_tokens=30) for i in range(3)]
     seeded_alone = await _text(client, **seeded)
-    *greedy, seeded_result = await asyncio.gather(*[_text(client, content=f"g{i}", max_tokens=30) for i in range(3)],
-                                                  _text(client, **seeded))
+    *greedy, seeded_result = await asyncio.gather(
+        *[_text(client, content=f"g{i}", max_tokens=30) for i in range(3)], _text(client, **seeded)
+    )
     assert seeded_result == seeded_alone  # a seeded Generator runs on its own: exactly repeatable
     for (text, usage), (expected_text, expected_usage) in zip(greedy, greedy_alone, strict=True):
         assert usage["prompt_tokens"] == expected_usage["prompt_tokens"]

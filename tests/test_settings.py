@@ -21,8 +21,9 @@ def test_defaults(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
 
 def test_cli_beats_env_beats_dotenv(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.chdir(tmp_path)
-    (tmp_path / ".env").write_text("SERVER_PORT=7001\nLOG_LEVEL=debug\nMODEL_ID=from-dotenv\n"
-                                   "CORS_ORIGINS=https://a.example,https://b.example\n")
+    (tmp_path / ".env").write_text(
+        "SERVER_PORT=7001\nLOG_LEVEL=debug\nMODEL_ID=from-dotenv\nCORS_ORIGINS=https://a.example,https://b.example\n"
+    )
     monkeypatch.setenv("SERVER_PORT", "7002")
     monkeypatch.delenv("MODEL_ID", raising=False)
     monkeypatch.delenv("LOG_LEVEL", raising=False)
@@ -40,11 +41,14 @@ def test_model_id_defaults_to_the_folder_name(monkeypatch: pytest.MonkeyPatch, t
     assert settings.resolved_model_id == "phi-3.5-int4"
 
 
-@pytest.mark.parametrize(("args", "named"), [
-    (["--server-port", "0"], "SERVER_PORT"),
-    (["--max-concurrent-requests", "0"], "MAX_CONCURRENT_REQUESTS"),
-    (["--log-level", "loud"], "LOG_LEVEL"),
-])
+@pytest.mark.parametrize(
+    ("args", "named"),
+    [
+        (["--server-port", "0"], "SERVER_PORT"),
+        (["--max-concurrent-requests", "0"], "MAX_CONCURRENT_REQUESTS"),
+        (["--log-level", "loud"], "LOG_LEVEL"),
+    ],
+)
 def test_bad_values_name_the_setting(args: list[str], named: str) -> None:
     with pytest.raises(SettingsError, match=named):
         load_settings(args)

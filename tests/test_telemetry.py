@@ -12,10 +12,25 @@ from aiohttp.test_utils import TestServer
 from genai_server.app import create_app
 from tests.conftest import MODEL_ID, chat_body, long_stream, make_settings, metric_sample, stream_chunks
 
-METRIC_KEYS = {"queue_time_ms", "time_to_first_token_ms", "time_per_output_token_ms", "mean_itl_ms", "itl_p50_ms",
-               "itl_p95_ms", "generation_time_ms", "e2e_latency_ms", "tokens_per_second", "prompt_tokens",
-               "completion_tokens", "peak_rss_mb", "gpu_memory_used_start_mb", "gpu_memory_peak_mb",
-               "gpu_memory_delta_mb", "gpu_process_memory_mb", "backend_reported"}
+METRIC_KEYS = {
+    "queue_time_ms",
+    "time_to_first_token_ms",
+    "time_per_output_token_ms",
+    "mean_itl_ms",
+    "itl_p50_ms",
+    "itl_p95_ms",
+    "generation_time_ms",
+    "e2e_latency_ms",
+    "tokens_per_second",
+    "prompt_tokens",
+    "completion_tokens",
+    "peak_rss_mb",
+    "gpu_memory_used_start_mb",
+    "gpu_memory_peak_mb",
+    "gpu_memory_delta_mb",
+    "gpu_process_memory_mb",
+    "backend_reported",
+}
 
 
 def _check_metrics(metrics: dict[str, Any], usage: dict[str, int]) -> None:
@@ -49,9 +64,17 @@ async def test_non_streaming_response_carries_metrics_performance_and_headers(cl
 
 
 async def test_stream_usage_chunk_carries_metrics_only_when_asked(client: Any, openai_schema: Any) -> None:
-    resp = await client.post("/v1/completions", json={"model": MODEL_ID, "prompt": "hi", "max_tokens": 12,
-                                                      "temperature": 0, "stream": True,
-                                                      "stream_options": {"include_usage": True}})
+    resp = await client.post(
+        "/v1/completions",
+        json={
+            "model": MODEL_ID,
+            "prompt": "hi",
+            "max_tokens": 12,
+            "temperature": 0,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        },
+    )
     chunks = stream_chunks(await resp.text())
     _check_metrics(chunks[-1]["metrics"], chunks[-1]["usage"])
     assert all("metrics" not in c for c in chunks[:-1])
@@ -75,8 +98,14 @@ async def test_reported_ttft_and_e2e_agree_with_the_client_clock(aiohttp_server:
     server: TestServer = await aiohttp_server(create_app(make_settings()))
     async with openai.AsyncOpenAI(base_url=str(server.make_url("/v1")), api_key="x", max_retries=0) as oai:
         start = time.perf_counter()
-        stream = await oai.completions.create(model=MODEL_ID, prompt="Once upon a time", max_tokens=200,
-                                              temperature=0, stream=True, stream_options={"include_usage": True})
+        stream = await oai.completions.create(
+            model=MODEL_ID,
+            prompt="Once upon a time",
+            max_tokens=200,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
         first_text = None
         last = None
         async for chunk in stream:
@@ -97,8 +126,9 @@ async def test_reported_ttft_and_e2e_agree_with_the_client_clock(aiohttp_server:
 async def test_openai_client_keeps_the_metrics(aiohttp_server: Any) -> None:
     server: TestServer = await aiohttp_server(create_app(make_settings()))
     async with openai.AsyncOpenAI(base_url=str(server.make_url("/v1")), api_key="x", max_retries=0) as oai:
-        result = await oai.chat.completions.create(model=MODEL_ID, messages=[{"role": "user", "content": "hi"}],
-                                                   max_tokens=4, temperature=0)
+        result = await oai.chat.completions.create(
+            model=MODEL_ID, messages=[{"role": "user", "content": "hi"}], max_tokens=4, temperature=0
+        )
     assert result.model_extra is not None
     assert result.model_extra["metrics"]["completion_tokens"] == 4
 

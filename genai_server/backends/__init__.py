@@ -22,8 +22,11 @@ Result = Response | AsyncGenerator[Response, None]
 
 def usage(stats: RequestTelemetry) -> Usage:
     """The usage object from the token counts a backend recorded."""
-    return Usage(prompt_tokens=stats.prompt_tokens, completion_tokens=stats.completion_tokens,
-                 total_tokens=stats.prompt_tokens + stats.completion_tokens)
+    return Usage(
+        prompt_tokens=stats.prompt_tokens,
+        completion_tokens=stats.completion_tokens,
+        total_tokens=stats.prompt_tokens + stats.completion_tokens,
+    )
 
 
 class Backend(Protocol):

@@ -38,8 +38,14 @@ from genai_server.telemetry import RequestTelemetry
 # Lines a response may carry beyond the tokens asked for.
 _LINE_SLACK = 64
 # Ollama's own timing fields, kept as reported.
-_REPORTED = ("total_duration", "load_duration", "prompt_eval_count", "prompt_eval_duration", "eval_count",
-             "eval_duration")
+_REPORTED = (
+    "total_duration",
+    "load_duration",
+    "prompt_eval_count",
+    "prompt_eval_duration",
+    "eval_count",
+    "eval_duration",
+)
 
 
 class OllamaBackend(RelayBackend):
@@ -47,54 +53,85 @@ class OllamaBackend(RelayBackend):
 
     name = "ollama"
 
-    def __init__(self, base_url: str, model_id: str, upstream_model: str, *, timeout: aiohttp.ClientTimeout,
-                 always_usage: bool = False, default_max_tokens: int = 4096) -> None:
-        super().__init__(UpstreamClient(base_url, timeout, probe_path="/api/version"), model_id, upstream_model,
-                         always_usage=always_usage, default_max_tokens=default_max_tokens)
+    def __init__(
+        self,
+        base_url: str,
+        model_id: str,
+        upstream_model: str,
+        *,
+        timeout: aiohttp.ClientTimeout,
+        always_usage: bool = False,
+        default_max_tokens: int = 4096,
+    ) -> None:
+        super().__init__(
+            UpstreamClient(base_url, timeout, probe_path="/api/version"),
+            model_id,
+            upstream_model,
+            always_usage=always_usage,
+            default_max_tokens=default_max_tokens,
+        )
 
     async def chat(self, req: ChatCompletionRequest, stats: RequestTelemetry) -> Result:
         """``/api/chat``, as an OpenAI chat completion or chunk stream."""
-        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-                    for m in req.messages]
+        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages]
         body = {"model": self._upstream_model, "messages": messages, "stream": True, "options": _options(req)}
         lines = await self._open("/api/chat", body, stats)
         if req.stream:
             return self._chat_chunks(lines, req, stats)
         text, finish = await _collect(lines, stats, "message")
-        return ChatCompletion(id=new_id("chatcmpl"), created=now(), model=self.model_id,
-                              choices=[ChatChoice(index=0, message=AssistantMessage(content=text),
-                                                  finish_reason=finish)],
-                              usage=usage(stats), metrics=stats.metrics(), performance=stats.performance())
+        return ChatCompletion(
+            id=new_id("chatcmpl"),
+            created=now(),
+            model=self.model_id,
+            choices=[ChatChoice(index=0, message=AssistantMessage(content=text), finish_reason=finish)],
+            usage=usage(stats),
+            metrics=stats.metrics(),
+            performance=stats.performance(),
+        )
 
     async def complete(self, req: CompletionRequest, stats: RequestTelemetry) -> Result:
         """``/api/generate`` with ``raw`` (no template), as an OpenAI text completion or chunk stream."""
         prompts = req.prompts()
         if len(prompts) != 1 or not isinstance(prompts[0], str):
             raise InvalidRequest("Ollama takes one text prompt per request", param="prompt")
-        body = {"model": self._upstream_model, "prompt": prompts[0], "raw": True, "stream": True,
-                "options": _options(req)}
+        body = {
+            "model": self._upstream_model,
+            "prompt": prompts[0],
+            "raw": True,
+            "stream": True,
+            "options": _options(req),
+        }
         lines = await self._open("/api/generate", body, stats)
         if req.stream:
             return self._completion_chunks(lines, req, stats)
         text, finish = await _collect(lines, stats, "response")
-        return Completion(id=new_id("cmpl"), created=now(), model=self.model_id,
-                          choices=[CompletionChoice(index=0, text=text, finish_reason=finish)],
-                          usage=usage(stats), metrics=stats.metrics(), performance=stats.performance())
+        return Completion(
+            id=new_id("cmpl"),
+            created=now(),
+            model=self.model_id,
+            choices=[CompletionChoice(index=0, text=text, finish_reason=finish)],
+            usage=usage(stats),
+            metrics=stats.metrics(),
+            performance=stats.performance(),
+        )
 
-    async def _open(self, path: str, body: dict[str, Any],
-                    stats: RequestTelemetry) -> AsyncGenerator[dict[str, Any], None]:
+    async def _open(
+        self, path: str, body: dict[str, Any], stats: RequestTelemetry
+    ) -> AsyncGenerator[dict[str, Any], None]:
         response = await self._upstream.post(path, body)
         stats.on_admitted(time.perf_counter())
         limit = body["options"].get("num_predict") or self._default_max_tokens
         return _ndjson(response, stats, max_lines=limit + _LINE_SLACK)
 
-    async def _chat_chunks(self, lines: AsyncGenerator[dict[str, Any], None], req: SamplingRequest,
-                           stats: RequestTelemetry) -> AsyncGenerator[Response, None]:
+    async def _chat_chunks(
+        self, lines: AsyncGenerator[dict[str, Any], None], req: SamplingRequest, stats: RequestTelemetry
+    ) -> AsyncGenerator[Response, None]:
         chunk_id, created = new_id("chatcmpl"), now()
 
         def chunk(choice: ChatChunkChoice | None) -> ChatCompletionChunk:
-            return ChatCompletionChunk(id=chunk_id, created=created, model=self.model_id,
-                                       choices=[choice] if choice else [])
+            return ChatCompletionChunk(
+                id=chunk_id, created=created, model=self.model_id, choices=[choice] if choice else []
+            )
 
         yield chunk(ChatChunkChoice(index=0, delta=ChatDelta(role="assistant", content="")))
         async for text, finish in _pieces(lines, stats, "message"):
@@ -107,29 +144,48 @@ class OllamaBackend(RelayBackend):
             final.usage, final.metrics, final.performance = usage(stats), stats.metrics(), stats.performance()
             yield final
 
-    async def _completion_chunks(self, lines: AsyncGenerator[dict[str, Any], None], req: SamplingRequest,
-                                 stats: RequestTelemetry) -> AsyncGenerator[Response, None]:
+    async def _completion_chunks(
+        self, lines: AsyncGenerator[dict[str, Any], None], req: SamplingRequest, stats: RequestTelemetry
+    ) -> AsyncGenerator[Response, None]:
         chunk_id, created = new_id("cmpl"), now()
         async for text, finish in _pieces(lines, stats, "response"):
             if text or finish:
-                yield Completion(id=chunk_id, created=created, model=self.model_id,
-                                 choices=[CompletionChoice(index=0, text=text, finish_reason=finish)])
+                yield Completion(
+                    id=chunk_id,
+                    created=created,
+                    model=self.model_id,
+                    choices=[CompletionChoice(index=0, text=text, finish_reason=finish)],
+                )
         if req.include_usage or self._always_usage:
-            yield Completion(id=chunk_id, created=created, model=self.model_id, choices=[], usage=usage(stats),
-                             metrics=stats.metrics(), performance=stats.performance())
+            yield Completion(
+                id=chunk_id,
+                created=created,
+                model=self.model_id,
+                choices=[],
+                usage=usage(stats),
+                metrics=stats.metrics(),
+                performance=stats.performance(),
+            )
 
 
 def _options(req: SamplingRequest) -> dict[str, Any]:
     """OpenAI sampling parameters under Ollama's names; ``n`` > 1 cannot be honoured."""
     if req.n != 1:
         raise InvalidRequest("Ollama generates one choice per request", param="n")
-    options = {"temperature": req.temperature, "top_p": req.top_p, "seed": req.seed, "num_predict": req.limit,
-               "stop": req.stop_list or None, "top_k": req.top_k if req.top_k and req.top_k > 0 else None}
+    options = {
+        "temperature": req.temperature,
+        "top_p": req.top_p,
+        "seed": req.seed,
+        "num_predict": req.limit,
+        "stop": req.stop_list or None,
+        "top_k": req.top_k if req.top_k and req.top_k > 0 else None,
+    }
     return {name: value for name, value in options.items() if value is not None}
 
 
-async def _ndjson(response: aiohttp.ClientResponse, stats: RequestTelemetry,
-                 max_lines: int) -> AsyncGenerator[dict[str, Any], None]:
+async def _ndjson(
+    response: aiohttp.ClientResponse, stats: RequestTelemetry, max_lines: int
+) -> AsyncGenerator[dict[str, Any], None]:
     """Ollama's NDJSON lines up to the one with ``done``, each checked; closing it closes the upstream request."""
     try:
         with stream_faults():
@@ -177,8 +233,9 @@ def _checked(line: dict[str, Any]) -> dict[str, Any]:
     return line
 
 
-async def _pieces(lines: AsyncGenerator[dict[str, Any], None], stats: RequestTelemetry,
-                  field: str) -> AsyncGenerator[tuple[str, FinishReason | None], None]:
+async def _pieces(
+    lines: AsyncGenerator[dict[str, Any], None], stats: RequestTelemetry, field: str
+) -> AsyncGenerator[tuple[str, FinishReason | None], None]:
     """(text, finish) per line, timing each token and taking usage and durations from the last line."""
     try:
         async for line in lines:
@@ -200,8 +257,9 @@ async def _pieces(lines: AsyncGenerator[dict[str, Any], None], stats: RequestTel
         await lines.aclose()
 
 
-async def _collect(lines: AsyncGenerator[dict[str, Any], None], stats: RequestTelemetry,
-                   field: str) -> tuple[str, FinishReason]:
+async def _collect(
+    lines: AsyncGenerator[dict[str, Any], None], stats: RequestTelemetry, field: str
+) -> tuple[str, FinishReason]:
     texts: list[str] = []
     finish: FinishReason = "stop"
     async for text, done in _pieces(lines, stats, field):

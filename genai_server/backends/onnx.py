@@ -66,9 +66,17 @@ class OnnxBackend:
 
     name = "onnx"
 
-    def __init__(self, engine: OnnxEngine, model_id: str, created: int, *, always_usage: bool = False,
-                 max_prompt_tokens: int | None = None, default_max_tokens: int | None = None,
-                 on_failure: Callable[[BaseException], None] | None = None) -> None:
+    def __init__(
+        self,
+        engine: OnnxEngine,
+        model_id: str,
+        created: int,
+        *,
+        always_usage: bool = False,
+        max_prompt_tokens: int | None = None,
+        default_max_tokens: int | None = None,
+        on_failure: Callable[[BaseException], None] | None = None,
+    ) -> None:
         self.engine = engine
         engine.on_failure = on_failure
         self._max_prompt_tokens = max_prompt_tokens
@@ -83,10 +91,17 @@ class OnnxBackend:
         """Load the model (``ModelLoadingFailed`` with the reason if it cannot be)."""
         started = time.perf_counter()
         await self.engine.start()
-        log.info("model loaded", extra={"fields": {
-            "model_path": str(self.engine.model_path), "model": self.model_id,
-            "load_time_ms": round((time.perf_counter() - started) * 1000, 1),
-            "context_length": self.engine.context_length}})
+        log.info(
+            "model loaded",
+            extra={
+                "fields": {
+                    "model_path": str(self.engine.model_path),
+                    "model": self.model_id,
+                    "load_time_ms": round((time.perf_counter() - started) * 1000, 1),
+                    "context_length": self.engine.context_length,
+                }
+            },
+        )
 
     async def close(self) -> None:
         """Stop the engine: sequences still running end with ``ShuttingDown``."""
@@ -102,8 +117,9 @@ class OnnxBackend:
 
     # ---- chat --------------------------------------------------------------------------
 
-    async def chat(self, req: ChatCompletionRequest,
-                   stats: RequestTelemetry) -> ChatCompletion | AsyncGenerator[ChatCompletionChunk, None]:
+    async def chat(
+        self, req: ChatCompletionRequest, stats: RequestTelemetry
+    ) -> ChatCompletion | AsyncGenerator[ChatCompletionChunk, None]:
         """A chat completion, or its chunk stream when ``req.stream``."""
         messages = [{"role": _template_role(m.role), "content": m.text()} for m in req.messages]
         self._check_text_size(sum(len(m["content"]) for m in messages), param="messages")
@@ -113,35 +129,52 @@ class OnnxBackend:
         if req.stream:
             return self._chat_stream(req, seqs, stats)
         pieces = await self._collect(seqs, stats)
-        choices = [ChatChoice(index=i, message=AssistantMessage(content=text), finish_reason=finish)
-                   for i, (text, finish) in enumerate(pieces)]
-        return ChatCompletion(id=new_id("chatcmpl"), created=now(), model=self.model_id, choices=choices,
-                              usage=usage(stats), metrics=stats.metrics(), performance=stats.performance())
+        choices = [
+            ChatChoice(index=i, message=AssistantMessage(content=text), finish_reason=finish)
+            for i, (text, finish) in enumerate(pieces)
+        ]
+        return ChatCompletion(
+            id=new_id("chatcmpl"),
+            created=now(),
+            model=self.model_id,
+            choices=choices,
+            usage=usage(stats),
+            metrics=stats.metrics(),
+            performance=stats.performance(),
+        )
 
-    async def _chat_stream(self, req: ChatCompletionRequest, seqs: list[_Sequence],
-                           stats: RequestTelemetry) -> AsyncGenerator[ChatCompletionChunk, None]:
+    async def _chat_stream(
+        self, req: ChatCompletionRequest, seqs: list[_Sequence], stats: RequestTelemetry
+    ) -> AsyncGenerator[ChatCompletionChunk, None]:
         chunk_id, created = new_id("chatcmpl"), now()
 
         def chunk(choices: list[ChatChunkChoice]) -> ChatCompletionChunk:
             return ChatCompletionChunk(id=chunk_id, created=created, model=self.model_id, choices=choices)
 
-        yield chunk([ChatChunkChoice(index=s.index, delta=ChatDelta(role="assistant", content=""))
-                     for s in seqs])
+        yield chunk([ChatChunkChoice(index=s.index, delta=ChatDelta(role="assistant", content="")) for s in seqs])
         # aclosing: a client that leaves closes this generator, and that must reach the engine now.
         async with aclosing(self._run(seqs, stats)) as pieces:
             async for piece in pieces:
                 if piece.text:
-                        yield chunk([ChatChunkChoice(index=piece.index, delta=ChatDelta(content=piece.text))])
+                    yield chunk([ChatChunkChoice(index=piece.index, delta=ChatDelta(content=piece.text))])
                 if piece.finish:
                     yield chunk([ChatChunkChoice(index=piece.index, delta=ChatDelta(), finish_reason=piece.finish)])
         if req.include_usage or self.always_usage:
-            yield ChatCompletionChunk(id=chunk_id, created=created, model=self.model_id, choices=[],
-                                      usage=usage(stats), metrics=stats.metrics(), performance=stats.performance())
+            yield ChatCompletionChunk(
+                id=chunk_id,
+                created=created,
+                model=self.model_id,
+                choices=[],
+                usage=usage(stats),
+                metrics=stats.metrics(),
+                performance=stats.performance(),
+            )
 
     # ---- completions -------------------------------------------------------------------
 
-    async def complete(self, req: CompletionRequest,
-                       stats: RequestTelemetry) -> Completion | AsyncGenerator[Completion, None]:
+    async def complete(
+        self, req: CompletionRequest, stats: RequestTelemetry
+    ) -> Completion | AsyncGenerator[Completion, None]:
         """A text completion (raw prompt, no template), or its chunk stream when ``req.stream``."""
         texts = [p for p in req.prompts() if isinstance(p, str)]
         for text in texts:
@@ -153,13 +186,22 @@ class OnnxBackend:
         if req.stream:
             return self._complete_stream(req, seqs, stats)
         pieces = await self._collect(seqs, stats)
-        choices = [CompletionChoice(index=i, text=text, finish_reason=finish)
-                   for i, (text, finish) in enumerate(pieces)]
-        return Completion(id=new_id("cmpl"), created=now(), model=self.model_id, choices=choices,
-                          usage=usage(stats), metrics=stats.metrics(), performance=stats.performance())
+        choices = [
+            CompletionChoice(index=i, text=text, finish_reason=finish) for i, (text, finish) in enumerate(pieces)
+        ]
+        return Completion(
+            id=new_id("cmpl"),
+            created=now(),
+            model=self.model_id,
+            choices=choices,
+            usage=usage(stats),
+            metrics=stats.metrics(),
+            performance=stats.performance(),
+        )
 
-    async def _complete_stream(self, req: CompletionRequest, seqs: list[_Sequence],
-                               stats: RequestTelemetry) -> AsyncGenerator[Completion, None]:
+    async def _complete_stream(
+        self, req: CompletionRequest, seqs: list[_Sequence], stats: RequestTelemetry
+    ) -> AsyncGenerator[Completion, None]:
         chunk_id, created = new_id("cmpl"), now()
         async with aclosing(self._run(seqs, stats)) as pieces:
             async for piece in pieces:
@@ -167,8 +209,15 @@ class OnnxBackend:
                     choice = CompletionChoice(index=piece.index, text=piece.text, finish_reason=piece.finish)
                     yield Completion(id=chunk_id, created=created, model=self.model_id, choices=[choice])
         if req.include_usage or self.always_usage:
-            yield Completion(id=chunk_id, created=created, model=self.model_id, choices=[], usage=usage(stats),
-                             metrics=stats.metrics(), performance=stats.performance())
+            yield Completion(
+                id=chunk_id,
+                created=created,
+                model=self.model_id,
+                choices=[],
+                usage=usage(stats),
+                metrics=stats.metrics(),
+                performance=stats.performance(),
+            )
 
     # ---- shared ------------------------------------------------------------------------
 
@@ -180,8 +229,11 @@ class OnnxBackend:
         limit = min(self.engine.context_length, self._max_prompt_tokens or self.engine.context_length)
         if per_token and chars > limit * per_token:
             code = "context_length_exceeded" if limit == self.engine.context_length else "prompt_too_long"
-            raise InvalidRequest(f"The prompt has at least {chars // per_token} tokens; at most {limit} are allowed",
-                                 param=param, code=code)
+            raise InvalidRequest(
+                f"The prompt has at least {chars // per_token} tokens; at most {limit} are allowed",
+                param=param,
+                code=code,
+            )
 
     def _token_ids(self, ids: list[int]) -> list[int]:
         """A prompt given as token ids, each checked against the vocabulary: the engine would fail on it."""
@@ -198,15 +250,20 @@ class OnnxBackend:
             if not prompt:
                 raise InvalidRequest("the prompt must not be empty", param=param)
             if self._max_prompt_tokens is not None and len(prompt) > self._max_prompt_tokens:
-                raise InvalidRequest(f"The prompt has {len(prompt)} tokens; at most {self._max_prompt_tokens} are "
-                                     "allowed (MAX_PROMPT_TOKENS)", param=param, code="prompt_too_long")
+                raise InvalidRequest(
+                    f"The prompt has {len(prompt)} tokens; at most {self._max_prompt_tokens} are "
+                    "allowed (MAX_PROMPT_TOKENS)",
+                    param=param,
+                    code="prompt_too_long",
+                )
             room = context - len(prompt)
             if room < 1 or (req.limit is not None and req.limit > room):
                 asked = len(prompt) + (req.limit or 1)
                 raise ContextLengthExceeded(
                     f"This model's maximum context length is {context} tokens. However, you requested "
                     f"{asked} tokens ({len(prompt)} in the prompt, {req.limit or 1} for the completion).",
-                    param="max_tokens" if room >= 1 else param)
+                    param="max_tokens" if room >= 1 else param,
+                )
             options = _sampling(req, req.limit or min(room, self._default_max_tokens or room), self.engine.vocab_size)
             for j in range(req.n):
                 seed = None if req.seed is None else engine_seed(req.seed + j)
@@ -297,8 +354,12 @@ def _sampling(req: SamplingRequest, max_tokens: int, vocab_size: int) -> Samplin
     top_k = req.top_k if req.top_k is not None and req.top_k > 0 else 0
     if vocab_size and top_k >= vocab_size:
         top_k = 0
-    return SamplingOptions(max_tokens=max_tokens, temperature=temperature,
-                           top_p=as_float32(1.0 if req.top_p is None else req.top_p), top_k=top_k)
+    return SamplingOptions(
+        max_tokens=max_tokens,
+        temperature=temperature,
+        top_p=as_float32(1.0 if req.top_p is None else req.top_p),
+        top_k=top_k,
+    )
 
 
 def _template_role(role: str) -> str:

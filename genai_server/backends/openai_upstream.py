@@ -66,11 +66,25 @@ class OpenAIUpstream(RelayBackend):
 
     name = "openai"
 
-    def __init__(self, base_url: str, model_id: str, upstream_model: str, *, timeout: aiohttp.ClientTimeout,
-                 api_key: str | None = None, always_usage: bool = False, default_max_tokens: int = 4096) -> None:
+    def __init__(
+        self,
+        base_url: str,
+        model_id: str,
+        upstream_model: str,
+        *,
+        timeout: aiohttp.ClientTimeout,
+        api_key: str | None = None,
+        always_usage: bool = False,
+        default_max_tokens: int = 4096,
+    ) -> None:
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        super().__init__(UpstreamClient(base_url, timeout, headers=headers, probe_path="/models"), model_id,
-                         upstream_model, always_usage=always_usage, default_max_tokens=default_max_tokens)
+        super().__init__(
+            UpstreamClient(base_url, timeout, headers=headers, probe_path="/models"),
+            model_id,
+            upstream_model,
+            always_usage=always_usage,
+            default_max_tokens=default_max_tokens,
+        )
 
     async def chat(self, req: ChatCompletionRequest, stats: RequestTelemetry) -> Result:
         """Relay a chat completion."""
@@ -80,8 +94,9 @@ class OpenAIUpstream(RelayBackend):
         """Relay a text completion."""
         return await self._relay("/completions", req, stats, "text_completion", choices=req.n * len(req.prompts()))
 
-    async def _relay(self, path: str, req: SamplingRequest, stats: RequestTelemetry, kind: str, *,
-                     choices: int) -> Result:
+    async def _relay(
+        self, path: str, req: SamplingRequest, stats: RequestTelemetry, kind: str, *, choices: int
+    ) -> Result:
         body = req.model_dump(exclude_none=True)
         body.update(model=self._upstream_model, stream=True, stream_options={"include_usage": True})
         response = await self._upstream.post(path, body)
@@ -98,8 +113,9 @@ class OpenAIUpstream(RelayBackend):
             return stream
         return await _aggregate(stream, kind)
 
-    async def _chunks(self, response: aiohttp.ClientResponse, req: SamplingRequest, stats: RequestTelemetry,
-                      choices: int) -> AsyncGenerator[Response, None]:
+    async def _chunks(
+        self, response: aiohttp.ClientResponse, req: SamplingRequest, stats: RequestTelemetry, choices: int
+    ) -> AsyncGenerator[Response, None]:
         """The upstream's chunks with our model id; tokens timed as they arrive; the usage chunk gets our metrics."""
         budget = choices * ((req.limit or self._default_max_tokens) + _CHUNK_SLACK)
         seen_choice = False
@@ -128,8 +144,9 @@ class OpenAIUpstream(RelayBackend):
             response.close()  # a client that left, or an error: the upstream sees the connection close
             stats.on_end()
 
-    def _final(self, chunk: dict[str, Any], usage: _Usage, req: SamplingRequest,
-               stats: RequestTelemetry) -> dict[str, Any] | None:
+    def _final(
+        self, chunk: dict[str, Any], usage: _Usage, req: SamplingRequest, stats: RequestTelemetry
+    ) -> dict[str, Any] | None:
         stats.prompt_tokens = usage.prompt_tokens
         stats.completion_tokens = usage.completion_tokens or stats.completion_tokens
         stats.on_end()
@@ -213,13 +230,24 @@ async def _aggregate(chunks: AsyncGenerator[Response, None], kind: str) -> dict[
             if chunk.get(name):
                 head[name] = chunk[name]
     choices = [_choice(kind, i, "".join(texts[i]), finishes.get(i)) for i in sorted(texts)]
-    return {"id": head.get("id", ""), "object": kind, "created": head.get("created", now()),
-            "model": head.get("model"), "choices": choices, "usage": head.get("usage"),
-            "metrics": head.get("metrics"), "performance": head.get("performance")}
+    return {
+        "id": head.get("id", ""),
+        "object": kind,
+        "created": head.get("created", now()),
+        "model": head.get("model"),
+        "choices": choices,
+        "usage": head.get("usage"),
+        "metrics": head.get("metrics"),
+        "performance": head.get("performance"),
+    }
 
 
 def _choice(kind: str, index: int, text: str, finish: str | None) -> dict[str, Any]:
     if kind == "chat.completion":
-        return {"index": index, "message": {"role": "assistant", "content": text, "refusal": None},
-                "logprobs": None, "finish_reason": finish}
+        return {
+            "index": index,
+            "message": {"role": "assistant", "content": text, "refusal": None},
+            "logprobs": None,
+            "finish_reason": finish,
+        }
     return {"index": index, "text": text, "logprobs": None, "finish_reason": finish}

@@ -34,8 +34,9 @@ _READY_TIMEOUT_S = 2.0
 class UpstreamClient:
     """One upstream engine's HTTP session, owned from ``start`` to ``close``."""
 
-    def __init__(self, base_url: str, timeout: aiohttp.ClientTimeout, *, headers: dict[str, str] | None = None,
-                 probe_path: str) -> None:
+    def __init__(
+        self, base_url: str, timeout: aiohttp.ClientTimeout, *, headers: dict[str, str] | None = None, probe_path: str
+    ) -> None:
         self.base_url = base_url.rstrip("/")
         self._timeout = timeout
         self._headers = headers or {}
@@ -65,8 +66,11 @@ class UpstreamClient:
         if self._session is None or self._session.closed:
             return False
         try:
-            async with self._session.get(self.base_url + self._probe_path, allow_redirects=False,
-                                         timeout=aiohttp.ClientTimeout(total=_READY_TIMEOUT_S)) as response:
+            async with self._session.get(
+                self.base_url + self._probe_path,
+                allow_redirects=False,
+                timeout=aiohttp.ClientTimeout(total=_READY_TIMEOUT_S),
+            ) as response:
                 return response.status < 500
         except (aiohttp.ClientError, TimeoutError) as exc:
             log.warning("upstream not ready", extra={"fields": {"upstream_url": self.base_url, "reason": repr(exc)}})
@@ -96,8 +100,15 @@ class RelayBackend:
     """What every backend relaying to an engine elsewhere shares: the one model it serves under our id, the
     upstream's name for it, and the upstream client it owns from ``start`` to ``close``."""
 
-    def __init__(self, upstream: UpstreamClient, model_id: str, upstream_model: str, *, always_usage: bool,
-                 default_max_tokens: int) -> None:
+    def __init__(
+        self,
+        upstream: UpstreamClient,
+        model_id: str,
+        upstream_model: str,
+        *,
+        always_usage: bool,
+        default_max_tokens: int,
+    ) -> None:
         self._upstream = upstream
         self.model_id = model_id
         self._upstream_model = upstream_model
@@ -138,20 +149,28 @@ async def _rejection(response: aiohttp.ClientResponse, url: str) -> Exception:
     if status < 400 or status in (401, 403) or status >= 500:
         # A refusal of our credentials may echo them: its message is not logged, only its status.
         shown = "(not logged)" if status in (401, 403) else message
-        log.warning("upstream refused a request", extra={"fields": {
-            "upstream_url": url, "upstream_status": status, "upstream_message": shown}})
+        log.warning(
+            "upstream refused a request",
+            extra={"fields": {"upstream_url": url, "upstream_status": status, "upstream_message": shown}},
+        )
         if status < 400:
             return UpstreamError(f"The upstream engine answered with a redirect ({status}); redirects are not followed")
         if status in (401, 403):
-            return UpstreamError(f"The upstream engine refused this gateway's credentials ({status}); see the "
-                                 "server log")
+            return UpstreamError(
+                f"The upstream engine refused this gateway's credentials ({status}); see the server log"
+            )
         return UpstreamError(f"The upstream engine answered {status}")
     headers = {"Retry-After": response.headers["Retry-After"]} if "Retry-After" in response.headers else None
     code = error.get("code") or ("model_not_found" if status == 404 else None)
     param, error_type = error.get("param"), error.get("type")
-    return UpstreamRejected(status, message, param=param if isinstance(param, str) else None,
-                            code=str(code)[:100] if code is not None else None,
-                            error_type=error_type if isinstance(error_type, str) else None, headers=headers)
+    return UpstreamRejected(
+        status,
+        message,
+        param=param if isinstance(param, str) else None,
+        code=str(code)[:100] if code is not None else None,
+        error_type=error_type if isinstance(error_type, str) else None,
+        headers=headers,
+    )
 
 
 def _error_object(raw: bytes) -> dict[str, Any]:
