@@ -130,8 +130,8 @@ class Settings(BaseSettings):
     engine_memory_budget_mb: float | None = Field(
         None,
         gt=0,
-        description="KV-cache memory running sequences may hold (MB); work beyond it waits (default: half "
-        "of the machine's or container's memory)",
+        description="KV-cache memory running sequences may hold per embedded model (MB); work beyond it waits "
+        "(default: half of the machine's or container's memory)",
     )
     engine_max_batch_size: int = Field(
         8, ge=1, le=64, description="sequences the engine decodes together in one static batch"
