@@ -140,6 +140,7 @@ def _onnx_backend(app: web.Application, settings: Settings, entry: ModelEntry) -
             settings.engine_batch_wait_ms,
             settings.max_model_len,
             settings.engine_memory_budget_mb,
+            settings.engine_threads,
         ),
     )
     return OnnxBackend(

@@ -52,6 +52,7 @@ class EngineConfig:
     batch_wait_ms: float = 5.0
     max_model_len: int | None = None
     memory_budget_mb: float | None = None  # KV cache of running sequences; None: half of this machine's memory
+    threads: int | None = None  # intra-op threads of the model's session; None: every CPU this process may use
 
 
 class OnnxEngine:
@@ -79,6 +80,7 @@ class OnnxEngine:
         self.context_length = 0
         self.max_token_bytes = 0
         self.memory = KvBudget(0, 0, 0)
+        self.threads = 0
         self.vocab_size = 0
         self.eos_token_ids: frozenset[int] = frozenset()
         self.has_chat_template = False
@@ -214,14 +216,19 @@ class OnnxEngine:
         config = og.Config(str(self.model_path))
         # The Engine allocates every sequence's KV cache for search.max_length tokens up front, so
         # that length (not the model's 128k, say) is what a sequence costs in memory.
+        # Unless told, the session runs one intra-op thread: on a 2-core box the second core idled (the bare Engine
+        # decoded at 37.8 tok/s with one thread, 67.1 with two). The overlay sets it without touching the folder.
+        threads = self.config.threads or len(os.sched_getaffinity(0))
         config.overlay(
             json.dumps(
                 {
                     "engine": {"static_batching": {"max_batch_size": self.config.max_batch_size}},
                     "search": {"max_length": self.context_length},
+                    "model": {"decoder": {"session_options": {"intra_op_num_threads": threads}}},
                 }
             )
         )
+        self.threads = threads
         self._model = og.Model(config)
         self._tokenizer = og.Tokenizer(self._model)
         self.max_token_bytes = _max_token_bytes(self._tokenizer, self.vocab_size)

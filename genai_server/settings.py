@@ -136,6 +136,13 @@ class Settings(BaseSettings):
     engine_max_batch_size: int = Field(
         8, ge=1, le=64, description="sequences the engine decodes together in one static batch"
     )
+    engine_threads: int | None = Field(
+        None,
+        ge=1,
+        le=1024,
+        description="threads the engine computes with (ONNX Runtime intra-op threads); default: every CPU this "
+        "process may run on",
+    )
     engine_lanes: int = Field(
         2,
         ge=1,

@@ -186,8 +186,14 @@ def save_random_model(preset: Preset, hf_dir: Path) -> None:
     model.save_pretrained(hf_dir)
 
 
+def hf_folder(preset: Preset) -> Path:
+    """Where the preset's Hugging Face weights are kept (models/, never committed): the same weights in other
+    engines' formats (scripts/build_llama_server.py gguf) make side-by-side comparisons fair."""
+    return REPO / "models" / f"{preset.name.removesuffix('-int4')}-hf"
+
+
 def build(preset: Preset, output: Path) -> None:
-    """Train, save and convert one preset into an ONNX Runtime GenAI folder at ``output``."""
+    """Train, save and convert one preset into an ONNX Runtime GenAI folder at ``output``; keep its HF folder."""
     with tempfile.TemporaryDirectory(prefix="genai-model-") as tmp:
         hf_dir, cache = Path(tmp) / "hf", Path(tmp) / "cache"
         hf_dir.mkdir()
@@ -210,10 +216,11 @@ def build(preset: Preset, output: Path) -> None:
             str(cache),
         ]
         subprocess.run(cmd, check=True)
-        if output.exists():
-            shutil.rmtree(output)
-        output.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copytree(staging, output)
+        for source, target in ((staging, output), (hf_dir, hf_folder(preset))):
+            if target.exists():
+                shutil.rmtree(target)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copytree(source, target)
     print(f"built {output}", file=sys.stderr)
 
 

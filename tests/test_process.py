@@ -199,3 +199,26 @@ def test_help_lists_every_setting() -> None:
     )
     for name in SETTING_NAMES:
         assert "--" + name.lower().replace("_", "-") in result.stdout
+
+
+def _os_threads(**settings: str) -> int:
+    """OS threads of a server process once its model is loaded (ONNX Runtime starts its pool with the session)."""
+    port = _free_port()
+    proc = _start("--server-port", str(port), quiet=True, **settings)
+    try:
+        _wait_healthy(proc, port)
+        return len(os.listdir(f"/proc/{proc.pid}/task"))
+    finally:
+        proc.kill()
+        proc.communicate()
+
+
+def test_engine_threads_size_the_engines_thread_pool() -> None:
+    """ENGINE_THREADS=n gives the session n intra-op threads (n - 1 in its pool besides the caller); by default
+    every CPU this process may run on, so no core idles as it did with ONNX Runtime's default of one."""
+    one, three, default = _os_threads(ENGINE_THREADS="1"), _os_threads(ENGINE_THREADS="3"), _os_threads()
+    assert three - one == 2
+    assert default - one == len(os.sched_getaffinity(0)) - 1
+    proc = _start(ENGINE_THREADS="0")
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 2 and "ENGINE_THREADS" in stderr

@@ -99,6 +99,7 @@ class OnnxBackend:
                     "model": self.model_id,
                     "load_time_ms": round((time.perf_counter() - started) * 1000, 1),
                     "context_length": self.engine.context_length,
+                    "threads": self.engine.threads,
                 }
             },
         )
