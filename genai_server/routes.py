@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Awaitable
 from typing import TypeVar
@@ -12,7 +11,7 @@ from pydantic import BaseModel
 
 from genai_server.app_keys import ARRIVAL, BODY, REQUEST_STATS, SERVING, SETTINGS
 from genai_server.backends import Response, Result
-from genai_server.protocol import ChatCompletionRequest, CompletionRequest
+from genai_server.protocol import ChatCompletionRequest, CompletionRequest, json_bytes
 from genai_server.request_log import log_exchange
 from genai_server.sse import write_sse
 from genai_server.telemetry import RequestTelemetry
@@ -27,8 +26,7 @@ def parse_body(request: web.Request, model: type[RequestT]) -> RequestT:
 
 def json_response(payload: Response) -> web.Response:
     """A pydantic model, or relayed upstream JSON, as a JSON response."""
-    text = json.dumps(payload) if isinstance(payload, dict) else payload.model_dump_json()
-    return web.Response(text=text, content_type="application/json")
+    return web.Response(body=json_bytes(payload), content_type="application/json")
 
 
 async def list_models(request: web.Request) -> web.Response:

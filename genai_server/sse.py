@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 from collections.abc import AsyncGenerator, Callable
 from typing import Any
@@ -13,6 +12,7 @@ from aiohttp import web
 from pydantic import BaseModel
 
 from genai_server.error_mapping import to_api_error
+from genai_server.protocol import json_bytes
 
 log = logging.getLogger(__name__)
 
@@ -45,9 +45,9 @@ async def write_sse(
     await response.prepare(request)
     try:
         async for chunk in chunks:
-            payload = json.dumps(chunk) if isinstance(chunk, dict) else chunk.model_dump_json()
+            payload = json_bytes(chunk)
             async with asyncio.timeout(write_timeout):
-                await response.write(_event(payload.encode()))
+                await response.write(_event(payload))
         await response.write(_DONE)
     except (ConnectionResetError, TimeoutError) as exc:
         # Gone, or not reading: a client that stalls its socket must not hold a slot forever.
@@ -82,4 +82,4 @@ def _client_left(request: web.Request) -> bool:
 
 async def _write_error(response: web.StreamResponse, envelope: dict[str, object]) -> None:
     with contextlib.suppress(ConnectionResetError):
-        await response.write(_event(json.dumps(envelope).encode()) + _DONE)
+        await response.write(_event(json_bytes(envelope)) + _DONE)

@@ -204,7 +204,7 @@ def test_help_lists_every_setting() -> None:
 def _os_threads(**settings: str) -> int:
     """OS threads of a server process once its model is loaded (ONNX Runtime starts its pool with the session)."""
     port = _free_port()
-    proc = _start("--server-port", str(port), quiet=True, **settings)
+    proc = _start("--server-port", str(port), quiet=True, **settings)  # type: ignore[arg-type]  # all str
     try:
         _wait_healthy(proc, port)
         return len(os.listdir(f"/proc/{proc.pid}/task"))
