@@ -30,15 +30,16 @@ BUILD = CACHE / "build"
 SERVER = BUILD / "bin" / "llama-server"
 QUANTIZE = BUILD / "bin" / "llama-quantize"
 
-# The converter recognises a BPE pre-tokenizer by hashing what it does to a test text, and does not know the
-# byte-level BPE our models train; it splits like GPT-2's, which llama.cpp names "gpt-2" (with the dash).
+# Our models' tokenizer is a byte-level BPE that the converter does not know: it hashes what a BPE pre-tokenizer
+# does to a test text and refuses unknown ones, and it tries SentencePiece first for Llama. It splits like GPT-2's,
+# which llama.cpp names "gpt-2" (with the dash), so the conversion is told exactly that.
 _CONVERT = """
 import sys
 sys.path.insert(0, sys.argv.pop(1))
 import convert_hf_to_gguf as convert
-for cls in vars(convert).values():
-    if isinstance(cls, type) and hasattr(cls, "get_vocab_base_pre"):
-        cls.get_vocab_base_pre = lambda self, tokenizer: "gpt-2"
+from conversion import base, llama
+base.TextModel.get_vocab_base_pre = lambda self, tokenizer: "gpt-2"
+llama.LlamaModel.set_vocab = lambda self: self._set_vocab_gpt2()
 convert.main()
 """
 
@@ -70,7 +71,9 @@ def source() -> Path:
 
 
 def build() -> None:
-    """cmake the server and the quantizer, with nothing that would reach the network (curl, the prebuilt UI)."""
+    """cmake the server and the quantizer for this CPU, with nothing that would reach the network (curl, the
+    prebuilt UI). AMX is left out: on a Xeon that has it, a sandbox that does not grant the tile state made the
+    AMX matmul segfault at the first decode (seen here); without it the AVX-512/AVX2 kernels serve."""
     tree = source()
     subprocess.run(
         [
@@ -86,6 +89,8 @@ def build() -> None:
             "-DLLAMA_BUILD_TESTS=OFF",
             "-DLLAMA_BUILD_EXAMPLES=OFF",
             "-DGGML_NATIVE=ON",
+            "-DCMAKE_C_FLAGS=-mno-amx-tile -mno-amx-int8 -mno-amx-bf16",
+            "-DCMAKE_CXX_FLAGS=-mno-amx-tile -mno-amx-int8 -mno-amx-bf16",
         ],
         check=True,
     )

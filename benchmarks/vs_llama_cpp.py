@@ -1,0 +1,195 @@
+"""genai_server against llama.cpp's llama-server on the same weights, with the same client, side by side.
+
+The benchmark model's Hugging Face weights become this server's INT4 folder (scripts/make_model.py) and
+llama-server's Q4_0 GGUF (scripts/build_llama_server.py), so both engines run the same network. Both servers run
+at once with every core at their disposal, and each measurement alternates between them so that noise on the shared
+machine hits both alike. Reported as ratios (genai_server / llama-server): decode tokens/s at 1, 4 and 8 streams,
+time to first token of a short chat and of a ~1000-token prompt, prefill tokens/s, and resident memory.
+
+    python scripts/make_model.py bench && python scripts/build_llama_server.py build \\
+        && python scripts/build_llama_server.py gguf bench
+    python benchmarks/vs_llama_cpp.py [--model bench|realistic] [--rounds 3] [--tokens 64]
+
+Skips (exit 0) when llama-server or the GGUF is not built: it is not part of CI. Writes
+docs/benchmarks/vs-llama-cpp-MODEL.json and .md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "scripts"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from build_llama_server import SERVER  # noqa: E402 - scripts/ is put on the path just above
+from load import run_level  # noqa: E402
+from make_model import PRESETS  # noqa: E402
+from proxy_overhead import start, wait_ready  # noqa: E402
+from run import PROMPT, free_port  # noqa: E402
+
+LEVELS = (1, 4, 8)
+SHORT_CHAT = [{"role": "user", "content": "Hello! How are you today?"}]
+# ~1000 tokens for the benchmark models' tokenizers (checked against usage.prompt_tokens in the report).
+LONG_PROMPT = " ".join(["the river runs past the old city at night and the light is green"] * 70)
+
+
+def _gguf(preset_name: str) -> Path:
+    return REPO / "models" / f"{PRESETS[preset_name].name.removesuffix('-int4')}-q4_0.gguf"
+
+
+def _llama_server(gguf: Path, context: int) -> tuple[subprocess.Popen[bytes], str]:
+    """llama-server with 8 slots (so 8 streams decode together) and as many threads as this server gets."""
+    port = free_port()
+    threads = str(len(os.sched_getaffinity(0)))
+    proc = subprocess.Popen(
+        [
+            str(SERVER),
+            "-m",
+            str(gguf),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "-t",
+            threads,
+            "-tb",
+            threads,
+            "-np",
+            "8",
+            "-c",
+            str(8 * context),
+            "--log-disable",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    return proc, f"http://127.0.0.1:{port}"
+
+
+def _rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+async def _first_token_ms(session: aiohttp.ClientSession, url: str, path: str, body: dict[str, Any]) -> float:
+    """Time from sending a streaming request to its first content-bearing chunk."""
+    started = time.perf_counter()
+    async with session.post(url + path, json={**body, "stream": True, "temperature": 0}) as resp:
+        resp.raise_for_status()
+        async for raw in resp.content:
+            has_text = b'"content":"' in raw or b'"text":"' in raw
+            if raw.startswith(b"data: {") and has_text and b'"content":""' not in raw and b'"text":""' not in raw:
+                return (time.perf_counter() - started) * 1000
+    return (time.perf_counter() - started) * 1000
+
+
+async def _prefill(session: aiohttp.ClientSession, url: str, model: str) -> tuple[float, int]:
+    """A ~1000-token prompt and one token: (seconds, prompt tokens) -> prefill tokens/s."""
+    started = time.perf_counter()
+    body = {"model": model, "prompt": LONG_PROMPT, "max_tokens": 1, "temperature": 0}
+    async with session.post(url + "/v1/completions", json=body) as resp:
+        resp.raise_for_status()
+        usage = (await resp.json())["usage"]
+    return time.perf_counter() - started, int(usage["prompt_tokens"])
+
+
+async def measure(targets: dict[str, tuple[str, str]], rounds: int, tokens: int) -> dict[str, dict[str, Any]]:
+    """Alternate every measurement between the targets, ``rounds`` times; medians per target."""
+    seen: dict[str, dict[str, list[float]]] = {name: {} for name in targets}
+
+    def add(name: str, key: str, value: float) -> None:
+        seen[name].setdefault(key, []).append(value)
+
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+        for url, model in targets.values():  # warm-up
+            await run_level(session, url, model, PROMPT, 8, 2, 1)
+        for _ in range(rounds):
+            for name, (url, model) in targets.items():
+                for level in LEVELS:
+                    result = await run_level(session, url, model, PROMPT, tokens, level, 2)
+                    add(name, f"tokens_per_s_{level}", result.tokens_per_s)
+                for _ in range(5):
+                    chat = {"model": model, "messages": SHORT_CHAT, "max_tokens": 2}
+                    add(name, "ttft_short_chat_ms", await _first_token_ms(session, url, "/v1/chat/completions", chat))
+                    long = {"model": model, "prompt": LONG_PROMPT, "max_tokens": 2}
+                    add(name, "ttft_long_prompt_ms", await _first_token_ms(session, url, "/v1/completions", long))
+                seconds, prompt_tokens = await _prefill(session, url, model)
+                add(name, "prefill_tokens_per_s", prompt_tokens / seconds)
+                add(name, "long_prompt_tokens", prompt_tokens)
+    return {name: {key: statistics.median(values) for key, values in keys.items()} for name, keys in seen.items()}
+
+
+def report(figures: dict[str, dict[str, Any]]) -> dict[str, float]:
+    """genai_server / llama-server for each figure (higher is better for rates, lower for times and memory)."""
+    ours, theirs = figures["genai_server"], figures["llama-server"]
+    return {key: ours[key] / theirs[key] for key in ours if key != "long_prompt_tokens"}
+
+
+def markdown(model: str, figures: dict[str, dict[str, Any]], ratios: dict[str, float]) -> str:
+    lines = [
+        f"genai_server (INT4) vs llama-server (Q4_0), {model} model, same weights, same client, alternating.",
+        "",
+        "| figure | genai_server | llama-server | ratio |",
+        "| --- | --- | --- | --- |",
+    ]
+    for key, ratio in ratios.items():
+        lines.append(
+            f"| {key} | {figures['genai_server'][key]:.1f} | {figures['llama-server'][key]:.1f} | {ratio:.2f}x |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+async def main_async(args: argparse.Namespace) -> None:
+    preset = PRESETS[args.model]
+    gguf = _gguf(args.model)
+    missing = [str(path) for path in (SERVER, gguf, preset.output) if not path.exists()]
+    if missing:
+        print(f"skipped: not built: {', '.join(missing)} (see this script's docstring)")
+        return
+    ours, our_url = start("--model-path", str(preset.output), "--max-concurrent-requests", "16")
+    theirs, their_url = _llama_server(gguf, preset.context_length)
+    try:
+        async with aiohttp.ClientSession() as session:
+            await wait_ready(session, our_url)
+            await wait_ready(session, their_url)
+        targets = {"genai_server": (our_url, preset.output.name), "llama-server": (their_url, gguf.name)}
+        figures = await measure(targets, args.rounds, args.tokens)
+        figures["genai_server"]["rss_mb"] = _rss_mb(ours.pid)
+        figures["llama-server"]["rss_mb"] = _rss_mb(theirs.pid)
+    finally:
+        for proc in (ours, theirs):
+            proc.terminate()
+            proc.wait(timeout=60)
+    ratios = report(figures)
+    text = markdown(args.model, figures, ratios)
+    print(text)
+    out = REPO / "docs" / "benchmarks" / f"vs-llama-cpp-{args.model}"
+    out.with_suffix(".json").write_text(json.dumps({"figures": figures, "ratios": ratios}, indent=2) + "\n")
+    out.with_suffix(".md").write_text(text)
+
+
+def main() -> None:
+    """Parse the options and run."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=["bench", "realistic"], default="bench")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--tokens", type=int, default=64)
+    asyncio.run(main_async(parser.parse_args()))
+
+
+if __name__ == "__main__":
+    main()
