@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -46,6 +47,15 @@ def one_stream(engine: og.Engine, prompt: list[int], tokens: int) -> tuple[int, 
     return n, elapsed
 
 
+def load_model(path: Path) -> og.Model:
+    """The model as the server loads it by default: one intra-op thread per CPU this process may use
+    (ENGINE_THREADS), so the baseline and the server compute on the same cores."""
+    config = og.Config(str(path))
+    threads = len(os.sched_getaffinity(0))
+    config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": threads}}}}))
+    return og.Model(config)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", type=Path)
@@ -53,7 +63,7 @@ def main() -> None:
     args = parser.parse_args()
 
     start = time.perf_counter()
-    model = og.Model(str(args.model))
+    model = load_model(args.model)
     tokenizer = og.Tokenizer(model)
     engine = og.Engine(model)
     print("loaded", flush=True)  # the parent times spawn -> this line, as it times the server's start-up

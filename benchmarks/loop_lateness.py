@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime_genai as og
-from bare import one_stream
+from bare import load_model, one_stream
 
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "genai_server" / "bundled_model" / "tiny-random-llama-int4"
 
@@ -79,7 +79,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=200)
     parser.add_argument("--prompt-tokens", type=int, default=600)
     args = parser.parse_args()
-    model = og.Model(str(args.model))
+    model = load_model(args.model)
     prompt = np.arange(5, 5 + args.prompt_tokens, dtype=np.int32) % 250 + 3
     print(f"model {args.model.name}, prompt {args.prompt_tokens} tokens, {args.tokens} new tokens")
     rows = {}
