@@ -50,7 +50,9 @@ def _gguf(preset_name: str) -> Path:
 
 
 def _llama_server(gguf: Path, context: int) -> tuple[subprocess.Popen[bytes], str]:
-    """llama-server with 8 slots (so 8 streams decode together) and as many threads as this server gets."""
+    """llama-server with 8 slots (so 8 streams decode together) and as many threads as this server gets. Its prompt
+    cache is off: it would serve every repeated prompt of this benchmark from cache, which this server cannot do
+    yet, so prefill and TTFT would compare a cache with an engine."""
     port = free_port()
     threads = str(len(os.sched_getaffinity(0)))
     proc = subprocess.Popen(
@@ -71,6 +73,7 @@ def _llama_server(gguf: Path, context: int) -> tuple[subprocess.Popen[bytes], st
             "-c",
             str(8 * context),
             "--log-disable",
+            "--no-cache-prompt",
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -114,7 +117,9 @@ async def measure(targets: dict[str, tuple[str, str]], rounds: int, tokens: int)
     def add(name: str, key: str, value: float) -> None:
         seen[name].setdefault(key, []).append(value)
 
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+    # A connection per request for both: llama-server closes idle keep-alive connections that the client's pool
+    # would otherwise reuse mid-close.
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0, force_close=True)) as session:
         for url, model in targets.values():  # warm-up
             await run_level(session, url, model, PROMPT, 8, 2, 1)
         for _ in range(rounds):
