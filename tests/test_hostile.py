@@ -24,6 +24,7 @@ import pytest
 from aiohttp import web
 
 from tests.conftest import LONG_PROMPT, MODEL_ID, chat_body, sse_events
+from tests.test_openai_upstream import USAGE, _chunk, _sse
 from tests.test_process import REPO, _env, _free_port, _wait_healthy
 
 KEY = "hostile-test-key"
@@ -432,30 +433,6 @@ async def test_a_drain_tells_every_client_and_ends_in_time(tmp_path: Path) -> No
 
 SECRET = "sk-upstream-secret-0451"
 
-
-def _chunk(text: str, finish: str | None = None) -> dict[str, Any]:
-    return {
-        "id": "c",
-        "object": "chat.completion.chunk",
-        "created": 1,
-        "model": "u",
-        "choices": [{"index": 0, "delta": {"content": text}, "finish_reason": finish}],
-    }
-
-
-def _sse(*events: Any, done: bool = True) -> bytes:
-    out = b"".join(b"data: " + (e if isinstance(e, bytes) else json.dumps(e).encode()) + b"\n\n" for e in events)
-    return out + (b"data: [DONE]\n\n" if done else b"")
-
-
-USAGE = {
-    "id": "c",
-    "object": "chat.completion.chunk",
-    "created": 1,
-    "model": "u",
-    "choices": [],
-    "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5},
-}
 
 # Each upstream model name is one way to misbehave; the gateway's models file maps a client model id to each.
 SCRIPTS: dict[str, tuple[int, dict[str, str], bytes]] = {
