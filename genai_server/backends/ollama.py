@@ -194,7 +194,7 @@ async def _ndjson(
                     continue
                 line = parse_event(raw)
                 if "error" in line:
-                    raise UpstreamError(f"The upstream engine failed: {error_message(line['error'])[:500]}")
+                    raise UpstreamError(f"The upstream engine failed: {error_message(line['error'])}")
                 max_lines -= 1
                 if max_lines < 0:
                     raise UpstreamError("The upstream engine sent more than the tokens asked for")

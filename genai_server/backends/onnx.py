@@ -177,11 +177,13 @@ class OnnxBackend:
         self, req: CompletionRequest, stats: RequestTelemetry
     ) -> Completion | AsyncGenerator[Completion, None]:
         """A text completion (raw prompt, no template), or its chunk stream when ``req.stream``."""
-        texts = [p for p in req.prompts() if isinstance(p, str)]
-        for text in texts:
-            self._check_text_size(len(text), param="prompt")
-        encoded = iter(await asyncio.to_thread(lambda: [self.engine.encode(text) for text in texts]))
-        prompts = [self._token_ids(p) if isinstance(p, list) else next(encoded) for p in req.prompts()]
+        given = req.prompts()
+        for prompt in given:  # checked before any tokenising
+            if isinstance(prompt, list):
+                self._check_token_ids(prompt)
+            else:
+                self._check_text_size(len(prompt), param="prompt")
+        prompts = await asyncio.to_thread(lambda: [p if isinstance(p, list) else self.engine.encode(p) for p in given])
         seqs = self._plan(req, prompts, param="prompt")
         stats.prompt_tokens = sum(len(p) for p in prompts)
         if req.stream:
@@ -236,12 +238,11 @@ class OnnxBackend:
                 code=code,
             )
 
-    def _token_ids(self, ids: list[int]) -> list[int]:
+    def _check_token_ids(self, ids: list[int]) -> None:
         """A prompt given as token ids, each checked against the vocabulary: the engine would fail on it."""
         vocab = self.engine.vocab_size
         if vocab and any(not 0 <= token < vocab for token in ids):
             raise InvalidRequest(f"Token ids must be between 0 and {vocab - 1}", param="prompt")
-        return ids
 
     def _plan(self, req: SamplingRequest, prompts: Sequence[list[int]], *, param: str) -> list[_Sequence]:
         """Check the prompts against the context and make ``n`` sequences per prompt."""

@@ -98,7 +98,7 @@ class OpenAIUpstream(RelayBackend):
         try:
             async for chunk in _sse_json(response):
                 if "error" in chunk:
-                    raise UpstreamError(f"The upstream engine failed: {error_message(chunk['error'])[:500]}")
+                    raise UpstreamError(f"The upstream engine failed: {error_message(chunk['error'])}")
                 shape = _checked(chunk, choices)
                 chunk["model"] = self.model_id
                 _keep_reported(chunk, stats)

@@ -19,14 +19,14 @@ import orjson
 from aiohttp import http_exceptions
 
 from genai_server.errors import UpstreamError, UpstreamRejected, UpstreamTimeout, UpstreamUnavailable
-from genai_server.protocol import ModelCard
+from genai_server.protocol import ModelCard, now
 
 log = logging.getLogger(__name__)
 
 # An upstream's error body is read up to this many bytes: enough for any real error message.
 ERROR_BODY_LIMIT = 8192
-# A 4xx message passed on to the client is cut to this many characters.
-_MESSAGE_LIMIT = 1000
+# An upstream's error message passed on to the client (a 4xx, an error event) is cut to this many characters.
+_MESSAGE_LIMIT = 500
 # Readiness is asked of the upstream at most this often; probes in between get the last answer.
 _READY_CACHE_S = 1.0
 _READY_TIMEOUT_S = 2.0
@@ -116,7 +116,7 @@ class RelayBackend:
         self._always_usage = always_usage
         # Tokens a choice may bring when the client set no max_tokens (MAX_TOKENS_LIMIT): bounds an endless upstream.
         self._default_max_tokens = default_max_tokens
-        self._created = int(time.time())
+        self._created = now()
 
     async def start(self) -> None:
         """Open the session to the upstream."""
@@ -145,7 +145,7 @@ async def _rejection(response: aiohttp.ClientResponse, url: str) -> Exception:
     finally:
         response.close()
     error = _error_object(raw)
-    message = error_message(error)[:_MESSAGE_LIMIT] or response.reason or "no message"
+    message = error_message(error) or response.reason or "no message"
     status = response.status
     if status < 400 or status in (401, 403) or status >= 500:
         # A refusal of our credentials may echo them: its message is not logged, only its status.
@@ -210,7 +210,6 @@ def stream_faults() -> Iterator[None]:
 
 
 def error_message(error: Any) -> str:
-    """The message of an error object (OpenAI's dict) or string (Ollama's)."""
-    if isinstance(error, dict):
-        return str(error.get("message", ""))
-    return str(error)
+    """The message of an error object (OpenAI's dict) or string (Ollama's), cut to a length a client is shown."""
+    message = error.get("message", "") if isinstance(error, dict) else error
+    return str(message)[:_MESSAGE_LIMIT]
