@@ -141,6 +141,7 @@ def _onnx_backend(app: web.Application, settings: Settings, entry: ModelEntry) -
             settings.max_model_len,
             settings.engine_memory_budget_mb,
             settings.engine_threads,
+            settings.prefix_cache_conversations,
         ),
     )
     return OnnxBackend(

@@ -53,6 +53,7 @@ class EngineConfig:
     max_model_len: int | None = None
     memory_budget_mb: float | None = None  # KV cache of running sequences; None: half of this machine's memory
     threads: int | None = None  # intra-op threads of the model's session; None: every CPU this process may use
+    prefix_cache: int = 4  # finished conversations kept for their next turn (``prefix_cache.py``); 0 = none
 
 
 class OnnxEngine:
@@ -242,6 +243,7 @@ class OnnxEngine:
             max_batch_size=self.config.max_batch_size,
             batch_wait_s=self.config.batch_wait_ms / 1000,
             memory=self.memory,
+            prefix_cache=self.config.prefix_cache,
         )
 
     def _serve(self, scheduler: BatchScheduler) -> None:

@@ -72,6 +72,12 @@ class ServerMetrics:
         self.e2e = histogram("e2e_request_latency_seconds", "Arrival to last token.", _LATENCY_BUCKETS)
         self.queue = histogram("request_queue_time_seconds", "Arrival to the start of generation.", _LATENCY_BUCKETS)
         self.prompt_tokens = Counter("genai_server_prompt_tokens", "Prompt tokens.", _LABELS, registry=self.registry)
+        self.cached_prompt_tokens = Counter(
+            "genai_server_prompt_tokens_cached",
+            "Prompt tokens served from the prefix cache instead of being prefilled.",
+            _LABELS,
+            registry=self.registry,
+        )
         self.generation_tokens = Counter(
             "genai_server_generation_tokens", "Generated tokens.", _LABELS, registry=self.registry
         )
@@ -116,6 +122,7 @@ class ServerMetrics:
         for seconds in stats.itl_s:
             itl.observe(seconds)
         self.prompt_tokens.labels(*labels).inc(stats.prompt_tokens)
+        self.cached_prompt_tokens.labels(*labels).inc(stats.cached_prompt_tokens or 0)
         self.generation_tokens.labels(*labels).inc(stats.completion_tokens)
         if stats.client_disconnected or status == CLIENT_CLOSED_REQUEST:  # mid-stream, or mid-wait for a JSON
             self.disconnects.labels(*labels).inc()

@@ -232,12 +232,19 @@ def now() -> int:
     return int(time.time())
 
 
+class PromptTokensDetails(BaseModel):
+    """OpenAI's breakdown of the prompt tokens: how many were served from the prefix cache."""
+
+    cached_tokens: int
+
+
 class Usage(BaseModel):
     """Token counts from the model's own tokenizer."""
 
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails | None = Field(None, exclude_if=_is_none)
 
 
 class AssistantMessage(BaseModel):

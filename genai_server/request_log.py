@@ -91,6 +91,7 @@ def _log_line(request: web.Request, status: int, duration_ms: float) -> None:
         fields.update(
             model=stats.model,
             prompt_tokens=stats.prompt_tokens,
+            cached_prompt_tokens=stats.cached_prompt_tokens,
             completion_tokens=stats.completion_tokens,
             inference_time_ms=None if inference is None else round(inference, 2),
         )

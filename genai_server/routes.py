@@ -98,6 +98,7 @@ def timing_headers(stats: RequestTelemetry) -> dict[str, str]:
         "x-total-time": figures.e2e_latency_ms,
         "x-time-to-first-token": figures.time_to_first_token_ms,
         "x-prompt-tokens": figures.prompt_tokens,
+        "x-cached-prompt-tokens": figures.cached_prompt_tokens,
         "x-generated-tokens": figures.completion_tokens,
     }
     return {name: str(value) for name, value in values.items() if value is not None}

@@ -8,6 +8,11 @@ idle, so a newcomer starts within one decode step of the batches already running
 unless every lane is busy. A sampled sequence with a seed cannot run on the CPU
 Engine at all (it needs dynamic batching) and is stepped on a seeded Generator.
 
+A sequence that ran alone stays in its lane when it ends (``prefix_cache.py``): the next turn of its
+conversation, which repeats the history, continues it and prefills only what is new. Lanes are made as needed,
+at most ``lanes`` of them running at once. Kept sequences are dropped least recently used first, when there are
+more than ``prefix_cache`` of them or when running work needs their memory: they never make new work wait.
+
 Memory is admitted, not hoped for: each running sequence holds a KV cache (a lane's for the whole context, a
 Generator's for its prompt plus max_tokens), and the sum stays within the engine's memory budget. Work beyond
 it waits in line; a context whose one sequence could never fit is refused when the engine starts.
@@ -28,6 +33,8 @@ from typing import Any, Literal
 
 import numpy as np
 import onnxruntime_genai as og
+
+from genai_server.prefix_cache import Kept, best_reuse
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +71,7 @@ class Delta:
     finish: EngineFinish | None = None
     error: str | None = None
     admitted_at: float | None = None  # perf_counter() when the sequence left the queue, once known
+    cached_tokens: int = 0  # prompt tokens whose KV cache was reused, not prefilled again
 
 
 @dataclass(eq=False)  # identity, not field equality: jobs hold numpy arrays
@@ -80,6 +88,9 @@ class Job:
     turn_id: int = 0
     generator: Any = None
     kv_bytes: int = 0  # a Generator's KV cache, reserved while it runs
+    keep: bool = False  # runs alone: its lane keeps it when it ends, for the conversation's next turn
+    tokens: list[int] = field(default_factory=list)  # a kept sequence's cache: every token fed or generated
+    cached_tokens: int = 0  # prompt tokens continued from a kept sequence, not prefilled again
     stream: Any = None
     fed: int = 0
     generated: int = 0
@@ -112,18 +123,26 @@ class KvBudget:
 
 
 class Lane:
-    """One og.Engine: a static batch of sequences that start together."""
+    """One og.Engine: a static batch of sequences that start together, or one kept sequence between its turns.
+    Engines are cheap (the KV cache is allocated per batch), so lanes are made as needed."""
 
     def __init__(self, model: Any) -> None:
         self.engine = og.Engine(model)
         self.events = self.engine.create_event_buffer(_EVENT_BUFFER)
         self.jobs: dict[int, Job] = {}  # by id() of the og.Request
-        self.kv_bytes = 0  # the running batch's KV cache, reserved until the lane is idle again
+        self.kv_bytes = 0  # the batch's KV cache, reserved while it runs or is kept
+        # A finished sequence whose KV cache is still resident: any other batch here would evict it.
+        self.kept: Kept | None = None
 
     @property
     def idle(self) -> bool:
-        """No batch is running: a new batch may start here now."""
+        """No batch is running."""
         return not self.jobs and not self.engine.has_pending_requests()
+
+    @property
+    def free(self) -> bool:
+        """A new batch may start here now."""
+        return self.idle and self.kept is None
 
 
 class BatchScheduler:
@@ -139,10 +158,13 @@ class BatchScheduler:
         max_batch_size: int,
         batch_wait_s: float,
         memory: KvBudget,
+        prefix_cache: int = 0,
     ) -> None:
         self._model = model
         self._tokenizer = tokenizer
         self._lanes = [Lane(model) for _ in range(lanes)]
+        self._max_running = lanes
+        self._max_kept = prefix_cache
         self._eos = eos_token_ids
         self._max_batch = max_batch_size
         self._batch_wait_s = batch_wait_s
@@ -177,8 +199,10 @@ class BatchScheduler:
         return len(self._waiting) + len(self._waiting_generators)
 
     def _kv_bytes_in_use(self) -> int:
-        """KV-cache bytes reserved by running batches and Generators (asks the Engines: owner thread only)."""
-        return sum(lane.kv_bytes for lane in self._lanes if not lane.idle) + sum(j.kv_bytes for j in self._generators)
+        """KV-cache bytes reserved by running batches, kept sequences and Generators (asks the Engines: owner
+        thread only)."""
+        lanes = sum(lane.kv_bytes for lane in self._lanes if not lane.free)
+        return lanes + sum(j.kv_bytes for j in self._generators)
 
     def step(self) -> None:
         """One round: admit waiting sequences, then one step of every busy lane and Generator."""
@@ -190,7 +214,8 @@ class BatchScheduler:
                 self._guarded(partial(self._step_lane, lane), list(lane.jobs.values()))
         for job in list(self._generators):
             self._guarded(partial(self._step_generator, job), [job])
-        self.kv_bytes_reserved = self._kv_bytes_in_use()
+        # Kept sequences are left out: like vLLM's cached free blocks, they give way to any new work.
+        self.kv_bytes_reserved = self._kv_bytes_in_use() - sum(lane.kv_bytes for lane in self._kept_lanes())
 
     # ---- commands ---------------------------------------------------------------------
 
@@ -216,6 +241,7 @@ class BatchScheduler:
                 job.request.cancel_turn(job.turn_id)
             except Exception:  # e.g. its turn never began; the request is closed below anyway
                 log.debug("cancel_turn failed", exc_info=True)
+                job.keep = False
             self._release(job)
         elif job in self._generators:
             self._generators.remove(job)
@@ -239,6 +265,7 @@ class BatchScheduler:
         for lane in self._lanes:
             while lane.engine.has_pending_requests():
                 lane.engine.run(lane.events)
+            self._evict(lane)
         self._lanes.clear()
 
     # ---- lanes ------------------------------------------------------------------------
@@ -251,19 +278,65 @@ class BatchScheduler:
     def _free_kv_bytes(self) -> int:
         return self._memory.budget_bytes - self._kv_bytes_in_use()
 
-    def _admit(self) -> None:
+    def _make_room(self, needed: int) -> int:
+        """Free KV bytes after dropping kept sequences, least recently used first, until ``needed`` fit."""
+        free = self._free_kv_bytes()
+        for lane in sorted(self._kept_lanes(), key=lambda lane: lane.kept.used_at if lane.kept else 0.0):
+            if free >= needed:
+                break
+            self._evict(lane)
+            free = self._free_kv_bytes()
+        return free
+
+    def _kept_lanes(self) -> list[Lane]:
+        return [lane for lane in self._lanes if lane.kept is not None and lane.idle]
+
+    def _evict(self, lane: Lane) -> None:
+        if lane.kept is not None:
+            _close(lane.kept.request)
+            lane.kept = None
+
+    def _running(self) -> int:
+        return sum(not lane.idle for lane in self._lanes)
+
+    def _free_lane(self) -> Lane:
+        """An Engine with nothing resident; a new one if every lane runs or keeps a sequence."""
         for lane in self._lanes:
-            if not self._waiting:
+            if lane.free:
+                return lane
+        lane = Lane(self._model)
+        self._lanes.append(lane)
+        return lane
+
+    def _admit(self) -> None:
+        """Waiting sequences that continue a kept one start on its lane; the rest start as one batch per lane."""
+        self._admit_continuations()
+        while self._waiting and self._running() < self._max_running:
+            size = min(self._max_batch, len(self._waiting))
+            fits = self._make_room(size * self._memory.lane_sequence_bytes) // self._memory.lane_sequence_bytes
+            size = min(size, fits)
+            if size < 1:
+                return  # the budget is full: wait for a batch or a Generator to end
+            lane = self._free_lane()
+            batch = [self._waiting.popleft() for _ in range(size)]
+            lane.kv_bytes = size * self._memory.lane_sequence_bytes
+            for job in batch:
+                job.keep = size == 1 and self._max_kept > 0
+                self._guarded(partial(self._begin, job, lane, None), [job])
+
+    def _admit_continuations(self) -> None:
+        kept = [lane.kept for lane in self._kept_lanes() if lane.kept is not None]
+        for job in list(self._waiting):
+            if not kept or self._running() >= self._max_running:
                 return
-            if lane.idle:
-                fits = self._free_kv_bytes() // self._memory.lane_sequence_bytes
-                size = min(self._max_batch, len(self._waiting), fits)
-                if size < 1:
-                    return  # the budget is full: wait for a batch or a Generator to end
-                batch = [self._waiting.popleft() for _ in range(size)]
-                lane.kv_bytes = size * self._memory.lane_sequence_bytes
-                for job in batch:
-                    self._guarded(partial(self._begin, job, lane), [job])
+            reuse = best_reuse(job.prompt, kept)
+            if reuse is None:
+                continue
+            kept.remove(reuse)
+            lane = next(lane for lane in self._lanes if lane.kept is reuse)
+            self._waiting.remove(job)
+            job.keep = True
+            self._guarded(partial(self._begin, job, lane, reuse), [job])
 
     def _admit_generators(self) -> None:
         """Start waiting Generators in arrival order while their KV caches fit (the first that does not fit
@@ -271,14 +344,19 @@ class BatchScheduler:
         while self._waiting_generators:
             job = self._waiting_generators[0]
             cost = self._memory.generator_bytes(len(job.prompt), job.options.max_tokens)
-            if cost > self._free_kv_bytes():
+            if cost > self._make_room(cost):
                 return
             self._waiting_generators.popleft()
             job.kv_bytes = cost
             self._guarded(partial(self._start_generator, job), [job])
 
-    def _begin(self, job: Job, lane: Lane) -> None:
-        request = lane.engine.create_request()
+    def _begin(self, job: Job, lane: Lane, reuse: Kept | None) -> None:
+        """Start ``job`` on ``lane``: a new request, or the kept one it continues, fed only the new tokens."""
+        if reuse is not None:
+            lane.kept = None
+            request, job.tokens, job.cached_tokens = reuse.request, reuse.tokens, len(reuse.tokens)
+        else:
+            request = lane.engine.create_request()
         opts = og.TurnOptions(request)
         opts.set_max_generated_tokens(job.options.max_tokens)
         opts.set_do_sample(not job.options.greedy)
@@ -287,10 +365,12 @@ class BatchScheduler:
             opts.set_top_p(job.options.top_p)
             opts.set_top_k(job.options.top_k)
         try:
-            job.turn_id = request.begin_turn(job.prompt, opts)
+            job.turn_id = request.begin_turn(job.prompt[job.cached_tokens :], opts)
         except BaseException:
-            request.close()  # its turn never began: nothing to cancel, only to free
+            _close(request)  # its turn never began: nothing to cancel, only to free
             raise
+        if job.keep:
+            job.tokens.extend(int(t) for t in job.prompt[job.cached_tokens :])
         job.lane, job.request, job.admitted_at = lane, request, time.perf_counter()
         lane.jobs[id(request)] = job
 
@@ -299,6 +379,7 @@ class BatchScheduler:
         for event in lane.engine.run(lane.events):
             job = lane.jobs.get(id(event.request))
             if job is None or job.done:
+                self._on_kept_event(lane, event)
                 continue
             touched[id(job)] = job
             self._on_event(job, event)
@@ -308,6 +389,8 @@ class BatchScheduler:
     def _on_event(self, job: Job, event: Any) -> None:
         flags = event.flags
         if flags & og.EngineEventFlags.TOKEN:
+            if job.keep:
+                job.tokens.append(int(event.token))
             job.generated += 1
             job.pending_text.append(job.stream.decode(event.token))
         if flags & og.EngineEventFlags.FAILED:
@@ -316,13 +399,29 @@ class BatchScheduler:
         elif flags & og.EngineEventFlags.TURN_FINISHED:
             self._finish(job, finish=_finish_reason(event.finish_reason))
 
+    @staticmethod
+    def _on_kept_event(lane: Lane, event: Any) -> None:
+        """A token of a cancelled sequence that its lane keeps: its cache holds it, so the kept tokens must too."""
+        kept = lane.kept
+        if kept is not None and event.request is kept.request and event.flags & og.EngineEventFlags.TOKEN:
+            kept.tokens.append(int(event.token))
+
     def _release(self, job: Job) -> None:
-        if job.lane is not None:
-            job.lane.jobs.pop(id(job.request), None)
-        try:
-            job.request.close()
-        except Exception:  # freeing must not fail the caller; the engine logs its own reason
-            log.warning("closing an engine request failed", exc_info=True)
+        """Free what a finished or cancelled sequence holds; a kept one stays resident in its lane."""
+        lane = job.lane
+        if lane is not None:
+            lane.jobs.pop(id(job.request), None)
+        if lane is not None and job.keep:
+            lane.kept = Kept(job.request, job.tokens, used_at=time.monotonic())
+            job.request = None
+            self._limit_kept()
+            return
+        _close(job.request)
+
+    def _limit_kept(self) -> None:
+        kept = sorted(self._kept_lanes(), key=lambda lane: lane.kept.used_at if lane.kept else 0.0)
+        for lane in kept[: max(0, len(kept) - self._max_kept)]:
+            self._evict(lane)
 
     # ---- seeded Generators ------------------------------------------------------------
 
@@ -367,9 +466,18 @@ class BatchScheduler:
 
     def _finish(self, job: Job, *, finish: EngineFinish | None = None, error: str | None = None) -> None:
         job.done = True
+        if error is not None:
+            job.keep = False
         self._send(
             job,
-            Delta("".join(job.pending_text), job.generated, finish=finish, error=error, admitted_at=job.admitted_at),
+            Delta(
+                "".join(job.pending_text),
+                job.generated,
+                finish=finish,
+                error=error,
+                admitted_at=job.admitted_at,
+                cached_tokens=job.cached_tokens,
+            ),
         )
         job.pending_text.clear()
         job.generated = 0
@@ -379,7 +487,10 @@ class BatchScheduler:
     def _flush(self, job: Job) -> None:
         if job.done or not job.generated:
             return
-        self._send(job, Delta("".join(job.pending_text), job.generated, admitted_at=job.admitted_at))
+        delta = Delta(
+            "".join(job.pending_text), job.generated, admitted_at=job.admitted_at, cached_tokens=job.cached_tokens
+        )
+        self._send(job, delta)
         job.pending_text.clear()
         job.generated = 0
 
@@ -406,6 +517,14 @@ class BatchScheduler:
                 if not job.done:
                     self.cancel(job)
                     self._send(job, Delta("", 0, error=type(exc).__name__))
+
+
+def _close(request: Any) -> None:
+    """Free an engine request; freeing must not fail the caller (the engine logs its own reason)."""
+    try:
+        request.close()
+    except Exception:
+        log.warning("closing an engine request failed", exc_info=True)
 
 
 def _finish_reason(reason: Any) -> EngineFinish:

@@ -149,6 +149,13 @@ class Settings(BaseSettings):
         le=8,
         description="static batches run side by side, so a new request need not wait for a running batch to finish",
     )
+    prefix_cache_conversations: int = Field(
+        4,
+        ge=0,
+        le=64,
+        description="finished conversations whose KV cache stays in memory so that their next turn prefills only "
+        "what is new (least recently used dropped first, and whenever running work needs the memory); 0 = off",
+    )
     engine_batch_wait_ms: float = Field(
         5.0,
         ge=0,

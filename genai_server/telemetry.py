@@ -30,6 +30,7 @@ class RequestMetrics(BaseModel):
     e2e_latency_ms: float | None = None
     tokens_per_second: float | None = None
     prompt_tokens: int = 0
+    cached_prompt_tokens: int | None = None
     completion_tokens: int = 0
     peak_rss_mb: float | None = None
     gpu_memory_used_start_mb: float | None = None
@@ -54,6 +55,8 @@ class RequestTelemetry:
     model: str | None = None
     backend: str | None = None
     prompt_tokens: int = 0
+    # Prompt tokens whose KV cache was reused rather than prefilled; None where the backend does not say.
+    cached_prompt_tokens: int | None = None
     completion_tokens: int = 0
     admitted: float | None = None
     first_token: float | None = None
@@ -131,6 +134,7 @@ class RequestTelemetry:
             "e2e_latency_ms": _ms(e2e),
             "tokens_per_second": None if not generation else round(n / (generation / 1000), 3),
             "prompt_tokens": self.prompt_tokens,
+            "cached_prompt_tokens": self.cached_prompt_tokens,
             "completion_tokens": n,
             "peak_rss_mb": peak_rss_mb(),
             "backend_reported": self.backend_reported,

@@ -40,6 +40,7 @@ async def test_chat_returns_an_openai_completion_with_exact_usage(
         "prompt_tokens": expected_prompt,
         "completion_tokens": 12,
         "total_tokens": expected_prompt + 12,
+        "prompt_tokens_details": {"cached_tokens": 0},
     }
     assert len(tokenizer.encode(choice["message"]["content"])) > 0
 

@@ -18,7 +18,12 @@ async def test_completion_uses_the_raw_prompt(client: Any, tokenizer: Any, opena
     openai_schema("CreateCompletionResponse", body)
     assert body["object"] == "text_completion"
     prompt_tokens = len(tokenizer.encode("Once upon a time"))
-    assert body["usage"] == {"prompt_tokens": prompt_tokens, "completion_tokens": 7, "total_tokens": prompt_tokens + 7}
+    assert body["usage"] == {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": 7,
+        "total_tokens": prompt_tokens + 7,
+        "prompt_tokens_details": {"cached_tokens": 0},
+    }
     assert body["choices"][0]["finish_reason"] == "length"
 
 

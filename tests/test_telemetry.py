@@ -23,6 +23,7 @@ METRIC_KEYS = {
     "e2e_latency_ms",
     "tokens_per_second",
     "prompt_tokens",
+    "cached_prompt_tokens",
     "completion_tokens",
     "peak_rss_mb",
     "gpu_memory_used_start_mb",

@@ -12,7 +12,7 @@ from typing import Any, Protocol
 
 from pydantic import BaseModel
 
-from genai_server.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, Usage
+from genai_server.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, PromptTokensDetails, Usage
 from genai_server.telemetry import RequestTelemetry
 
 # A response is a model of ours, or an upstream's JSON relayed as a dict (with our model id and metrics).
@@ -22,10 +22,12 @@ Result = Response | AsyncGenerator[Response, None]
 
 def usage(stats: RequestTelemetry) -> Usage:
     """The usage object from the token counts a backend recorded."""
+    cached = stats.cached_prompt_tokens
     return Usage(
         prompt_tokens=stats.prompt_tokens,
         completion_tokens=stats.completion_tokens,
         total_tokens=stats.prompt_tokens + stats.completion_tokens,
+        prompt_tokens_details=None if cached is None else PromptTokensDetails(cached_tokens=cached),
     )
 
 

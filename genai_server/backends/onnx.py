@@ -285,7 +285,9 @@ class OnnxBackend:
 
     async def _run(self, seqs: list[_Sequence], stats: RequestTelemetry) -> AsyncGenerator[Piece, None]:
         """Pieces of all sequences as they arrive, with their tokens and times recorded in ``stats``."""
-        streams = [self._sequence(s, stats) for s in seqs]
+        stats.cached_prompt_tokens = 0
+        cached: dict[int, int] = {}  # by prompt: its sequences may each reuse a different length
+        streams = [self._sequence(s, stats, cached) for s in seqs]
         merged = streams[0] if len(streams) == 1 else _merge(streams)
         try:
             async for piece in merged:
@@ -295,7 +297,9 @@ class OnnxBackend:
             await merged.aclose()
             stats.on_end()
 
-    async def _sequence(self, seq: _Sequence, stats: RequestTelemetry) -> AsyncGenerator[Piece, None]:
+    async def _sequence(
+        self, seq: _Sequence, stats: RequestTelemetry, cached: dict[int, int]
+    ) -> AsyncGenerator[Piece, None]:
         """One choice's pieces, with stop sequences applied."""
         matcher = StopMatcher(seq.stops)
         stream = self.engine.generate(seq.prompt, seq.options)
@@ -303,6 +307,9 @@ class OnnxBackend:
             async for delta in stream:
                 if delta.admitted_at is not None:
                     stats.on_admitted(delta.admitted_at)
+                if delta.cached_tokens > cached.get(id(seq.prompt), 0):
+                    cached[id(seq.prompt)] = delta.cached_tokens
+                    stats.cached_prompt_tokens = sum(cached.values())
                 text, stopped = matcher.feed(delta.text)
                 if stopped:
                     yield Piece(seq.index, text, delta.tokens, "stop")

@@ -1,0 +1,48 @@
+"""Prefix reuse: which kept sequence a new prompt continues, so that only its new tokens are prefilled.
+
+A chat client sends the whole history on every turn; on a CPU, prefilling it again costs seconds. The Engine
+keeps a request's KV cache across turns: a second ``begin_turn`` on the same request continues after every token
+the first turn prefilled and generated. So a sequence that ran alone in its lane is kept there when it ends, and
+a later prompt whose tokens start with all of the kept ones (its history: the same prompt, then the reply the
+client got back) continues it.
+
+Measured facts of ONNX Runtime GenAI 0.18 that shape this:
+
+* The cache can only be extended, never cut: ``rewind_to_start_of_turn`` re-runs the whole history (2670 tokens:
+  1.5 s, as long as a fresh prefill), so a prompt that matches only part of a kept sequence starts afresh.
+* The end-of-sequence token is not written to the cache, so a reply that ended normally is continued by a prompt
+  that repeats it and then closes the turn with the template's end marker.
+* Reuse is exact at the token level: only a prompt whose token ids equal the kept ones is continued (the reply's
+  text must tokenise back to the tokens generated; a model's usual output does, random weights' often not). The
+  arithmetic is not bit-identical to a fresh prefill: a generated token's keys and values were computed by a
+  one-token decode step, which rounds differently from a prefill; on the random-weight test models greedy text
+  drifts after tens of tokens, as it does between batched and single decoding.
+
+Pure functions here; the scheduler owns the Engine calls.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+
+@dataclass(eq=False)
+class Kept:
+    """A finished sequence whose KV cache stays resident in its lane for the conversation's next turn."""
+
+    request: Any  # og.Request, owner thread only
+    tokens: list[int] = field(default_factory=list)  # every token in its cache: prompts and generated tokens
+    used_at: float = 0.0
+
+
+def best_reuse(prompt: np.ndarray, candidates: list[Kept]) -> Kept | None:
+    """The kept sequence that ``prompt`` continues (its tokens, then at least one more) with the most tokens."""
+    best: Kept | None = None
+    for kept in candidates:
+        n = len(kept.tokens)
+        if n < len(prompt) and (best is None or n > len(best.tokens)) and np.array_equal(prompt[:n], kept.tokens):
+            best = kept
+    return best

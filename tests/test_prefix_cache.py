@@ -1,0 +1,137 @@
+"""Prefix reuse: the next turn of a conversation prefills only its new tokens, and says so in usage.
+
+A kept sequence holds its prompt and the tokens it generated; a prompt continues it only if its token ids start
+with all of them. A client sends text back, so the reply must tokenise back to the tokens generated: random
+weights' replies often do not. The tests therefore look for replies that do (prompt, reply ids) and assert both
+sides: a prompt that repeats them exactly is continued, one that differs by a token is prefilled whole.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from aiohttp.test_utils import TestClient
+
+from genai_server.settings import BUNDLED_MODEL
+from tests.conftest import MODEL_ID, ClientFactory, assert_same_greedy_text, chat_body, metric_sample, stream_chunks
+
+SEEDS = [f"Story number {i} about a {w}" for i, w in enumerate(["river", "cat", "storm", "lamp", "tower", "bird"] * 4)]
+QUESTION = " And then what happened next in the story?"
+QUESTIONS = [QUESTION, " Tell me more about it, please.", " Why?", " Write it again as a poem about the sea."]
+# A turn's reply: short, because the longer a random-weight reply, the less often its text tokenises back to the
+# tokens generated (on the bundled model: 12 of 24 two-token replies do, 1 of 24 six-token ones).
+REPLY_TOKENS = 2
+
+
+async def _complete(client: TestClient[Any, Any], prompt: list[int], max_tokens: int = REPLY_TOKENS) -> dict[str, Any]:
+    resp = await client.post(
+        "/v1/completions", json={"model": MODEL_ID, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0}
+    )
+    assert resp.status == 200, await resp.text()
+    body: dict[str, Any] = await resp.json()
+    return body
+
+
+def _cached(body: dict[str, Any]) -> int:
+    cached: int = body["usage"]["prompt_tokens_details"]["cached_tokens"]
+    return cached
+
+
+async def _turns(client: TestClient[Any, Any], tokenizer: Any, count: int) -> list[tuple[list[int], list[int]]]:
+    """``count`` (prompt, reply ids) pairs whose reply, sent back as text, is continued from the kept sequence:
+    each is checked on ``client`` (a server keeping at least one conversation), and left kept there."""
+    found: list[tuple[list[int], list[int]]] = []
+    question = [int(t) for t in tokenizer.encode(QUESTION)]
+    for seed in SEEDS:
+        prompt = [int(t) for t in tokenizer.encode(seed)]
+        body = await _complete(client, prompt)
+        reply = [int(t) for t in tokenizer.encode(body["choices"][0]["text"])]
+        if len(reply) != body["usage"]["completion_tokens"]:
+            continue  # the text does not tokenise back to as many tokens: cannot be the same ids
+        expected = len(prompt) + len(reply)
+        cached = _cached(await _complete(client, prompt + reply + question))
+        assert cached in (0, expected), (cached, expected)  # all of the kept tokens, or none
+        if cached:
+            found.append((prompt, reply))
+            if len(found) == count:
+                return found
+    raise AssertionError(f"fewer than {count} of {len(SEEDS)} replies tokenise back to the tokens generated")
+
+
+async def test_next_turn_prefills_only_its_new_tokens(make_client: ClientFactory, tokenizer: Any) -> None:
+    client = await make_client()
+    [(prompt, reply)] = await _turns(client, tokenizer, 1)
+    fresh_client = await make_client(prefix_cache_conversations=0)
+    compared = 0
+    for ask in QUESTIONS:
+        question = [int(t) for t in tokenizer.encode(ask)]
+        await _complete(client, prompt)  # turn 1 again: kept
+        turn2 = prompt + reply + question
+        continued = await _complete(client, turn2, max_tokens=40)
+        assert _cached(continued) == len(prompt) + len(reply)
+        assert continued["usage"]["prompt_tokens"] == len(turn2)
+        # The same prompt without reuse: the same tokens counted, and the same greedy text (reused keys and values
+        # were computed by decode steps, which round differently from a prefill: only the beginning is certain).
+        fresh = await _complete(fresh_client, turn2, max_tokens=40)
+        assert _cached(fresh) == 0
+        assert fresh["usage"]["prompt_tokens"] == len(turn2)
+        assert_same_greedy_text(continued["choices"][0]["text"], fresh["choices"][0]["text"])
+        compared += len(fresh["choices"][0]["text"]) // 2
+    assert compared >= 40  # enough text compared for a wrong token in the reused prefix to show
+
+    exposition = await (await client.get("/metrics")).text()
+    assert metric_sample(exposition, "genai_server_prompt_tokens_cached_total", model=MODEL_ID) >= len(prompt)
+
+
+async def test_a_prompt_that_differs_by_one_token_is_prefilled_whole(
+    make_client: ClientFactory, tokenizer: Any
+) -> None:
+    client = await make_client()
+    [(prompt, reply)] = await _turns(client, tokenizer, 1)
+    question = [int(t) for t in tokenizer.encode(QUESTION)]
+    for other in (prompt + reply[:-1] + question, prompt + question, prompt[:-1]):
+        await _complete(client, prompt)  # kept again: the prompt and its (greedy, so same) reply
+        assert _cached(await _complete(client, other)) == 0
+
+
+async def test_the_least_recently_used_conversation_is_dropped_first(
+    make_client: ClientFactory, tokenizer: Any
+) -> None:
+    question = [int(t) for t in tokenizer.encode(QUESTION)]
+    [(a, a_reply), (b, _)] = await _turns(await make_client(), tokenizer, 2)
+    for keep, expected in ((1, 0), (2, len(a) + len(a_reply))):
+        client = await make_client(prefix_cache_conversations=keep)
+        await _complete(client, a)
+        await _complete(client, b)
+        assert _cached(await _complete(client, a + a_reply + question)) == expected
+
+
+async def test_a_kept_conversation_gives_way_to_new_work(make_client: ClientFactory, tokenizer: Any) -> None:
+    """A budget that holds one sequence: the kept one is dropped so that another conversation can run."""
+    decoder = json.loads((BUNDLED_MODEL / "genai_config.json").read_text())["model"]["decoder"]
+    per_token = 2 * decoder["num_hidden_layers"] * decoder["num_key_value_heads"] * decoder["head_size"] * 4
+    budget_mb = 1.5 * per_token * 1024 / 2**20
+    client = await make_client(max_model_len=1024, engine_memory_budget_mb=budget_mb)
+    [(a, a_reply)] = await _turns(client, tokenizer, 1)
+    question = [int(t) for t in tokenizer.encode(QUESTION)]
+    await _complete(client, a)
+    other = await _complete(client, [int(t) for t in tokenizer.encode("Something else entirely")])
+    assert other["choices"][0]["finish_reason"] == "length"
+    assert _cached(await _complete(client, a + a_reply + question)) == 0
+
+
+async def test_chat_usage_says_how_many_prompt_tokens_were_cached(client: Any, openai_schema: Any) -> None:
+    body = await (await client.post("/v1/chat/completions", json=chat_body())).json()
+    openai_schema("CreateChatCompletionResponse", body)
+    assert body["usage"]["prompt_tokens_details"] == {"cached_tokens": 0}
+
+    resp = await client.post(
+        "/v1/chat/completions", json=chat_body(stream=True, stream_options={"include_usage": True})
+    )
+    chunks = stream_chunks(await resp.text())
+    assert chunks[-1]["usage"]["prompt_tokens_details"]["cached_tokens"] >= 0
+    assert resp.headers.get("x-cached-prompt-tokens") is None  # a stream's headers leave before it is known
+
+    whole = await client.post("/v1/chat/completions", json=chat_body())
+    assert whole.headers["x-cached-prompt-tokens"] == str(_cached(await whole.json()))
