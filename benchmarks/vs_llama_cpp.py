@@ -49,10 +49,10 @@ def _gguf(preset_name: str) -> Path:
     return REPO / "models" / f"{PRESETS[preset_name].name.removesuffix('-int4')}-q4_0.gguf"
 
 
-def _llama_server(gguf: Path, context: int) -> tuple[subprocess.Popen[bytes], str]:
+def _llama_server(gguf: Path, context: int, *, cache_prompt: bool = False) -> tuple[subprocess.Popen[bytes], str]:
     """llama-server with 8 slots (so 8 streams decode together) and as many threads as this server gets. Its prompt
-    cache is off: it would serve every repeated prompt of this benchmark from cache, which this server cannot do
-    yet, so prefill and TTFT would compare a cache with an engine."""
+    cache is off unless asked: it reuses any common prefix, so every repeated prompt of the throughput and prefill
+    figures would be served from cache, and they would compare a cache with an engine."""
     port = free_port()
     threads = str(len(os.sched_getaffinity(0)))
     proc = subprocess.Popen(
@@ -73,7 +73,7 @@ def _llama_server(gguf: Path, context: int) -> tuple[subprocess.Popen[bytes], st
             "-c",
             str(8 * context),
             "--log-disable",
-            "--no-cache-prompt",
+            *([] if cache_prompt else ["--no-cache-prompt"]),
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
