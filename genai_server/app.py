@@ -142,6 +142,7 @@ def _onnx_backend(app: web.Application, settings: Settings, entry: ModelEntry) -
             settings.engine_memory_budget_mb,
             settings.engine_threads,
             settings.prefix_cache_conversations,
+            settings.stream_interval,
         ),
     )
     return OnnxBackend(

@@ -54,6 +54,7 @@ class EngineConfig:
     memory_budget_mb: float | None = None  # KV cache of running sequences; None: half of this machine's memory
     threads: int | None = None  # intra-op threads of the model's session; None: every CPU this process may use
     prefix_cache: int = 4  # finished conversations kept for their next turn (``prefix_cache.py``); 0 = none
+    stream_interval: int = 1  # tokens handed to the event loop at a time, after the first
 
 
 class OnnxEngine:
@@ -244,6 +245,7 @@ class OnnxEngine:
             batch_wait_s=self.config.batch_wait_ms / 1000,
             memory=self.memory,
             prefix_cache=self.config.prefix_cache,
+            stream_interval=self.config.stream_interval,
         )
 
     def _serve(self, scheduler: BatchScheduler) -> None:

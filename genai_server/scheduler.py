@@ -91,6 +91,7 @@ class Job:
     keep: bool = False  # runs alone: its lane keeps it when it ends, for the conversation's next turn
     tokens: list[int] = field(default_factory=list)  # a kept sequence's cache: every token fed or generated
     cached_tokens: int = 0  # prompt tokens continued from a kept sequence, not prefilled again
+    delivered: bool = False  # its first tokens have been handed over
     stream: Any = None
     fed: int = 0
     generated: int = 0
@@ -159,12 +160,14 @@ class BatchScheduler:
         batch_wait_s: float,
         memory: KvBudget,
         prefix_cache: int = 0,
+        stream_interval: int = 1,
     ) -> None:
         self._model = model
         self._tokenizer = tokenizer
         self._lanes = [Lane(model) for _ in range(lanes)]
         self._max_running = lanes
         self._max_kept = prefix_cache
+        self._stream_interval = stream_interval
         self._eos = eos_token_ids
         self._max_batch = max_batch_size
         self._batch_wait_s = batch_wait_s
@@ -485,8 +488,13 @@ class BatchScheduler:
             self._release(job)
 
     def _flush(self, job: Job) -> None:
+        """Hand over the tokens generated so far: the first at once (time to first token), then every
+        ``stream_interval`` tokens. Each handover wakes the event loop, which takes a core from the engine."""
         if job.done or not job.generated:
             return
+        if job.delivered and job.generated < self._stream_interval:
+            return
+        job.delivered = True
         delta = Delta(
             "".join(job.pending_text), job.generated, admitted_at=job.admitted_at, cached_tokens=job.cached_tokens
         )

@@ -58,3 +58,14 @@ async def test_non_ascii_prompt_is_counted_by_the_model_tokenizer(client: Any, t
     prompt = "Café 日本語 🙂 straße"
     body = await (await client.post("/v1/completions", json=_body(prompt=prompt))).json()
     assert body["usage"]["prompt_tokens"] == len(tokenizer.encode(prompt))
+
+
+async def test_stream_interval_sends_tokens_in_groups_after_the_first(make_client: Any) -> None:
+    """STREAM_INTERVAL=4: the first token alone (time to first token), then chunks of up to four tokens; the
+    text is the same as unstreamed."""
+    client = await make_client(stream_interval=4)
+    whole = await (await client.post("/v1/completions", json=_body(max_tokens=21))).json()
+    resp = await client.post("/v1/completions", json=_body(max_tokens=21, stream=True))
+    texts = [c["choices"][0]["text"] for c in stream_chunks(await resp.text()) if c["choices"]]
+    assert "".join(texts) == whole["choices"][0]["text"]
+    assert 2 <= len(texts) <= 1 + 20 // 4 + 1  # the first token, five groups of four, the finish chunk
