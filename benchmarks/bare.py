@@ -8,6 +8,7 @@ the server) and the process's resident memory. ``run.py`` alternates these runs
 with runs through the server, so both are measured side by side.
 
     python benchmarks/bare.py MODEL_PATH --prompt TEXT
+    python benchmarks/bare.py MODEL_PATH --prompt TEXT --figures LONG_PROMPT   # vs_llama_cpp.py's "engine alone"
 """
 
 from __future__ import annotations
@@ -47,6 +48,53 @@ def one_stream(engine: og.Engine, prompt: list[int], tokens: int) -> tuple[int, 
     return n, elapsed
 
 
+def batch(engine: og.Engine, prompt: list[int], tokens: int, streams: int) -> tuple[int, float]:
+    """``streams`` greedy sequences of the same prompt started together (one static batch, as the server batches a
+    burst); returns (tokens, seconds from submit to the last token)."""
+    buf = engine.create_event_buffer(256)
+    start = time.perf_counter()
+    requests = []
+    for _ in range(streams):
+        request = engine.create_request()
+        opts = og.TurnOptions(request)
+        opts.set_max_generated_tokens(tokens)
+        opts.set_do_sample(False)
+        request.begin_turn(prompt, opts)
+        requests.append(request)
+    n = 0
+    while engine.has_pending_requests():
+        n += sum(1 for ev in engine.run(buf) if ev.flags & og.EngineEventFlags.TOKEN)
+    elapsed = time.perf_counter() - start
+    for request in requests:
+        request.close()
+    return n, elapsed
+
+
+def engine_figures(path: Path, prompt: str, long_prompt: str, tokens: int, levels: list[int]) -> dict[str, float]:
+    """What the engine alone reaches, in the server's settings (batch 8, its threads): aggregate tokens/s for each
+    number of streams, and prefill tokens/s of ``long_prompt`` (one token generated)."""
+    config = og.Config(str(path))
+    threads = len(os.sched_getaffinity(0))
+    overlay = {
+        "model": {"decoder": {"session_options": {"intra_op_num_threads": threads}}},
+        "engine": {"static_batching": {"max_batch_size": 8}},
+    }
+    config.overlay(json.dumps(overlay))
+    model = og.Model(config)
+    tokenizer = og.Tokenizer(model)
+    engine = og.Engine(model)
+    ids = [int(t) for t in tokenizer.encode(prompt)]
+    long_ids = [int(t) for t in tokenizer.encode(long_prompt)]
+    batch(engine, ids, 8, 2)  # warm-up
+    figures = {}
+    for level in levels:
+        n, seconds = min((batch(engine, ids, tokens, level) for _ in range(3)), key=lambda r: r[1])
+        figures[f"tokens_per_s_{level}"] = n / seconds
+    seconds = min(batch(engine, long_ids, 1, 1)[1] for _ in range(3))
+    figures["prefill_tokens_per_s"] = len(long_ids) / seconds
+    return figures
+
+
 def load_model(path: Path) -> og.Model:
     """The model as the server loads it by default: one intra-op thread per CPU this process may use
     (ENGINE_THREADS), so the baseline and the server compute on the same cores."""
@@ -60,7 +108,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", type=Path)
     parser.add_argument("--prompt", required=True)
+    parser.add_argument("--figures", metavar="LONG_PROMPT", help="print engine_figures as JSON and exit")
+    parser.add_argument("--tokens", type=int, default=64)
     args = parser.parse_args()
+    if args.figures:
+        print(json.dumps(engine_figures(args.model, args.prompt, args.figures, args.tokens, [1, 4, 8])))
+        return
 
     start = time.perf_counter()
     model = load_model(args.model)

@@ -137,17 +137,18 @@ def markdown(model: str, figures: dict[str, dict[str, Any]], reply: int) -> str:
     return "\n".join(lines) + "\n"
 
 
-async def main_async(args: argparse.Namespace) -> None:
-    preset = PRESETS[args.model]
+async def compare(model: str, conversations: int = 3, reply: int = 16) -> dict[str, Any] | None:
+    """Every target on one benchmark model: per-target summaries and the raw turns; None if the model is not built."""
+    preset = PRESETS[model]
     if not preset.output.exists():
-        print(f"skipped: not built: {preset.output} (python scripts/make_model.py {args.model})")
-        return
+        print(f"chat turns skipped: not built: {preset.output} (python scripts/make_model.py {model})")
+        return None
     procs, targets = [], {}
     for name, env in (("genai_server", {}), ("genai_server, reuse off", {"PREFIX_CACHE_CONVERSATIONS": "0"})):
         proc, url = start("--model-path", str(preset.output), **env)
         procs.append(proc)
         targets[name] = (url, preset.output.name)
-    gguf = _gguf(args.model)
+    gguf = _gguf(model)
     if SERVER.exists() and gguf.exists():
         proc, url = _llama_server(gguf, preset.context_length, cache_prompt=True)
         procs.append(proc)
@@ -161,9 +162,9 @@ async def main_async(args: argparse.Namespace) -> None:
         async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=None)) as session:
             for url, _ in targets.values():
                 await wait_ready(session, url)
-            for variant in range(args.conversations):
-                for name, (url, model) in targets.items():
-                    runs[name].append(await conversation(session, url, model, variant, args.reply_tokens))
+            for variant in range(conversations):
+                for name, (url, target_model) in targets.items():
+                    runs[name].append(await conversation(session, url, target_model, variant, reply))
     finally:
         for proc in procs:
             proc.terminate()
@@ -171,10 +172,17 @@ async def main_async(args: argparse.Namespace) -> None:
     figures = {name: summary(r) for name, r in runs.items()}
     for f in figures.values():
         f["turn5_over_turn1"] = f["ttft_ms_by_turn"][-1] / f["ttft_ms_by_turn"][0]
-    text = markdown(args.model, figures, args.reply_tokens)
+    return {"model": model, "reply_tokens": reply, "figures": figures, "runs": runs}
+
+
+async def main_async(args: argparse.Namespace) -> None:
+    document = await compare(args.model, args.conversations, args.reply_tokens)
+    if document is None:
+        return
+    text = markdown(args.model, document["figures"], args.reply_tokens)
     print(text)
     out = REPO / "docs" / "benchmarks" / f"chat-turns-{args.model}"
-    out.with_suffix(".json").write_text(json.dumps({"figures": figures, "runs": runs}, indent=2) + "\n")
+    out.with_suffix(".json").write_text(json.dumps(document, indent=2) + "\n")
     out.with_suffix(".md").write_text(text)
 
 

@@ -130,9 +130,66 @@ def plots(results: dict[str, Any], out: Path) -> None:
     plt.close(fig)
 
 
+def yardsticks_markdown(results: dict[str, Any]) -> str:
+    """The llama.cpp comparison and the chat-turn figures, when the run has them."""
+    import chat_turns
+    import vs_llama_cpp
+
+    parts = []
+    versus = results.get("vs_llama_cpp")
+    if versus:
+        parts.append(vs_llama_cpp.markdown(versus["model"], versus["figures"], versus["ratios"]))
+    chats = results.get("chat_turns")
+    if chats:
+        parts.append(chat_turns.markdown(chats["model"], chats["figures"], chats["reply_tokens"]))
+    return "\n".join(parts)
+
+
+def yardstick_plots(results: dict[str, Any], out: Path) -> None:
+    """vs-llama-cpp.png (ratios to llama-server, the engine alone's beside ours) and chat-turns.png (TTFT by turn)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    versus = results.get("vs_llama_cpp")
+    if versus:
+        keys = [k for k in versus["ratios"] if k.startswith(("tokens_per_s", "prefill"))]
+        alone = versus["limits"]
+        fig, ax = plt.subplots(figsize=(8, 4))
+        xs = range(len(keys))
+        ax.bar([x - 0.2 for x in xs], [versus["ratios"][k] for k in keys], 0.4, label="genai_server")
+        ax.bar([x + 0.2 for x in xs], [alone[k]["engine_vs_llama_server"] for k in keys], 0.4, label="engine alone")
+        ax.axhline(1.0, color="grey", linestyle="--", label="llama-server")
+        ax.set_xticks(list(xs), [k.replace("tokens_per_s_", "decode, streams: ") for k in keys])
+        ax.set(title=f"vs llama-server, same weights ({versus['model']} model)", ylabel="ratio (higher is better)")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out / "vs-llama-cpp.png", dpi=100)
+        plt.close(fig)
+    chats = results.get("chat_turns")
+    if chats:
+        fig, ax = plt.subplots(figsize=(8, 4))
+        for name, figures in chats["figures"].items():
+            turns = figures["ttft_ms_by_turn"]
+            ax.plot(range(1, len(turns) + 1), turns, "o-", label=name)
+        ax.set(
+            title=f"Chat turns, ~2000-token history ({chats['model']} model)",
+            xlabel="turn",
+            ylabel="time to first token, ms (log)",
+            yscale="log",
+            xticks=[1, 2, 3, 4, 5],
+        )
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out / "chat-turns.png", dpi=100)
+        plt.close(fig)
+
+
 def write_report(results: dict[str, Any], out: Path) -> None:
-    """results.json, results.md, throughput.png, latency.png in ``out``."""
+    """results.json, results.md and the plots in ``out``."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    (out / "results.md").write_text(markdown(results))
+    (out / "results.md").write_text(markdown(results) + "\n" + yardsticks_markdown(results))
     plots(results, out)
+    yardstick_plots(results, out)

@@ -362,6 +362,13 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             entry["configs"][label] = run
             print_ratios(f"{spec.name} model, engine {label} (batch x lanes)", run["ratios"])
         results["models"][spec.name] = entry
+    if not args.quick and (not args.models or "realistic" in args.models):
+        # The yardsticks, on the realistic model: llama-server on the same weights, and chats of five turns.
+        import chat_turns
+        import vs_llama_cpp
+
+        results["vs_llama_cpp"] = await vs_llama_cpp.compare("realistic")
+        results["chat_turns"] = await chat_turns.compare("realistic")
     return results
 
 

@@ -138,10 +138,32 @@ async def measure(targets: dict[str, tuple[str, str]], rounds: int, tokens: int)
     return {name: {key: statistics.median(values) for key, values in keys.items()} for name, keys in seen.items()}
 
 
+def engine_alone(model_path: Path, tokens: int) -> dict[str, float]:
+    """The bare Engine in its own process with the server's settings (bare.py --figures): where the limit lies."""
+    command = [sys.executable, str(REPO / "benchmarks" / "bare.py"), str(model_path), "--prompt", PROMPT]
+    out = subprocess.run(
+        [*command, "--figures", LONG_PROMPT, "--tokens", str(tokens)], check=True, capture_output=True, text=True
+    )
+    return {key: float(value) for key, value in json.loads(out.stdout.splitlines()[-1]).items()}
+
+
 def report(figures: dict[str, dict[str, Any]]) -> dict[str, float]:
     """genai_server / llama-server for each figure (higher is better for rates, lower for times and memory)."""
     ours, theirs = figures["genai_server"], figures["llama-server"]
     return {key: ours[key] / theirs[key] for key in ours if key != "long_prompt_tokens"}
+
+
+def limits(figures: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """For the rates the engine alone was measured on: server / engine alone (our cost) and engine alone /
+    llama-server (the engine's)."""
+    alone = figures.get("engine alone", {})
+    return {
+        key: {
+            "server_vs_engine": figures["genai_server"][key] / value,
+            "engine_vs_llama_server": value / figures["llama-server"][key],
+        }
+        for key, value in alone.items()
+    }
 
 
 def markdown(model: str, figures: dict[str, dict[str, Any]], ratios: dict[str, float]) -> str:
@@ -155,16 +177,32 @@ def markdown(model: str, figures: dict[str, dict[str, Any]], ratios: dict[str, f
         lines.append(
             f"| {key} | {figures['genai_server'][key]:.1f} | {figures['llama-server'][key]:.1f} | {ratio:.2f}x |"
         )
+    bounds = limits(figures)
+    if bounds:
+        lines += [
+            "",
+            "Where the limit lies: the bare Engine in its own process, same settings (batch 8, same threads).",
+            "",
+            "| figure | engine alone | genai_server / engine alone | engine alone / llama-server |",
+            "| --- | --- | --- | --- |",
+        ]
+        for key, pair in bounds.items():
+            lines.append(
+                f"| {key} | {figures['engine alone'][key]:.1f} | {pair['server_vs_engine']:.2f}x "
+                f"| {pair['engine_vs_llama_server']:.2f}x |"
+            )
     return "\n".join(lines) + "\n"
 
 
-async def main_async(args: argparse.Namespace) -> None:
-    preset = PRESETS[args.model]
-    gguf = _gguf(args.model)
+async def compare(model: str, rounds: int = 3, tokens: int = 64) -> dict[str, Any] | None:
+    """Both servers and the engine alone on one benchmark model: figures, ratios and limits; None when llama-server
+    or the model is not built (it says what is missing)."""
+    preset = PRESETS[model]
+    gguf = _gguf(model)
     missing = [str(path) for path in (SERVER, gguf, preset.output) if not path.exists()]
     if missing:
-        print(f"skipped: not built: {', '.join(missing)} (see this script's docstring)")
-        return
+        print(f"llama.cpp comparison skipped: not built: {', '.join(missing)} (see vs_llama_cpp.py's docstring)")
+        return None
     ours, our_url = start("--model-path", str(preset.output), "--max-concurrent-requests", "16")
     theirs, their_url = _llama_server(gguf, preset.context_length)
     try:
@@ -172,18 +210,25 @@ async def main_async(args: argparse.Namespace) -> None:
             await wait_ready(session, our_url)
             await wait_ready(session, their_url)
         targets = {"genai_server": (our_url, preset.output.name), "llama-server": (their_url, gguf.name)}
-        figures = await measure(targets, args.rounds, args.tokens)
+        figures = await measure(targets, rounds, tokens)
         figures["genai_server"]["rss_mb"] = _rss_mb(ours.pid)
         figures["llama-server"]["rss_mb"] = _rss_mb(theirs.pid)
     finally:
         for proc in (ours, theirs):
             proc.terminate()
             proc.wait(timeout=60)
-    ratios = report(figures)
-    text = markdown(args.model, figures, ratios)
+    figures["engine alone"] = engine_alone(preset.output, tokens)
+    return {"model": model, "figures": figures, "ratios": report(figures), "limits": limits(figures)}
+
+
+async def main_async(args: argparse.Namespace) -> None:
+    document = await compare(args.model, args.rounds, args.tokens)
+    if document is None:
+        return
+    text = markdown(args.model, document["figures"], document["ratios"])
     print(text)
     out = REPO / "docs" / "benchmarks" / f"vs-llama-cpp-{args.model}"
-    out.with_suffix(".json").write_text(json.dumps({"figures": figures, "ratios": ratios}, indent=2) + "\n")
+    out.with_suffix(".json").write_text(json.dumps(document, indent=2) + "\n")
     out.with_suffix(".md").write_text(text)
 
 
