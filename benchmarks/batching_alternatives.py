@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 
@@ -22,9 +23,15 @@ PROMPT = (np.arange(64, dtype=np.int32) % 200) + 3
 
 
 def load(path: Path, max_batch: int) -> og.Model:
-    """The model with the Engine's static batch size set to ``max_batch``."""
+    """The model with the Engine's static batch size set to ``max_batch``, on as many threads as the server uses
+    (ENGINE_THREADS' default: every CPU this process may run on)."""
     config = og.Config(str(path))
-    config.overlay(json.dumps({"engine": {"static_batching": {"max_batch_size": max_batch}}}))
+    threads = len(os.sched_getaffinity(0))
+    overlay = {
+        "engine": {"static_batching": {"max_batch_size": max_batch}},
+        "model": {"decoder": {"session_options": {"intra_op_num_threads": threads}}},
+    }
+    config.overlay(json.dumps(overlay))
     return og.Model(config)
 
 

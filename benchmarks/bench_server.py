@@ -1,8 +1,8 @@
 """The real server (``create_app``) plus a loop-lateness probe, run as its own process by ``run.py``.
 
-The probe is benchmark-only: a task on the server's event loop sleeps 5 ms at a
-time and records how late it wakes; ``GET /_bench/loop`` returns the percentiles
-since the last call and starts a new window. Everything else is the server as users run it.
+The probe is benchmark-only: while a window is open (``POST /_bench/loop``) a task on the server's event loop
+sleeps 5 ms at a time and records how late it wakes; ``GET /_bench/loop`` closes the window and returns the
+percentiles. Everything else is the server as users run it.
 
     python benchmarks/bench_server.py [server flags...]
 """
@@ -10,7 +10,6 @@ since the last call and starts a new window. Everything else is the server as us
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -23,34 +22,55 @@ from genai_server.app import create_app
 from genai_server.logs import setup_logging
 from genai_server.settings import load_settings
 
-LATENESS = web.AppKey("lateness", list[float])
 _TICK_S = 0.005
 
 
-async def lateness_probe(app: web.Application) -> AsyncIterator[None]:
-    """Sample how late a 5 ms sleep wakes, for as long as the server runs."""
-    samples: list[float] = []
-    app[LATENESS] = samples
+class LatenessProbe:
+    """Samples how late a 5 ms sleep wakes, only while a window is open: each wake-up takes a core from the
+    engine, so a probe left running would slow the figures measured outside its window."""
 
-    async def sample() -> None:
+    def __init__(self) -> None:
+        self.samples: list[float] = []
+        self._task: asyncio.Task[None] | None = None
+
+    def open(self) -> None:
+        self.close()
+        self.samples = []
+        self._task = asyncio.create_task(self._sample())
+
+    def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            self._task = None
+
+    async def _sample(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
             before = loop.time()
             await asyncio.sleep(_TICK_S)
-            samples.append((loop.time() - before - _TICK_S) * 1000)
+            self.samples.append((loop.time() - before - _TICK_S) * 1000)
 
-    task = asyncio.create_task(sample())
+
+PROBE = web.AppKey("lateness_probe", LatenessProbe)
+
+
+async def lateness_probe(app: web.Application) -> AsyncIterator[None]:
+    app[PROBE] = LatenessProbe()
     yield
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
+    app[PROBE].close()
+
+
+async def open_window(request: web.Request) -> web.Response:
+    """Start sampling."""
+    request.app[PROBE].open()
+    return web.json_response({"sampling": True})
 
 
 async def loop_stats(request: web.Request) -> web.Response:
-    """Lateness percentiles (ms) since the last call; the window restarts."""
-    window: list[float] = request.app[LATENESS]
-    samples = sorted(window)
-    window.clear()
+    """Lateness percentiles (ms) of the window opened last; sampling stops."""
+    probe = request.app[PROBE]
+    probe.close()
+    samples: list[float] = sorted(probe.samples)
     if not samples:
         return web.json_response({"samples": 0})
 
@@ -65,6 +85,7 @@ def main() -> None:
     setup_logging("WARNING", settings.log_format)
     app = create_app(settings)
     app.cleanup_ctx.append(lateness_probe)
+    app.router.add_post("/_bench/loop", open_window)
     app.router.add_get("/_bench/loop", loop_stats)
     web.run_app(app, host=settings.server_host, port=settings.server_port, print=None, access_log=None)
 

@@ -5,7 +5,7 @@ process), then alternates identical streaming requests between the two so that n
 reports the TTFT the proxy adds (p50, p95) and its streaming throughput as a ratio of the direct one, one stream
 and four at once. Writes docs/benchmarks/proxy-MODEL.json and .md.
 
-    python benchmarks/proxy_overhead.py [--model small|tiny] [--requests 20]
+    python benchmarks/proxy_overhead.py [--model small|tiny|scripted] [--requests 20]
 """
 
 from __future__ import annotations
@@ -28,7 +28,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from load import median, pct, stream_completion
 from run import PROMPT, REPO, SMALL, ensure_model, free_port
 
-MODELS = {"small": SMALL.path, "tiny": REPO / "genai_server" / "bundled_model" / "tiny-random-llama-int4"}
+# "scripted": an upstream that computes nothing (scripted_upstream.py), so only the gateway's own cost is left.
+MODELS = {
+    "small": SMALL.path,
+    "tiny": REPO / "genai_server" / "bundled_model" / "tiny-random-llama-int4",
+    "scripted": Path("scripted"),
+}
+
+
+def start_upstream(model: str) -> tuple[subprocess.Popen[bytes], str]:
+    """The upstream: genai_server on the embedded engine, or the scripted one."""
+    if model != "scripted":
+        return start("--model-path", str(MODELS[model]), "--max-concurrent-requests", "64")
+    port = free_port()
+    script = REPO / "benchmarks" / "scripted_upstream.py"
+    return subprocess.Popen([sys.executable, str(script), str(port)]), f"http://127.0.0.1:{port}"
 
 
 def start(*args: str, **env: str) -> tuple[subprocess.Popen[bytes], str]:
@@ -91,7 +105,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     path = MODELS[args.model]
     if args.model == "small":
         ensure_model(SMALL)
-    upstream, up_url = start("--model-path", str(path), "--max-concurrent-requests", "64")
+    upstream, up_url = start_upstream(args.model)
     model = path.name
     proxy, proxy_url = start(
         "--max-concurrent-requests",

@@ -269,7 +269,7 @@ async def concurrency_levels(
                 session, server.url, server.model_id, PROMPT, spec.tokens, c, profile.per_worker
             )
             continue
-        await session.get(server.url + "/_bench/loop")  # start a fresh lateness window
+        await session.post(server.url + "/_bench/loop")  # open a lateness window for this level only
         stop = asyncio.Event()
         poller = asyncio.create_task(poll_health(session, server.url, stop))
         levels[c] = await run_level(session, server.url, server.model_id, PROMPT, spec.tokens, c, profile.per_worker)
