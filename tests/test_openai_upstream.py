@@ -16,6 +16,7 @@ from tests.conftest import MODEL_ID, ClientFactory, metric_sample, stream_chunks
 from tests.test_process import _free_port, running_server
 
 PROXIED = "proxied-model"
+USAGE_ASKED = {"stream": True, "stream_options": {"include_usage": True}}
 
 
 def _chat(**extra: Any) -> dict[str, Any]:
@@ -164,6 +165,11 @@ SCRIPTS: dict[str, tuple[int, bytes]] = {
         ),
     ),
     "sglang": (200, _sse(_sglang("Hel"), _sglang("lo", "stop"), USAGE)),
+    # llama-server (b5000+): usage and timings on the last chunk, the one with choices and the finish reason.
+    "llamacpp-usage-on-last": (
+        200,
+        _sse(_chunk("Hel"), {**_chunk("lo", "stop"), "usage": USAGE["usage"], "timings": {"predicted_n": 2}}),
+    ),
     "malformed": (200, _sse(_chunk("Hel"), b"{not json")),
     "truncated": (200, _sse(_chunk("Hel"), done=False)),
     "error-event": (200, _sse(_chunk("Hel"), {"error": {"message": "engine exploded"}})),
@@ -219,6 +225,7 @@ async def scripted(aiohttp_server: Any) -> AsyncIterator[tuple[str, dict[str, An
     ("shape", "reported"),
     [
         ("llamacpp", {"timings": {"predicted_n": 2}}),
+        ("llamacpp-usage-on-last", {"timings": {"predicted_n": 2}}),
         ("vllm", {"metrics": {"time_to_first_token_ms": 3.0}}),
         ("sglang", None),
     ],
@@ -318,3 +325,21 @@ async def test_ready_while_the_upstream_answers_and_not_once_it_is_gone(
     gone = await _proxy(make_client, f"http://127.0.0.1:{_free_port()}")
     resp = await gone.get("/health/ready")
     assert (resp.status, await resp.json()) == (503, {"status": "unavailable", "models": [PROXIED]})
+
+
+async def test_usage_on_a_chunk_with_choices_is_counted_and_relayed_only_when_asked(
+    make_client: ClientFactory, scripted: tuple[str, dict[str, Any]]
+) -> None:
+    """llama-server's shape: the usage rides on the finishing chunk. It is counted (log, metrics, Prometheus)
+    either way, and reaches a streaming client only if it asked for it, with our metrics beside it."""
+    url, _ = scripted
+    proxy = await _proxy(make_client, url, upstream_model="llamacpp-usage-on-last")
+    asked = stream_chunks(await (await proxy.post("/v1/chat/completions", json=_chat(**USAGE_ASKED))).text())
+    assert asked[-1]["usage"]["total_tokens"] == 7
+    assert asked[-1]["metrics"]["completion_tokens"] == 2
+    assert asked[-1]["choices"][0]["finish_reason"] == "stop"
+    plain = stream_chunks(await (await proxy.post("/v1/chat/completions", json=_chat(stream=True))).text())
+    assert all("usage" not in c and "metrics" not in c for c in plain)
+    exposition = await (await proxy.get("/metrics")).text()
+    assert metric_sample(exposition, "genai_server_generation_tokens_total", model=PROXIED) == 4
+    assert metric_sample(exposition, "genai_server_prompt_tokens_total", model=PROXIED) == 10

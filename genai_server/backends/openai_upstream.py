@@ -109,11 +109,12 @@ class OpenAIUpstream(RelayBackend):
                         raise UpstreamError("The upstream engine sent more than the tokens asked for")
                     if shape.text:
                         stats.on_tokens(1)
+                    # llama-server puts usage on its last chunk, the one with the finish reason.
+                    if shape.usage is not None and not self._final(chunk, shape.usage, req, stats):
+                        del chunk["usage"]
                     yield chunk
-                elif shape.usage is not None:
-                    final = self._final(chunk, shape.usage, req, stats)
-                    if final is not None:
-                        yield final
+                elif shape.usage is not None and self._final(chunk, shape.usage, req, stats):
+                    yield chunk
             if not seen_choice:
                 raise UpstreamError("The upstream engine sent no choices")
         finally:
@@ -122,15 +123,17 @@ class OpenAIUpstream(RelayBackend):
 
     def _final(
         self, chunk: dict[str, Any], usage: tuple[int, int], req: SamplingRequest, stats: RequestTelemetry
-    ) -> dict[str, Any] | None:
+    ) -> bool:
+        """Record the upstream's usage; True when the client gets it (it asked, or wants one JSON answer), and then
+        the chunk carries our metrics too."""
         stats.prompt_tokens = usage[0]
         stats.completion_tokens = usage[1] or stats.completion_tokens
         stats.on_end()
         if not (req.include_usage or self._always_usage or not req.stream):
-            return None
+            return False
         chunk["metrics"] = stats.metrics().model_dump()
         chunk["performance"] = stats.performance().model_dump()
-        return chunk
+        return True
 
 
 def _checked(chunk: dict[str, Any], choices: int) -> _Shape:
