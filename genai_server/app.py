@@ -12,6 +12,7 @@ from aiohttp import web
 from genai_server.app_keys import ENGINE, ENGINES, GPU, LIMITER, METRICS, SERVING, SETTINGS
 from genai_server.auth import setup_api_keys
 from genai_server.backends import Backend
+from genai_server.backends.discovery import upstream_model_ids
 from genai_server.backends.ollama import OllamaBackend
 from genai_server.backends.onnx import OnnxBackend
 from genai_server.backends.openai_upstream import OpenAIUpstream
@@ -67,7 +68,8 @@ async def backends_context(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     gpu = app[GPU] = GpuMonitor()
     await gpu.start()
-    backends = {entry.id: _backend(app, settings, entry) for entry in settings.models}
+    entries = settings.models or await _upstream_entries(settings)
+    backends = {entry.id: _backend(app, settings, entry) for entry in entries}
     serving = Serving(
         backends,
         gpu,
@@ -83,6 +85,19 @@ async def backends_context(app: web.Application) -> AsyncIterator[None]:
     finally:
         await serving.stop()
         await gpu.stop()
+
+
+async def _upstream_entries(settings: Settings) -> list[ModelEntry]:
+    """BACKEND=openai with no model named: one entry per model the upstream lists, under its own id."""
+    assert settings.upstream_url is not None  # checked by Settings
+    key = settings.upstream_api_key
+    ids = await upstream_model_ids(
+        settings.upstream_url,
+        aiohttp.ClientTimeout(total=settings.upstream_connect_timeout_s + settings.upstream_read_timeout_s),
+        key.get_secret_value() if key else None,
+    )
+    log.info("serving the upstream's models", extra={"fields": {"upstream_url": settings.upstream_url, "models": ids}})
+    return [ModelEntry(id=i, backend="openai", url=settings.upstream_url, api_key=key) for i in ids]
 
 
 def _backend(app: web.Application, settings: Settings, entry: ModelEntry) -> Backend:

@@ -207,7 +207,7 @@ class Settings(BaseSettings):
             return self  # the file names every model and its backend
         if self.backend != "onnx" and not self.upstream_url:
             raise ValueError(f"UPSTREAM_URL is required when BACKEND={self.backend}")
-        if self.backend != "onnx" and not (self.model_id or self.upstream_model):
+        if self.backend == "ollama" and not (self.model_id or self.upstream_model):
             raise ValueError(f"MODEL_ID or UPSTREAM_MODEL is required when BACKEND={self.backend}")
         return self
 
@@ -215,8 +215,16 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _read_models(self) -> Settings:
-        self._entries = _read_models_file(self.models_file) if self.models_file else [self._single_entry()]
+        if self.models_file:
+            self._entries = _read_models_file(self.models_file)
+        elif not self.discover_upstream_models:
+            self._entries = [self._single_entry()]
         return self
+
+    @property
+    def discover_upstream_models(self) -> bool:
+        """BACKEND=openai naming no model: serve every model the upstream lists (read at start-up)."""
+        return self.backend == "openai" and not (self.models_file or self.model_id or self.upstream_model)
 
     def _single_entry(self) -> ModelEntry:
         key = self.upstream_api_key
@@ -246,7 +254,7 @@ class Settings(BaseSettings):
 
     @property
     def models(self) -> list[ModelEntry]:
-        """Every model to serve, in order (the first is the one /health names)."""
+        """Every model to serve, in order (the first is the one /health names); none when they are discovered."""
         return self._entries
 
     @property

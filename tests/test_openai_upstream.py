@@ -7,13 +7,16 @@ import json
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
+import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
+from genai_server.backends.discovery import upstream_model_ids
+from genai_server.errors import ModelLoadingFailed
 from genai_server.settings import SettingsError, load_settings
 from tests.conftest import MODEL_ID, ClientFactory, metric_sample, stream_chunks
-from tests.test_process import _free_port, running_server
+from tests.test_process import _free_port, _start, running_server
 
 PROXIED = "proxied-model"
 USAGE_ASKED = {"stream": True, "stream_options": {"include_usage": True}}
@@ -343,3 +346,67 @@ async def test_usage_on_a_chunk_with_choices_is_counted_and_relayed_only_when_as
     exposition = await (await proxy.get("/metrics")).text()
     assert metric_sample(exposition, "genai_server_generation_tokens_total", model=PROXIED) == 4
     assert metric_sample(exposition, "genai_server_prompt_tokens_total", model=PROXIED) == 10
+
+
+# ---- serving the models the upstream lists (no MODEL_ID) --------------------------------------------------
+
+LISTINGS: dict[str, Any] = {
+    "two": {"object": "list", "data": [{"id": "org/model-a", "object": "model"}, {"id": "model-b"}]},
+    "empty": {"object": "list", "data": []},
+    "not-a-list": {"data": "model-a"},
+    "bad-id": {"data": [{"id": "a\nb"}]},
+    "huge": {"data": [{"id": "m" * 200 + str(i)} for i in range(6000)]},
+}
+
+
+@pytest.fixture
+async def lister(aiohttp_server: Any) -> AsyncIterator[tuple[str, list[dict[str, Any]]]]:
+    """An upstream whose /v1/models is the listing its URL path names, and whose chat answers any model."""
+    bodies: list[dict[str, Any]] = []
+
+    async def models(request: web.Request) -> web.Response:
+        listing = LISTINGS.get(request.match_info["listing"])
+        return web.json_response(listing) if listing is not None else web.Response(status=404)
+
+    async def chat(request: web.Request) -> web.Response:
+        bodies.append(await request.json())
+        payload = _sse({**_chunk("Hi", "stop"), "model": bodies[-1]["model"]}, USAGE)
+        return web.Response(body=payload, content_type="text/event-stream")
+
+    app = web.Application()
+    app.router.add_get("/{listing}/v1/models", models)
+    app.router.add_post("/{listing}/v1/chat/completions", chat)
+    server: TestServer = await aiohttp_server(app)
+    yield str(server.make_url("")).rstrip("/"), bodies
+
+
+async def test_without_a_model_id_the_upstreams_models_are_served(
+    make_client: ClientFactory, lister: tuple[str, list[dict[str, Any]]]
+) -> None:
+    url, bodies = lister
+    client = await make_client(backend="openai", upstream_url=url + "/two/v1")
+    listed = await (await client.get("/v1/models")).json()
+    assert [m["id"] for m in listed["data"]] == ["org/model-a", "model-b"]
+    body = await (await client.post("/v1/chat/completions", json=_chat(model="model-b"))).json()
+    assert body["model"] == "model-b" and body["choices"][0]["message"]["content"] == "Hi"
+    assert bodies[-1]["model"] == "model-b"
+    unknown = await client.post("/v1/chat/completions", json=_chat(model="model-c"))
+    assert unknown.status == 404
+
+
+@pytest.mark.parametrize("listing", ["empty", "not-a-list", "bad-id", "huge", "missing"])
+async def test_a_listing_that_breaks_the_api_is_a_loading_failure(
+    lister: tuple[str, list[dict[str, Any]]], listing: str
+) -> None:
+    url, _ = lister
+    with pytest.raises(ModelLoadingFailed, match="cannot list the upstream's models"):
+        await upstream_model_ids(f"{url}/{listing}/v1", aiohttp.ClientTimeout(total=10))
+
+
+def test_a_process_whose_upstream_cannot_be_listed_exits_1_with_one_clear_line() -> None:
+    """Connection refused: the process does not start half alive."""
+    port = _free_port()
+    proc = _start(BACKEND="openai", UPSTREAM_URL=f"http://127.0.0.1:{_free_port()}/v1", SERVER_PORT=str(port))
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1
+    assert "model_loading_failed" in err and "cannot list the upstream's models" in err
