@@ -410,3 +410,59 @@ def test_a_process_whose_upstream_cannot_be_listed_exits_1_with_one_clear_line()
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 1
     assert "model_loading_failed" in err and "cannot list the upstream's models" in err
+
+
+# ---- every field the upstream sends reaches the client --------------------------------------------------
+
+
+def _delta(index: int = 0, finish: str | None = None, logprobs: Any = None, **delta: Any) -> dict[str, Any]:
+    choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
+    return {"id": "c9", "object": "chat.completion.chunk", "created": 9, "model": "up", "choices": [choice]}
+
+
+def _logprob(token: str) -> dict[str, Any]:
+    return {"content": [{"token": token, "logprob": -0.5, "bytes": list(token.encode()), "top_logprobs": []}]}
+
+
+# vLLM's shapes: reasoning first, then two tool calls streamed OpenAI's way (id, type and name once, arguments in
+# pieces), logprobs per token, vLLM's stop_reason on the last choice.
+RICH = _sse(
+    _delta(role="assistant", content=""),
+    _delta(reasoning_content="Think", logprobs=_logprob("Think")),
+    _delta(reasoning_content="ing.", logprobs=_logprob("ing.")),
+    _delta(tool_calls=[{"index": 0, "id": "call_a", "type": "function", "function": {"name": "f", "arguments": ""}}]),
+    _delta(tool_calls=[{"index": 0, "function": {"arguments": '{"x": '}}]),
+    _delta(tool_calls=[{"index": 1, "id": "call_b", "type": "function", "function": {"name": "g", "arguments": "{}"}}]),
+    _delta(tool_calls=[{"index": 0, "function": {"arguments": "1}"}}]),
+    {**_delta(finish="tool_calls"), "choices": [{**_delta(finish="tool_calls")["choices"][0], "stop_reason": None}]},
+    {**USAGE, "id": "c9"},
+)
+
+
+async def test_tool_calls_reasoning_and_logprobs_are_relayed_and_assembled_field_by_field(
+    make_client: ClientFactory, aiohttp_server: Any
+) -> None:
+    async def chat(_: web.Request) -> web.Response:
+        return web.Response(body=RICH, content_type="text/event-stream")
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", chat)
+    server: TestServer = await aiohttp_server(app)
+    proxy = await _proxy(make_client, str(server.make_url("")).rstrip("/"), upstream_model="rich")
+
+    whole = await (await proxy.post("/v1/chat/completions", json=_chat())).json()
+    [choice] = whole["choices"]
+    assert choice["finish_reason"] == "tool_calls" and choice["stop_reason"] is None
+    message = choice["message"]
+    assert message["content"] == "" and message["reasoning_content"] == "Thinking."
+    assert message["tool_calls"] == [
+        {"type": "function", "id": "call_a", "function": {"name": "f", "arguments": '{"x": 1}'}},
+        {"type": "function", "id": "call_b", "function": {"name": "g", "arguments": "{}"}},
+    ]
+    assert [entry["token"] for entry in choice["logprobs"]["content"]] == ["Think", "ing."]
+    assert whole["usage"]["total_tokens"] == 7 and whole["model"] == PROXIED
+
+    streamed = stream_chunks(await (await proxy.post("/v1/chat/completions", json=_chat(stream=True))).text())
+    deltas = [c["choices"][0]["delta"] for c in streamed if c["choices"]]
+    sent = [c["choices"][0]["delta"] for c in (json.loads(e[6:]) for e in RICH.split(b"\n\n")[:-2]) if c["choices"]]
+    assert deltas == sent  # every delta as the upstream sent it

@@ -10,21 +10,20 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncGenerator
+from contextlib import aclosing
 from typing import Any, NamedTuple
 
 import aiohttp
 
 from genai_server.backends import Response, Result
+from genai_server.backends.assemble import Assembler
 from genai_server.backends.upstream import RelayBackend, UpstreamClient, error_message, parse_event, stream_faults
 from genai_server.errors import UpstreamError
-from genai_server.protocol import ChatCompletionRequest, CompletionRequest, SamplingRequest, now
+from genai_server.protocol import ChatCompletionRequest, CompletionRequest, SamplingRequest
 from genai_server.telemetry import RequestTelemetry
 
 # Fields upstreams put in their chunks with their own timings.
 _REPORTED = ("metrics", "timings")
-# A whole answer assembled for a non-streaming client is refused past this size: an upstream that never stops
-# must not grow it until the OOM killer comes.
-MAX_ASSEMBLED_CHARS = 16 * 1024 * 1024
 # Text chunks a choice may carry beyond the tokens asked for (role and empty chunks, engines that split tokens).
 _CHUNK_SLACK = 64
 
@@ -206,14 +205,6 @@ async def _sse_json(response: aiohttp.ClientResponse) -> AsyncGenerator[dict[str
     raise UpstreamError("The upstream stream ended before [DONE]")
 
 
-def _text(choice: dict[str, Any]) -> str:
-    """New text in a streamed choice, chat or completion."""
-    delta = choice.get("delta")
-    if isinstance(delta, dict):
-        return str(delta.get("content") or "")
-    return str(choice.get("text") or "")
-
-
 def _keep_reported(chunk: dict[str, Any], stats: RequestTelemetry) -> None:
     """Move the upstream's own timing fields out of the chunk into ``backend_reported``."""
     for name in _REPORTED:
@@ -222,45 +213,9 @@ def _keep_reported(chunk: dict[str, Any], stats: RequestTelemetry) -> None:
 
 
 async def _aggregate(chunks: AsyncGenerator[Response, None], kind: str) -> dict[str, Any]:
-    """A whole response from the stream, for a client that asked for one JSON answer."""
-    texts: dict[int, list[str]] = {}
-    finishes: dict[int, str | None] = {}
-    head: dict[str, Any] = {}
-    size = 0
-    async for item in chunks:
-        chunk = item if isinstance(item, dict) else item.model_dump()
-        head = head or chunk
-        for choice in chunk.get("choices", []):
-            index = int(choice.get("index", 0))
-            text = _text(choice)
-            size += len(text)
-            if size > MAX_ASSEMBLED_CHARS:
-                await chunks.aclose()
-                raise UpstreamError("The upstream engine's answer is too large to assemble")
-            texts.setdefault(index, []).append(text)
-            finishes[index] = choice.get("finish_reason") or finishes.get(index)
-        for name in ("usage", "metrics", "performance"):
-            if chunk.get(name):
-                head[name] = chunk[name]
-    choices = [_choice(kind, i, "".join(texts[i]), finishes.get(i)) for i in sorted(texts)]
-    return {
-        "id": head.get("id", ""),
-        "object": kind,
-        "created": head.get("created", now()),
-        "model": head.get("model"),
-        "choices": choices,
-        "usage": head.get("usage"),
-        "metrics": head.get("metrics"),
-        "performance": head.get("performance"),
-    }
-
-
-def _choice(kind: str, index: int, text: str, finish: str | None) -> dict[str, Any]:
-    if kind == "chat.completion":
-        return {
-            "index": index,
-            "message": {"role": "assistant", "content": text, "refusal": None},
-            "logprobs": None,
-            "finish_reason": finish,
-        }
-    return {"index": index, "text": text, "logprobs": None, "finish_reason": finish}
+    """A whole response from the stream, for a client that asked for one JSON answer (``assemble.py``)."""
+    assembler = Assembler(kind)
+    async with aclosing(chunks):
+        async for item in chunks:
+            assembler.add(item if isinstance(item, dict) else item.model_dump())
+    return assembler.response()
