@@ -117,17 +117,6 @@ class SamplingRequest(BaseModel):
             raise ValueError("top_p must be greater than 0 (as a 32-bit float)")
         return value
 
-    @model_validator(mode="before")
-    @classmethod
-    def _reject_unsupported(cls, data: Any) -> Any:
-        if isinstance(data, dict):
-            for name, allowed in _UNSUPPORTED.items():
-                if name in data and data[name] not in allowed:
-                    raise InvalidRequest(
-                        f"'{name}' is not supported by this server", param=name, code="unsupported_parameter"
-                    )
-        return data
-
     @model_validator(mode="after")
     def _check_stream_options(self) -> SamplingRequest:
         if self.stream_options is not None and not self.stream:
@@ -152,27 +141,56 @@ class SamplingRequest(BaseModel):
         return self.max_tokens
 
 
-class TextContentPart(BaseModel):
-    """A text part of a message's content array; other part types are rejected."""
+class ContentPart(BaseModel):
+    """A part of a message's content array: ``text`` for every backend; images, audio and the rest are relayed to
+    an upstream engine that may take them, and refused by those that cannot (``check_plain_messages``)."""
 
-    model_config = ConfigDict(extra="forbid", strict=True)
-    type: Literal["text"]
-    text: str
+    model_config = ConfigDict(extra="allow", strict=True)
+    type: str
+    text: str | None = None
 
 
 class ChatMessage(BaseModel):
-    """One message of the conversation."""
+    """One message of the conversation, in every shape the OpenAI API allows (tool calls and their results too);
+    what a backend cannot take, it refuses."""
 
     model_config = ConfigDict(extra="allow", strict=True)
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextContentPart]
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
+    content: str | list[ContentPart] | None
     name: str | None = None
 
     def text(self) -> str:
         """The content as one string (text parts are joined as the OpenAI API does)."""
         if isinstance(self.content, str):
             return self.content
-        return "".join(part.text for part in self.content)
+        return "".join(part.text or "" for part in self.content or [])
+
+
+def check_supported(req: SamplingRequest) -> None:
+    """For a backend that generates itself (not a relay): a parameter it cannot honour is a 400 naming it, never
+    silently ignored."""
+    extra = req.model_extra or {}
+    for name, allowed in _UNSUPPORTED.items():
+        if name in extra and extra[name] not in allowed:
+            raise InvalidRequest(f"'{name}' is not supported by this server", param=name, code="unsupported_parameter")
+
+
+def check_plain_messages(messages: list[ChatMessage]) -> None:
+    """For a backend that takes text conversations only: system, user and assistant turns of text."""
+    for i, message in enumerate(messages):
+        if message.role in ("tool", "function"):
+            raise InvalidRequest(f"Messages of role '{message.role}' are not supported", param=f"messages.{i}.role")
+        if message.content is None:
+            raise InvalidRequest("A message needs content", param=f"messages.{i}.content")
+        for j, part in enumerate(message.content if isinstance(message.content, list) else []):
+            if part.type != "text":
+                raise InvalidRequest(
+                    f"Content parts of type '{part.type}' are not supported", param=f"messages.{i}.content.{j}.type"
+                )
+            if part.text is None:
+                raise InvalidRequest(
+                    "A text part needs text", param=f"messages.{i}.content.{j}.text", code="missing_parameter"
+                )
 
 
 class ChatCompletionRequest(SamplingRequest):

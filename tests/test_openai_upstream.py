@@ -466,3 +466,44 @@ async def test_tool_calls_reasoning_and_logprobs_are_relayed_and_assembled_field
     deltas = [c["choices"][0]["delta"] for c in streamed if c["choices"]]
     sent = [c["choices"][0]["delta"] for c in (json.loads(e[6:]) for e in RICH.split(b"\n\n")[:-2]) if c["choices"]]
     assert deltas == sent  # every delta as the upstream sent it
+
+
+async def test_the_gateway_forwards_what_the_engine_behind_it_may_take(
+    make_client: ClientFactory, scripted: tuple[str, dict[str, Any]]
+) -> None:
+    """Tools, structured output, logprobs, penalties, vendor extensions, tool results and image parts are the
+    upstream's to accept or refuse: relayed as sent (only the model and streaming with usage are ours)."""
+    url, seen = scripted
+    proxy = await _proxy(make_client, url, upstream_model="llamacpp")
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+    messages: list[dict[str, Any]] = [
+        {
+            "role": "user",
+            "content": [{"type": "text", "text": "Look:"}, {"type": "image_url", "image_url": {"url": "x"}}],
+        },
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [{"id": "call_a", "type": "function", "function": {"name": "f", "arguments": "{}"}}],
+        },
+        {"role": "tool", "content": "42", "tool_call_id": "call_a"},
+    ]
+    extras = {
+        "tools": [tool],
+        "tool_choice": "auto",
+        "parallel_tool_calls": False,
+        "response_format": {"type": "json_schema", "json_schema": {"name": "a", "schema": {"type": "object"}}},
+        "logprobs": True,
+        "top_logprobs": 2,
+        "presence_penalty": 0.5,
+        "chat_template_kwargs": {"enable_thinking": False},
+        "guided_json": {"type": "object"},
+    }
+    resp = await proxy.post("/v1/chat/completions", json=_chat(messages=messages, **extras))
+    assert resp.status == 200, await resp.text()
+    sent = seen["bodies"][-1]
+    assert {name: sent[name] for name in extras} == extras
+    assert sent["messages"][0]["content"][1] == messages[0]["content"][1]
+    assert sent["messages"][1] == messages[1]  # its explicit null content included
+    assert sent["messages"][2] == messages[2]
+    assert sent["model"] == "llamacpp" and sent["stream"] is True

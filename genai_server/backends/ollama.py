@@ -30,6 +30,8 @@ from genai_server.protocol import (
     CompletionRequest,
     FinishReason,
     SamplingRequest,
+    check_plain_messages,
+    check_supported,
     new_id,
     now,
 )
@@ -73,6 +75,8 @@ class OllamaBackend(RelayBackend):
 
     async def chat(self, req: ChatCompletionRequest, stats: RequestTelemetry) -> Result:
         """``/api/chat``, as an OpenAI chat completion or chunk stream."""
+        check_supported(req)
+        check_plain_messages(req.messages)
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages]
         body = {"model": self._upstream_model, "messages": messages, "stream": True, "options": _options(req)}
         lines = await self._open("/api/chat", body, stats)
@@ -91,6 +95,7 @@ class OllamaBackend(RelayBackend):
 
     async def complete(self, req: CompletionRequest, stats: RequestTelemetry) -> Result:
         """``/api/generate`` with ``raw`` (no template), as an OpenAI text completion or chunk stream."""
+        check_supported(req)
         prompts = req.prompts()
         if len(prompts) != 1 or not isinstance(prompts[0], str):
             raise InvalidRequest("Ollama takes one text prompt per request", param="prompt")

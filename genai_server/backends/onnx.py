@@ -31,6 +31,8 @@ from genai_server.protocol import (
     ModelCard,
     SamplingRequest,
     as_float32,
+    check_plain_messages,
+    check_supported,
     engine_seed,
     new_id,
     now,
@@ -122,6 +124,8 @@ class OnnxBackend:
         self, req: ChatCompletionRequest, stats: RequestTelemetry
     ) -> ChatCompletion | AsyncGenerator[ChatCompletionChunk, None]:
         """A chat completion, or its chunk stream when ``req.stream``."""
+        check_supported(req)
+        check_plain_messages(req.messages)
         messages = [{"role": _template_role(m.role), "content": m.text()} for m in req.messages]
         self._check_text_size(sum(len(m["content"]) for m in messages), param="messages")
         prompt = await asyncio.to_thread(lambda: self.engine.encode(self.engine.apply_chat_template(messages)))
@@ -177,6 +181,7 @@ class OnnxBackend:
         self, req: CompletionRequest, stats: RequestTelemetry
     ) -> Completion | AsyncGenerator[Completion, None]:
         """A text completion (raw prompt, no template), or its chunk stream when ``req.stream``."""
+        check_supported(req)
         given = req.prompts()
         for prompt in given:  # checked before any tokenising
             if isinstance(prompt, list):
