@@ -27,9 +27,9 @@ import numpy as np
 import onnxruntime_genai as og
 
 from genai_server.errors import EngineFailure, ModelLoadingFailed, ShuttingDown
-from genai_server.scheduler import BatchScheduler, Delta, Job, KvBudget, SamplingOptions
+from genai_server.scheduler import BatchScheduler, Delta, GuidanceRejected, Job, KvBudget, SamplingOptions
 
-__all__ = ["FALLBACK_CHAT_TEMPLATE", "Delta", "EngineConfig", "OnnxEngine", "SamplingOptions"]
+__all__ = ["FALLBACK_CHAT_TEMPLATE", "Delta", "EngineConfig", "GuidanceRejected", "OnnxEngine", "SamplingOptions"]
 
 log = logging.getLogger(__name__)
 
@@ -159,6 +159,8 @@ class OnnxEngine:
             while not finished:
                 delta = await job.queue.get()
                 finished = delta.finish is not None or delta.error is not None
+                if delta.rejected is not None:
+                    raise GuidanceRejected(delta.rejected)
                 if delta.error is not None:
                     raise EngineFailure("the engine failed to generate a response")
                 yield delta

@@ -23,10 +23,11 @@ Nothing here may be called from any thread but the engine's owner thread.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Literal
@@ -55,11 +56,17 @@ class SamplingOptions:
     top_p: float = 1.0
     top_k: int = 0
     seed: int | None = None
+    guidance: tuple[str, str] | None = None  # (kind, data) for TurnOptions.set_guidance, e.g. a JSON schema
 
     @property
     def greedy(self) -> bool:
         """True when no sampling is needed."""
         return self.temperature == 0.0
+
+
+class GuidanceRejected(Exception):
+    """The engine could not build the grammar a sequence asked for (a schema it cannot compile): the request's
+    fault, not the engine's."""
 
 
 @dataclass(frozen=True)
@@ -72,6 +79,7 @@ class Delta:
     error: str | None = None
     admitted_at: float | None = None  # perf_counter() when the sequence left the queue, once known
     cached_tokens: int = 0  # prompt tokens whose KV cache was reused, not prefilled again
+    rejected: str | None = None  # with ``error``: why the engine refused the sequence's guidance
 
 
 @dataclass(eq=False)  # identity, not field equality: jobs hold numpy arrays
@@ -368,7 +376,10 @@ class BatchScheduler:
             opts.set_top_p(job.options.top_p)
             opts.set_top_k(job.options.top_k)
         try:
-            job.turn_id = request.begin_turn(job.prompt[job.cached_tokens :], opts)
+            with _guidance_errors(job.options):
+                if job.options.guidance is not None:
+                    opts.set_guidance(*job.options.guidance)
+                job.turn_id = request.begin_turn(job.prompt[job.cached_tokens :], opts)
         except BaseException:
             _close(request)  # its turn never began: nothing to cancel, only to free
             raise
@@ -438,7 +449,10 @@ class BatchScheduler:
             top_k=job.options.top_k,
             random_seed=job.options.seed,
         )
-        job.generator = og.Generator(self._model, params)
+        with _guidance_errors(job.options):
+            if job.options.guidance is not None:
+                params.set_guidance(*job.options.guidance)
+            job.generator = og.Generator(self._model, params)
         job.admitted_at = time.perf_counter()
         self._generators.append(job)
 
@@ -519,12 +533,30 @@ class BatchScheduler:
         ``cancel`` never raises, so this error path cannot take the owner thread down with it."""
         try:
             action()
+        except GuidanceRejected as exc:
+            log.info("guidance refused by the engine: %s", exc)
+            for job in concerned:
+                if not job.done:
+                    self.cancel(job)
+                    self._send(job, Delta("", 0, error="guidance", rejected=str(exc)))
         except Exception as exc:  # one failure must not stop the owner thread
             log.exception("engine step failed")
             for job in concerned:
                 if not job.done:
                     self.cancel(job)
                     self._send(job, Delta("", 0, error=type(exc).__name__))
+
+
+@contextlib.contextmanager
+def _guidance_errors(options: SamplingOptions) -> Iterator[None]:
+    """The engine builds a sequence's grammar when its turn begins and raises "Error creating grammar: ..." for a
+    schema it cannot compile (measured: unknown types, dangling $ref, bad patterns): that is a GuidanceRejected."""
+    try:
+        yield
+    except RuntimeError as exc:
+        if options.guidance is not None and "grammar" in str(exc):
+            raise GuidanceRejected(str(exc)) from exc
+        raise
 
 
 def _close(request: Any) -> None:

@@ -78,10 +78,10 @@ BAD_CHAT_BODIES: list[tuple[Any, int, str, str | None]] = [
         "tools",
     ),
     (
-        {"model": MODEL_ID, "messages": MSG, "response_format": {"type": "json_object"}},
+        {"model": MODEL_ID, "messages": MSG, "response_format": {"type": "yaml"}},
         400,
-        "unsupported_parameter",
-        "response_format",
+        "invalid_parameter",
+        "response_format.type",
     ),
     ({"model": MODEL_ID, "messages": MSG, "presence_penalty": 0.5}, 400, "unsupported_parameter", "presence_penalty"),
     ({"model": MODEL_ID, "messages": MSG, "frequency_penalty": 1}, 400, "unsupported_parameter", "frequency_penalty"),

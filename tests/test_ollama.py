@@ -149,6 +149,10 @@ async def test_ollama_errors_and_limits(make_client: ClientFactory, ollama: tupl
     resp = await client.post("/v1/chat/completions", json=_chat(n=2))
     assert resp.status == 400
     assert (await resp.json())["error"]["param"] == "n"
+    for extra in ({"response_format": {"type": "json_object"}}, {"tools": [{"type": "function"}]}):
+        resp = await client.post("/v1/chat/completions", json=_chat(**extra))
+        assert resp.status == 400  # refused, never silently dropped
+        assert (await resp.json())["error"]["code"] == "unsupported_parameter"
 
     broken = await _client(make_client, url, upstream_model="broken")
     resp = await broken.post("/v1/chat/completions", json=_chat(stream=True))

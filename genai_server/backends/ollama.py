@@ -76,6 +76,7 @@ class OllamaBackend(RelayBackend):
     async def chat(self, req: ChatCompletionRequest, stats: RequestTelemetry) -> Result:
         """``/api/chat``, as an OpenAI chat completion or chunk stream."""
         check_supported(req)
+        _no_response_format(req)
         check_plain_messages(req.messages)
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages]
         body = {"model": self._upstream_model, "messages": messages, "stream": True, "options": _options(req)}
@@ -96,6 +97,7 @@ class OllamaBackend(RelayBackend):
     async def complete(self, req: CompletionRequest, stats: RequestTelemetry) -> Result:
         """``/api/generate`` with ``raw`` (no template), as an OpenAI text completion or chunk stream."""
         check_supported(req)
+        _no_response_format(req)
         prompts = req.prompts()
         if len(prompts) != 1 or not isinstance(prompts[0], str):
             raise InvalidRequest("Ollama takes one text prompt per request", param="prompt")
@@ -271,3 +273,13 @@ async def _collect(
         texts.append(text)
         finish = done or finish
     return "".join(texts), finish
+
+
+def _no_response_format(req: SamplingRequest) -> None:
+    """Ollama's own ``format`` is not translated yet: structured output is refused rather than silently dropped."""
+    if req.response_format is not None and req.response_format.type != "text":
+        raise InvalidRequest(
+            "'response_format' is not supported by the ollama backend",
+            param="response_format",
+            code="unsupported_parameter",
+        )

@@ -73,7 +73,7 @@ class OpenAIUpstream(RelayBackend):
         self, path: str, req: SamplingRequest, stats: RequestTelemetry, kind: str, *, choices: int
     ) -> Result:
         # What the client set, as it set it (explicit nulls too, every field we do not know): the upstream decides.
-        body = req.model_dump(exclude_unset=True)
+        body = req.model_dump(exclude_unset=True, by_alias=True)
         body.update(model=self._upstream_model, stream=True, stream_options={"include_usage": True})
         response = await self._upstream.post(path, body)
         stats.on_admitted(time.perf_counter())  # our part of the wait ends when the upstream has the request
