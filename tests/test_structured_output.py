@@ -110,3 +110,16 @@ async def test_a_schema_the_engine_cannot_compile_is_400_naming_response_format(
     assert bad.status == 400 and (await bad.json())["error"]["param"] == "response_format"
     ok = await client.post("/v1/chat/completions", json=chat_body(response_format={"type": "text"}))
     assert ok.status == 200  # the server still serves
+
+
+async def test_stop_strings_cut_a_constrained_answer_as_they_cut_any_other(client: Any) -> None:
+    """Stop strings are the server's: the constrained text is cut before the stop, which is not returned."""
+    fmt = _schema_format(BOUNDED)
+    whole = _content(
+        await (await client.post("/v1/chat/completions", json=chat_body(max_tokens=120, response_format=fmt))).json()
+    )
+    cut = await (
+        await client.post("/v1/chat/completions", json=chat_body(max_tokens=120, response_format=fmt, stop=['"mood"']))
+    ).json()
+    assert cut["choices"][0]["finish_reason"] == "stop"
+    assert _content(cut) == whole[: whole.index('"mood"')]
