@@ -19,6 +19,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import onnxruntime_genai as og
 
@@ -33,19 +34,7 @@ def rss_mb() -> float:
 
 def one_stream(engine: og.Engine, prompt: list[int], tokens: int) -> tuple[int, float]:
     """Generate greedily; returns (tokens, seconds from submit to the last token)."""
-    buf = engine.create_event_buffer(64)
-    start = time.perf_counter()
-    request = engine.create_request()
-    opts = og.TurnOptions(request)
-    opts.set_max_generated_tokens(tokens)
-    opts.set_do_sample(False)
-    request.begin_turn(prompt, opts)
-    n = 0
-    while engine.has_pending_requests():
-        n += sum(1 for ev in engine.run(buf) if ev.flags & og.EngineEventFlags.TOKEN)
-    elapsed = time.perf_counter() - start
-    request.close()
-    return n, elapsed
+    return batch(engine, prompt, tokens, 1)
 
 
 def batch(engine: og.Engine, prompt: list[int], tokens: int, streams: int) -> tuple[int, float]:
@@ -73,14 +62,7 @@ def batch(engine: og.Engine, prompt: list[int], tokens: int, streams: int) -> tu
 def engine_figures(path: Path, prompt: str, long_prompt: str, tokens: int, levels: list[int]) -> dict[str, float]:
     """What the engine alone reaches, in the server's settings (batch 8, its threads): aggregate tokens/s for each
     number of streams, and prefill tokens/s of ``long_prompt`` (one token generated)."""
-    config = og.Config(str(path))
-    threads = len(os.sched_getaffinity(0))
-    overlay = {
-        "model": {"decoder": {"session_options": {"intra_op_num_threads": threads}}},
-        "engine": {"static_batching": {"max_batch_size": 8}},
-    }
-    config.overlay(json.dumps(overlay))
-    model = og.Model(config)
+    model = load_model(path, max_batch=8)
     tokenizer = og.Tokenizer(model)
     engine = og.Engine(model)
     ids = [int(t) for t in tokenizer.encode(prompt)]
@@ -95,12 +77,16 @@ def engine_figures(path: Path, prompt: str, long_prompt: str, tokens: int, level
     return figures
 
 
-def load_model(path: Path) -> og.Model:
+def load_model(path: Path, max_batch: int | None = None) -> og.Model:
     """The model as the server loads it by default: one intra-op thread per CPU this process may use
-    (ENGINE_THREADS), so the baseline and the server compute on the same cores."""
+    (ENGINE_THREADS), so the baseline and the server compute on the same cores; and, if given, the Engine's static
+    batch size."""
     config = og.Config(str(path))
     threads = len(os.sched_getaffinity(0))
-    config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": threads}}}}))
+    overlay: dict[str, Any] = {"model": {"decoder": {"session_options": {"intra_op_num_threads": threads}}}}
+    if max_batch is not None:
+        overlay["engine"] = {"static_batching": {"max_batch_size": max_batch}}
+    config.overlay(json.dumps(overlay))
     return og.Model(config)
 
 

@@ -11,28 +11,14 @@ and one Generator with batch_size=N.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import time
 from pathlib import Path
 
 import numpy as np
 import onnxruntime_genai as og
+from bare import load_model
 
 PROMPT = (np.arange(64, dtype=np.int32) % 200) + 3
-
-
-def load(path: Path, max_batch: int) -> og.Model:
-    """The model with the Engine's static batch size set to ``max_batch``, on as many threads as the server uses
-    (ENGINE_THREADS' default: every CPU this process may run on)."""
-    config = og.Config(str(path))
-    threads = len(os.sched_getaffinity(0))
-    overlay = {
-        "engine": {"static_batching": {"max_batch_size": max_batch}},
-        "model": {"decoder": {"session_options": {"intra_op_num_threads": threads}}},
-    }
-    config.overlay(json.dumps(overlay))
-    return og.Model(config)
 
 
 def engines(model: og.Model, streams: int, tokens: int, lanes: int = 1) -> float:
@@ -76,13 +62,13 @@ def main() -> None:
     parser.add_argument("model", type=Path)
     parser.add_argument("--tokens", type=int, default=128)
     args = parser.parse_args()
-    model = load(args.model, 8)
+    model = load_model(args.model, 8)
     engines(model, 1, 8)  # warm-up: the first run pays for allocations and thread start-up
     base = engines(model, 1, args.tokens)
     rows = [("Engine, 1 stream", base)]
     for n in (2, 4, 8):
         rows.append((f"Engine batch 8, {n} streams", engines(model, n, args.tokens)))
-    model4 = load(args.model, 4)
+    model4 = load_model(args.model, 4)
     rows.append(("Engine batch 4, 8 streams (two batches in a row)", engines(model4, 8, args.tokens)))
     rows.append(("2 Engines of batch 4, 8 streams stepped in turn", engines(model4, 8, args.tokens, lanes=2)))
     for n in (1, 4, 8):
