@@ -292,7 +292,7 @@ class BatchScheduler:
     def _make_room(self, needed: int) -> int:
         """Free KV bytes after dropping kept sequences, least recently used first, until ``needed`` fit."""
         free = self._free_kv_bytes()
-        for lane in sorted(self._kept_lanes(), key=lambda lane: lane.kept.used_at if lane.kept else 0.0):
+        for lane in self._kept_lru():
             if free >= needed:
                 break
             self._evict(lane)
@@ -301,6 +301,10 @@ class BatchScheduler:
 
     def _kept_lanes(self) -> list[Lane]:
         return [lane for lane in self._lanes if lane.kept is not None and lane.idle]
+
+    def _kept_lru(self) -> list[Lane]:
+        """Lanes keeping a finished sequence, least recently used first: the order they are dropped in."""
+        return sorted(self._kept_lanes(), key=lambda lane: lane.kept.used_at if lane.kept else 0.0)
 
     def _evict(self, lane: Lane) -> None:
         if lane.kept is not None:
@@ -433,7 +437,7 @@ class BatchScheduler:
         _close(job.request)
 
     def _limit_kept(self) -> None:
-        kept = sorted(self._kept_lanes(), key=lambda lane: lane.kept.used_at if lane.kept else 0.0)
+        kept = self._kept_lru()
         for lane in kept[: max(0, len(kept) - self._max_kept)]:
             self._evict(lane)
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from genai_server.backends import usage
-from genai_server.engine import Delta, GuidanceRejected, OnnxEngine, SamplingOptions
+from genai_server.engine import GuidanceRejected, OnnxEngine, SamplingOptions
 from genai_server.errors import ContextLengthExceeded, InvalidRequest, ShuttingDown
 from genai_server.protocol import (
     AssistantMessage,
@@ -312,7 +312,7 @@ class OnnxBackend:
         matcher = StopMatcher(seq.stops)
         stream = self.engine.generate(seq.prompt, seq.options)
         try:
-            async for delta in _refused_guidance_is_400(stream):
+            async for delta in stream:
                 if delta.admitted_at is not None:
                     stats.on_admitted(delta.admitted_at)
                 if delta.cached_tokens > cached.get(id(seq.prompt), 0):
@@ -328,6 +328,8 @@ class OnnxBackend:
                     yield Piece(seq.index, text + matcher.flush(), delta.tokens, delta.finish)
                     return
                 yield Piece(seq.index, text, delta.tokens)
+        except GuidanceRejected as exc:  # a schema the engine cannot compile is the client's error
+            raise InvalidRequest(f"response_format cannot be followed: {exc}", param="response_format") from None
         finally:
             await stream.aclose()
 
@@ -361,17 +363,6 @@ async def _merge(streams: list[AsyncGenerator[Piece, None]]) -> AsyncGenerator[P
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-
-
-async def _refused_guidance_is_400(deltas: AsyncGenerator[Delta, None]) -> AsyncGenerator[Delta, None]:
-    """A schema the engine cannot compile is the client's error: 400 naming ``response_format``."""
-    try:
-        async for delta in deltas:
-            yield delta
-    except GuidanceRejected as exc:
-        raise InvalidRequest(f"response_format cannot be followed: {exc}", param="response_format") from None
-    finally:
-        await deltas.aclose()
 
 
 def _sampling(req: SamplingRequest, max_tokens: int, vocab_size: int) -> SamplingOptions:
