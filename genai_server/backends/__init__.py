@@ -31,6 +31,12 @@ def usage(stats: RequestTelemetry) -> Usage:
     )
 
 
+def accounting(stats: RequestTelemetry) -> dict[str, Any]:
+    """What a whole response, or a stream's last chunk, reports of its request: usage, and our figures under both
+    names (``metrics``, and ``performance`` as the original design called them)."""
+    return {"usage": usage(stats), "metrics": stats.metrics(), "performance": stats.performance()}
+
+
 class Backend(Protocol):
     """One engine behind the API. It owns what it holds (an engine, an HTTP session) from ``start`` to ``close``."""
 

@@ -14,7 +14,7 @@ from typing import Any
 import aiohttp
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from genai_server.backends import Response, Result, usage
+from genai_server.backends import Response, Result, accounting
 from genai_server.backends.upstream import RelayBackend, UpstreamClient, error_message, parse_event, stream_faults
 from genai_server.errors import InvalidRequest, UpstreamError
 from genai_server.protocol import (
@@ -89,9 +89,7 @@ class OllamaBackend(RelayBackend):
             created=now(),
             model=self.model_id,
             choices=[ChatChoice(index=0, message=AssistantMessage(content=text), finish_reason=finish)],
-            usage=usage(stats),
-            metrics=stats.metrics(),
-            performance=stats.performance(),
+            **accounting(stats),
         )
 
     async def complete(self, req: CompletionRequest, stats: RequestTelemetry) -> Result:
@@ -117,9 +115,7 @@ class OllamaBackend(RelayBackend):
             created=now(),
             model=self.model_id,
             choices=[CompletionChoice(index=0, text=text, finish_reason=finish)],
-            usage=usage(stats),
-            metrics=stats.metrics(),
-            performance=stats.performance(),
+            **accounting(stats),
         )
 
     async def _open(
@@ -147,9 +143,7 @@ class OllamaBackend(RelayBackend):
             if finish:
                 yield chunk(ChatChunkChoice(index=0, delta=ChatDelta(), finish_reason=finish))
         if req.include_usage or self._always_usage:
-            final = chunk(None)
-            final.usage, final.metrics, final.performance = usage(stats), stats.metrics(), stats.performance()
-            yield final
+            yield chunk(None).model_copy(update=accounting(stats))
 
     async def _completion_chunks(
         self, lines: AsyncGenerator[dict[str, Any], None], req: SamplingRequest, stats: RequestTelemetry
@@ -169,9 +163,7 @@ class OllamaBackend(RelayBackend):
                 created=created,
                 model=self.model_id,
                 choices=[],
-                usage=usage(stats),
-                metrics=stats.metrics(),
-                performance=stats.performance(),
+                **accounting(stats),
             )
 
 

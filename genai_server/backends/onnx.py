@@ -15,7 +15,7 @@ from contextlib import aclosing
 from dataclasses import dataclass, replace
 from typing import Any
 
-from genai_server.backends import usage
+from genai_server.backends import accounting
 from genai_server.engine import GuidanceRejected, OnnxEngine, SamplingOptions
 from genai_server.errors import ContextLengthExceeded, InvalidRequest, ShuttingDown
 from genai_server.protocol import (
@@ -146,9 +146,7 @@ class OnnxBackend:
             created=now(),
             model=self.model_id,
             choices=choices,
-            usage=usage(stats),
-            metrics=stats.metrics(),
-            performance=stats.performance(),
+            **accounting(stats),
         )
 
     async def _chat_stream(
@@ -173,9 +171,7 @@ class OnnxBackend:
                 created=created,
                 model=self.model_id,
                 choices=[],
-                usage=usage(stats),
-                metrics=stats.metrics(),
-                performance=stats.performance(),
+                **accounting(stats),
             )
 
     # ---- completions -------------------------------------------------------------------
@@ -205,9 +201,7 @@ class OnnxBackend:
             created=now(),
             model=self.model_id,
             choices=choices,
-            usage=usage(stats),
-            metrics=stats.metrics(),
-            performance=stats.performance(),
+            **accounting(stats),
         )
 
     async def _complete_stream(
@@ -225,9 +219,7 @@ class OnnxBackend:
                 created=created,
                 model=self.model_id,
                 choices=[],
-                usage=usage(stats),
-                metrics=stats.metrics(),
-                performance=stats.performance(),
+                **accounting(stats),
             )
 
     # ---- shared ------------------------------------------------------------------------
