@@ -86,6 +86,7 @@ class OnnxEngine:
         self.vocab_size = 0
         self.eos_token_ids: frozenset[int] = frozenset()
         self.has_chat_template = False
+        self.chat_template = FALLBACK_CHAT_TEMPLATE  # its source: it decides how the model writes tool calls
 
     # ---- lifecycle (event loop side) ---------------------------------------------------
 
@@ -125,13 +126,17 @@ class OnnxEngine:
         with self._tokenizer_lock:
             return [int(t) for t in self._live_tokenizer().encode(text)]
 
-    def apply_chat_template(self, messages: list[dict[str, str]]) -> str:
-        """Render the conversation with the model's template (a Phi-3-style one when it has none)."""
+    def apply_chat_template(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> str:
+        """Render the conversation, and the tools if any, with the model's template (a Phi-3-style one when it has
+        none)."""
         template = None if self.has_chat_template else FALLBACK_CHAT_TEMPLATE
         with self._tokenizer_lock:
             return str(
                 self._live_tokenizer().apply_chat_template(
-                    json.dumps(messages), template_str=template, add_generation_prompt=True
+                    json.dumps(messages),
+                    template_str=template,
+                    tools=json.dumps(tools) if tools else "",
+                    add_generation_prompt=True,
                 )
             )
 
@@ -237,7 +242,9 @@ class OnnxEngine:
         self._tokenizer = og.Tokenizer(self._model)
         self.max_token_bytes = _max_token_bytes(self._tokenizer, self.vocab_size)
         self.eos_token_ids = frozenset(int(t) for t in self._tokenizer.eos_token_ids)
-        self.has_chat_template = _has_chat_template(self.model_path)
+        template = _chat_template(self.model_path)
+        self.has_chat_template = template is not None
+        self.chat_template = template or FALLBACK_CHAT_TEMPLATE
         return BatchScheduler(
             self._model,
             self._tokenizer,
@@ -326,10 +333,15 @@ def _max_token_bytes(tokenizer: Any, vocab_size: int) -> int:
     )
 
 
-def _has_chat_template(model_path: Path) -> bool:
-    if (model_path / "chat_template.jinja").is_file():
-        return True
+def _chat_template(model_path: Path) -> str | None:
+    """The template the runtime renders with: chat_template.jinja, else tokenizer_config.json's."""
+    jinja = model_path / "chat_template.jinja"
+    if jinja.is_file():
+        return jinja.read_text()
     config_file = model_path / "tokenizer_config.json"
     if not config_file.is_file():
-        return False
-    return bool(json.loads(config_file.read_text()).get("chat_template"))
+        return None
+    template = json.loads(config_file.read_text()).get("chat_template")
+    if isinstance(template, list):  # several named templates: the runtime uses the default one
+        template = next((t.get("template") for t in template if t.get("name") == "default"), None)
+    return template if isinstance(template, str) and template else None

@@ -21,18 +21,15 @@ from genai_server.telemetry import Performance, RequestMetrics
 
 log = logging.getLogger(__name__)
 
-FinishReason = Literal["stop", "length"]
+FinishReason = Literal["stop", "length", "tool_calls"]
 
 # Parameters the OpenAI API defines that this engine cannot honour, with the
 # values that mean "off" (and so are accepted). Anything else is a 400.
 _UNSUPPORTED: dict[str, tuple[Any, ...]] = {
     "logprobs": (None, False),
     "top_logprobs": (None, 0),
-    "tools": (None, []),
-    "tool_choice": (None, "none"),
     "functions": (None, []),
     "function_call": (None, "none"),
-    "parallel_tool_calls": (None,),
     "presence_penalty": (None, 0, 0.0),
     "frequency_penalty": (None, 0, 0.0),
     "logit_bias": (None, {}),
@@ -174,14 +171,59 @@ class ContentPart(BaseModel):
     text: str | None = None
 
 
+class FunctionCall(BaseModel):
+    """A function call: in an assistant message of the history, and in a response's ``tool_calls``."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+    name: str
+    arguments: str
+
+
+class MessageToolCall(BaseModel):
+    """A call the assistant made earlier in the conversation."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+    id: str | None = None
+    type: str = "function"
+    function: FunctionCall
+
+
+class FunctionDefinition(BaseModel):
+    """``tools[].function``: what the model may call, with its parameters' JSON schema."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+    name: str = Field(min_length=1)
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class Tool(BaseModel):
+    """One entry of ``tools``. Types other than ``function`` are relayed to an upstream that may know them."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+    type: str
+    function: FunctionDefinition | None = None
+
+
+class NamedToolChoice(BaseModel):
+    """``tool_choice`` naming the one function to call."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+    type: str
+    function: dict[str, Any] | None = None
+
+
 class ChatMessage(BaseModel):
     """One message of the conversation, in every shape the OpenAI API allows (tool calls and their results too);
     what a backend cannot take, it refuses."""
 
     model_config = ConfigDict(extra="allow", strict=True)
     role: Literal["system", "developer", "user", "assistant", "tool", "function"]
-    content: str | list[ContentPart] | None
+    content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: list[MessageToolCall] | None = None
+    tool_call_id: str | None = None
 
     def text(self) -> str:
         """The content as one string (text parts are joined as the OpenAI API does)."""
@@ -204,8 +246,16 @@ def check_plain_messages(messages: list[ChatMessage]) -> None:
     for i, message in enumerate(messages):
         if message.role in ("tool", "function"):
             raise InvalidRequest(f"Messages of role '{message.role}' are not supported", param=f"messages.{i}.role")
-        if message.content is None:
-            raise InvalidRequest("A message needs content", param=f"messages.{i}.content")
+        if message.tool_calls:
+            raise InvalidRequest("Tool calls are not supported", param=f"messages.{i}.tool_calls")
+    check_text_messages(messages)
+
+
+def check_text_messages(messages: list[ChatMessage]) -> None:
+    """Every message is text (parts of type ``text``); only an assistant message that calls tools may have none."""
+    for i, message in enumerate(messages):
+        if message.content is None and not (message.role == "assistant" and message.tool_calls):
+            raise InvalidRequest("A message needs content", param=f"messages.{i}.content", code="missing_parameter")
         for j, part in enumerate(message.content if isinstance(message.content, list) else []):
             if part.type != "text":
                 raise InvalidRequest(
@@ -222,6 +272,15 @@ class ChatCompletionRequest(SamplingRequest):
 
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
+    tools: list[Tool] | None = Field(None, max_length=128)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+
+    @model_validator(mode="after")
+    def _check_tool_choice(self) -> ChatCompletionRequest:
+        if self.tool_choice not in (None, "none") and not self.tools:
+            raise InvalidRequest("tool_choice is only allowed when tools are specified", param="tool_choice")
+        return self
 
     @property
     def limit(self) -> int | None:
@@ -289,12 +348,22 @@ class Usage(BaseModel):
     prompt_tokens_details: PromptTokensDetails | None = Field(None, exclude_if=_is_none)
 
 
+class ToolCallOut(BaseModel):
+    """A call the model made, in a whole response."""
+
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class AssistantMessage(BaseModel):
-    """The generated message of a chat choice."""
+    """The generated message of a chat choice: text, tool calls, or both (``content`` is null when there is only
+    calls, as OpenAI writes it)."""
 
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
     refusal: None = None
+    tool_calls: list[ToolCallOut] | None = Field(None, exclude_if=_is_none)
 
 
 class ChatChoice(BaseModel):
@@ -319,11 +388,28 @@ class ChatCompletion(BaseModel):
     performance: Performance | None = None
 
 
+class FunctionDelta(BaseModel):
+    """A piece of a streamed call: its name in the first piece, then its arguments."""
+
+    name: str | None = Field(None, exclude_if=_is_none)
+    arguments: str
+
+
+class ToolCallDelta(BaseModel):
+    """A streamed call's piece: the first carries its id, type and name, the next ones its arguments."""
+
+    index: int
+    id: str | None = Field(None, exclude_if=_is_none)
+    type: Literal["function"] | None = Field(None, exclude_if=_is_none)
+    function: FunctionDelta
+
+
 class ChatDelta(BaseModel):
     """What one chunk adds to a chat choice (absent fields are left out, as OpenAI does)."""
 
     role: Literal["assistant"] | None = Field(None, exclude_if=_is_none)
     content: str | None = Field(None, exclude_if=_is_none)
+    tool_calls: list[ToolCallDelta] | None = Field(None, exclude_if=_is_none)
 
 
 class ChatChunkChoice(BaseModel):

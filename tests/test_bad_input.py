@@ -8,6 +8,7 @@ import pytest
 
 from tests.conftest import MODEL_ID, chat_body
 
+TOOL = {"type": "function", "function": {"name": "lookup", "parameters": {"type": "object"}}}
 MSG = [{"role": "user", "content": "hi"}]
 
 # (body, expected status, expected code, expected param)
@@ -30,11 +31,36 @@ BAD_CHAT_BODIES: list[tuple[Any, int, str, str | None]] = [
         "invalid_parameter",
         "messages.0.content.0.type",
     ),
+    ({"model": MODEL_ID, "messages": MSG, "tool_choice": "required"}, 400, "invalid_parameter", "tool_choice"),
     (
-        {"model": MODEL_ID, "messages": [{"role": "tool", "content": "x", "tool_call_id": "1"}]},
+        {"model": MODEL_ID, "messages": MSG, "tools": [TOOL], "tool_choice": {"type": "function", "function": {}}},
         400,
         "invalid_parameter",
-        "messages.0.role",
+        "tool_choice",
+    ),
+    (
+        {
+            "model": MODEL_ID,
+            "messages": MSG,
+            "tools": [TOOL],
+            "tool_choice": {"type": "function", "function": {"name": "other"}},
+        },
+        400,
+        "invalid_parameter",
+        "tool_choice",
+    ),
+    ({"model": MODEL_ID, "messages": MSG, "tools": [{"type": "custom"}]}, 400, "unsupported_parameter", "tools.0.type"),
+    (
+        {"model": MODEL_ID, "messages": MSG, "tools": [{"type": "function", "function": {"name": "a b"}}]},
+        400,
+        "invalid_parameter",
+        "tools.0.function.name",
+    ),
+    (
+        {"model": MODEL_ID, "messages": [{"role": "assistant", "tool_calls": [{"function": {"name": "f"}}]}]},
+        400,
+        "missing_parameter",
+        "messages.0.tool_calls.0.function.arguments",
     ),
     ({"model": 7, "messages": MSG}, 400, "invalid_parameter", "model"),
     ({"model": MODEL_ID, "messages": MSG, "max_tokens": 0}, 400, "invalid_parameter", "max_tokens"),
@@ -71,12 +97,6 @@ BAD_CHAT_BODIES: list[tuple[Any, int, str, str | None]] = [
         "stream_options",
     ),
     ({"model": MODEL_ID, "messages": MSG, "logprobs": True}, 400, "unsupported_parameter", "logprobs"),
-    (
-        {"model": MODEL_ID, "messages": MSG, "tools": [{"type": "function", "function": {"name": "f"}}]},
-        400,
-        "unsupported_parameter",
-        "tools",
-    ),
     (
         {"model": MODEL_ID, "messages": MSG, "response_format": {"type": "yaml"}},
         400,

@@ -15,6 +15,7 @@ import aiohttp
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from genai_server.backends import Response, Result, accounting
+from genai_server.backends.choices import ChoiceWriter, Piece
 from genai_server.backends.upstream import RelayBackend, UpstreamClient, error_message, parse_event, stream_faults
 from genai_server.errors import InvalidRequest, UpstreamError
 from genai_server.protocol import (
@@ -24,7 +25,6 @@ from genai_server.protocol import (
     ChatCompletion,
     ChatCompletionChunk,
     ChatCompletionRequest,
-    ChatDelta,
     Completion,
     CompletionChoice,
     CompletionRequest,
@@ -77,6 +77,7 @@ class OllamaBackend(RelayBackend):
         """``/api/chat``, as an OpenAI chat completion or chunk stream."""
         check_supported(req)
         _no_response_format(req)
+        _no_tools(req)
         check_plain_messages(req.messages)
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages]
         body = {"model": self._upstream_model, "messages": messages, "stream": True, "options": _options(req)}
@@ -136,12 +137,10 @@ class OllamaBackend(RelayBackend):
                 id=chunk_id, created=created, model=self.model_id, choices=[choice] if choice else []
             )
 
-        yield chunk(ChatChunkChoice(index=0, delta=ChatDelta(role="assistant", content="")))
+        writer = ChoiceWriter(0, None)
         async for text, finish in _pieces(lines, stats, "message"):
-            if text:
-                yield chunk(ChatChunkChoice(index=0, delta=ChatDelta(content=text)))
-            if finish:
-                yield chunk(ChatChunkChoice(index=0, delta=ChatDelta(), finish_reason=finish))
+            for choice in writer.choices(Piece(0, text, 0, finish)):
+                yield chunk(choice)
         if req.include_usage or self._always_usage:
             yield chunk(None).model_copy(update=accounting(stats))
 
@@ -274,4 +273,13 @@ def _no_response_format(req: SamplingRequest) -> None:
             "'response_format' is not supported by the ollama backend",
             param="response_format",
             code="unsupported_parameter",
+        )
+
+
+def _no_tools(req: ChatCompletionRequest) -> None:
+    """Ollama's native tool calling is not translated yet: tools are refused rather than silently dropped (a
+    ``tool_choice`` of ``none`` with them asks for nothing and is accepted)."""
+    if req.tools and req.tool_choice != "none":
+        raise InvalidRequest(
+            "'tools' is not supported by the ollama backend", param="tools", code="unsupported_parameter"
         )

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import time
 from collections.abc import AsyncGenerator, Callable, Sequence
 from contextlib import aclosing
@@ -16,44 +17,35 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from genai_server.backends import accounting
+from genai_server.backends.choices import ChoiceWriter, Piece, chat_choice
 from genai_server.engine import GuidanceRejected, OnnxEngine, SamplingOptions
 from genai_server.errors import ContextLengthExceeded, InvalidRequest, ShuttingDown
 from genai_server.protocol import (
-    AssistantMessage,
-    ChatChoice,
-    ChatChunkChoice,
     ChatCompletion,
     ChatCompletionChunk,
     ChatCompletionRequest,
-    ChatDelta,
+    ChatMessage,
     Completion,
     CompletionChoice,
     CompletionRequest,
     FinishReason,
     ModelCard,
+    NamedToolChoice,
     ResponseFormat,
     SamplingRequest,
+    Tool,
     as_float32,
-    check_plain_messages,
     check_supported,
+    check_text_messages,
     engine_seed,
     new_id,
     now,
 )
 from genai_server.stop_strings import StopMatcher
 from genai_server.telemetry import RequestTelemetry
+from genai_server.tool_calls import CallFormat, CallReader, Choice, Function, describe_tools, detect_format
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Piece:
-    """New text of one choice; ``finish`` is set on the choice's last piece."""
-
-    index: int
-    text: str
-    tokens: int
-    finish: FinishReason | None = None
 
 
 @dataclass(frozen=True)
@@ -64,6 +56,7 @@ class _Sequence:
     prompt: list[int]
     options: SamplingOptions
     stops: list[str]
+    guided: str = "response_format"  # the parameter whose grammar it follows: what a refused grammar is blamed on
 
 
 class OnnxBackend:
@@ -128,43 +121,44 @@ class OnnxBackend:
     ) -> ChatCompletion | AsyncGenerator[ChatCompletionChunk, None]:
         """A chat completion, or its chunk stream when ``req.stream``."""
         check_supported(req)
-        check_plain_messages(req.messages)
-        messages = [{"role": _template_role(m.role), "content": m.text()} for m in req.messages]
-        self._check_text_size(sum(len(m["content"]) for m in messages), param="messages")
-        prompt = await asyncio.to_thread(lambda: self.engine.encode(self.engine.apply_chat_template(messages)))
-        seqs = self._plan(req, [prompt], param="messages")
+        check_text_messages(req.messages)
+        fmt, knows_tools = detect_format(self.engine.chat_template)
+        tools = _tool_use(req, fmt)
+        messages = _template_messages(req, fmt, knows_tools)
+        rendered = [t.model_dump(exclude_none=True) for t in req.tools or []] if knows_tools else None
+        size = sum(len(m["content"]) for m in messages) + len(json.dumps(rendered or []))
+        self._check_text_size(size, param="messages")
+        prompt = await asyncio.to_thread(
+            lambda: self.engine.encode(self.engine.apply_chat_template(messages, rendered))
+        )
+        seqs = self._plan(req, [prompt], param="messages", tools=tools)
         stats.prompt_tokens = len(prompt)
+        readers = {s.index: CallReader(fmt) if tools and tools.parse else None for s in seqs}
         if req.stream:
-            return self._chat_stream(req, seqs, stats)
+            return self._chat_stream(req, seqs, stats, readers)
         pieces = await self._collect(seqs, stats)
-        choices = [
-            ChatChoice(index=i, message=AssistantMessage(content=text), finish_reason=finish)
-            for i, (text, finish) in enumerate(pieces)
-        ]
         return ChatCompletion(
             id=new_id("chatcmpl"),
             created=now(),
             model=self.model_id,
-            choices=choices,
+            choices=[chat_choice(i, text, finish, readers[i]) for i, (text, finish) in enumerate(pieces)],
             **accounting(stats),
         )
 
     async def _chat_stream(
-        self, req: ChatCompletionRequest, seqs: list[_Sequence], stats: RequestTelemetry
+        self,
+        req: ChatCompletionRequest,
+        seqs: list[_Sequence],
+        stats: RequestTelemetry,
+        readers: dict[int, CallReader | None],
     ) -> AsyncGenerator[ChatCompletionChunk, None]:
         chunk_id, created = new_id("chatcmpl"), now()
-
-        def chunk(choices: list[ChatChunkChoice]) -> ChatCompletionChunk:
-            return ChatCompletionChunk(id=chunk_id, created=created, model=self.model_id, choices=choices)
-
-        yield chunk([ChatChunkChoice(index=s.index, delta=ChatDelta(role="assistant", content="")) for s in seqs])
+        writers = {i: ChoiceWriter(i, reader) for i, reader in readers.items()}
         # aclosing: a client that leaves closes this generator, and that must reach the engine now.
         async with aclosing(self._run(seqs, stats)) as pieces:
             async for piece in pieces:
-                if piece.text:
-                    yield chunk([ChatChunkChoice(index=piece.index, delta=ChatDelta(content=piece.text))])
-                if piece.finish:
-                    yield chunk([ChatChunkChoice(index=piece.index, delta=ChatDelta(), finish_reason=piece.finish)])
+                for choice in writers[piece.index].choices(piece):
+                    yield ChatCompletionChunk(id=chunk_id, created=created, model=self.model_id, choices=[choice])
         if req.include_usage or self.always_usage:
             yield ChatCompletionChunk(
                 id=chunk_id,
@@ -244,7 +238,9 @@ class OnnxBackend:
         if vocab and any(not 0 <= token < vocab for token in ids):
             raise InvalidRequest(f"Token ids must be between 0 and {vocab - 1}", param="prompt")
 
-    def _plan(self, req: SamplingRequest, prompts: Sequence[list[int]], *, param: str) -> list[_Sequence]:
+    def _plan(
+        self, req: SamplingRequest, prompts: Sequence[list[int]], *, param: str, tools: _ToolUse | None = None
+    ) -> list[_Sequence]:
         """Check the prompts against the context and make ``n`` sequences per prompt."""
         context = self.engine.context_length
         sequences = []
@@ -267,9 +263,12 @@ class OnnxBackend:
                     param="max_tokens" if room >= 1 else param,
                 )
             options = _sampling(req, req.limit or min(room, self._default_max_tokens or room), self.engine.vocab_size)
+            guided = "response_format"
+            if tools is not None and tools.guidance is not None:
+                options, guided = replace(options, guidance=tools.guidance), "tools"
             for j in range(req.n):
                 seed = None if req.seed is None else engine_seed(req.seed + j)
-                sequences.append(_Sequence(p * req.n + j, prompt, replace(options, seed=seed), req.stop_list))
+                sequences.append(_Sequence(p * req.n + j, prompt, replace(options, seed=seed), req.stop_list, guided))
         return sequences
 
     async def _collect(self, seqs: list[_Sequence], stats: RequestTelemetry) -> list[tuple[str, FinishReason]]:
@@ -321,7 +320,7 @@ class OnnxBackend:
                     return
                 yield Piece(seq.index, text, delta.tokens)
         except GuidanceRejected as exc:  # a schema the engine cannot compile is the client's error
-            raise InvalidRequest(f"response_format cannot be followed: {exc}", param="response_format") from None
+            raise InvalidRequest(f"{seq.guided} cannot be followed: {exc}", param=seq.guided) from None
         finally:
             await stream.aclose()
 
@@ -375,7 +374,13 @@ def _sampling(req: SamplingRequest, max_tokens: int, vocab_size: int) -> Samplin
 
 
 def _guidance(response_format: ResponseFormat | None) -> tuple[str, str] | None:
-    """``response_format`` as the engine's JSON-schema guidance: any object for ``json_object``, the schema for
+    """``response_format`` as the engine's JSON-schema guidance."""
+    schema = _format_schema(response_format)
+    return None if schema is None else ("json_schema", schema)
+
+
+def _format_schema(response_format: ResponseFormat | None) -> str | None:
+    """The JSON schema ``response_format`` asks for: any object for ``json_object``, the schema for
     ``json_schema`` (enforced whether or not ``strict`` is set). Whitespace between tokens is not free unless the
     schema's own ``x-guidance`` says so: a weak model would otherwise fill its answer with it (measured: the
     bundled model wrote tabs until max_tokens)."""
@@ -387,7 +392,103 @@ def _guidance(response_format: ResponseFormat | None) -> tuple[str, str] | None:
         schema = dict(response_format.json_schema.schema_ or {})
     options = schema.get("x-guidance")
     schema["x-guidance"] = {"whitespace_flexible": False, **(options if isinstance(options, dict) else {})}
-    return "json_schema", json.dumps(schema)
+    return json.dumps(schema)
+
+
+# ---- tools ---------------------------------------------------------------------------
+
+# OpenAI's rule for a function's name.
+_FUNCTION_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+@dataclass(frozen=True)
+class _ToolUse:
+    """What a request's tools ask of generation: a grammar (None: free text), and whether to read calls back."""
+
+    guidance: tuple[str, str] | None
+    parse: bool
+
+
+def _tool_use(req: ChatCompletionRequest, fmt: CallFormat) -> _ToolUse | None:
+    """Check ``tools`` and ``tool_choice`` and plan the grammar. ``none`` still shows the model its tools (as vLLM
+    does by default) but neither constrains nor reads calls; ``auto`` allows text or calls, ``required`` one call
+    or more, a named choice that function only; ``parallel_tool_calls: false`` one call at most."""
+    if not req.tools:
+        return None
+    functions = [_function(i, tool) for i, tool in enumerate(req.tools)]
+    choice = _choice(req.tool_choice, {f.name for f in functions})
+    if choice == "none":
+        return _ToolUse(None, parse=False)
+    answer = _format_schema(req.response_format)
+    grammar = fmt.grammar(functions, choice, parallel=req.parallel_tool_calls is not False, answer=answer)
+    return _ToolUse(("lark_grammar", grammar), parse=True)
+
+
+def _function(index: int, tool: Tool) -> Function:
+    if tool.type != "function" or tool.function is None:
+        raise InvalidRequest(
+            f"Tools of type '{tool.type}' are not supported; use 'function'",
+            param=f"tools.{index}.type",
+            code="unsupported_parameter",
+        )
+    if not _FUNCTION_NAME.fullmatch(tool.function.name):
+        raise InvalidRequest(
+            "A function name is 1-64 letters, digits, underscores and dashes", param=f"tools.{index}.function.name"
+        )
+    return Function(tool.function.name, tool.function.parameters)
+
+
+def _choice(choice: str | NamedToolChoice | None, names: set[str]) -> Choice:
+    if choice is None:
+        return "auto"
+    if isinstance(choice, str):
+        return choice  # type: ignore[return-value]  # the request model allows only the three
+    name = (choice.function or {}).get("name")
+    if choice.type != "function" or not isinstance(name, str):
+        raise InvalidRequest(
+            "tool_choice must name a function: {'type': 'function', 'function': {'name': ...}}", param="tool_choice"
+        )
+    if name not in names:
+        raise InvalidRequest(f"tool_choice names '{name}', which is not in tools", param="tool_choice")
+    return ("function", name)
+
+
+def _template_messages(req: ChatCompletionRequest, fmt: CallFormat, knows_tools: bool) -> list[dict[str, Any]]:
+    """The conversation as the chat template takes it. A template that knows nothing of tools gets them described
+    in the system message and the history's calls written out as text, in the format the model is asked for."""
+    messages = [_template_message(m, fmt, knows_tools) for m in req.messages]
+    if req.tools and not knows_tools and req.tool_choice != "none":
+        described = describe_tools([t.model_dump(exclude_none=True) for t in req.tools])
+        if messages[0]["role"] == "system":
+            messages[0]["content"] = f"{messages[0]['content']}\n\n{described}"
+        else:
+            messages.insert(0, {"role": "system", "content": described})
+    return messages
+
+
+def _template_message(message: ChatMessage, fmt: CallFormat, knows_tools: bool) -> dict[str, Any]:
+    rendered: dict[str, Any] = {"role": _template_role(message.role), "content": message.text()}
+    if message.role in ("tool", "function"):
+        rendered["role"] = "tool"  # the legacy function role is a tool result under another name
+        rendered.update((k, v) for k, v in (("tool_call_id", message.tool_call_id), ("name", message.name)) if v)
+    if message.tool_calls:
+        calls = [{"name": c.function.name, "arguments": _arguments(c.function.arguments)} for c in message.tool_calls]
+        if knows_tools:  # templates (Hugging Face's convention) take the arguments as an object
+            ids = [c.id for c in message.tool_calls]
+            rendered["tool_calls"] = [
+                {"id": i, "type": "function", "function": call} for i, call in zip(ids, calls, strict=True)
+            ]
+        else:
+            rendered["content"] = "\n".join(filter(None, [rendered["content"], fmt.write(calls)]))
+    return rendered
+
+
+def _arguments(text: str) -> Any:
+    """A call's arguments as an object when they are JSON (they are, when the model wrote them), else as sent."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
 
 
 def _template_role(role: str) -> str:
