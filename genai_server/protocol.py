@@ -26,8 +26,6 @@ FinishReason = Literal["stop", "length", "tool_calls"]
 # Parameters the OpenAI API defines that this engine cannot honour, with the
 # values that mean "off" (and so are accepted). Anything else is a 400.
 _UNSUPPORTED: dict[str, tuple[Any, ...]] = {
-    "logprobs": (None, False),
-    "top_logprobs": (None, 0),
     "functions": (None, []),
     "function_call": (None, "none"),
     "presence_penalty": (None, 0, 0.0),
@@ -117,6 +115,8 @@ class SamplingRequest(BaseModel):
     stream_options: StreamOptions | None = None
     response_format: ResponseFormat | None = None
     user: str | None = None
+    repetition_penalty: float | None = Field(None, gt=0.0, description="vLLM extension; 1 = off")
+    min_tokens: int | None = Field(None, ge=0, le=INT32_MAX, description="vLLM extension: no end before this many")
 
     @field_validator("stop")
     @classmethod
@@ -130,6 +130,13 @@ class SamplingRequest(BaseModel):
             raise ValueError("stop sequences must not be empty")
         return stops
 
+    @field_validator("repetition_penalty")
+    @classmethod
+    def _check_penalty(cls, value: float | None) -> float | None:
+        if value is not None and as_float32(value) == 0.0:
+            raise ValueError("repetition_penalty must be greater than 0 (as a 32-bit float)")
+        return value
+
     @field_validator("top_p")
     @classmethod
     def _check_top_p(cls, value: float | None) -> float | None:
@@ -142,6 +149,8 @@ class SamplingRequest(BaseModel):
     def _check_stream_options(self) -> SamplingRequest:
         if self.stream_options is not None and not self.stream:
             raise InvalidRequest("stream_options is only allowed when stream is true", param="stream_options")
+        if self.min_tokens and self.limit is not None and self.min_tokens > self.limit:
+            raise InvalidRequest("min_tokens must not be greater than max_tokens", param="min_tokens")
         if self.model_extra:
             log.debug("ignoring unknown request fields", extra={"fields": {"ignored": sorted(self.model_extra)}})
         return self
@@ -160,6 +169,11 @@ class SamplingRequest(BaseModel):
     def limit(self) -> int | None:
         """The most tokens to generate per choice, if the client set one."""
         return self.max_tokens
+
+    @property
+    def top_logprobs_asked(self) -> int | None:
+        """How many alternatives to report with each token's log probability; None: no logprobs."""
+        return None
 
 
 class ContentPart(BaseModel):
@@ -275,12 +289,21 @@ class ChatCompletionRequest(SamplingRequest):
     tools: list[Tool] | None = Field(None, max_length=128)
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=20)
 
     @model_validator(mode="after")
     def _check_tool_choice(self) -> ChatCompletionRequest:
         if self.tool_choice not in (None, "none") and not self.tools:
             raise InvalidRequest("tool_choice is only allowed when tools are specified", param="tool_choice")
+        if self.top_logprobs and not self.logprobs:
+            raise InvalidRequest("logprobs must be true when top_logprobs is set", param="top_logprobs")
         return self
+
+    @property
+    def top_logprobs_asked(self) -> int | None:
+        """``logprobs: true`` asks for them, ``top_logprobs`` for that many alternatives."""
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     @property
     def limit(self) -> int | None:
@@ -292,6 +315,12 @@ class CompletionRequest(SamplingRequest):
     """``POST /v1/completions``: a raw prompt, no chat template."""
 
     prompt: str | list[str] | list[int] | list[list[int]]
+    logprobs: int | None = Field(None, ge=0, le=20, description="alternatives per token (OpenAI allows 5, vLLM 20)")
+
+    @property
+    def top_logprobs_asked(self) -> int | None:
+        """``logprobs: k`` asks for each token's log probability and k alternatives (0 is the token alone)."""
+        return self.logprobs
 
     @field_validator("prompt")
     @classmethod
@@ -348,6 +377,36 @@ class Usage(BaseModel):
     prompt_tokens_details: PromptTokensDetails | None = Field(None, exclude_if=_is_none)
 
 
+class TopLogprob(BaseModel):
+    """One token and its log probability (``bytes``: its UTF-8 bytes)."""
+
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class TokenLogprobOut(TopLogprob):
+    """A generated token's log probability, with the most likely tokens at its step."""
+
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    """A chat choice's ``logprobs``: one entry per generated token."""
+
+    content: list[TokenLogprobOut] | None
+    refusal: None = None
+
+
+class CompletionLogprobs(BaseModel):
+    """A text completion choice's ``logprobs``, in the legacy parallel-lists shape."""
+
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]] | None
+    text_offset: list[int]
+
+
 class ToolCallOut(BaseModel):
     """A call the model made, in a whole response."""
 
@@ -371,7 +430,7 @@ class ChatChoice(BaseModel):
 
     index: int
     message: AssistantMessage
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: FinishReason
 
 
@@ -417,7 +476,7 @@ class ChatChunkChoice(BaseModel):
 
     index: int
     delta: ChatDelta
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: FinishReason | None = None
 
 
@@ -439,7 +498,7 @@ class CompletionChoice(BaseModel):
 
     index: int
     text: str
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
     finish_reason: FinishReason | None = None
 
 

@@ -5,8 +5,9 @@ while a batch runs waits until the whole batch has finished. To avoid that wait
 the scheduler keeps several Engines ("lanes") on the one model and steps them in
 turn: waiting sequences are admitted together, as one batch, into a lane that is
 idle, so a newcomer starts within one decode step of the batches already running
-unless every lane is busy. A sampled sequence with a seed cannot run on the CPU
-Engine at all (it needs dynamic batching) and is stepped on a seeded Generator.
+unless every lane is busy. What the CPU Engine cannot do (seeded sampling needs
+dynamic batching; a minimum length and logprobs need the logits) is stepped on a
+Generator of its own, which holds the GIL while it computes (``logprobs.py``).
 
 A sequence that ran alone stays in its lane when it ends (``prefix_cache.py``): the next turn of its
 conversation, which repeats the history, continues it and prefills only what is new. Lanes are made as needed,
@@ -35,13 +36,14 @@ from typing import Any, Literal
 import numpy as np
 import onnxruntime_genai as og
 
+from genai_server.logprobs import TokenLogprob, token_logprob
 from genai_server.prefix_cache import Kept, best_reuse
 
 log = logging.getLogger(__name__)
 
 EngineFinish = Literal["stop", "length", "cancelled"]
 
-# Prefill of a seeded Generator sequence is fed in chunks of this many tokens:
+# Prefill of a Generator sequence is fed in chunks of this many tokens:
 # each append holds the GIL, and 64 tokens keeps one stall to tens of ms.
 PREFILL_CHUNK = 64
 _EVENT_BUFFER = 256
@@ -57,11 +59,19 @@ class SamplingOptions:
     top_k: int = 0
     seed: int | None = None
     guidance: tuple[str, str] | None = None  # (kind, data) for TurnOptions.set_guidance, e.g. a JSON schema
+    repetition_penalty: float = 1.0
+    min_tokens: int = 0  # the end-of-sequence token is not allowed before this many tokens
+    logprobs: int | None = None  # report each token's log probability and this many alternatives; None: off
 
     @property
     def greedy(self) -> bool:
         """True when no sampling is needed."""
         return self.temperature == 0.0
+
+    @property
+    def needs_generator(self) -> bool:
+        """What the CPU Engine cannot do: seeded sampling (it needs dynamic batching), a minimum length, logits."""
+        return (self.seed is not None and not self.greedy) or self.min_tokens > 0 or self.logprobs is not None
 
 
 class GuidanceRejected(Exception):
@@ -80,6 +90,7 @@ class Delta:
     admitted_at: float | None = None  # perf_counter() when the sequence left the queue, once known
     cached_tokens: int = 0  # prompt tokens whose KV cache was reused, not prefilled again
     rejected: str | None = None  # with ``error``: why the engine refused the sequence's guidance
+    logprobs: tuple[TokenLogprob, ...] = ()  # one per token, when the sequence asked for them
 
 
 @dataclass(eq=False)  # identity, not field equality: jobs hold numpy arrays
@@ -105,6 +116,7 @@ class Job:
     generated: int = 0
     done: bool = False
     pending_text: list[str] = field(default_factory=list)
+    pending_logprobs: list[TokenLogprob] = field(default_factory=list)
 
 
 def _deliver(items: list[tuple[asyncio.Queue[Delta], Delta]]) -> None:
@@ -127,7 +139,7 @@ class KvBudget:
         return self.bytes_per_token * self.context_length
 
     def generator_bytes(self, prompt_tokens: int, max_tokens: int) -> int:
-        """A seeded Generator: its cache holds the prompt and max_tokens."""
+        """A Generator: its cache holds the prompt and max_tokens."""
         return self.bytes_per_token * min(self.context_length, prompt_tokens + max_tokens)
 
 
@@ -236,7 +248,7 @@ class BatchScheduler:
 
     def _queue(self, job: Job) -> None:
         job.stream = self._tokenizer.create_stream()
-        if job.options.seed is not None and not job.options.greedy:
+        if job.options.needs_generator:
             self._waiting_generators.append(job)
         else:
             self._waiting.append(job)
@@ -375,6 +387,8 @@ class BatchScheduler:
         opts = og.TurnOptions(request)
         opts.set_max_generated_tokens(job.options.max_tokens)
         opts.set_do_sample(not job.options.greedy)
+        if job.options.repetition_penalty != 1.0:
+            opts.set_repetition_penalty(job.options.repetition_penalty)
         if not job.options.greedy:
             opts.set_temperature(job.options.temperature)
             opts.set_top_p(job.options.top_p)
@@ -441,18 +455,11 @@ class BatchScheduler:
         for lane in kept[: max(0, len(kept) - self._max_kept)]:
             self._evict(lane)
 
-    # ---- seeded Generators ------------------------------------------------------------
+    # ---- Generators (seeded, min_tokens, logprobs) ---------------------------------------
 
     def _start_generator(self, job: Job) -> None:
         params = og.GeneratorParams(self._model)
-        params.set_search_options(
-            max_length=len(job.prompt) + job.options.max_tokens,
-            do_sample=True,
-            temperature=job.options.temperature,
-            top_p=job.options.top_p,
-            top_k=job.options.top_k,
-            random_seed=job.options.seed,
-        )
+        params.set_search_options(**_search_options(job.options, len(job.prompt)))
         with _guidance_errors(job.options):
             if job.options.guidance is not None:
                 params.set_guidance(*job.options.guidance)
@@ -466,6 +473,8 @@ class BatchScheduler:
             gen.append_tokens(job.prompt[job.fed : job.fed + PREFILL_CHUNK])
             job.fed += PREFILL_CHUNK
             return
+        # Read before the step: after it, the logits are already the next token's.
+        logits = gen.get_logits() if job.options.logprobs is not None else None
         gen.generate_next_token()
         token = int(gen.get_next_tokens()[0])
         if token in self._eos:  # not counted, as the Engine API does not count it
@@ -473,10 +482,15 @@ class BatchScheduler:
             return
         job.generated += 1
         job.pending_text.append(job.stream.decode(token))
+        if logits is not None:
+            job.pending_logprobs.append(token_logprob(logits, token, job.options.logprobs or 0, self._token_text))
         if gen.is_done():
             self._end_generator(job, "length")
         else:
             self._flush(job)
+
+    def _token_text(self, token: int) -> str:
+        return str(self._tokenizer.decode(np.array([token], dtype=np.int32)))
 
     def _end_generator(self, job: Job, finish: EngineFinish) -> None:
         self._generators.remove(job)
@@ -498,9 +512,11 @@ class BatchScheduler:
                 error=error,
                 admitted_at=job.admitted_at,
                 cached_tokens=job.cached_tokens,
+                logprobs=tuple(job.pending_logprobs),
             ),
         )
         job.pending_text.clear()
+        job.pending_logprobs.clear()
         job.generated = 0
         if job.request is not None:
             self._release(job)
@@ -514,10 +530,15 @@ class BatchScheduler:
             return
         job.delivered = True
         delta = Delta(
-            "".join(job.pending_text), job.generated, admitted_at=job.admitted_at, cached_tokens=job.cached_tokens
+            "".join(job.pending_text),
+            job.generated,
+            admitted_at=job.admitted_at,
+            cached_tokens=job.cached_tokens,
+            logprobs=tuple(job.pending_logprobs),
         )
         self._send(job, delta)
         job.pending_text.clear()
+        job.pending_logprobs.clear()
         job.generated = 0
 
     def _send(self, job: Job, delta: Delta) -> None:
@@ -561,6 +582,22 @@ def _guidance_errors(options: SamplingOptions) -> Iterator[None]:
         if options.guidance is not None and "grammar" in str(exc):
             raise GuidanceRejected(str(exc)) from exc
         raise
+
+
+def _search_options(options: SamplingOptions, prompt_tokens: int) -> dict[str, Any]:
+    """A Generator's search options (its lengths count the prompt)."""
+    search: dict[str, Any] = {
+        "max_length": prompt_tokens + options.max_tokens,
+        "do_sample": not options.greedy,
+        "repetition_penalty": options.repetition_penalty,
+    }
+    if options.min_tokens:
+        search["min_length"] = prompt_tokens + options.min_tokens
+    if not options.greedy:
+        search.update(temperature=options.temperature, top_p=options.top_p, top_k=options.top_k)
+    if options.seed is not None:
+        search["random_seed"] = options.seed
+    return search
 
 
 def _close(request: Any) -> None:

@@ -96,7 +96,10 @@ BAD_CHAT_BODIES: list[tuple[Any, int, str, str | None]] = [
         "invalid_parameter",
         "stream_options",
     ),
-    ({"model": MODEL_ID, "messages": MSG, "logprobs": True}, 400, "unsupported_parameter", "logprobs"),
+    ({"model": MODEL_ID, "messages": MSG, "presence_penalty": 1}, 400, "unsupported_parameter", "presence_penalty"),
+    ({"model": MODEL_ID, "messages": MSG, "top_logprobs": 2}, 400, "invalid_parameter", "top_logprobs"),
+    ({"model": MODEL_ID, "messages": MSG, "min_tokens": 9, "max_tokens": 3}, 400, "invalid_parameter", "min_tokens"),
+    ({"model": MODEL_ID, "messages": MSG, "repetition_penalty": 0}, 400, "invalid_parameter", "repetition_penalty"),
     (
         {"model": MODEL_ID, "messages": MSG, "response_format": {"type": "yaml"}},
         400,

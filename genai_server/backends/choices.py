@@ -3,18 +3,24 @@ goes, how calls are streamed and which finish reason a choice ends with."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
+from genai_server.logprobs import TokenLogprob
 from genai_server.protocol import (
     AssistantMessage,
     ChatChoice,
     ChatChunkChoice,
     ChatDelta,
+    ChatLogprobs,
+    CompletionLogprobs,
     FinishReason,
     FunctionCall,
     FunctionDelta,
+    TokenLogprobOut,
     ToolCallDelta,
     ToolCallOut,
+    TopLogprob,
 )
 from genai_server.tool_calls import CallReader, ToolCall
 
@@ -27,6 +33,7 @@ class Piece:
     text: str
     tokens: int
     finish: FinishReason | None = None
+    logprobs: tuple[TokenLogprob, ...] = ()  # the piece's tokens', when the request asked for them
 
 
 class ChoiceWriter:
@@ -34,11 +41,13 @@ class ChoiceWriter:
     token means the first token, as vLLM's does), calls go out as OpenAI streams them (id, type and name, then the
     arguments), and a choice whose calls ended it finishes with ``tool_calls``."""
 
-    def __init__(self, index: int, reader: CallReader | None) -> None:
+    def __init__(self, index: int, reader: CallReader | None, *, logprobs: bool = False) -> None:
         self._index = index
         self._reader = reader
         self._started = False
         self._calls = 0
+        self._logprobs = logprobs
+        self._pending: list[TokenLogprob] = []  # tokens of text still held back (a call being written)
 
     def choices(self, piece: Piece) -> list[ChatChunkChoice]:
         """The chunk choices one piece of generated text makes (none while a call is still being written)."""
@@ -60,6 +69,9 @@ class ChoiceWriter:
         if piece.finish:
             finish = finish_with_calls(piece.finish, self._calls)
             out.append(ChatChunkChoice(index=self._index, delta=ChatDelta(), finish_reason=finish))
+        self._pending.extend(piece.logprobs)
+        if out and self._logprobs:  # the tokens go with the first chunk that shows their text
+            out[0].logprobs, self._pending = chat_logprobs(self._pending), []
         return out
 
     def _call_header(self, call: ToolCall) -> ChatDelta:
@@ -80,7 +92,13 @@ def _read(reader: CallReader | None, piece: Piece) -> tuple[str, list[ToolCall]]
     return text, calls
 
 
-def chat_choice(index: int, text: str, finish: FinishReason, reader: CallReader | None) -> ChatChoice:
+def chat_choice(
+    index: int,
+    text: str,
+    finish: FinishReason,
+    reader: CallReader | None,
+    logprobs: Sequence[TokenLogprob] | None = None,
+) -> ChatChoice:
     """A whole chat choice: its text, and the calls read out of it (content is null when there is only calls)."""
     content, calls = _read(reader, Piece(index, text, 0, finish))
     message = AssistantMessage(
@@ -88,7 +106,41 @@ def chat_choice(index: int, text: str, finish: FinishReason, reader: CallReader 
         tool_calls=[ToolCallOut(id=c.id, function=FunctionCall(name=c.name, arguments=c.arguments)) for c in calls]
         or None,
     )
-    return ChatChoice(index=index, message=message, finish_reason=finish_with_calls(finish, len(calls)))
+    return ChatChoice(
+        index=index,
+        message=message,
+        finish_reason=finish_with_calls(finish, len(calls)),
+        logprobs=None if logprobs is None else chat_logprobs(logprobs),
+    )
+
+
+def chat_logprobs(items: Sequence[TokenLogprob]) -> ChatLogprobs:
+    """Tokens' log probabilities in the chat shape."""
+    return ChatLogprobs(
+        content=[
+            TokenLogprobOut(
+                token=item.token,
+                logprob=item.logprob,
+                bytes=list(item.token.encode()),
+                top_logprobs=[TopLogprob(token=t, logprob=lp, bytes=list(t.encode())) for t, lp in item.top],
+            )
+            for item in items
+        ]
+    )
+
+
+def completion_logprobs(items: Sequence[TokenLogprob], offset: int) -> CompletionLogprobs:
+    """Tokens' log probabilities in the text completion shape; ``offset``: where the first token's text begins."""
+    offsets = []
+    for item in items:
+        offsets.append(offset)
+        offset += len(item.token)
+    return CompletionLogprobs(
+        tokens=[item.token for item in items],
+        token_logprobs=[item.logprob for item in items],
+        top_logprobs=[dict(item.top) or {item.token: item.logprob} for item in items],
+        text_offset=offsets,
+    )
 
 
 def finish_with_calls(finish: FinishReason, calls: int) -> FinishReason:

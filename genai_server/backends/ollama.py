@@ -170,6 +170,12 @@ def _options(req: SamplingRequest) -> dict[str, Any]:
     """OpenAI sampling parameters under Ollama's names; ``n`` > 1 cannot be honoured."""
     if req.n != 1:
         raise InvalidRequest("Ollama generates one choice per request", param="n")
+    refused = [("logprobs", req.top_logprobs_asked is not None), ("min_tokens", bool(req.min_tokens))]
+    for name, asked in refused:
+        if asked:
+            raise InvalidRequest(
+                f"'{name}' is not supported by the ollama backend", param=name, code="unsupported_parameter"
+            )
     options = {
         "temperature": req.temperature,
         "top_p": req.top_p,
@@ -177,6 +183,7 @@ def _options(req: SamplingRequest) -> dict[str, Any]:
         "num_predict": req.limit,
         "stop": req.stop_list or None,
         "top_k": req.top_k if req.top_k and req.top_k > 0 else None,
+        "repeat_penalty": req.repetition_penalty,
     }
     return {name: value for name, value in options.items() if value is not None}
 

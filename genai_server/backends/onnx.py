@@ -17,9 +17,10 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from genai_server.backends import accounting
-from genai_server.backends.choices import ChoiceWriter, Piece, chat_choice
+from genai_server.backends.choices import ChoiceWriter, Piece, chat_choice, completion_logprobs
 from genai_server.engine import GuidanceRejected, OnnxEngine, SamplingOptions
 from genai_server.errors import ContextLengthExceeded, InvalidRequest, ShuttingDown
+from genai_server.logprobs import TokenLogprob
 from genai_server.protocol import (
     ChatCompletion,
     ChatCompletionChunk,
@@ -136,13 +137,13 @@ class OnnxBackend:
         readers = {s.index: CallReader(fmt) if tools and tools.parse else None for s in seqs}
         if req.stream:
             return self._chat_stream(req, seqs, stats, readers)
-        pieces = await self._collect(seqs, stats)
+        asked = req.top_logprobs_asked is not None
+        choices = [
+            chat_choice(i, text, finish, readers[i], logprobs if asked else None)
+            for i, (text, finish, logprobs) in enumerate(await self._collect(seqs, stats))
+        ]
         return ChatCompletion(
-            id=new_id("chatcmpl"),
-            created=now(),
-            model=self.model_id,
-            choices=[chat_choice(i, text, finish, readers[i]) for i, (text, finish) in enumerate(pieces)],
-            **accounting(stats),
+            id=new_id("chatcmpl"), created=now(), model=self.model_id, choices=choices, **accounting(stats)
         )
 
     async def _chat_stream(
@@ -153,7 +154,8 @@ class OnnxBackend:
         readers: dict[int, CallReader | None],
     ) -> AsyncGenerator[ChatCompletionChunk, None]:
         chunk_id, created = new_id("chatcmpl"), now()
-        writers = {i: ChoiceWriter(i, reader) for i, reader in readers.items()}
+        asked = req.top_logprobs_asked is not None
+        writers = {i: ChoiceWriter(i, reader, logprobs=asked) for i, reader in readers.items()}
         # aclosing: a client that leaves closes this generator, and that must reach the engine now.
         async with aclosing(self._run(seqs, stats)) as pieces:
             async for piece in pieces:
@@ -186,9 +188,12 @@ class OnnxBackend:
         stats.prompt_tokens = sum(len(p) for p in prompts)
         if req.stream:
             return self._complete_stream(req, seqs, stats)
-        pieces = await self._collect(seqs, stats)
+        asked = req.top_logprobs_asked is not None
         choices = [
-            CompletionChoice(index=i, text=text, finish_reason=finish) for i, (text, finish) in enumerate(pieces)
+            CompletionChoice(
+                index=i, text=text, finish_reason=finish, logprobs=completion_logprobs(lps, 0) if asked else None
+            )
+            for i, (text, finish, lps) in enumerate(await self._collect(seqs, stats))
         ]
         return Completion(
             id=new_id("cmpl"),
@@ -202,10 +207,16 @@ class OnnxBackend:
         self, req: CompletionRequest, seqs: list[_Sequence], stats: RequestTelemetry
     ) -> AsyncGenerator[Completion, None]:
         chunk_id, created = new_id("cmpl"), now()
+        asked = req.top_logprobs_asked is not None
+        offsets = dict.fromkeys((s.index for s in seqs), 0)
         async with aclosing(self._run(seqs, stats)) as pieces:
             async for piece in pieces:
                 if piece.text or piece.finish:
-                    choice = CompletionChoice(index=piece.index, text=piece.text, finish_reason=piece.finish)
+                    logprobs = completion_logprobs(piece.logprobs, offsets[piece.index]) if asked else None
+                    offsets[piece.index] += len(piece.text)
+                    choice = CompletionChoice(
+                        index=piece.index, text=piece.text, finish_reason=piece.finish, logprobs=logprobs
+                    )
                     yield Completion(id=chunk_id, created=created, model=self.model_id, choices=[choice])
         if req.include_usage or self.always_usage:
             yield Completion(
@@ -271,16 +282,20 @@ class OnnxBackend:
                 sequences.append(_Sequence(p * req.n + j, prompt, replace(options, seed=seed), req.stop_list, guided))
         return sequences
 
-    async def _collect(self, seqs: list[_Sequence], stats: RequestTelemetry) -> list[tuple[str, FinishReason]]:
-        """Run every sequence to its end; returns (text, finish) per choice index."""
+    async def _collect(
+        self, seqs: list[_Sequence], stats: RequestTelemetry
+    ) -> list[tuple[str, FinishReason, list[TokenLogprob]]]:
+        """Run every sequence to its end; returns (text, finish, logprobs) per choice index."""
         texts: dict[int, list[str]] = {s.index: [] for s in seqs}
+        logprobs: dict[int, list[TokenLogprob]] = {s.index: [] for s in seqs}
         finishes: dict[int, FinishReason] = {}
         async with aclosing(self._run(seqs, stats)) as pieces:
             async for piece in pieces:
                 texts[piece.index].append(piece.text)
+                logprobs[piece.index].extend(piece.logprobs)
                 if piece.finish:
                     finishes[piece.index] = piece.finish
-        return [("".join(texts[i]), finishes[i]) for i in sorted(texts)]
+        return [("".join(texts[i]), finishes[i], logprobs[i]) for i in sorted(texts)]
 
     async def _run(self, seqs: list[_Sequence], stats: RequestTelemetry) -> AsyncGenerator[Piece, None]:
         """Pieces of all sequences as they arrive, with their tokens and times recorded in ``stats``."""
@@ -311,14 +326,14 @@ class OnnxBackend:
                     stats.cached_prompt_tokens = sum(cached.values())
                 text, stopped = matcher.feed(delta.text)
                 if stopped:
-                    yield Piece(seq.index, text, delta.tokens, "stop")
+                    yield Piece(seq.index, text, delta.tokens, "stop", delta.logprobs)
                     return
                 if delta.finish == "cancelled":
                     raise ShuttingDown("The server is shutting down; this generation was not finished")
                 if delta.finish is not None:
-                    yield Piece(seq.index, text + matcher.flush(), delta.tokens, delta.finish)
+                    yield Piece(seq.index, text + matcher.flush(), delta.tokens, delta.finish, delta.logprobs)
                     return
-                yield Piece(seq.index, text, delta.tokens)
+                yield Piece(seq.index, text, delta.tokens, logprobs=delta.logprobs)
         except GuidanceRejected as exc:  # a schema the engine cannot compile is the client's error
             raise InvalidRequest(f"{seq.guided} cannot be followed: {exc}", param=seq.guided) from None
         finally:
@@ -370,6 +385,9 @@ def _sampling(req: SamplingRequest, max_tokens: int, vocab_size: int) -> Samplin
         top_p=as_float32(1.0 if req.top_p is None else req.top_p),
         top_k=top_k,
         guidance=_guidance(req.response_format),
+        repetition_penalty=as_float32(req.repetition_penalty or 1.0),
+        min_tokens=min(req.min_tokens or 0, max_tokens),
+        logprobs=req.top_logprobs_asked,
     )
 
 
