@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import onnxruntime_genai as og
 
+from genai_server.detokenize import byte_table
 from genai_server.errors import EngineFailure, ModelLoadingFailed, ShuttingDown
 from genai_server.scheduler import BatchScheduler, Delta, GuidanceRejected, Job, KvBudget, SamplingOptions
 
@@ -255,6 +256,7 @@ class OnnxEngine:
             memory=self.memory,
             prefix_cache=self.config.prefix_cache,
             stream_interval=self.config.stream_interval,
+            byte_table=byte_table(self.model_path),
         )
 
     def _serve(self, scheduler: BatchScheduler) -> None:

@@ -36,6 +36,7 @@ from typing import Any, Literal
 import numpy as np
 import onnxruntime_genai as og
 
+from genai_server.detokenize import ByteStream, RuntimeStream, TextStream
 from genai_server.logprobs import TokenLogprob, token_logprob
 from genai_server.prefix_cache import Kept, best_reuse
 
@@ -111,7 +112,7 @@ class Job:
     tokens: list[int] = field(default_factory=list)  # a kept sequence's cache: every token fed or generated
     cached_tokens: int = 0  # prompt tokens continued from a kept sequence, not prefilled again
     delivered: bool = False  # its first tokens have been handed over
-    stream: Any = None
+    stream: TextStream = field(default_factory=lambda: RuntimeStream(None))  # set when queued
     fed: int = 0
     generated: int = 0
     done: bool = False
@@ -181,9 +182,11 @@ class BatchScheduler:
         memory: KvBudget,
         prefix_cache: int = 0,
         stream_interval: int = 1,
+        byte_table: list[bytes] | None = None,
     ) -> None:
         self._model = model
         self._tokenizer = tokenizer
+        self._byte_table = byte_table  # every token's bytes (``detokenize.py``); None: the runtime's stream
         self._lanes = [Lane(model) for _ in range(lanes)]
         self._max_running = lanes
         self._max_kept = prefix_cache
@@ -247,7 +250,9 @@ class BatchScheduler:
         self._guarded(partial(self._queue, job), [job])
 
     def _queue(self, job: Job) -> None:
-        job.stream = self._tokenizer.create_stream()
+        job.stream = (
+            ByteStream(self._byte_table) if self._byte_table else RuntimeStream(self._tokenizer.create_stream())
+        )
         if job.options.needs_generator:
             self._waiting_generators.append(job)
         else:
@@ -501,6 +506,7 @@ class BatchScheduler:
 
     def _finish(self, job: Job, *, finish: EngineFinish | None = None, error: str | None = None) -> None:
         job.done = True
+        job.pending_text.append(job.stream.flush())
         if error is not None:
             job.keep = False
         self._send(

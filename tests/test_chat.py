@@ -97,13 +97,13 @@ async def test_stream_has_role_first_finish_last_usage_and_done(client: Any, ope
     assert all(c["choices"][0]["finish_reason"] is None for c in chunks[:-2])
 
 
-async def test_streamed_text_equals_the_non_streamed_text_and_is_valid_utf8(client: Any) -> None:
+async def test_streamed_text_equals_the_non_streamed_text(client: Any) -> None:
+    """A character split over tokens (or chunks) would show as U+FFFD in one and not the other."""
     whole = await _chat(client, max_tokens=40)
     resp = await client.post("/v1/chat/completions", json=chat_body(max_tokens=40, stream=True))
     chunks = stream_chunks(await resp.text())
     streamed = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks)
     assert streamed == whole["choices"][0]["message"]["content"]
-    assert "\ufffd" not in streamed
     assert all("usage" not in c for c in chunks)  # not asked for
 
 
