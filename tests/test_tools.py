@@ -265,3 +265,15 @@ async def test_auto_with_a_response_format_answers_in_that_format_or_calls(clien
                 _check_call(call)
         else:
             jsonschema.validate(json.loads(choice["message"]["content"]), schema)
+
+
+async def test_seeded_sampling_and_logprobs_keep_calls_valid_and_repeatable(client: Any) -> None:
+    """Both run on a Generator of their own (``scheduler.py``): the grammar must hold there too."""
+    body = _tools_body(tool_choice="required", parallel_tool_calls=False, temperature=1.0, seed=7, logprobs=True)
+    first, again = [
+        (await (await client.post("/v1/chat/completions", json=body)).json())["choices"][0] for _ in range(2)
+    ]
+    (call,) = first["message"]["tool_calls"]
+    _check_call(call)
+    assert first["logprobs"]["content"] and all(e["logprob"] <= 0 for e in first["logprobs"]["content"])
+    assert [c["function"] for c in again["message"]["tool_calls"]] == [call["function"]]
