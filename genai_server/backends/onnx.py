@@ -85,11 +85,14 @@ class OnnxBackend:
         self.created = created
         # Streams end with a usage + metrics chunk even when the client did not ask (STREAM_USAGE_ALWAYS).
         self.always_usage = always_usage
+        self._calls, self._knows_tools = detect_format(engine.chat_template)  # the fallback's until start()
 
     async def start(self) -> None:
         """Load the model (``ModelLoadingFailed`` with the reason if it cannot be)."""
         started = time.perf_counter()
         await self.engine.start()
+        # The template decides how the model writes tool calls: read once, not per request.
+        self._calls, self._knows_tools = detect_format(self.engine.chat_template)
         log.info(
             "model loaded",
             extra={
@@ -123,7 +126,7 @@ class OnnxBackend:
         """A chat completion, or its chunk stream when ``req.stream``."""
         check_supported(req)
         check_text_messages(req.messages)
-        fmt, knows_tools = detect_format(self.engine.chat_template)
+        fmt, knows_tools = self._calls, self._knows_tools
         tools = _tool_use(req, fmt)
         messages = _template_messages(req, fmt, knows_tools)
         rendered = [t.model_dump(exclude_none=True) for t in req.tools or []] if knows_tools else None
