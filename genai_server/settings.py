@@ -7,6 +7,8 @@ Nothing else in the package reads ``os.environ``: the one ``Settings`` object is
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
+import platform
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -22,6 +24,8 @@ from pydantic import (
     model_validator,
 )
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from genai_server import __version__
 
 BUNDLED_MODEL = Path(__file__).resolve().parent / "bundled_model" / "tiny-random-llama-int4"
 
@@ -301,19 +305,51 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+# The short names peers use (vLLM, llama-server, uvicorn), beside the long ones that mirror the env vars.
+_ALIASES = {"server_host": ["--host"], "server_port": ["--port"], "model_path": ["--model"]}
+
+
+def _shown_default(name: str) -> str:
+    """A field's default as ``--help`` shows it; none when unset (the description says what unset means)."""
+    field = Settings.model_fields[name]
+    default = field.get_default(call_default_factory=True)
+    if default is None or default == []:
+        return ""
+    if isinstance(default, list):
+        default = ",".join(str(item) for item in default)
+    if isinstance(default, bool):
+        default = str(default).lower()
+    return f"; default {default}"
+
+
+def _version() -> str:
+    engine = importlib.metadata.version("onnxruntime-genai")
+    return f"genai-server {__version__} (onnxruntime-genai {engine}, Python {platform.python_version()})"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    """A CLI with one flag per setting; flags override env vars and ``.env``."""
+    """A CLI with one flag per setting; flags override env vars and ``.env``. On/off settings are switches
+    (``--log-prompts`` / ``--no-log-prompts``)."""
     parser = argparse.ArgumentParser(
-        prog="python -m genai_server",
-        description="OpenAI-compatible server for ONNX Runtime GenAI models.",
-        epilog="Every flag can also be set as an environment variable (e.g. SERVER_PORT) or in a .env file.",
+        prog="genai-server",
+        description="OpenAI-compatible server for ONNX Runtime GenAI models (also: python -m genai_server).",
+        epilog="Every flag can also be set as an environment variable (e.g. SERVER_PORT) or in a .env file; "
+        "precedence: flag, environment, .env, default.",
     )
+    parser.add_argument("--version", action="version", version=_version())
     parser.add_argument("--env-file", type=Path, default=Path(".env"), help="dotenv file to read (default .env)")
     for name, field in Settings.model_fields.items():
-        parser.add_argument(
-            _flag(name), dest=name, default=None, metavar=name.upper(), help=f"{field.description} [env {name.upper()}]"
-        )
+        flags = [_flag(name), *_aliases(name)]
+        help_text = f"{field.description} [env {name.upper()}{_shown_default(name)}]"
+        if field.annotation is bool:
+            parser.add_argument(*flags, dest=name, default=None, action=argparse.BooleanOptionalAction, help=help_text)
+        else:
+            parser.add_argument(*flags, dest=name, default=None, metavar=name.upper(), help=help_text)
     return parser
+
+
+def _aliases(name: str) -> list[str]:
+    return _ALIASES.get(name, [])
 
 
 def load_settings(argv: list[str] | None = None) -> Settings:

@@ -17,6 +17,9 @@ from typing import Any
 
 import pytest
 
+from genai_server import __version__
+from genai_server.exit_status import ExitStatus
+from genai_server.settings import load_settings
 from tests.conftest import MODEL_ID
 
 REPO = Path(__file__).resolve().parents[1]
@@ -162,7 +165,7 @@ def test_model_that_fails_to_load_exits_non_zero_before_binding(tmp_path: Path) 
     port = _free_port()
     proc = _start(MODEL_PATH=str(broken), SERVER_PORT=str(port))
     _, stderr = proc.communicate(timeout=60)
-    assert proc.returncode == 1
+    assert proc.returncode == ExitStatus.MODEL_LOADING_FAILED
     assert "model_loading_failed" in stderr
     assert str(broken) in stderr
     with socket.socket() as sock:
@@ -172,7 +175,7 @@ def test_model_that_fails_to_load_exits_non_zero_before_binding(tmp_path: Path) 
 def test_missing_model_folder_exits_non_zero(tmp_path: Path) -> None:
     proc = _start("--model-path", str(tmp_path / "nothing"), "--server-port", str(_free_port()))
     _, stderr = proc.communicate(timeout=60)
-    assert proc.returncode == 1
+    assert proc.returncode == ExitStatus.MODEL_LOADING_FAILED
     assert "model_loading_failed" in stderr
 
 
@@ -187,9 +190,9 @@ def test_bad_setting_is_named_and_exits_2() -> None:
     assert "LOG_FORMAT" in stderr
 
 
-def test_help_lists_every_setting() -> None:
+def _cli(*args: str) -> str:
     result = subprocess.run(
-        [sys.executable, "-m", "genai_server", "--help"],
+        [sys.executable, "-m", "genai_server", *args],
         cwd=REPO,
         env=_env(),
         capture_output=True,
@@ -197,8 +200,29 @@ def test_help_lists_every_setting() -> None:
         timeout=60,
         check=True,
     )
+    return result.stdout
+
+
+def test_help_lists_every_setting_with_its_default() -> None:
+    shown = " ".join(_cli("--help").split())  # argparse wraps lines
     for name in SETTING_NAMES:
-        assert "--" + name.lower().replace("_", "-") in result.stdout
+        assert "--" + name.lower().replace("_", "-") in shown
+    for default in ("[env SERVER_PORT; default 8000]", "[env SERVER_HOST; default 127.0.0.1]", "default onnx]"):
+        assert default in shown
+    # The names peers use, and on/off settings as switches.
+    assert "--server-port SERVER_PORT, --port SERVER_PORT" in shown and "--host SERVER_HOST" in shown
+    assert "--log-prompts, --no-log-prompts" in shown and "[env LOG_PROMPTS; default false]" in shown
+
+
+def test_version_names_the_package_and_the_engine() -> None:
+    assert _cli("--version").startswith(f"genai-server {__version__} (onnxruntime-genai 0.18.")
+
+
+def test_short_names_and_switches_reach_the_settings() -> None:
+    settings = load_settings(["--host", "0.0.0.0", "--port", "9001", "--log-prompts", "--no-stream-usage-always"])
+    assert (settings.server_host, settings.server_port, settings.log_prompts) == ("0.0.0.0", 9001, True)
+    assert settings.stream_usage_always is False
+    assert load_settings(["--model", "/models/phi"]).model_path == Path("/models/phi")
 
 
 def _os_threads(**settings: str) -> int:
