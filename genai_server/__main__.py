@@ -1,7 +1,8 @@
-"""``python -m genai_server``: read settings, load the model, serve until stopped."""
+"""``genai-server`` / ``python -m genai_server``: read settings, load the model, serve until stopped."""
 
 from __future__ import annotations
 
+import errno
 import logging
 import signal
 import sys
@@ -9,46 +10,68 @@ import sys
 from aiohttp import web
 
 from genai_server.app import create_app
-from genai_server.errors import ModelLoadingFailed
-from genai_server.lifecycle import EXIT_ENGINE_FAILED, STATE, STOP_MARGIN_S
+from genai_server.errors import ModelLoadingFailed, UpstreamUnavailableAtStart
+from genai_server.exit_status import ExitStatus
+from genai_server.lifecycle import STATE, STOP_MARGIN_S, announce_listening, log_stop_signals
 from genai_server.logs import setup_logging
-from genai_server.settings import SettingsError, load_settings
+from genai_server.settings import Settings, SettingsError, load_settings
 
 log = logging.getLogger("genai_server")
 
+# A port that cannot be bound: someone else has it, it needs privileges, or the address is not this machine's.
+_LISTEN_ERRORS = frozenset({errno.EADDRINUSE, errno.EACCES, errno.EADDRNOTAVAIL})
+
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the server; the exit status is 0 after a clean stop, 1 if the model fails, 2 for bad settings, 3 if an
-    engine failed while serving."""
+    """Run the server until SIGTERM/SIGINT; the exit status says why it ended (``ExitStatus``)."""
     try:
         settings = load_settings(argv)
     except SettingsError as exc:
-        print(f"genai_server: {exc}", file=sys.stderr)
-        return 2
+        print(f"genai-server: {exc}", file=sys.stderr)
+        return ExitStatus.BAD_SETTING
     setup_logging(settings.log_level, settings.log_format)
     app = create_app(settings)
     # A failed engine stops the process the way SIGTERM does (drain, then exit), with its own exit status.
     app[STATE].stop_process = lambda: signal.raise_signal(signal.SIGTERM)
+    app.on_startup.append(log_stop_signals)
     try:
-        # The model loads during app start-up, before the port is bound: a model that
-        # fails to load never leaves a half-alive server listening.
-        # handler_cancellation: a client that disconnects cancels its handler, so its generation stops and its
-        # slot is freed at once (aiohttp's default would generate every token for nobody). aiohttp's own wait
-        # for handlers comes after our drain (on_shutdown), which has already waited SHUTDOWN_TIMEOUT.
-        web.run_app(
-            app,
-            host=settings.server_host,
-            port=settings.server_port,
-            print=None,
-            access_log=None,
-            shutdown_timeout=STOP_MARGIN_S,
-            keepalive_timeout=settings.keepalive_timeout,
-            handler_cancellation=True,
-        )
+        _run(app, settings)
+    except UpstreamUnavailableAtStart as exc:
+        log.error("%s: %s", exc.code, exc, extra={"fields": {"code": exc.code}})
+        return ExitStatus.UNAVAILABLE
     except ModelLoadingFailed as exc:
-        log.error("model_loading_failed: %s", exc, extra={"fields": {"code": exc.code}})
-        return 1
-    return EXIT_ENGINE_FAILED if app[STATE].failure is not None else 0
+        log.error("%s: %s", exc.code, exc, extra={"fields": {"code": exc.code}})
+        return ExitStatus.MODEL_LOADING_FAILED
+    except OSError as exc:
+        if exc.errno not in _LISTEN_ERRORS:
+            raise
+        address = f"{settings.server_host}:{settings.server_port}"
+        log.error("cannot listen on %s: %s", address, exc.strerror, extra={"fields": {"code": "cannot_listen"}})
+        return ExitStatus.UNAVAILABLE
+    return ExitStatus.ENGINE_FAILED if app[STATE].failure is not None else ExitStatus.STOPPED
+
+
+def _run(app: web.Application, settings: Settings) -> None:
+    """Serve until stopped. The model loads during app start-up, before the port is bound: a model that fails to
+    load never leaves a half-alive server listening."""
+
+    def listening(_banner: str) -> None:
+        # aiohttp calls ``print`` once its sites listen: the moment to say where, in our log format.
+        announce_listening(app, settings.server_host, settings.server_port)
+
+    # handler_cancellation: a client that disconnects cancels its handler, so its generation stops and its slot
+    # is freed at once (aiohttp's default would generate every token for nobody). aiohttp's own wait for handlers
+    # comes after our drain (on_shutdown), which has already waited SHUTDOWN_TIMEOUT.
+    web.run_app(
+        app,
+        host=settings.server_host,
+        port=settings.server_port,
+        print=listening,
+        access_log=None,
+        shutdown_timeout=STOP_MARGIN_S,
+        keepalive_timeout=settings.keepalive_timeout,
+        handler_cancellation=True,
+    )
 
 
 if __name__ == "__main__":

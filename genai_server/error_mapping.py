@@ -48,6 +48,19 @@ def to_api_error(exc: BaseException) -> APIError:
     return ServerError("The server had an error while processing your request")
 
 
+def log_server_error(exc: BaseException, error: APIError, during: str) -> None:
+    """A 5xx in one place and one line: an expected fault (an upstream's, the drain, the engine's report) with its
+    cause and no traceback; anything else is a fault of ours, logged with its traceback. 4xx are the client's and
+    only in the access log."""
+    if error.status < 500:
+        return
+    if isinstance(exc, APIError):
+        fields = {"code": error.code, "status": error.status, **error.detail}
+        log.warning("%s: %s", error.code, error.message, extra={"fields": fields})
+    else:
+        log.exception("error %s", during)
+
+
 def setup_error_mapping(app: web.Application) -> None:
     """Add the middleware that turns exceptions into OpenAI error responses."""
 
@@ -61,10 +74,9 @@ def setup_error_mapping(app: web.Application) -> None:
             if exc.status < 400:
                 raise
             return error_response(to_api_error(exc))
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001  # every fault becomes an envelope; log_server_error logs it
             error = to_api_error(exc)
-            if error.status >= 500:
-                log.exception("error while handling %s %s", request.method, request.path)
+            log_server_error(exc, error, f"while handling {request.method} {request.path}")
             return error_response(error)
 
     app.middlewares.append(error_mapping)

@@ -20,13 +20,21 @@ class APIError(Exception):
     default_code: ClassVar[str] = "invalid_request"
 
     def __init__(
-        self, message: str, *, param: str | None = None, code: str | None = None, headers: dict[str, str] | None = None
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+        detail: dict[str, Any] | None = None,
     ) -> None:
         super().__init__(message)
         self.message = message
         self.param = param
         self.code = code or self.default_code
         self.headers = headers or {}
+        # For the log only, never the client: the cause behind a 5xx (an upstream's URL, errno, status).
+        self.detail = detail or {}
 
     def envelope(self) -> dict[str, Any]:
         """The OpenAI error body."""
@@ -174,6 +182,13 @@ class ModelLoadingFailed(Exception):
     """The model folder could not be loaded at start-up; the server must not start."""
 
     code = "model_loading_failed"
+
+
+class UpstreamUnavailableAtStart(ModelLoadingFailed):
+    """The upstream's models could not be listed at start-up: the server must not start, but a later try may work
+    (the upstream may still be starting), unlike a model folder that cannot load."""
+
+    code = "upstream_unavailable"
 
 
 # Location parts pydantic adds for union members and validators; clients never wrote them.

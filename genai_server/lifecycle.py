@@ -8,7 +8,7 @@ remaining streams with an error event and ``[DONE]``. Every wait is bounded, so 
 SHUTDOWN_TIMEOUT plus a few seconds whatever its clients or upstreams do.
 
 If an engine dies (its owner thread failed), the server cannot generate any more: health and readiness turn
-503, what was in flight gets an error, and the process stops with exit status ``EXIT_ENGINE_FAILED`` so that
+503, what was in flight gets an error, and the process stops with ``ExitStatus.ENGINE_FAILED`` so that
 systemd or Kubernetes restart it.
 """
 
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -28,8 +29,6 @@ log = logging.getLogger(__name__)
 _POLL_S = 0.05
 # After SHUTDOWN_TIMEOUT and the stop, how long handlers get to write their error event and return.
 STOP_MARGIN_S = 3.0
-# The process's exit status when an engine failed while serving (1: model failed to load, 2: bad setting).
-EXIT_ENGINE_FAILED = 3
 
 
 @dataclass
@@ -38,6 +37,9 @@ class ServerState:
 
     draining: bool = False
     failure: str | None = None
+    # Whether the process ever listened (``announce_listening``): a server that never did has nothing to drain to
+    # report, e.g. when its port was taken.
+    listening: bool = False
     # How to end the process once it has failed; ``__main__`` sets it (an embedding test leaves it unset).
     stop_process: Callable[[], None] | None = None
 
@@ -94,6 +96,26 @@ async def ready(request: web.Request) -> web.Response:
     return web.json_response({"status": "ready", "models": list(models)})
 
 
+def announce_listening(app: web.Application, host: str, port: int) -> None:
+    """The line an operator waits for: where the server listens and what it serves."""
+    app[STATE].listening = True
+    served = ", ".join(f"model {model}, backend {backend}" for model, backend in app[SERVING].backend_names.items())
+    log.info("listening on http://%s:%d (%s)", host, port, served)
+
+
+async def log_stop_signals(app: web.Application) -> None:
+    """On start-up of the real process: say which signal stopped it, then stop as aiohttp does (its handlers are
+    installed before start-up, so these replace them)."""
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, _stop, sig)
+
+
+def _stop(sig: signal.Signals) -> None:
+    log.info("received %s: stopping", sig.name, extra={"fields": {"signal": sig.name}})
+    raise web.GracefulExit()
+
+
 def setup_lifecycle(app: web.Application, shutdown_timeout_s: float) -> None:
     """Add the probe routes and the drain that runs when the server is told to stop."""
     app[STATE] = ServerState()
@@ -105,8 +127,12 @@ def setup_lifecycle(app: web.Application, shutdown_timeout_s: float) -> None:
         app[STATE].draining = True
         limiter = app[LIMITER]
         limiter.stop_admitting()
-        log.info(
-            "draining",
+        report = log.info if app[STATE].listening else log.debug
+        report(
+            "draining: %d running, %d queued, waiting up to %g s",
+            limiter.in_flight,
+            limiter.queued,
+            shutdown_timeout_s,
             extra={
                 "fields": {
                     "running": limiter.in_flight,
@@ -125,7 +151,8 @@ def setup_lifecycle(app: web.Application, shutdown_timeout_s: float) -> None:
             await app[SERVING].stop()  # what still runs ends with a shutting_down error event
         if not await _wait_idle(app, STOP_MARGIN_S):
             log.error("%d requests did not end after the stop; their connections are closed", limiter.in_flight)
-        log.info("drained", extra={"fields": {"all_finished": finished}})
+        outcome = "every request finished" if finished else "requests were cut short"
+        report("drained: %s", outcome, extra={"fields": {"all_finished": finished}})
 
     app.on_shutdown.append(drain)
 

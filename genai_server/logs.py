@@ -6,8 +6,24 @@ import json
 import logging
 import re
 import sys
+from contextvars import ContextVar
 from datetime import UTC, datetime
 from typing import Any
+
+# The request being handled, if any: set by the request log middleware for the handler's task (and every task it
+# starts), so each line logged on its behalf carries its id (errors, disconnects, upstream faults).
+current_request_id: ContextVar[str | None] = ContextVar("current_request_id", default=None)
+
+
+class RequestIdFilter(logging.Filter):
+    """Adds ``request_id`` to the fields of a record logged while a request is handled."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        request_id = current_request_id.get()
+        fields = getattr(record, "fields", None) or {}
+        if request_id is not None and "request_id" not in fields:
+            record.fields = {"request_id": request_id, **fields}
+        return True
 
 
 class JsonFormatter(logging.Formatter):
@@ -53,6 +69,7 @@ def setup_logging(level: str, fmt: str) -> None:
     """Send every log record to stderr in ``fmt`` (json or text) at ``level``."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    handler.addFilter(RequestIdFilter())  # on the handler: it sees the records of every logger, aiohttp's included
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)

@@ -18,8 +18,11 @@ from aiohttp import web
 from pydantic import BaseModel
 
 from genai_server.app_keys import ARRIVAL, FINAL_STATUS, REQUEST_ID, REQUEST_STATS
+from genai_server.logs import current_request_id
 
 log = logging.getLogger("genai_server.access")
+# What happened to a request besides its access line (a client that left).
+events_log = logging.getLogger(__name__)
 # Prompts and completions go to their own logger, silent unless LOG_PROMPTS is on.
 prompts_log = logging.getLogger("genai_server.prompts")
 
@@ -48,6 +51,7 @@ def setup_request_log(app: web.Application) -> None:
         request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
     ) -> web.StreamResponse:
         request[REQUEST_ID] = _request_id(request)
+        request_id_token = current_request_id.set(request[REQUEST_ID])
         started = request[ARRIVAL] = time.perf_counter()
         status = 500
         try:
@@ -55,12 +59,17 @@ def setup_request_log(app: web.Application) -> None:
             status = response.status
             return response
         except asyncio.CancelledError:
+            # aiohttp cancels the handler of a client that disconnected (handler_cancellation).
             status = CLIENT_CLOSED_REQUEST
+            transport = request.transport
+            gone = transport is None or transport.is_closing()
+            events_log.info("client disconnected" if gone else "handler cancelled", extra={"fields": {"status": 499}})
             raise
         finally:
             status = final_status(request, status)
             request[FINAL_STATUS] = status
             _log_line(request, status, (time.perf_counter() - started) * 1000)
+            current_request_id.reset(request_id_token)
 
     app.middlewares.append(request_log)
     app.on_response_prepare.append(_add_request_id)

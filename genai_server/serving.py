@@ -58,6 +58,11 @@ class Serving:
         return {model_id: not self._stopped and await backend.ready() for model_id, backend in self._backends.items()}
 
     @property
+    def backend_names(self) -> dict[str, str]:
+        """Each model id and the name of the backend serving it."""
+        return {model_id: backend.name for model_id, backend in self._backends.items()}
+
+    @property
     def default_model(self) -> str:
         """The first model, named by /health."""
         return next(iter(self._backends))

@@ -11,7 +11,7 @@ from typing import Any
 from aiohttp import web
 from pydantic import BaseModel
 
-from genai_server.error_mapping import to_api_error
+from genai_server.error_mapping import log_server_error, to_api_error
 from genai_server.protocol import json_bytes
 
 log = logging.getLogger(__name__)
@@ -60,10 +60,9 @@ async def write_sse(
         if on_client_gone is not None and _client_left(request):
             on_client_gone()
         raise
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001  # every fault becomes an error event; log_server_error logs it
         error = to_api_error(exc)
-        if error.status >= 500:
-            log.exception("error during a stream")
+        log_server_error(exc, error, "during a stream")
         if on_error is not None:
             on_error(error.status)
         await _write_error(response, error.envelope())

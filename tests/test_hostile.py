@@ -23,6 +23,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from genai_server.exit_status import ExitStatus
 from tests.conftest import LONG_PROMPT, MODEL_ID, chat_body, sse_events
 from tests.test_openai_upstream import USAGE, _chunk, _sse
 from tests.test_process import REPO, _env, _free_port, _wait_healthy
@@ -232,7 +233,7 @@ async def test_work_beyond_the_memory_budget_waits_and_completes(
 def test_a_context_the_budget_cannot_hold_is_a_start_up_error(tmp_path: Path) -> None:
     server = Server(tmp_path / "server.log", ENGINE_MEMORY_BUDGET_MB="0.5")
     try:
-        assert server.proc.wait(60) == 1
+        assert server.proc.wait(60) == ExitStatus.MODEL_LOADING_FAILED
         assert "MAX_MODEL_LEN" in server.log() and "model_loading_failed" in server.log()
     finally:
         server.stop()
@@ -390,7 +391,7 @@ async def test_an_engine_that_dies_answers_everyone_and_the_process_exits_3(tmp_
             assert plain.status == 500 and (await plain.json())["error"]["code"] == "engine_error"
             events = sse_events(await stream.text()) if stream.status == 200 else []
             assert stream.status == 500 or json.loads(events[-2])["error"]["code"] == "engine_error"
-        assert await asyncio.to_thread(server.proc.wait, 60) == 3
+        assert await asyncio.to_thread(server.proc.wait, 60) == ExitStatus.ENGINE_FAILED
         assert "cannot serve any more" in server.log()
     finally:
         server.stop()

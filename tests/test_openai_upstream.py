@@ -14,6 +14,7 @@ from aiohttp.test_utils import TestServer
 
 from genai_server.backends.discovery import upstream_model_ids
 from genai_server.errors import ModelLoadingFailed
+from genai_server.exit_status import ExitStatus
 from genai_server.settings import SettingsError, load_settings
 from tests.conftest import MODEL_ID, ClientFactory, metric_sample, stream_chunks
 from tests.test_process import _free_port, _start, running_server
@@ -403,13 +404,15 @@ async def test_a_listing_that_breaks_the_api_is_a_loading_failure(
         await upstream_model_ids(f"{url}/{listing}/v1", aiohttp.ClientTimeout(total=10))
 
 
-def test_a_process_whose_upstream_cannot_be_listed_exits_1_with_one_clear_line() -> None:
-    """Connection refused: the process does not start half alive."""
+def test_a_process_whose_upstream_cannot_be_listed_exits_unavailable_with_one_clear_line() -> None:
+    """Connection refused: the process does not start half alive, and its exit status is one a supervisor retries
+    (the upstream may still be starting), not a model that cannot load."""
     port = _free_port()
     proc = _start(BACKEND="openai", UPSTREAM_URL=f"http://127.0.0.1:{_free_port()}/v1", SERVER_PORT=str(port))
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 1
-    assert "model_loading_failed" in err and "cannot list the upstream's models" in err
+    assert proc.returncode == ExitStatus.UNAVAILABLE
+    assert "upstream_unavailable" in err and "cannot list the upstream's models" in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
 
 
 # ---- every field the upstream sends reaches the client --------------------------------------------------

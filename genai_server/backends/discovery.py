@@ -13,7 +13,7 @@ from typing import Any
 
 import aiohttp
 
-from genai_server.errors import ModelLoadingFailed
+from genai_server.errors import UpstreamUnavailableAtStart
 
 MAX_LISTING_BYTES = 1024 * 1024
 MAX_MODELS = 256
@@ -21,7 +21,7 @@ MAX_ID_CHARS = 256
 
 
 async def upstream_model_ids(url: str, timeout: aiohttp.ClientTimeout, api_key: str | None = None) -> list[str]:
-    """The ids the upstream at ``url`` (its ``/v1`` base) lists, in its order; ``ModelLoadingFailed`` if it
+    """The ids the upstream at ``url`` (its ``/v1`` base) lists, in its order; ``UpstreamUnavailableAtStart`` if it
     cannot be listed."""
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     listing_url = url.rstrip("/") + "/models"
@@ -58,7 +58,7 @@ def _ids(listing_url: str, body: bytes) -> list[str]:
     return list(dict.fromkeys(ids))  # in order, each once
 
 
-def _failed(listing_url: str, reason: str) -> ModelLoadingFailed:
-    return ModelLoadingFailed(
+def _failed(listing_url: str, reason: str) -> UpstreamUnavailableAtStart:
+    return UpstreamUnavailableAtStart(
         f"cannot list the upstream's models at {listing_url}: {reason} (or set MODEL_ID / UPSTREAM_MODEL)"
     )

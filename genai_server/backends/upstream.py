@@ -85,13 +85,14 @@ class UpstreamClient:
         try:
             response = await self._session.post(url, json=body, allow_redirects=False)
         except aiohttp.ClientConnectorError as exc:
-            log.warning("upstream unreachable", extra={"fields": {"upstream_url": url, "reason": str(exc.os_error)}})
-            raise UpstreamUnavailable("The upstream engine cannot be reached") from None
+            cause = {"upstream_url": url, "cause": str(exc.os_error)}
+            raise UpstreamUnavailable("The upstream engine cannot be reached", detail=cause) from None
         except TimeoutError:
-            raise UpstreamTimeout("The upstream engine did not answer in time") from None
+            cause = {"upstream_url": url, "cause": "no answer in time"}
+            raise UpstreamTimeout("The upstream engine did not answer in time", detail=cause) from None
         except (aiohttp.ClientError, http_exceptions.HttpProcessingError, ValueError) as exc:
-            log.warning("upstream request failed", extra={"fields": {"upstream_url": url, "reason": repr(exc)}})
-            raise UpstreamError("The upstream engine failed") from None
+            cause = {"upstream_url": url, "cause": repr(exc)}
+            raise UpstreamError("The upstream engine failed", detail=cause) from None
         if response.status >= 300:
             raise await _rejection(response, url)
         return response
@@ -150,17 +151,16 @@ async def _rejection(response: aiohttp.ClientResponse, url: str) -> Exception:
     if status < 400 or status in (401, 403) or status >= 500:
         # A refusal of our credentials may echo them: its message is not logged, only its status.
         shown = "(not logged)" if status in (401, 403) else message
-        log.warning(
-            "upstream refused a request",
-            extra={"fields": {"upstream_url": url, "upstream_status": status, "upstream_message": shown}},
-        )
+        cause = {"upstream_url": url, "upstream_status": status, "upstream_message": shown}
         if status < 400:
-            return UpstreamError(f"The upstream engine answered with a redirect ({status}); redirects are not followed")
+            return UpstreamError(
+                f"The upstream engine answered with a redirect ({status}); redirects are not followed", detail=cause
+            )
         if status in (401, 403):
             return UpstreamError(
-                f"The upstream engine refused this gateway's credentials ({status}); see the server log"
+                f"The upstream engine refused this gateway's credentials ({status}); see the server log", detail=cause
             )
-        return UpstreamError(f"The upstream engine answered {status}")
+        return UpstreamError(f"The upstream engine answered {status}", detail=cause)
     headers = {"Retry-After": response.headers["Retry-After"]} if "Retry-After" in response.headers else None
     code = error.get("code") or ("model_not_found" if status == 404 else None)
     param, error_type = error.get("param"), error.get("type")
@@ -205,8 +205,7 @@ def stream_faults() -> Iterator[None]:
     except TimeoutError:
         raise UpstreamTimeout("The upstream engine stopped sending mid-stream") from None
     except (aiohttp.ClientError, http_exceptions.HttpProcessingError) as exc:
-        log.warning("upstream stream broke", extra={"fields": {"reason": repr(exc)}})
-        raise UpstreamError("The upstream stream broke") from None
+        raise UpstreamError("The upstream stream broke", detail={"cause": repr(exc)}) from None
 
 
 def error_message(error: Any) -> str:

@@ -1,0 +1,105 @@
+"""What an operator reads in the log of the real process: where it listens, why it stopped, one line per fault,
+and the request id on every line written on a request's behalf."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from genai_server.exit_status import ExitStatus
+from tests.conftest import MODEL_ID, chat_body
+from tests.test_hostile import Server
+from tests.test_process import REPO, _env, _free_port
+
+
+def _lines(text: str) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in text.splitlines()]
+
+
+def _messages(lines: list[dict[str, Any]]) -> list[str]:
+    return [line["message"] for line in lines]
+
+
+def test_a_ready_server_says_where_it_listens_and_a_stop_says_how_it_ended(tmp_path: Path) -> None:
+    server = Server(tmp_path / "server.log", LOG_FORMAT="json").wait_healthy()
+    try:
+        server.proc.send_signal(signal.SIGTERM)
+        assert server.proc.wait(60) == ExitStatus.STOPPED
+        messages = _messages(_lines(server.log()))
+    finally:
+        server.stop()
+    listening = f"listening on http://127.0.0.1:{server.port} (model {MODEL_ID}, backend onnx)"
+    assert listening in messages
+    stop = messages.index("received SIGTERM: stopping")
+    assert messages.index(listening) < stop
+    assert messages[stop + 1].startswith("draining: 0 running, 0 queued")
+    assert messages[stop + 2] == "drained: every request finished"
+
+
+def test_a_busy_port_is_one_line_and_a_status_a_supervisor_retries() -> None:
+    """Not a traceback; in the json format, one JSON object."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        for fmt in ("json", "text"):
+            proc = subprocess.run(
+                [sys.executable, "-m", "genai_server", "--port", str(port)],
+                cwd=REPO,
+                env=_env(LOG_FORMAT=fmt),
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            assert proc.returncode == ExitStatus.UNAVAILABLE
+            errors = [line for line in proc.stderr.splitlines() if "ERROR" in line]
+            assert len(errors) == 1, proc.stderr
+            assert f"cannot listen on 127.0.0.1:{port}" in errors[0] and "address already in use" in errors[0]
+            assert "Traceback" not in proc.stderr and "draining" not in proc.stderr
+            if fmt == "json":
+                assert json.loads(errors[0])["code"] == "cannot_listen"
+
+
+async def test_every_line_written_for_a_request_carries_its_id(tmp_path: Path) -> None:
+    """A client that leaves mid-stream and an upstream that refuses: each line they cause names the request."""
+    down = f"http://127.0.0.1:{_free_port()}/v1"
+    models = tmp_path / "models.toml"
+    models.write_text(f'[[models]]\nid = "{MODEL_ID}"\n\n[[models]]\nid = "down"\nbackend = "openai"\nurl = "{down}"\n')
+    server = Server(tmp_path / "server.log", MODELS_FILE=str(models), LOG_FORMAT="json").wait_healthy()
+    try:
+        before = len(server.log().splitlines())
+        async with aiohttp.ClientSession() as session:
+            body = chat_body(max_tokens=1900, min_tokens=1900, stream=True)
+            async with session.post(
+                f"{server.url}/v1/chat/completions", json=body, headers={"X-Request-Id": "leaves"}
+            ) as resp:
+                await resp.content.readline()  # the first event, then the client goes
+            for stream in (False, True):
+                async with session.post(
+                    f"{server.url}/v1/chat/completions",
+                    json=chat_body(model="down", stream=stream),
+                    headers={"X-Request-Id": f"refused-{stream}"},
+                ) as resp:
+                    assert resp.status == 502
+        await asyncio.sleep(0.5)  # the access line of the client that left
+        lines = _lines(server.log())[before:]
+    finally:
+        server.stop()
+    assert lines and all("request_id" in line for line in lines), lines
+    by_id = {rid: [line for line in lines if line["request_id"] == rid] for rid in ("leaves", "refused-False")}
+    left = [line["message"] for line in by_id["leaves"]]
+    assert left == ["client disconnected", "POST /v1/chat/completions 499"]
+    refused = by_id["refused-False"]
+    assert len(refused) == 2  # the fault, with its cause, and the access line
+    fault = refused[0]
+    assert (fault["level"], fault["code"], fault["status"]) == ("WARNING", "upstream_unavailable", 502)
+    assert "Connect" in fault["cause"] and fault["upstream_url"].startswith(down)
+    assert not any("exc_info" in line for line in lines)
