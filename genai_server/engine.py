@@ -29,6 +29,7 @@ import onnxruntime_genai as og
 from genai_server.detokenize import byte_table
 from genai_server.errors import EngineFailure, ModelLoadingFailed, ShuttingDown
 from genai_server.scheduler import BatchScheduler, Delta, GuidanceRejected, Job, KvBudget, SamplingOptions
+from genai_server.vendor_telemetry import turn_off as turn_off_vendor_telemetry
 
 __all__ = ["FALLBACK_CHAT_TEMPLATE", "Delta", "EngineConfig", "GuidanceRejected", "OnnxEngine", "SamplingOptions"]
 
@@ -93,6 +94,7 @@ class OnnxEngine:
 
     async def start(self) -> None:
         """Load the model on the owner thread; raise ``ModelLoadingFailed`` with the reason."""
+        turn_off_vendor_telemetry()
         self._loop = asyncio.get_running_loop()
         self._thread.start()
         await asyncio.get_running_loop().run_in_executor(None, self._ready.wait)

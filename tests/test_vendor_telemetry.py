@@ -1,0 +1,66 @@
+"""ONNX Runtime's usage telemetry stays off: the official wheels otherwise keep a device id and an event store
+for upload under ``~/.cache/Microsoft/DeveloperTools/.onnxruntime`` (measured; see genai_server/vendor_telemetry.py)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from genai_server.settings import BUNDLED_MODEL
+from tests.conftest import chat_body
+from tests.test_hostile import Server
+
+_BARE_ENGINE = """
+import sys
+import onnxruntime_genai as og
+model = og.Model(sys.argv[1])
+params = og.GeneratorParams(model)
+params.set_search_options(max_length=16)
+generator = og.Generator(model, params)
+generator.append_tokens(og.Tokenizer(model).encode("hello"))
+while not generator.is_done():
+    generator.generate_next_token()
+"""
+
+
+def _home(home: Path) -> dict[str, str]:
+    return {**os.environ, "HOME": str(home)}
+
+
+def _left_behind(home: Path) -> list[str]:
+    return sorted(str(path.relative_to(home)) for path in home.rglob("*") if path.is_file())
+
+
+async def test_the_server_leaves_no_telemetry_behind_where_the_bare_runtime_does(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Neither inherited: in-process tests of this session have turned telemetry off in this very environment.
+    for name in ("XDG_CACHE_HOME", "ORT_DISABLE_TELEMETRY"):
+        monkeypatch.delenv(name, raising=False)
+    bare, served = tmp_path / "bare", tmp_path / "served"
+    bare.mkdir()
+    served.mkdir()
+    # The control: the runtime on its own, in the same kind of environment, leaves its store (so this test can fail).
+    subprocess.run([sys.executable, "-c", _BARE_ENGINE, str(BUNDLED_MODEL)], env=_home(bare), check=True, timeout=120)
+    assert any("onnxruntime" in path for path in _left_behind(bare)), _left_behind(bare)
+
+    server = Server(tmp_path / "server.log", HOME=str(served))
+    try:
+        server.wait_healthy()
+        async with (
+            aiohttp.ClientSession() as session,
+            session.post(f"{server.url}/v1/chat/completions", json=chat_body(max_tokens=8)) as resp,
+        ):
+            assert resp.status == 200
+        server.proc.send_signal(signal.SIGTERM)
+        assert server.proc.wait(60) == 0
+    finally:
+        server.stop()
+    assert _left_behind(served) == []
+    assert "ONNX Runtime telemetry is off" in server.log()
