@@ -79,55 +79,75 @@ def markdown(results: dict[str, Any]) -> str:
 
 
 def plots(results: dict[str, Any], out: Path) -> None:
-    """throughput.png and latency.png: against concurrency, one line per model and config."""
+    """throughput.png and latency.png against concurrency. One colour per engine config, shared by everything of
+    that config's run (its server line, its bare-engine baseline, its p50 and p95); the baseline is the bare engine
+    at one stream, so it is drawn as that: a hollow square at x=1, and the 1-stream ratio is in the legend. Every
+    axis starts at 0, so a gap looks as big as it is."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(results["models"]), figsize=(6 * len(results["models"]), 4), squeeze=False)
-    for ax, (m, entry) in zip(axes[0], results["models"].items(), strict=True):
-        for c, run in entry["configs"].items():
-            levels = run["server"]["levels"]
-            ax.plot(
-                [lv["concurrency"] for lv in levels],
-                [lv["tokens_per_s"] for lv in levels],
-                "o-",
-                label=f"server, engine {c}",
-            )
-            ax.axhline(
-                median(run["bare"]["tokens_per_s"]),
-                color="grey",
-                linestyle="--",
-                label=f"bare loop, 1 stream ({c} run)",
-            )
-        ax.set(
-            title=f"{m} model: aggregate throughput",
-            xlabel="concurrent streams",
-            ylabel="tokens/s",
-            xticks=[1, 2, 4, 8],
-        )
-        ax.legend()
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]  # the default cycle, one per config
+    models = results["models"]
+    fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4.5), squeeze=False)
+    for ax, (m, entry) in zip(axes[0], models.items(), strict=True):
+        for colour, (c, run) in zip(colours, entry["configs"].items(), strict=False):
+            _throughput(ax, c, run, colour)
+        ax.set(title=f"{m} model: aggregate throughput", xlabel="concurrent streams", ylabel="tokens/s")
+        _axes_from_zero(ax)
+        ax.legend(fontsize="small", loc="lower right")
     fig.tight_layout()
     fig.savefig(out / "throughput.png", dpi=100)
     plt.close(fig)
 
-    fig, axes = plt.subplots(2, len(results["models"]), figsize=(6 * len(results["models"]), 7), squeeze=False)
-    for col, (m, entry) in enumerate(results["models"].items()):
-        for c, run in entry["configs"].items():
+    fig, axes = plt.subplots(2, len(models), figsize=(6 * len(models), 7), squeeze=False)
+    for col, (m, entry) in enumerate(models.items()):
+        for colour, (c, run) in zip(colours, entry["configs"].items(), strict=False):
             levels = run["server"]["levels"]
             xs = [lv["concurrency"] for lv in levels]
             for row, metric in enumerate(("ttft", "tpot")):
                 for q, style in (("p50", "o-"), ("p95", "x--")):
-                    axes[row][col].plot(xs, [lv[f"{metric}_{q}_ms"] for lv in levels], style, label=f"{c} {q}")
+                    ys = [lv[f"{metric}_{q}_ms"] for lv in levels]
+                    axes[row][col].plot(xs, ys, style, color=colour, label=f"engine {c}, {q}")
         for row, metric in enumerate(("TTFT", "TPOT")):
-            axes[row][col].set(
-                title=f"{m} model: {metric}", xlabel="concurrent streams", ylabel="ms", xticks=[1, 2, 4, 8]
-            )
-            axes[row][col].legend()
+            ax = axes[row][col]
+            ax.set(title=f"{m} model: {metric} (solid p50, dashed p95)", xlabel="concurrent streams", ylabel="ms")
+            _axes_from_zero(ax)
+            ax.legend(fontsize="small", ncols=2)
     fig.tight_layout()
     fig.savefig(out / "latency.png", dpi=100)
     plt.close(fig)
+
+
+def _throughput(ax: Any, config: str, run: dict[str, Any], colour: Any) -> None:
+    """One config's server line and its own bare-engine baseline (one stream), in one colour; the 1-stream ratio
+    goes in the legend rather than on the crowded point."""
+    levels = run["server"]["levels"]
+    bare = median(run["bare"]["tokens_per_s"])
+    one = next(lv["tokens_per_s"] for lv in levels if lv["concurrency"] == 1)
+    ax.plot(
+        [lv["concurrency"] for lv in levels],
+        [lv["tokens_per_s"] for lv in levels],
+        "o-",
+        color=colour,
+        label=f"server, engine {config} (1 stream: {one / bare:.2f}x bare)",
+    )
+    ax.plot(
+        [1],
+        [bare],
+        "s",
+        color=colour,
+        markerfacecolor="none",
+        markersize=10,
+        label=f"bare engine, 1 stream ({config} run)",
+    )
+
+
+def _axes_from_zero(ax: Any) -> None:
+    ax.set_xlim(0, 8.5)
+    ax.set_ylim(bottom=0)
+    ax.set_xticks([1, 2, 4, 8])
 
 
 def yardsticks_markdown(results: dict[str, Any]) -> str:

@@ -387,7 +387,18 @@ def main() -> None:
         type=Path,
         help="write results.json/.md and plots here (default: docs/benchmarks for a full run, nothing for --quick)",
     )
+    parser.add_argument(
+        "--replot", type=Path, metavar="RESULTS_JSON", help="measure nothing: redraw the plots of a saved results.json"
+    )
     args = parser.parse_args()
+    if args.replot:
+        from report import plots, yardstick_plots
+
+        saved = json.loads(args.replot.read_text())
+        plots(saved, args.replot.parent)
+        yardstick_plots(saved, args.replot.parent)
+        print(f"redrew the plots in {args.replot.parent}")
+        return
     results = asyncio.run(main_async(args))
     out = args.out or (None if args.quick else REPO / "docs" / "benchmarks")
     if out is not None:
