@@ -339,17 +339,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=_version())
     parser.add_argument("--env-file", type=Path, default=Path(".env"), help="dotenv file to read (default .env)")
     for name, field in Settings.model_fields.items():
-        flags = [_flag(name), *_aliases(name)]
+        flags = [_flag(name), *_ALIASES.get(name, [])]
         help_text = f"{field.description} [env {name.upper()}{_shown_default(name)}]"
         if field.annotation is bool:
             parser.add_argument(*flags, dest=name, default=None, action=argparse.BooleanOptionalAction, help=help_text)
         else:
             parser.add_argument(*flags, dest=name, default=None, metavar=name.upper(), help=help_text)
     return parser
-
-
-def _aliases(name: str) -> list[str]:
-    return _ALIASES.get(name, [])
 
 
 def load_settings(argv: list[str] | None = None) -> Settings:
