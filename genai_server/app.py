@@ -23,7 +23,7 @@ from genai_server.error_mapping import setup_error_mapping
 from genai_server.gpu import GpuMonitor
 from genai_server.lifecycle import server_failed, setup_lifecycle
 from genai_server.openapi import setup_openapi
-from genai_server.prometheus import Gauges, ServerMetrics, setup_prometheus
+from genai_server.prometheus import Gauges, ServerMetrics, Slo, setup_prometheus
 from genai_server.request_body import setup_request_body
 from genai_server.request_log import setup_request_log
 from genai_server.routes import add_routes
@@ -40,7 +40,8 @@ def create_app(settings: Settings) -> web.Application:
     app[LIMITER] = ConcurrencyLimiter(
         settings.max_concurrent_requests, settings.max_queued_requests, settings.queue_timeout
     )
-    app[METRICS] = ServerMetrics(settings.backend, lambda: _gauges(app))
+    slo = Slo(settings.slo_ttft_ms, settings.slo_tpot_ms, settings.slo_e2e_ms)
+    app[METRICS] = ServerMetrics(settings.backend, lambda: _gauges(app), slo)
     # The order is written once, outermost first:
     # 1. Prometheus: counts every generation request by its final status, 429s included;
     # 2. request log: sees every request and the final status, after errors were mapped;
@@ -176,7 +177,9 @@ def _gauges(app: web.Application) -> Gauges:
     engines = app.get(ENGINES, {})
     return Gauges(
         running=app[LIMITER].in_flight,
-        waiting=sum(engine.waiting_sequences() for engine in engines.values()),
+        # vLLM's meaning, work accepted and not yet running: requests queued for a slot, and sequences an
+        # embedded engine has not yet started.
+        waiting=app[LIMITER].queued + sum(engine.waiting_sequences() for engine in engines.values()),
         kv_cache_usage={model: engine.kv_cache_usage() for model, engine in engines.items()},
         gpu_used_mb=app[GPU].used_mb() if GPU in app else None,
     )

@@ -7,6 +7,7 @@ registry: several apps in one process (the tests) never share counters.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -14,10 +15,10 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.process_collector import ProcessCollector
 
-from genai_server.app_keys import FINAL_STATUS, REQUEST_STATS
+from genai_server.app_keys import ARRIVAL, FINAL_STATUS, REQUEST_STATS
 from genai_server.concurrency import GENERATION_PATHS
 from genai_server.request_log import CLIENT_CLOSED_REQUEST
-from genai_server.telemetry import RequestTelemetry
+from genai_server.telemetry import RequestMetrics, RequestTelemetry
 
 _LATENCY_BUCKETS = (
     0.005,
@@ -43,13 +44,71 @@ _LATENCY_BUCKETS = (
 _TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5)
 _LABELS = ("model", "backend")
 
+# OpenTelemetry GenAI semantic conventions (gen-ai-metrics.md): the server histograms, with the spec's own bucket
+# lists, so that PromQL aggregates them with vLLM's and Envoy AI Gateway's. Kept beside ours, whose finer buckets
+# resolve CPU-speed tokens.
+_SEMCONV_TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0)
+_SEMCONV_TPOT_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5)
+_SEMCONV_DURATION_BUCKETS = (
+    0.01,
+    0.02,
+    0.04,
+    0.08,
+    0.16,
+    0.32,
+    0.64,
+    1.28,
+    2.56,
+    5.12,
+    10.24,
+    20.48,
+    40.96,
+    81.92,
+)
+# The attributes, as Prometheus labels (dots become underscores, as the OTel Prometheus exporter writes them).
+_SEMCONV_LABELS = ("gen_ai_operation_name", "gen_ai_provider_name", "gen_ai_request_model", "error_type")
+# gen_ai.operation.name by route.
+OPERATIONS = {"/v1/chat/completions": "chat", "/v1/completions": "text_completion"}
+# gen_ai.provider.name by backend: the engine or API that answered.
+PROVIDERS = {"onnx": "onnxruntime_genai", "openai": "openai", "ollama": "ollama"}
+
+
+@dataclass(frozen=True)
+class Slo:
+    """Service-level objectives a request must all meet to count as goodput (vLLM's --goodput); None = not set."""
+
+    ttft_ms: float | None = None
+    tpot_ms: float | None = None
+    e2e_ms: float | None = None
+
+    @property
+    def configured(self) -> bool:
+        """Whether any objective is set (without one, goodput is not reported)."""
+        return any(value is not None for value in (self.ttft_ms, self.tpot_ms, self.e2e_ms))
+
+    def met(self, figures: RequestMetrics) -> bool:
+        """Whether every objective that is set was met. A request without a first token misses a TTFT objective;
+        one with a single token has no TPOT and cannot miss that one."""
+        ttft, tpot, e2e = figures.time_to_first_token_ms, figures.time_per_output_token_ms, figures.e2e_latency_ms
+        return (
+            _within(ttft, self.ttft_ms, missing_meets=False)
+            and _within(tpot, self.tpot_ms, missing_meets=True)
+            and _within(e2e, self.e2e_ms, missing_meets=False)
+        )
+
+
+def _within(value: float | None, limit: float | None, *, missing_meets: bool) -> bool:
+    if limit is None:
+        return True
+    return missing_meets if value is None else value <= limit
+
 
 @dataclass(frozen=True)
 class Gauges:
     """What the gauges read at scrape time."""
 
     running: int  # generation requests in flight
-    waiting: int  # sequences waiting to be admitted by the embedded engines
+    waiting: int  # requests queued for a slot + sequences waiting to be admitted by the embedded engines
     kv_cache_usage: dict[str, float]  # per embedded model: the share of its KV budget in use
     gpu_used_mb: float | None  # None without a GPU
 
@@ -57,11 +116,23 @@ class Gauges:
 class ServerMetrics:
     """The Prometheus collectors of one server."""
 
-    def __init__(self, backend: str, gauges: Callable[[], Gauges]) -> None:
+    def __init__(self, backend: str, gauges: Callable[[], Gauges], slo: Slo | None = None) -> None:
         self.backend = backend
         self._gauges = gauges
+        self._slo = slo or Slo()
         self.registry = CollectorRegistry()
         ProcessCollector(registry=self.registry)
+        self._semconv_histograms()
+        self.goodput = (
+            Counter(
+                "genai_server_goodput_requests",
+                "Successful requests that met every configured SLO (SLO_TTFT_MS, SLO_TPOT_MS, SLO_E2E_MS).",
+                _LABELS,
+                registry=self.registry,
+            )
+            if self._slo.configured
+            else None
+        )
 
         def histogram(name: str, doc: str, buckets: tuple[float, ...]) -> Histogram:
             return Histogram(f"genai_server_{name}", doc, _LABELS, buckets=buckets, registry=self.registry)
@@ -93,7 +164,7 @@ class ServerMetrics:
         self.gpu_used: Gauge | None = None  # registered at the first scrape that finds a GPU: no GPU, no series
         self.waiting = Gauge(
             "genai_server_num_requests_waiting",
-            "Sequences waiting for a batch to start in the embedded engines.",
+            "Requests queued for a slot, plus sequences waiting for a batch to start in the embedded engines.",
             registry=self.registry,
         )
         self.kv_cache = Gauge(
@@ -103,13 +174,37 @@ class ServerMetrics:
             registry=self.registry,
         )
 
-    def observe(self, stats: RequestTelemetry | None, model: str, status: int) -> None:
-        """Record one finished generation request."""
-        labels = (model, (stats.backend if stats else None) or self.backend)
+    def _semconv_histograms(self) -> None:
+        def histogram(name: str, doc: str, buckets: tuple[float, ...]) -> Histogram:
+            return Histogram(name, doc, _SEMCONV_LABELS, buckets=buckets, unit="seconds", registry=self.registry)
+
+        self.semconv_ttft = histogram(
+            "gen_ai_server_time_to_first_token", "gen_ai.server.time_to_first_token", _SEMCONV_TTFT_BUCKETS
+        )
+        self.semconv_tpot = histogram(
+            "gen_ai_server_time_per_output_token", "gen_ai.server.time_per_output_token", _SEMCONV_TPOT_BUCKETS
+        )
+        self.semconv_duration = histogram(
+            "gen_ai_server_request_duration", "gen_ai.server.request.duration", _SEMCONV_DURATION_BUCKETS
+        )
+
+    def observe(
+        self, stats: RequestTelemetry | None, model: str, status: int, operation: str, duration_s: float
+    ) -> None:
+        """Record one finished generation request (``duration_s``: from its arrival, refused or not)."""
+        backend = (stats.backend if stats else None) or self.backend
+        labels = (model, backend)
         self.requests.labels(*labels, str(status)).inc()
+        semconv = (operation, PROVIDERS.get(backend, backend), model, str(status) if status >= 400 else "")
+        self.semconv_duration.labels(*semconv).observe(duration_s)
         if stats is None or stats.end is None:
             return
         figures = stats.metrics()
+        self._observe_semconv(figures, semconv)
+        if self.goodput is not None and status == 200:
+            good = self.goodput.labels(*labels)  # present from the first answer, so a ratio never lacks its series
+            if self._slo.met(figures):
+                good.inc()
         for histogram, value in (
             (self.ttft, figures.time_to_first_token_ms),
             (self.e2e, figures.e2e_latency_ms),
@@ -126,6 +221,16 @@ class ServerMetrics:
         self.generation_tokens.labels(*labels).inc(stats.completion_tokens)
         if stats.client_disconnected or status == CLIENT_CLOSED_REQUEST:  # mid-stream, or mid-wait for a JSON
             self.disconnects.labels(*labels).inc()
+
+    def _observe_semconv(self, figures: RequestMetrics, labels: tuple[str, ...]) -> None:
+        """TTFT and TPOT under the GenAI semconv attributes; ``error.type`` is the HTTP status of a request that
+        failed (499: the client left), empty otherwise (an empty label is an absent one to PromQL)."""
+        for histogram, value in (
+            (self.semconv_ttft, figures.time_to_first_token_ms),
+            (self.semconv_tpot, figures.time_per_output_token_ms),
+        ):
+            if value is not None:
+                histogram.labels(*labels).observe(value / 1000)
 
     def exposition(self) -> bytes:
         """The text format, with the gauges read now."""
@@ -160,12 +265,15 @@ def setup_prometheus(app: web.Application, metrics: ServerMetrics) -> None:
     ) -> web.StreamResponse:
         if request.path not in GENERATION_PATHS:
             return await handler(request)
+        started = time.perf_counter()
         try:
             return await handler(request)
         finally:
             # The request log, just inside, has settled the status (499 for a client that left).
             stats = request.get(REQUEST_STATS)
-            metrics.observe(stats, (stats.model if stats else None) or NO_MODEL, request.get(FINAL_STATUS, 500))
+            model = (stats.model if stats else None) or NO_MODEL
+            duration = time.perf_counter() - request.get(ARRIVAL, started)
+            metrics.observe(stats, model, request.get(FINAL_STATUS, 500), OPERATIONS[request.path], duration)
 
     async def scrape(request: web.Request) -> web.Response:
         return web.Response(body=metrics.exposition(), headers={"Content-Type": CONTENT_TYPE_LATEST})

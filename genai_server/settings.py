@@ -186,6 +186,15 @@ class Settings(BaseSettings):
     cors_origins: Annotated[list[str], NoDecode] = Field(
         default_factory=lambda: ["*"], description="comma-separated origins allowed by CORS; * for any"
     )
+    slo_ttft_ms: float | None = Field(
+        None, gt=0, description="goodput: a request meets its time-to-first-token objective within this many ms"
+    )
+    slo_tpot_ms: float | None = Field(
+        None, gt=0, description="goodput: a request meets its time-per-output-token objective within this many ms"
+    )
+    slo_e2e_ms: float | None = Field(
+        None, gt=0, description="goodput: a request meets its end-to-end objective within this many ms"
+    )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = Field(
         "INFO", description="DEBUG, INFO, WARNING, ERROR or CRITICAL"
     )

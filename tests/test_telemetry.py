@@ -177,3 +177,19 @@ async def test_prometheus_metrics_count_requests_tokens_and_latencies(make_clien
     assert metric_sample(text, "genai_server_inter_token_latency_seconds_count", **labels) >= 6
     assert _gauge(text, "genai_server_num_requests_running") == 0
     assert "process_resident_memory_bytes" in text
+
+
+async def test_waiting_counts_requests_queued_for_a_slot(make_client: Any) -> None:
+    """vLLM's num_requests_waiting meaning (accepted, not yet running), which an autoscaler reads."""
+    client = await make_client(max_concurrent_requests=1, max_queued_requests=4)
+    stream = await client.post("/v1/chat/completions", json=long_stream(1500))
+    while b'"content"' not in await stream.content.readline():
+        pass  # generating: the one slot is taken
+    queued = asyncio.ensure_future(client.post("/v1/chat/completions", json=chat_body(max_tokens=2)))
+    deadline = time.monotonic() + 10
+    while _gauge(await (await client.get("/metrics")).text(), "genai_server_num_requests_waiting") != 1:
+        assert time.monotonic() < deadline, "the queued request never showed as waiting"
+        await asyncio.sleep(0.01)
+    stream.close()
+    assert (await queued).status == 200
+    assert _gauge(await (await client.get("/metrics")).text(), "genai_server_num_requests_waiting") == 0
