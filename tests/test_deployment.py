@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 import tomllib
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,8 @@ from tests.test_process import REPO, _env, _free_port
 
 UNIT = REPO / "etc" / "genai-server.service"
 MANIFEST = REPO / "etc" / "kubernetes.yaml"
+AUTOSCALER = REPO / "etc" / "kubernetes-hpa.yaml"
+ADAPTER_VALUES = REPO / "etc" / "prometheus-adapter-values.yaml"
 DOCKERFILE = REPO / "Dockerfile"
 # The oldest Kubernetes release still supported upstream, and the newest the validator knows.
 KUBERNETES_VERSIONS = ("1.32.0", kubernetes_validate.latest_version())
@@ -84,9 +87,10 @@ def _one(kind: str) -> dict[str, Any]:
 
 
 @pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
-def test_the_manifest_follows_the_kubernetes_schemas(version: str) -> None:
+@pytest.mark.parametrize("manifest", [MANIFEST, AUTOSCALER])
+def test_the_manifests_follow_the_kubernetes_schemas(manifest: Path, version: str) -> None:
     """Strict: an unknown or misplaced field is an error, as the API server's own validation makes it."""
-    for doc in _manifest():
+    for doc in yaml.safe_load_all(manifest.read_text()):
         kubernetes_validate.validate(doc, version, strict=True)
 
 
@@ -157,6 +161,28 @@ def test_the_manifest_names_what_it_needs_and_drains_before_it_stops() -> None:
     pause = int(container["lifecycle"]["preStop"]["exec"]["command"][-1])
     drain = next(float(e["value"]) for e in container["env"] if e["name"] == "SHUTDOWN_TIMEOUT")
     assert pause >= 5 and pod["terminationGracePeriodSeconds"] > pause + drain + 6
+
+
+def test_the_autoscaler_reads_a_gauge_the_server_exports_through_the_adapters_rule(tmp_path: Path) -> None:
+    """Deployment -> scrape annotations -> adapter rule -> HPA metric: each link names the next one right, and the
+    gauge is one a real server exports."""
+    (hpa,) = yaml.safe_load_all(AUTOSCALER.read_text())
+    deployment = _one("Deployment")
+    assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": "genai-server"}
+    assert deployment["metadata"]["name"] == "genai-server"
+    (rule,) = yaml.safe_load(ADAPTER_VALUES.read_text())["rules"]["custom"]
+    (metric,) = [m["pods"]["metric"]["name"] for m in hpa["spec"]["metrics"]]
+    assert rule["name"]["as"] == metric and rule["seriesQuery"].startswith(metric + "{")
+    annotations = deployment["spec"]["template"]["metadata"]["annotations"]
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    assert int(annotations["prometheus.io/port"]) == container["ports"][0]["containerPort"]
+    server = Server(tmp_path / "server.log").wait_healthy()
+    try:
+        with urllib.request.urlopen(f"{server.url}{annotations['prometheus.io/path']}", timeout=10) as resp:
+            exposition = resp.read().decode()
+    finally:
+        server.stop()
+    assert f"# TYPE {metric} gauge" in exposition
 
 
 # ---- Docker ---------------------------------------------------------------------------------------------------
