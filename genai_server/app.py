@@ -16,6 +16,8 @@ from genai_server.backends.discovery import upstream_model_ids
 from genai_server.backends.ollama import OllamaBackend
 from genai_server.backends.onnx import OnnxBackend
 from genai_server.backends.openai_upstream import OpenAIUpstream
+from genai_server.backends.replicas import replica_name
+from genai_server.backends.upstream import RelayBackend
 from genai_server.concurrency import ConcurrencyLimiter, setup_concurrency_limit
 from genai_server.cors import setup_cors
 from genai_server.engine import EngineConfig, OnnxEngine
@@ -105,13 +107,13 @@ def _backend(app: web.Application, settings: Settings, entry: ModelEntry) -> Bac
     """The backend serving one model, not yet started."""
     if entry.backend == "onnx":
         return _onnx_backend(app, settings, entry)
-    assert entry.url is not None  # checked by ModelEntry
+    urls = entry.upstream_urls  # at least one: checked by ModelEntry
     log.info(
         "relaying to an upstream engine",
         extra={
             "fields": {
                 "backend": entry.backend,
-                "upstream_url": entry.url,
+                "upstream_urls": [replica_name(url) for url in urls],
                 "model": entry.id,
                 "upstream_model": entry.upstream_name,
             }
@@ -122,22 +124,24 @@ def _backend(app: web.Application, settings: Settings, entry: ModelEntry) -> Bac
     )
     if entry.backend == "ollama":
         return OllamaBackend(
-            entry.url,
+            urls,
             entry.id,
             entry.upstream_name,
             timeout=timeout,
             always_usage=settings.stream_usage_always,
             default_max_tokens=settings.max_tokens_limit,
+            balance=entry.balance,
         )
     api_key = entry.api_key.get_secret_value() if entry.api_key else None
     return OpenAIUpstream(
-        entry.url,
+        urls,
         entry.id,
         entry.upstream_name,
         timeout=timeout,
         api_key=api_key,
         always_usage=settings.stream_usage_always,
         default_max_tokens=settings.max_tokens_limit,
+        balance=entry.balance,
     )
 
 
@@ -182,4 +186,9 @@ def _gauges(app: web.Application) -> Gauges:
         waiting=app[LIMITER].queued + sum(engine.waiting_sequences() for engine in engines.values()),
         kv_cache_usage={model: engine.kv_cache_usage() for model, engine in engines.items()},
         gpu_used_mb=app[GPU].used_mb() if GPU in app else None,
+        replicas={
+            model: backend.replicas
+            for model, backend in (app[SERVING].backends.items() if SERVING in app else ())
+            if isinstance(backend, RelayBackend)
+        },
     )

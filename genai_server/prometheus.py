@@ -8,14 +8,17 @@ registry: several apps in one process (the tests) never share counters.
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.process_collector import ProcessCollector
+from prometheus_client.registry import Collector
 
 from genai_server.app_keys import ARRIVAL, FINAL_STATUS, REQUEST_STATS
+from genai_server.backends.replicas import Replica
 from genai_server.concurrency import GENERATION_PATHS
 from genai_server.request_log import CLIENT_CLOSED_REQUEST
 from genai_server.telemetry import RequestMetrics, RequestTelemetry
@@ -111,6 +114,32 @@ class Gauges:
     waiting: int  # requests queued for a slot + sequences waiting to be admitted by the embedded engines
     kv_cache_usage: dict[str, float]  # per embedded model: the share of its KV budget in use
     gpu_used_mb: float | None  # None without a GPU
+    replicas: dict[str, list[Replica]] = field(default_factory=dict)  # per relayed model, its upstream's replicas
+
+
+class ReplicaCollector(Collector):
+    """Per replica of each relayed model, read at scrape time: in flight from here, healthy, requests, errors. The
+    series are bounded by the models file (the replica label is a configured URL without credentials)."""
+
+    def __init__(self, gauges: Callable[[], Gauges]) -> None:
+        self._gauges = gauges
+
+    def collect(self) -> Iterator[Metric]:
+        families = (
+            (GaugeMetricFamily, "in_flight", "Requests this gateway has in flight on the replica."),
+            (GaugeMetricFamily, "healthy", "1 while the replica is admitted, 0 while ejected."),
+            (CounterMetricFamily, "requests", "Requests sent to the replica (retries included)."),
+            (CounterMetricFamily, "errors", "Requests the replica failed before its first byte."),
+        )
+        replicas = self._gauges().replicas
+        for kind, name, doc in families:
+            family = kind(f"genai_server_upstream_replica_{name}", doc, labels=["model", "replica"])
+            for model, members in replicas.items():
+                for replica in members:
+                    value = {"in_flight": replica.in_flight, "healthy": int(replica.healthy)}.get(name)
+                    count = replica.requests if name == "requests" else replica.errors
+                    family.add_metric([model, replica.name], count if value is None else value)
+            yield family
 
 
 class ServerMetrics:
@@ -123,6 +152,14 @@ class ServerMetrics:
         self.registry = CollectorRegistry()
         ProcessCollector(registry=self.registry)
         self._semconv_histograms()
+        self.registry.register(ReplicaCollector(gauges))
+        self.replica_ttft = Histogram(
+            "genai_server_upstream_replica_time_to_first_token_seconds",
+            "Arrival to first token, by the upstream replica that served the request.",
+            ("model", "replica"),
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
         self.goodput = (
             Counter(
                 "genai_server_goodput_requests",
@@ -201,6 +238,8 @@ class ServerMetrics:
             return
         figures = stats.metrics()
         self._observe_semconv(figures, semconv)
+        if stats.replica is not None and figures.time_to_first_token_ms is not None:
+            self.replica_ttft.labels(model, stats.replica).observe(figures.time_to_first_token_ms / 1000)
         if self.goodput is not None and status == 200:
             good = self.goodput.labels(*labels)  # present from the first answer, so a ratio never lacks its series
             if self._slo.met(figures):

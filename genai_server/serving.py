@@ -58,6 +58,11 @@ class Serving:
         return {model_id: not self._stopped and await backend.ready() for model_id, backend in self._backends.items()}
 
     @property
+    def backends(self) -> dict[str, Backend]:
+        """Each model id and its backend (read-only use: gauges read at scrape time)."""
+        return dict(self._backends)
+
+    @property
     def backend_names(self) -> dict[str, str]:
         """Each model id and the name of the backend serving it."""
         return {model_id: backend.name for model_id, backend in self._backends.items()}

@@ -41,14 +41,29 @@ class ModelEntry(BaseModel):
     backend: BackendName = "onnx"
     path: Path | None = Field(None, description="onnx: the model folder (default: the bundled demo model)")
     url: str | None = Field(None, description="openai/ollama: the upstream's address")
+    urls: list[str] | None = Field(
+        None, min_length=1, max_length=64, description="openai/ollama: several replicas of the upstream, instead of url"
+    )
+    balance: Literal["least_in_flight", "round_robin"] = Field(
+        "least_in_flight", description="how a request picks among urls: fewest in flight from here, or in turn"
+    )
     upstream_model: str | None = Field(None, description="openai/ollama: the upstream's name for it (default: id)")
     api_key: SecretStr | None = Field(None, description="openai: bearer key for the upstream")
 
     @model_validator(mode="after")
     def _check(self) -> ModelEntry:
-        if self.backend != "onnx" and not self.url:
-            raise ValueError(f"model {self.id!r}: backend {self.backend} needs a url")
+        if self.backend != "onnx" and not (self.url or self.urls):
+            raise ValueError(f"model {self.id!r}: backend {self.backend} needs a url (or urls)")
+        if self.url and self.urls:
+            raise ValueError(f"model {self.id!r}: url or urls, not both")
+        if self.urls is not None and len(set(self.urls)) != len(self.urls):
+            raise ValueError(f"model {self.id!r}: urls names a replica twice")
         return self
+
+    @property
+    def upstream_urls(self) -> list[str]:
+        """Every replica's address (one for ``url``)."""
+        return self.urls or ([self.url] if self.url else [])
 
     @property
     def model_path(self) -> Path:

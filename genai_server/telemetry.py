@@ -54,6 +54,7 @@ class RequestTelemetry:
     arrival: float = field(default_factory=time.perf_counter)
     model: str | None = None
     backend: str | None = None
+    replica: str | None = None  # which replica of an upstream served it (its URL without credentials)
     prompt_tokens: int = 0
     # Prompt tokens whose KV cache was reused rather than prefilled; None where the backend does not say.
     cached_prompt_tokens: int | None = None
@@ -91,6 +92,16 @@ class RequestTelemetry:
         elif count:
             self.itl_s.extend([(now - self._last_token) / count] * count)
         self._last_token = now
+
+    def on_retry(self) -> None:
+        """The attempt failed before anything reached the client and another replica takes the request: its
+        generation figures start again; arrival and queueing stand (the client waited through both)."""
+        self.end = self.first_token = self._last_token = None
+        self.completion_tokens = 0
+        self.itl_s.clear()
+        self.backend_reported = None
+        if self._gpu_monitor is not None:
+            self.gpu = self._gpu_monitor.open_window()
 
     def on_end(self) -> None:
         """Generation ended (finished, failed or cancelled); the first call counts."""

@@ -37,8 +37,8 @@ SETTLE_S = 30.0
 class Server:
     """A server process with its log in a file (a pipe nobody reads would block the server's logging)."""
 
-    def __init__(self, log_path: Path, *args: str, **settings: str) -> None:
-        self.port = _free_port()
+    def __init__(self, log_path: Path, *args: str, port: int | None = None, **settings: str) -> None:
+        self.port = port or _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
         self._log = log_path.open("w")

@@ -96,7 +96,9 @@ async def test_every_line_written_for_a_request_carries_its_id(tmp_path: Path) -
     assert lines and all("request_id" in line for line in lines), lines
     by_id = {rid: [line for line in lines if line["request_id"] == rid] for rid in ("leaves", "refused-False")}
     left = [line["message"] for line in by_id["leaves"]]
-    assert left == ["client disconnected", "POST /v1/chat/completions 499"]
+    # Noticed on a write ("... mid-stream") or by aiohttp cancelling the handler: either way, one line, then the 499.
+    assert len(left) == 2 and left[0].startswith("client disconnected"), left
+    assert left[1] == "POST /v1/chat/completions 499"
     refused = by_id["refused-False"]
     assert len(refused) == 2  # the fault, with its cause, and the access line
     fault = refused[0]

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from genai_server.backends import Response, Result, accounting
 from genai_server.backends.choices import ChoiceWriter, Piece
+from genai_server.backends.replicas import Balance, ReplicaSet
 from genai_server.backends.upstream import RelayBackend, UpstreamClient, error_message, parse_event, stream_faults
 from genai_server.errors import InvalidRequest, UpstreamError
 from genai_server.protocol import (
@@ -57,16 +58,17 @@ class OllamaBackend(RelayBackend):
 
     def __init__(
         self,
-        base_url: str,
+        urls: list[str],
         model_id: str,
         upstream_model: str,
         *,
         timeout: aiohttp.ClientTimeout,
         always_usage: bool = False,
         default_max_tokens: int = 4096,
+        balance: Balance = "least_in_flight",
     ) -> None:
         super().__init__(
-            UpstreamClient(base_url, timeout, probe_path="/api/version"),
+            ReplicaSet([UpstreamClient(url, timeout, probe_path="/api/version") for url in urls], balance),
             model_id,
             upstream_model,
             always_usage=always_usage,
@@ -124,6 +126,7 @@ class OllamaBackend(RelayBackend):
     ) -> AsyncGenerator[dict[str, Any], None]:
         response = await self._upstream.post(path, body)
         stats.on_admitted(time.perf_counter())
+        stats.replica = getattr(response, "replica", None)
         limit = body["options"].get("num_predict") or self._default_max_tokens
         return _ndjson(response, stats, max_lines=limit + _LINE_SLACK)
 

@@ -17,8 +17,9 @@ import aiohttp
 
 from genai_server.backends import Response, Result
 from genai_server.backends.assemble import Assembler
+from genai_server.backends.replicas import Balance, ReplicaSet
 from genai_server.backends.upstream import RelayBackend, UpstreamClient, error_message, parse_event, stream_faults
-from genai_server.errors import UpstreamError
+from genai_server.errors import UpstreamError, UpstreamTimeout
 from genai_server.protocol import ChatCompletionRequest, CompletionRequest, SamplingRequest
 from genai_server.telemetry import RequestTelemetry
 
@@ -43,7 +44,7 @@ class OpenAIUpstream(RelayBackend):
 
     def __init__(
         self,
-        base_url: str,
+        urls: list[str],
         model_id: str,
         upstream_model: str,
         *,
@@ -51,10 +52,11 @@ class OpenAIUpstream(RelayBackend):
         api_key: str | None = None,
         always_usage: bool = False,
         default_max_tokens: int = 4096,
+        balance: Balance = "least_in_flight",
     ) -> None:
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         super().__init__(
-            UpstreamClient(base_url, timeout, headers=headers, probe_path="/models"),
+            ReplicaSet([UpstreamClient(url, timeout, headers=headers, probe_path="/models") for url in urls], balance),
             model_id,
             upstream_model,
             always_usage=always_usage,
@@ -75,19 +77,40 @@ class OpenAIUpstream(RelayBackend):
         # What the client set, as it set it (explicit nulls too, every field we do not know): the upstream decides.
         body = req.model_dump(exclude_unset=True, by_alias=True)
         body.update(model=self._upstream_model, stream=True, stream_options={"include_usage": True})
-        response = await self._upstream.post(path, body)
-        stats.on_admitted(time.perf_counter())  # our part of the wait ends when the upstream has the request
-        chunks = self._chunks(response, req, stats, choices)
-        # The first chunk is awaited here, so an upstream that fails or sends nothing before it is an HTTP error
-        # status for the client, not a 200 stream that then carries an error.
         try:
-            first = await anext(chunks)
-        except StopAsyncIteration:
-            raise UpstreamError("The upstream engine sent no choices") from None
+            first, chunks = await self._first_chunk(path, body, req, stats, choices, avoid=None)
+        except UpstreamError as exc:
+            # Nothing has reached the client: a replica that broke before its first chunk (killed, say) is
+            # replaced once by another. After the first chunk nothing is retried: the client would see it twice.
+            if isinstance(exc, UpstreamTimeout) or not self._upstream.retries_possible or stats.replica is None:
+                raise
+            self._upstream.note_retry(stats.replica, exc)
+            stats.on_retry()
+            first, chunks = await self._first_chunk(path, body, req, stats, choices, avoid=stats.replica)
         stream = _prepend(first, chunks)
         if req.stream:
             return stream
         return await _aggregate(stream, kind)
+
+    async def _first_chunk(
+        self,
+        path: str,
+        body: dict[str, Any],
+        req: SamplingRequest,
+        stats: RequestTelemetry,
+        choices: int,
+        avoid: str | None,
+    ) -> tuple[Response, AsyncGenerator[Response, None]]:
+        """Post, then await the first chunk here, so that an upstream that fails or sends nothing before it is an
+        HTTP error status for the client, not a 200 stream that then carries an error."""
+        response = await self._upstream.post(path, body, avoid)
+        stats.on_admitted(time.perf_counter())  # our part of the wait ends when the upstream has the request
+        stats.replica = getattr(response, "replica", None)
+        chunks = self._chunks(response, req, stats, choices)
+        try:
+            return await anext(chunks), chunks
+        except StopAsyncIteration:
+            raise UpstreamError("The upstream engine sent no choices") from None
 
     async def _chunks(
         self, response: aiohttp.ClientResponse, req: SamplingRequest, stats: RequestTelemetry, choices: int

@@ -11,8 +11,8 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import orjson
@@ -20,6 +20,9 @@ from aiohttp import http_exceptions
 
 from genai_server.errors import UpstreamError, UpstreamRejected, UpstreamTimeout, UpstreamUnavailable
 from genai_server.protocol import ModelCard, now
+
+if TYPE_CHECKING:
+    from genai_server.backends.replicas import Replica, ReplicaSet
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +33,20 @@ _MESSAGE_LIMIT = 500
 # Readiness is asked of the upstream at most this often; probes in between get the last answer.
 _READY_CACHE_S = 1.0
 _READY_TIMEOUT_S = 2.0
+
+
+class TrackedResponse(aiohttp.ClientResponse):
+    """A response that says when it is closed (every relay closes its response when it ends): a replica counts the
+    requests it has in flight by it."""
+
+    on_close: Callable[[], None] | None = None
+    replica: str | None = None  # the replica it came from, for the per-replica figures
+
+    def close(self) -> None:
+        super().close()
+        done, self.on_close = self.on_close, None
+        if done is not None:
+            done()
 
 
 class UpstreamClient:
@@ -47,7 +64,9 @@ class UpstreamClient:
 
     async def start(self) -> None:
         """Open the session (no connection is made until the first request)."""
-        self._session = aiohttp.ClientSession(timeout=self._timeout, headers=self._headers)
+        self._session = aiohttp.ClientSession(
+            timeout=self._timeout, headers=self._headers, response_class=TrackedResponse
+        )
 
     async def close(self) -> None:
         """Close the session: relayed streams still open lose their upstream and end with an error."""
@@ -59,11 +78,12 @@ class UpstreamClient:
         checked_at, answer = self._ready
         if time.monotonic() - checked_at < _READY_CACHE_S:
             return answer
-        answer = await self._probe()
+        answer = await self.probe()
         self._ready = (time.monotonic(), answer)
         return answer
 
-    async def _probe(self) -> bool:
+    async def probe(self) -> bool:
+        """Ask the upstream now whether it answers (any status below 500) on its probe path."""
         if self._session is None or self._session.closed:
             return False
         try:
@@ -74,7 +94,8 @@ class UpstreamClient:
             ) as response:
                 return response.status < 500
         except (aiohttp.ClientError, TimeoutError) as exc:
-            log.warning("upstream not ready", extra={"fields": {"upstream_url": self.base_url, "reason": repr(exc)}})
+            # Logged by the replica set when the answer changes, not at every probe.
+            log.debug("upstream not ready", extra={"fields": {"upstream_url": self.base_url, "reason": repr(exc)}})
             return False
 
     async def post(self, path: str, body: dict[str, Any]) -> aiohttp.ClientResponse:
@@ -100,11 +121,11 @@ class UpstreamClient:
 
 class RelayBackend:
     """What every backend relaying to an engine elsewhere shares: the one model it serves under our id, the
-    upstream's name for it, and the upstream client it owns from ``start`` to ``close``."""
+    upstream's name for it, and the upstream replicas it owns from ``start`` to ``close``."""
 
     def __init__(
         self,
-        upstream: UpstreamClient,
+        upstream: ReplicaSet,
         model_id: str,
         upstream_model: str,
         *,
@@ -130,6 +151,11 @@ class RelayBackend:
     async def ready(self) -> bool:
         """The upstream answers."""
         return await self._upstream.ready()
+
+    @property
+    def replicas(self) -> list[Replica]:
+        """The upstream's replicas and what is known of each (for the per-replica series)."""
+        return self._upstream.replicas
 
     def model_cards(self) -> list[ModelCard]:
         """The one model this backend relays to."""

@@ -1,0 +1,171 @@
+"""Several replicas behind one model id, with real processes: three ``python -m genai_server`` upstreams on the
+bundled model and a gateway in front of them. Load spreads; a replica killed mid-run costs no client an error
+before its first byte; a replica stopped is ejected, and re-admitted when it is back."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import time
+import urllib.request
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from tests.conftest import MODEL_ID, chat_body, metric_sample
+from tests.test_hostile import Server
+
+pytestmark = pytest.mark.timeout(300)
+MODEL = "replicated"
+SETTLE_S = 20.0  # generous: a few health-probe rounds (2 s each)
+
+
+class Fleet:
+    """Three upstream processes and a gateway whose models file lists them as one model's replicas."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.upstreams = [Server(folder / f"upstream-{i}.log") for i in range(3)]
+        urls = ", ".join(f'"{upstream.url}/v1"' for upstream in self.upstreams)
+        models = folder / "models.toml"
+        models.write_text(
+            f'[[models]]\nid = "{MODEL}"\nbackend = "openai"\nupstream_model = "{MODEL_ID}"\nurls = [{urls}]\n'
+        )
+        self.gateway = Server(folder / "gateway.log", MODELS_FILE=str(models), LOG_FORMAT="json")
+
+    def restart(self, index: int) -> None:
+        """The replica back, on its own address."""
+        self.upstreams[index].stop()
+        port = self.upstreams[index].port
+        self.upstreams[index] = Server(self.folder / f"upstream-{index}-again.log", port=port).wait_healthy()
+
+    def replica(self, index: int) -> str:
+        return f"{self.upstreams[index].url}/v1"
+
+    def stop(self) -> None:
+        for server in (self.gateway, *self.upstreams):
+            server.stop()
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
+    fleet = Fleet(tmp_path_factory.mktemp("fleet"))
+    try:
+        for upstream in fleet.upstreams:
+            upstream.wait_healthy()
+        fleet.gateway.wait_healthy()
+        _wait_admitted(fleet)  # the gateway may have probed a replica before it was up
+        yield fleet
+    finally:
+        fleet.stop()
+
+
+def _wait_admitted(fleet: Fleet) -> None:
+    deadline = time.monotonic() + SETTLE_S
+    while True:
+        with urllib.request.urlopen(f"{fleet.gateway.url}/metrics", timeout=10) as resp:
+            text = resp.read().decode()
+        if all(_healthy(text, fleet, i) for i in range(3)):
+            return
+        assert time.monotonic() < deadline, "a replica was never admitted"
+        time.sleep(0.2)
+
+
+def _healthy(text: str, fleet: Fleet, index: int) -> bool:
+    return metric_sample(text, "genai_server_upstream_replica_healthy", model=MODEL, replica=fleet.replica(index)) == 1
+
+
+@pytest.fixture
+async def session() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as client:
+        yield client
+
+
+async def _metrics(session: aiohttp.ClientSession, fleet: Fleet) -> str:
+    async with session.get(f"{fleet.gateway.url}/metrics") as resp:
+        return await resp.text()
+
+
+def _requests(text: str, fleet: Fleet) -> list[float]:
+    return [
+        metric_sample(text, "genai_server_upstream_replica_requests_total", model=MODEL, replica=fleet.replica(i))
+        for i in range(3)
+    ]
+
+
+async def _stream(session: aiohttp.ClientSession, fleet: Fleet) -> str:
+    """One streamed chat: 'ok', 'error after the first byte', or the status it failed with before any."""
+    body = chat_body(model=MODEL, max_tokens=200, min_tokens=200, stream=True)
+    async with session.post(f"{fleet.gateway.url}/v1/chat/completions", json=body) as resp:
+        if resp.status != 200:
+            return f"status {resp.status}: {await resp.text()}"
+        events = [line[6:] for line in (await resp.text()).splitlines() if line.startswith("data: ")]
+    if events[-1] == "[DONE]" and not any('"error"' in event for event in events):
+        return "ok"
+    return "error after the first byte"
+
+
+async def test_requests_spread_over_every_replica(session: aiohttp.ClientSession, fleet: Fleet) -> None:
+    before = _requests(await _metrics(session, fleet), fleet)
+    for _ in range(3):
+        outcomes = await asyncio.gather(*[_stream(session, fleet) for _ in range(9)])
+        assert outcomes == ["ok"] * 9
+    sent = [
+        after - prior for after, prior in zip(_requests(await _metrics(session, fleet), fleet), before, strict=True)
+    ]
+    assert sum(sent) == 27
+    assert min(sent) >= 4, f"least in flight should spread 27 requests, 9 at a time, over 3 replicas: {sent}"
+
+
+async def test_a_replica_killed_mid_run_costs_no_error_before_the_first_byte(
+    session: aiohttp.ClientSession, fleet: Fleet
+) -> None:
+    """Clients keep streaming while one replica is killed (SIGKILL): a request on it that had already streamed may
+    end with an error event; every other one is answered, by another replica if need be."""
+    stop = asyncio.Event()
+    outcomes: list[str] = []
+
+    async def client() -> None:
+        while not stop.is_set():
+            outcomes.append(await _stream(session, fleet))
+
+    clients = [asyncio.create_task(client()) for _ in range(6)]
+    await asyncio.sleep(1.0)
+    fleet.upstreams[1].proc.send_signal(signal.SIGKILL)
+    await asyncio.sleep(3.0)
+    stop.set()
+    await asyncio.gather(*clients)
+    assert all(outcome in ("ok", "error after the first byte") for outcome in outcomes), outcomes
+    assert outcomes.count("ok") >= len(outcomes) - 6  # at most the streams the killed replica was serving
+    metrics = await _metrics(session, fleet)
+    assert metric_sample(metrics, "genai_server_upstream_replica_healthy", model=MODEL, replica=fleet.replica(1)) == 0
+    async with session.get(f"{fleet.gateway.url}/health/ready") as resp:
+        assert resp.status == 200, "two replicas of three still serve"
+    log = [json.loads(line) for line in fleet.gateway.log().splitlines()]
+    assert any(line["message"] == "replica ejected" and line["replica"] == fleet.replica(1) for line in log)
+
+    fleet.restart(1)
+    deadline = time.monotonic() + SETTLE_S
+    while not _healthy(await _metrics(session, fleet), fleet, 1):
+        assert time.monotonic() < deadline, "the replica was never re-admitted"
+        await asyncio.sleep(0.2)
+    before = _requests(await _metrics(session, fleet), fleet)[1]
+    assert await asyncio.gather(*[_stream(session, fleet) for _ in range(9)]) == ["ok"] * 9
+    assert _requests(await _metrics(session, fleet), fleet)[1] > before, "the re-admitted replica takes work again"
+
+
+async def test_readiness_needs_one_replica_of_every_model(session: aiohttp.ClientSession, fleet: Fleet) -> None:
+    """Runs last: stops every replica."""
+    for upstream in fleet.upstreams:
+        upstream.stop()
+    deadline = time.monotonic() + SETTLE_S
+    while True:
+        async with session.get(f"{fleet.gateway.url}/health/ready") as resp:
+            if resp.status == 503:
+                assert (await resp.json())["models"] == [MODEL]
+                break
+        assert time.monotonic() < deadline, "readiness never noticed that no replica answers"
+        await asyncio.sleep(0.2)
