@@ -2,19 +2,24 @@
 the gateway to measure the gateway's own cost, without an engine competing with it for the cores.
 
 Each streamed ``/v1/completions`` sends the role-less completion chunks an engine would (one per token, ``max_tokens``
-of them), then the usage chunk when asked and ``[DONE]``, as fast as the socket takes them.
+of them), then the usage chunk when asked and ``[DONE]``, as fast as the socket takes them, or one every
+SECONDS_PER_TOKEN, at most SLOTS requests at a time with the rest waiting, as an engine's batch limit makes them
+(``replica_balance.py`` makes replicas of different speeds that way).
 
-    python benchmarks/scripted_upstream.py PORT
+    python benchmarks/scripted_upstream.py PORT [SECONDS_PER_TOKEN [SLOTS]]
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sys
 
 from aiohttp import web
 
 MODEL = "scripted"
+PACE = web.AppKey("pace", float)
+SLOTS = web.AppKey("slots", asyncio.Semaphore)
 
 
 def _chunk(text: str, finish: str | None = None) -> bytes:
@@ -24,11 +29,19 @@ def _chunk(text: str, finish: str | None = None) -> bytes:
 
 
 async def completions(request: web.Request) -> web.StreamResponse:
+    async with request.app[SLOTS]:
+        return await _stream(request)
+
+
+async def _stream(request: web.Request) -> web.StreamResponse:
     body = await request.json()
     tokens = int(body.get("max_tokens") or 16)
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
     await response.prepare(request)
+    pace = request.app[PACE]
     for i in range(tokens):
+        if pace:
+            await asyncio.sleep(pace)
         await response.write(_chunk(f" w{i}", "length" if i == tokens - 1 else None))
     if (body.get("stream_options") or {}).get("include_usage"):
         usage = {"prompt_tokens": 8, "completion_tokens": tokens, "total_tokens": 8 + tokens}
@@ -49,6 +62,8 @@ async def health(_: web.Request) -> web.Response:
 
 def main() -> None:
     app = web.Application()
+    app[PACE] = float(sys.argv[2]) if len(sys.argv) > 2 else 0.0
+    app[SLOTS] = asyncio.Semaphore(int(sys.argv[3]) if len(sys.argv) > 3 else 1 << 20)
     app.router.add_post("/v1/completions", completions)
     app.router.add_get("/v1/models", models)
     app.router.add_get("/health", health)
