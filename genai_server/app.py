@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 
 import aiohttp
 from aiohttp import web
+from opentelemetry.sdk.trace.export import SpanExporter
 
 from genai_server.app_keys import ENGINE, ENGINES, GPU, LIMITER, METRICS, SERVING, SETTINGS
 from genai_server.auth import setup_api_keys
@@ -31,12 +32,14 @@ from genai_server.request_log import setup_request_log
 from genai_server.routes import add_routes
 from genai_server.serving import RequestLimits, Serving
 from genai_server.settings import ModelEntry, Settings
+from genai_server.tracing import setup_tracing
 
 log = logging.getLogger(__name__)
 
 
-def create_app(settings: Settings) -> web.Application:
-    """Build the app; no I/O here: the backend starts with the app (``backends_context``)."""
+def create_app(settings: Settings, *, span_exporter: SpanExporter | None = None) -> web.Application:
+    """Build the app; no I/O here: the backend starts with the app (``backends_context``). ``span_exporter``
+    replaces the OTLP one (tests read spans from memory)."""
     app = web.Application(client_max_size=settings.max_body_bytes)
     app[SETTINGS] = settings
     app[LIMITER] = ConcurrencyLimiter(
@@ -45,12 +48,14 @@ def create_app(settings: Settings) -> web.Application:
     slo = Slo(settings.slo_ttft_ms, settings.slo_tpot_ms, settings.slo_e2e_ms)
     app[METRICS] = ServerMetrics(settings.backend, lambda: _gauges(app), slo)
     # The order is written once, outermost first:
-    # 1. Prometheus: counts every generation request by its final status, 429s included;
-    # 2. request log: sees every request and the final status, after errors were mapped;
-    # 3. error mapping: turns every exception below it, 401 and 429 included, into the OpenAI envelope;
-    # 4. API keys: a request without one is refused before its body is read or it can wait for a slot;
-    # 5. request body: read whole and checked before the slot, so a slow sender holds a connection, not a slot;
-    # 6. concurrency limit: innermost, so only real generation requests hold a slot.
+    # 1. tracing: the span covers everything below, and reads the final status and the request's figures;
+    # 2. Prometheus: counts every generation request by its final status, 429s included;
+    # 3. request log: sees every request and the final status, after errors were mapped;
+    # 4. error mapping: turns every exception below it, 401 and 429 included, into the OpenAI envelope;
+    # 5. API keys: a request without one is refused before its body is read or it can wait for a slot;
+    # 6. request body: read whole and checked before the slot, so a slow sender holds a connection, not a slot;
+    # 7. concurrency limit: innermost, so only real generation requests hold a slot.
+    setup_tracing(app, settings.otel_exporter_otlp_endpoint, span_exporter)
     setup_prometheus(app, app[METRICS])
     setup_request_log(app)
     setup_error_mapping(app)

@@ -210,6 +210,11 @@ class Settings(BaseSettings):
     slo_e2e_ms: float | None = Field(
         None, gt=0, description="goodput: a request meets its end-to-end objective within this many ms"
     )
+    otel_exporter_otlp_endpoint: str | None = Field(
+        None,
+        description="OpenTelemetry collector (OTLP over HTTP, e.g. http://127.0.0.1:4318): one span per generation "
+        "request goes to its /v1/traces; unset = no traces. The other OTEL_* variables are read by the SDK",
+    )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = Field(
         "INFO", description="DEBUG, INFO, WARNING, ERROR or CRITICAL"
     )

@@ -87,5 +87,7 @@ def test_the_example_file_is_valid() -> None:
     assert [(m.id, m.backend) for m in settings.models] == [
         ("phi-3.5-mini", "onnx"),
         ("llama-3-8b", "openai"),
+        ("qwen2.5-7b", "openai"),
         ("qwen2.5-0.5b", "ollama"),
     ]
+    assert settings.models[2].upstream_urls == ["http://10.0.0.11:8000/v1", "http://10.0.0.12:8000/v1"]

@@ -20,6 +20,7 @@ from aiohttp import http_exceptions
 
 from genai_server.errors import UpstreamError, UpstreamRejected, UpstreamTimeout, UpstreamUnavailable
 from genai_server.protocol import ModelCard, now
+from genai_server.trace_headers import upstream_trace_headers
 
 if TYPE_CHECKING:
     from genai_server.backends.replicas import Replica, ReplicaSet
@@ -104,7 +105,9 @@ class UpstreamClient:
             raise UpstreamUnavailable("The upstream engine cannot be reached")
         url = self.base_url + path
         try:
-            response = await self._session.post(url, json=body, allow_redirects=False)
+            # The request's trace goes upstream with it (tracing.py), as vLLM and SGLang read it.
+            headers = dict(upstream_trace_headers.get())
+            response = await self._session.post(url, json=body, allow_redirects=False, headers=headers)
         except aiohttp.ClientConnectorError as exc:
             cause = {"upstream_url": url, "cause": str(exc.os_error)}
             raise UpstreamUnavailable("The upstream engine cannot be reached", detail=cause) from None
