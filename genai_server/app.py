@@ -25,6 +25,7 @@ from genai_server.engine import EngineConfig, OnnxEngine
 from genai_server.error_mapping import setup_error_mapping
 from genai_server.gpu import GpuMonitor
 from genai_server.lifecycle import server_failed, setup_lifecycle
+from genai_server.load_report import setup_load_report
 from genai_server.openapi import setup_openapi
 from genai_server.prometheus import Gauges, ServerMetrics, Slo, setup_prometheus
 from genai_server.request_body import setup_request_body
@@ -65,6 +66,7 @@ def create_app(settings: Settings, *, span_exporter: SpanExporter | None = None)
     add_routes(app)
     setup_openapi(app)
     setup_lifecycle(app, settings.shutdown_timeout)
+    setup_load_report(app, lambda: _gauges(app))
     setup_cors(app, settings.cors_origins)  # after the routes: it wraps each one
     app.cleanup_ctx.append(backends_context)
     return app

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from typing import Any
 
@@ -193,3 +194,32 @@ async def test_waiting_counts_requests_queued_for_a_slot(make_client: Any) -> No
     stream.close()
     assert (await queued).status == 200
     assert _gauge(await (await client.get("/metrics")).text(), "genai_server_num_requests_waiting") == 0
+
+
+async def test_a_router_may_ask_for_the_load_on_each_response(make_client: Any) -> None:
+    """ORCA's endpoint-load-metrics (vLLM's): the gauges at the time the headers left, only when asked."""
+    client = await make_client(max_concurrent_requests=1, max_queued_requests=4)
+    plain = await client.post("/v1/chat/completions", json=chat_body(max_tokens=2))
+    assert "endpoint-load-metrics" not in plain.headers
+    stream = await client.post(
+        "/v1/chat/completions", json=long_stream(1500), headers={"endpoint-load-metrics-format": "TEXT"}
+    )
+    text = stream.headers["endpoint-load-metrics"]
+    assert text.startswith("TEXT ") and "named_metrics.num_requests_running=1" in text
+    assert "named_metrics.kv_cache_usage_perc=" in text and "named_metrics.num_requests_waiting=0" in text
+    while b'"content"' not in await stream.content.readline():
+        pass
+    queued = asyncio.ensure_future(
+        client.post(
+            "/v1/chat/completions", json=chat_body(max_tokens=2), headers={"endpoint-load-metrics-format": "json"}
+        )
+    )
+    await asyncio.sleep(0.2)  # it waits for the slot
+    stream.close()
+    answer = await queued
+    kind, payload = answer.headers["endpoint-load-metrics"].split(" ", 1)
+    assert kind == "JSON"
+    named = json.loads(payload)["named_metrics"]
+    # A JSON answer's headers leave after its slot was given back, and the stream before it had left.
+    assert (named["num_requests_running"], named["num_requests_waiting"]) == (0, 0)
+    assert 0 <= named["kv_cache_usage_perc"] <= 1
