@@ -149,7 +149,10 @@ class ReplicaSet:
 
     async def _probe_forever(self) -> None:
         while True:
-            await self._probe_all()
+            try:
+                await self._probe_all()
+            except Exception:  # a probe that fails in a way we did not foresee must not end health checking
+                log.exception("health probing failed; trying again in %g s", HEALTH_INTERVAL_S)
             await asyncio.sleep(HEALTH_INTERVAL_S)
 
     async def _probe_all(self) -> None:
