@@ -121,24 +121,26 @@ class ReplicaCollector(Collector):
     """Per replica of each relayed model, read at scrape time: in flight from here, healthy, requests, errors. The
     series are bounded by the models file (the replica label is a configured URL without credentials)."""
 
+    # Each family and how it reads one replica.
+    _FAMILIES: tuple[
+        tuple[type[GaugeMetricFamily | CounterMetricFamily], str, str, Callable[[Replica], float]], ...
+    ] = (
+        (GaugeMetricFamily, "in_flight", "Requests this gateway has in flight on the replica.", lambda r: r.in_flight),
+        (GaugeMetricFamily, "healthy", "1 while the replica is admitted, 0 while ejected.", lambda r: int(r.healthy)),
+        (CounterMetricFamily, "requests", "Requests sent to the replica (retries included).", lambda r: r.requests),
+        (CounterMetricFamily, "errors", "Requests the replica failed before its first byte.", lambda r: r.errors),
+    )
+
     def __init__(self, gauges: Callable[[], Gauges]) -> None:
         self._gauges = gauges
 
     def collect(self) -> Iterator[Metric]:
-        families = (
-            (GaugeMetricFamily, "in_flight", "Requests this gateway has in flight on the replica."),
-            (GaugeMetricFamily, "healthy", "1 while the replica is admitted, 0 while ejected."),
-            (CounterMetricFamily, "requests", "Requests sent to the replica (retries included)."),
-            (CounterMetricFamily, "errors", "Requests the replica failed before its first byte."),
-        )
         replicas = self._gauges().replicas
-        for kind, name, doc in families:
+        for kind, name, doc, read in self._FAMILIES:
             family = kind(f"genai_server_upstream_replica_{name}", doc, labels=["model", "replica"])
             for model, members in replicas.items():
                 for replica in members:
-                    value = {"in_flight": replica.in_flight, "healthy": int(replica.healthy)}.get(name)
-                    count = replica.requests if name == "requests" else replica.errors
-                    family.add_metric([model, replica.name], count if value is None else value)
+                    family.add_metric([model, replica.name], read(replica))
             yield family
 
 

@@ -61,16 +61,11 @@ class ReplicaSet:
         self._turn = itertools.count()
         self._health: asyncio.Task[None] | None = None
 
-    @property
-    def base_url(self) -> str:
-        """The first replica's address (what a single-replica upstream is named by)."""
-        return self.replicas[0].client.base_url
-
     async def start(self) -> None:
         """Open every replica's session; with several, start probing their health."""
         for replica in self.replicas:
             await replica.client.start()
-        if len(self.replicas) > 1:
+        if self.retries_possible:  # one replica alone is probed when readiness is asked
             self._health = asyncio.create_task(self._probe_forever())
 
     async def close(self) -> None:
@@ -84,7 +79,7 @@ class ReplicaSet:
 
     async def ready(self) -> bool:
         """At least one replica answers. One replica alone is probed when asked (at most once a second)."""
-        if self._health is None:
+        if not self.retries_possible:
             replica = self.replicas[0]
             self._update(replica, await replica.client.ready())
         elif not any(replica.probed for replica in self.replicas):
@@ -98,7 +93,7 @@ class ReplicaSet:
         try:
             return await self._post(first, path, body)
         except UpstreamError as exc:
-            if not _retryable(exc) or len(self.replicas) == 1:
+            if not (_retryable(exc) and self.retries_possible):
                 raise
             self.note_retry(first.name, exc)
         return await self._post(self._pick(first.name), path, body)
@@ -129,7 +124,7 @@ class ReplicaSet:
         except UpstreamError as exc:
             replica.in_flight -= 1
             replica.errors += 1
-            if isinstance(exc, UpstreamUnavailable) and len(self.replicas) > 1:
+            if isinstance(exc, UpstreamUnavailable) and self.retries_possible:
                 self._eject(replica, exc.detail.get("cause", exc.message))
             raise
         except BaseException:
