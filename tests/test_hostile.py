@@ -17,7 +17,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import aiohttp
 import pytest
@@ -452,17 +452,20 @@ SCRIPTS: dict[str, tuple[int, dict[str, str], bytes]] = {
 STREAMED = ("endless", "endless-line")
 
 
-class ScriptedUpstream:
-    """An OpenAI-style upstream in a thread of its own (the gateway under test is another process)."""
+class AppInThread:
+    """An aiohttp app of the test's own on a free port, served by a thread with its own loop, for a server process
+    under test to talk to; a subclass adds its routes in ``routes``. A context manager: up on enter, down on exit."""
 
     def __init__(self) -> None:
         self.port = _free_port()
-        self.disconnects = 0
         self._loop = asyncio.new_event_loop()
         self._started = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def __enter__(self) -> ScriptedUpstream:
+    def routes(self, app: web.Application) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
         self._thread.start()
         self._started.wait(10)
         return self
@@ -475,14 +478,25 @@ class ScriptedUpstream:
     def _run(self) -> None:
         asyncio.set_event_loop(self._loop)
         app = web.Application()
-        app.router.add_post("/v1/chat/completions", self._chat)
-        app.router.add_get("/v1/models", self._models)
+        self.routes(app)
         runner = web.AppRunner(app, handler_cancellation=True)
         self._loop.run_until_complete(runner.setup())
         self._loop.run_until_complete(web.TCPSite(runner, "127.0.0.1", self.port).start())
         self._started.set()
         self._loop.run_forever()
         self._loop.run_until_complete(runner.cleanup())
+
+
+class ScriptedUpstream(AppInThread):
+    """An OpenAI-style upstream in a thread of its own (the gateway under test is another process)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.disconnects = 0
+
+    def routes(self, app: web.Application) -> None:
+        app.router.add_post("/v1/chat/completions", self._chat)
+        app.router.add_get("/v1/models", self._models)
 
     async def _models(self, request: web.Request) -> web.Response:
         return web.json_response({"object": "list", "data": []})

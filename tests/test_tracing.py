@@ -3,9 +3,7 @@ OTLP to a collector of the test's own), and the trace passed to an upstream."""
 
 from __future__ import annotations
 
-import asyncio
 import signal
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,9 +18,8 @@ from opentelemetry.trace import SpanKind, StatusCode
 
 from genai_server.app import create_app
 from tests.conftest import MODEL_ID, chat_body, make_settings
-from tests.test_hostile import Server
+from tests.test_hostile import AppInThread, Server
 from tests.test_openai_upstream import USAGE, _chunk, _sse
-from tests.test_process import _free_port
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 CLIENT_PARENT = f"00-{TRACE_ID}-00f067aa0ba902b7-01"
@@ -123,36 +120,15 @@ async def _untraced(**settings: Any) -> TestClient[web.Request, web.Application]
     return client
 
 
-class Collector:
+class Collector(AppInThread):
     """An OTLP/HTTP collector of the test's own, in a thread: keeps every ExportTraceServiceRequest it receives."""
 
     def __init__(self) -> None:
-        self.port = _free_port()
+        super().__init__()
         self.requests: list[ExportTraceServiceRequest] = []
-        self._loop = asyncio.new_event_loop()
-        self._ready = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def __enter__(self) -> Collector:
-        self._thread.start()
-        self._ready.wait(10)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(10)
-
-    def _run(self) -> None:
-        asyncio.set_event_loop(self._loop)
-        app = web.Application()
+    def routes(self, app: web.Application) -> None:
         app.router.add_post("/v1/traces", self._traces)
-        runner = web.AppRunner(app)
-        self._loop.run_until_complete(runner.setup())
-        self._loop.run_until_complete(web.TCPSite(runner, "127.0.0.1", self.port).start())
-        self._ready.set()
-        self._loop.run_forever()
-        self._loop.run_until_complete(runner.cleanup())
-        self._loop.close()
 
     async def _traces(self, request: web.Request) -> web.Response:
         assert request.content_type == "application/x-protobuf"
