@@ -18,9 +18,12 @@ import json
 import os
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import numpy.typing as npt
 import onnxruntime_genai as og
 
 
@@ -37,6 +40,16 @@ def one_stream(engine: og.Engine, prompt: list[int], tokens: int) -> tuple[int, 
     return batch(engine, prompt, tokens, 1)
 
 
+def greedy_request(engine: og.Engine, prompt: Sequence[int] | npt.NDArray[np.int32], tokens: int) -> og.Request:
+    """A greedy turn of ``tokens`` tokens on ``prompt``, begun on ``engine`` (the caller keeps it alive)."""
+    request = engine.create_request()
+    opts = og.TurnOptions(request)
+    opts.set_max_generated_tokens(tokens)
+    opts.set_do_sample(False)
+    request.begin_turn(prompt, opts)
+    return request
+
+
 def batch(engine: og.Engine, prompt: list[int], tokens: int, streams: int) -> tuple[int, float]:
     """``streams`` greedy sequences of the same prompt started together (one static batch, as the server batches a
     burst); returns (tokens, seconds from submit to the last token)."""
@@ -44,12 +57,7 @@ def batch(engine: og.Engine, prompt: list[int], tokens: int, streams: int) -> tu
     start = time.perf_counter()
     requests = []
     for _ in range(streams):
-        request = engine.create_request()
-        opts = og.TurnOptions(request)
-        opts.set_max_generated_tokens(tokens)
-        opts.set_do_sample(False)
-        request.begin_turn(prompt, opts)
-        requests.append(request)
+        requests.append(greedy_request(engine, prompt, tokens))
     n = 0
     while engine.has_pending_requests():
         n += sum(1 for ev in engine.run(buf) if ev.flags & og.EngineEventFlags.TOKEN)

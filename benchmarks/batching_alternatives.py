@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime_genai as og
-from bare import load_model
+from bare import greedy_request, load_model
 
 PROMPT = (np.arange(64, dtype=np.int32) % 200) + 3
 
@@ -28,13 +28,7 @@ def engines(model: og.Model, streams: int, tokens: int, lanes: int = 1) -> float
     requests = []
     start = time.perf_counter()
     for i in range(streams):
-        engine = lane_engines[i % lanes]
-        request = engine.create_request()
-        opts = og.TurnOptions(request)
-        opts.set_max_generated_tokens(tokens)
-        opts.set_do_sample(False)
-        request.begin_turn(PROMPT, opts)
-        requests.append(request)
+        requests.append(greedy_request(lane_engines[i % lanes], PROMPT, tokens))
     produced = 0
     while any(e.has_pending_requests() for e in lane_engines):
         for engine, buf in zip(lane_engines, buffers, strict=True):
