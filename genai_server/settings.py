@@ -12,6 +12,7 @@ import platform
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import (
     BaseModel,
@@ -32,6 +33,18 @@ BUNDLED_MODEL = Path(__file__).resolve().parent / "bundled_model" / "tiny-random
 BackendName = Literal["onnx", "openai", "ollama"]
 
 
+def _http_url(url: str) -> str:
+    """An upstream address: http(s), a host, a port that parses; anything else is a bad setting, not a crash later."""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError for a port out of range or not a number
+    except ValueError as exc:
+        raise ValueError(f"{url!r} is not a URL: {exc}") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"{url!r} is not an http(s) URL with a host")
+    return url
+
+
 class ModelEntry(BaseModel):
     """One model the server offers and the backend that serves it (a ``[[models]]`` table of MODELS_FILE)."""
 
@@ -49,6 +62,16 @@ class ModelEntry(BaseModel):
     )
     upstream_model: str | None = Field(None, description="openai/ollama: the upstream's name for it (default: id)")
     api_key: SecretStr | None = Field(None, description="openai: bearer key for the upstream")
+
+    @field_validator("url")
+    @classmethod
+    def _one_url(cls, value: str | None) -> str | None:
+        return None if value is None else _http_url(value)
+
+    @field_validator("urls")
+    @classmethod
+    def _each_url(cls, value: list[str] | None) -> list[str] | None:
+        return None if value is None else [_http_url(url) for url in value]
 
     @model_validator(mode="after")
     def _check(self) -> ModelEntry:
@@ -226,6 +249,11 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return [origin.strip() for origin in value.split(",") if origin.strip()]
         return value
+
+    @field_validator("upstream_url")
+    @classmethod
+    def _upstream_url(cls, value: str | None) -> str | None:
+        return None if value is None else _http_url(value)
 
     @field_validator("log_level", "log_format", mode="before")
     @classmethod

@@ -13,6 +13,7 @@ tracing is on, otherwise the client's headers as they came, so an upstream's spa
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -30,7 +31,11 @@ from genai_server.telemetry import RequestTelemetry
 from genai_server.trace_headers import upstream_trace_headers
 
 TRACER = web.AppKey("tracer", trace.Tracer)
-_TRACE_HEADERS = ("traceparent", "tracestate")
+# What a client's trace headers must look like to be passed upstream untraced (W3C Trace Context: a version-00
+# traceparent, a tracestate of at most 512 printable ASCII characters). Anything else is dropped, as the spec has a
+# receiver drop what it cannot parse: a client's arbitrary bytes are not forwarded to an engine as trace context.
+_TRACEPARENT = re.compile(r"[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")
+_TRACESTATE = re.compile(r"[\x20-\x7e]{1,512}")
 # Request fields recorded as gen_ai.request.* attributes.
 _REQUEST_ATTRIBUTES = {
     "max_tokens": "gen_ai.request.max_tokens",
@@ -86,8 +91,7 @@ async def _tracing(
     if operation is None or request.method != "POST":
         return await handler(request)
     if tracer is None:
-        passed = tuple((name, request.headers[name]) for name in _TRACE_HEADERS if name in request.headers)
-        upstream_trace_headers.set(passed)
+        upstream_trace_headers.set(_client_trace(request))
         return await handler(request)
     parent = propagate.extract(request.headers)
     with tracer.start_as_current_span(operation, context=parent, kind=trace.SpanKind.SERVER) as span:
@@ -98,6 +102,15 @@ async def _tracing(
             return await handler(request)
         finally:
             _finish(span, request, operation)
+
+
+def _client_trace(request: web.Request) -> tuple[tuple[str, str], ...]:
+    """The client's own trace headers, if well formed (tracestate only with a traceparent, as the spec has it)."""
+    parent = request.headers.get("traceparent", "")
+    if not _TRACEPARENT.fullmatch(parent):
+        return ()
+    state = request.headers.get("tracestate", "")
+    return (("traceparent", parent),) + ((("tracestate", state),) if _TRACESTATE.fullmatch(state) else ())
 
 
 def _finish(span: Any, request: web.Request, operation: str) -> None:

@@ -52,3 +52,14 @@ def test_model_id_defaults_to_the_folder_name(monkeypatch: pytest.MonkeyPatch, t
 def test_bad_values_name_the_setting(args: list[str], named: str) -> None:
     with pytest.raises(SettingsError, match=named):
         load_settings(args)
+
+
+@pytest.mark.parametrize("url", ["ftp://host/v1", "http:///v1", "http://host:99999/v1", "not a url"])
+def test_an_upstream_address_that_is_not_an_http_url_is_a_bad_setting(url: str, tmp_path: Path) -> None:
+    """Named at start-up (exit 2), not a crash when the first request or the first log line parses it."""
+    with pytest.raises(SettingsError, match="UPSTREAM_URL"):
+        load_settings(["--backend", "openai", "--upstream-url", url, "--model-id", "m", "--env-file", "/nonexistent"])
+    models = tmp_path / "models.toml"
+    models.write_text(f'[[models]]\nid = "m"\nbackend = "openai"\nurls = ["http://ok:8000/v1", "{url}"]\n')
+    with pytest.raises(SettingsError, match="not"):
+        load_settings(["--models-file", str(models), "--env-file", "/nonexistent"])

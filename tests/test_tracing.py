@@ -114,6 +114,29 @@ async def test_the_gateway_passes_the_trace_upstream(recording_upstream: Any, tr
     assert sent["traceparent"] == f"00-{TRACE_ID}-{span.context.span_id:016x}-01"
 
 
+@pytest.mark.parametrize(
+    ("parent", "state", "relayed"),
+    [
+        ("00-not-a-trace", "vendor=1", []),  # a traceparent that is not one: neither goes on
+        (CLIENT_PARENT, "v=" + "x" * 600, ["traceparent"]),  # a tracestate beyond the spec's 512 characters
+        (CLIENT_PARENT, "v=caf\u00e9", ["traceparent"]),  # not printable ASCII
+    ],
+)
+async def test_a_malformed_client_trace_is_not_relayed(
+    recording_upstream: Any, parent: str, state: str, relayed: list[str]
+) -> None:
+    """What is not W3C Trace Context stays here (the request is served all the same)."""
+    url, seen = recording_upstream
+    client = await _untraced(backend="openai", upstream_url=url, model_id="m")
+    try:
+        headers = {"traceparent": parent, "tracestate": state}
+        resp = await client.post("/v1/chat/completions", json=chat_body(model="m"), headers=headers)
+        assert resp.status == 200
+    finally:
+        await client.close()
+    assert [name for name in ("traceparent", "tracestate") if name in seen[-1]] == relayed
+
+
 async def _untraced(**settings: Any) -> TestClient[web.Request, web.Application]:
     client: TestClient[web.Request, web.Application] = TestClient(TestServer(create_app(make_settings(**settings))))
     await client.start_server()
