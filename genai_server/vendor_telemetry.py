@@ -5,6 +5,8 @@ wheel carries the upload endpoint. Measured with a fresh ``HOME``: loading a mod
 ``~/.cache/Microsoft/DeveloperTools/.onnxruntime/{deviceid, onnxruntime-genai.db, onnxruntime.db}`` (a device id and
 an event store, for ONNX Runtime and GenAI both). ``og.disable_telemetry_events()`` alone still leaves all three;
 ``ORT_DISABLE_TELEMETRY=1`` in the environment before the first model loads leaves none, so both are done.
+(Where the runtime sees a CI runner's variable, ``CI=true``, ``GITHUB_ACTIONS`` and the like, it keeps no store of
+its own accord; a user's box has none of them.)
 """
 
 from __future__ import annotations
