@@ -128,7 +128,7 @@ class ReplicaCollector(Collector):
         (GaugeMetricFamily, "in_flight", "Requests this gateway has in flight on the replica.", lambda r: r.in_flight),
         (GaugeMetricFamily, "healthy", "1 while the replica is admitted, 0 while ejected.", lambda r: int(r.healthy)),
         (CounterMetricFamily, "requests", "Requests sent to the replica (retries included).", lambda r: r.requests),
-        (CounterMetricFamily, "errors", "Requests the replica failed before its first byte.", lambda r: r.errors),
+        (CounterMetricFamily, "errors", "Requests it failed before any token went out.", lambda r: r.errors),
     )
 
     def __init__(self, gauges: Callable[[], Gauges]) -> None:

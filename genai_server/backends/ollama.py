@@ -83,7 +83,7 @@ class OllamaBackend(RelayBackend):
         check_plain_messages(req.messages)
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages]
         body = {"model": self._upstream_model, "messages": messages, "stream": True, "options": _options(req)}
-        lines = await self._open("/api/chat", body, stats)
+        lines = await self._open_stream(lambda avoid: self._lines("/api/chat", body, stats, avoid), stats)
         if req.stream:
             return self._chat_chunks(lines, req, stats)
         text, finish = await _collect(lines, stats, "message")
@@ -109,7 +109,7 @@ class OllamaBackend(RelayBackend):
             "stream": True,
             "options": _options(req),
         }
-        lines = await self._open("/api/generate", body, stats)
+        lines = await self._open_stream(lambda avoid: self._lines("/api/generate", body, stats, avoid), stats)
         if req.stream:
             return self._completion_chunks(lines, req, stats)
         text, finish = await _collect(lines, stats, "response")
@@ -121,10 +121,10 @@ class OllamaBackend(RelayBackend):
             **accounting(stats),
         )
 
-    async def _open(
-        self, path: str, body: dict[str, Any], stats: RequestTelemetry
+    async def _lines(
+        self, path: str, body: dict[str, Any], stats: RequestTelemetry, avoid: str | None
     ) -> AsyncGenerator[dict[str, Any], None]:
-        response = await self._upstream.post(path, body)
+        response = await self._upstream.post(path, body, avoid)
         stats.on_admitted(time.perf_counter())
         stats.replica = getattr(response, "replica", None)
         limit = body["options"].get("num_predict") or self._default_max_tokens

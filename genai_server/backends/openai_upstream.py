@@ -19,7 +19,7 @@ from genai_server.backends import Response, Result
 from genai_server.backends.assemble import Assembler
 from genai_server.backends.replicas import Balance, ReplicaSet
 from genai_server.backends.upstream import RelayBackend, UpstreamClient, error_message, parse_event, stream_faults
-from genai_server.errors import UpstreamError, UpstreamTimeout
+from genai_server.errors import UpstreamError
 from genai_server.protocol import ChatCompletionRequest, CompletionRequest, SamplingRequest
 from genai_server.telemetry import RequestTelemetry
 
@@ -77,22 +77,12 @@ class OpenAIUpstream(RelayBackend):
         # What the client set, as it set it (explicit nulls too, every field we do not know): the upstream decides.
         body = req.model_dump(exclude_unset=True, by_alias=True)
         body.update(model=self._upstream_model, stream=True, stream_options={"include_usage": True})
-        try:
-            first, chunks = await self._first_chunk(path, body, req, stats, choices, avoid=None)
-        except UpstreamError as exc:
-            # Nothing has reached the client: a replica that broke before its first chunk (killed, say) is
-            # replaced once by another. After the first chunk nothing is retried: the client would see it twice.
-            if isinstance(exc, UpstreamTimeout) or not self._upstream.retries_possible or stats.replica is None:
-                raise
-            self._upstream.note_retry(stats.replica, exc)
-            stats.on_retry()
-            first, chunks = await self._first_chunk(path, body, req, stats, choices, avoid=stats.replica)
-        stream = _prepend(first, chunks)
+        stream = await self._open_stream(lambda avoid: self._start(path, body, req, stats, choices, avoid), stats)
         if req.stream:
             return stream
         return await _aggregate(stream, kind)
 
-    async def _first_chunk(
+    async def _start(
         self,
         path: str,
         body: dict[str, Any],
@@ -100,17 +90,11 @@ class OpenAIUpstream(RelayBackend):
         stats: RequestTelemetry,
         choices: int,
         avoid: str | None,
-    ) -> tuple[Response, AsyncGenerator[Response, None]]:
-        """Post, then await the first chunk here, so that an upstream that fails or sends nothing before it is an
-        HTTP error status for the client, not a 200 stream that then carries an error."""
+    ) -> AsyncGenerator[Response, None]:
         response = await self._upstream.post(path, body, avoid)
         stats.on_admitted(time.perf_counter())  # our part of the wait ends when the upstream has the request
         stats.replica = getattr(response, "replica", None)
-        chunks = self._chunks(response, req, stats, choices)
-        try:
-            return await anext(chunks), chunks
-        except StopAsyncIteration:
-            raise UpstreamError("The upstream engine sent no choices") from None
+        return self._chunks(response, req, stats, choices)
 
     async def _chunks(
         self, response: aiohttp.ClientResponse, req: SamplingRequest, stats: RequestTelemetry, choices: int
@@ -203,16 +187,6 @@ def _usage(usage: Any) -> tuple[int, int] | None:
 
 def _malformed() -> UpstreamError:
     return UpstreamError("The upstream engine sent a malformed chunk")
-
-
-async def _prepend(first: Response, rest: AsyncGenerator[Response, None]) -> AsyncGenerator[Response, None]:
-    """``first``, then the rest; closing it closes the rest (and so the upstream request)."""
-    try:
-        yield first
-        async for item in rest:
-            yield item
-    finally:
-        await rest.aclose()
 
 
 async def _sse_json(response: aiohttp.ClientResponse) -> AsyncGenerator[dict[str, Any], None]:

@@ -3,8 +3,9 @@
 Each request goes to the healthy replica with the fewest requests in flight from this gateway (ties broken at
 random), or in turn (``round_robin``, kept to compare against). A replica is ejected when its health probe fails or a
 request cannot connect to it, and re-admitted when its probe answers again. A request that fails before its first
-byte (connection refused, or a 5xx status) is tried once more on another replica; after the first byte nothing is
-retried, since the client would see tokens twice. With every replica ejected, requests still go to the least busy
+byte (connection refused, or a 5xx status) is tried once more on another replica here; one whose stream breaks
+before its first token is, by the backend (``RelayBackend._open_stream``). After that nothing is retried, since the
+client would see tokens twice. With every replica ejected, requests still go to the least busy
 one: a stale health state must not turn a brief failure into a certain one.
 """
 
@@ -95,7 +96,7 @@ class ReplicaSet:
         except UpstreamError as exc:
             if not (_retryable(exc) and self.retries_possible):
                 raise
-            self.note_retry(first.name, exc)
+            _log_retry(first.name, exc)
         return await self._post(self._pick(first.name), path, body)
 
     @property
@@ -103,10 +104,12 @@ class ReplicaSet:
         """Whether a failed request has another replica to go to."""
         return len(self.replicas) > 1
 
-    def note_retry(self, replica: str, exc: UpstreamError) -> None:
-        """One line for a request that failed on ``replica`` before reaching its client, and goes elsewhere."""
-        fields = {"replica": replica, "code": exc.code, "message": exc.message, **exc.detail}
-        log.warning("retrying on another replica", extra={"fields": fields})
+    def broke_before_first_byte(self, name: str, exc: UpstreamError) -> None:
+        """A response of replica ``name`` broke before its first token reached the client, which goes elsewhere."""
+        for replica in self.replicas:
+            if replica.name == name:
+                replica.errors += 1
+        _log_retry(name, exc)
 
     def _pick(self, avoid: str | None) -> Replica:
         candidates = [r for r in self.replicas if r.name != avoid] or self.replicas
@@ -163,6 +166,12 @@ class ReplicaSet:
             log.info("replica re-admitted", extra={"fields": {"replica": replica.name}})
         elif not answer:
             self._eject(replica, "its health probe failed")
+
+
+def _log_retry(replica: str, exc: UpstreamError) -> None:
+    """One line for a request that failed on ``replica`` before reaching its client, and goes elsewhere."""
+    fields = {"replica": replica, "code": exc.code, "message": exc.message, **exc.detail}
+    log.warning("retrying on another replica", extra={"fields": fields})
 
 
 def _release(replica: Replica) -> None:

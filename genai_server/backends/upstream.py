@@ -11,8 +11,8 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import aiohttp
 import orjson
@@ -20,12 +20,15 @@ from aiohttp import http_exceptions
 
 from genai_server.errors import UpstreamError, UpstreamRejected, UpstreamTimeout, UpstreamUnavailable
 from genai_server.protocol import ModelCard, now
+from genai_server.telemetry import RequestTelemetry
 from genai_server.trace_headers import upstream_trace_headers
 
 if TYPE_CHECKING:
     from genai_server.backends.replicas import Replica, ReplicaSet
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 # An upstream's error body is read up to this many bytes: enough for any real error message.
 ERROR_BODY_LIMIT = 8192
@@ -163,6 +166,41 @@ class RelayBackend:
     def model_cards(self) -> list[ModelCard]:
         """The one model this backend relays to."""
         return [ModelCard(id=self.model_id, created=self._created)]
+
+    async def _open_stream(
+        self, start: Callable[[str | None], Awaitable[AsyncGenerator[T, None]]], stats: RequestTelemetry
+    ) -> AsyncGenerator[T, None]:
+        """The stream ``start(avoid)`` opens, its first item awaited here: an upstream that fails before it is an
+        HTTP error status for the client, not a 200 stream that then carries an error. Nothing has reached the
+        client then, so a replica that broke (killed, say) is replaced once by another; after the first item
+        nothing is retried: the client would see it twice."""
+        try:
+            return await _first_awaited(await start(None))
+        except UpstreamError as exc:
+            failed = stats.replica  # None: no replica answered at all (the set has tried two already)
+            if failed is None or not self._upstream.retries_possible or isinstance(exc, UpstreamTimeout):
+                raise
+            self._upstream.broke_before_first_byte(failed, exc)
+            stats.on_retry()
+            return await _first_awaited(await start(failed))
+
+
+async def _first_awaited(stream: AsyncGenerator[T, None]) -> AsyncGenerator[T, None]:
+    try:
+        first = await anext(stream)
+    except StopAsyncIteration:
+        raise UpstreamError("The upstream engine sent nothing") from None
+    return _prepend(first, stream)
+
+
+async def _prepend(first: T, rest: AsyncGenerator[T, None]) -> AsyncGenerator[T, None]:
+    """``first``, then the rest; closing it closes the rest (and so the upstream request)."""
+    try:
+        yield first
+        async for item in rest:
+            yield item
+    finally:
+        await rest.aclose()
 
 
 async def _rejection(response: aiohttp.ClientResponse, url: str) -> Exception:
