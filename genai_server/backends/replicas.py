@@ -94,9 +94,8 @@ class ReplicaSet:
         try:
             return await self._post(first, path, body)
         except UpstreamError as exc:
-            if not (_retryable(exc) and self.retries_possible):
+            if not self._retry_elsewhere(first.name, exc):
                 raise
-            _log_retry(first.name, exc)
         return await self._post(self._pick(first.name), path, body)
 
     @property
@@ -104,12 +103,21 @@ class ReplicaSet:
         """Whether a failed request has another replica to go to."""
         return len(self.replicas) > 1
 
-    def broke_before_first_byte(self, name: str, exc: UpstreamError) -> None:
-        """A response of replica ``name`` broke before its first token reached the client, which goes elsewhere."""
+    def failed_before_first_token(self, name: str, exc: UpstreamError) -> bool:
+        """A response of replica ``name`` failed before its first token reached the client: counted against it, as
+        a failed post is; True when the request should go to another replica (by the rule a failed post follows)."""
         for replica in self.replicas:
             if replica.name == name:
                 replica.errors += 1
-        _log_retry(name, exc)
+        return self._retry_elsewhere(name, exc)
+
+    def _retry_elsewhere(self, name: str, exc: UpstreamError) -> bool:
+        """Whether a request that failed on replica ``name`` before reaching its client goes to another (logged)."""
+        if not (_retryable(exc) and self.retries_possible):
+            return False
+        fields = {"replica": name, "code": exc.code, "message": exc.message, **exc.detail}
+        log.warning("retrying on another replica", extra={"fields": fields})
+        return True
 
     def _pick(self, avoid: str | None) -> Replica:
         candidates = [r for r in self.replicas if r.name != avoid] or self.replicas
@@ -166,12 +174,6 @@ class ReplicaSet:
             log.info("replica re-admitted", extra={"fields": {"replica": replica.name}})
         elif not answer:
             self._eject(replica, "its health probe failed")
-
-
-def _log_retry(replica: str, exc: UpstreamError) -> None:
-    """One line for a request that failed on ``replica`` before reaching its client, and goes elsewhere."""
-    fields = {"replica": replica, "code": exc.code, "message": exc.message, **exc.detail}
-    log.warning("retrying on another replica", extra={"fields": fields})
 
 
 def _release(replica: Replica) -> None:

@@ -178,9 +178,8 @@ class RelayBackend:
             return await _first_awaited(await start(None))
         except UpstreamError as exc:
             failed = stats.replica  # None: no replica answered at all (the set has tried two already)
-            if failed is None or not self._upstream.retries_possible or isinstance(exc, UpstreamTimeout):
+            if failed is None or not self._upstream.failed_before_first_token(failed, exc):
                 raise
-            self._upstream.broke_before_first_byte(failed, exc)
             stats.on_retry()
             return await _first_awaited(await start(failed))
 
