@@ -96,6 +96,7 @@ class RequestTelemetry:
     def on_retry(self) -> None:
         """The attempt failed before anything reached the client and another replica takes the request: its
         generation figures start again; arrival and queueing stand (the client waited through both)."""
+        self.on_end()  # the failed attempt's GPU window is closed before the new one opens (a no-op if it ended)
         self.end = self.first_token = self._last_token = None
         self.completion_tokens = 0
         self.itl_s.clear()
