@@ -17,7 +17,7 @@ from genai_server.backends.discovery import upstream_model_ids
 from genai_server.backends.ollama import OllamaBackend
 from genai_server.backends.onnx import OnnxBackend
 from genai_server.backends.openai_upstream import OpenAIUpstream
-from genai_server.backends.replicas import replica_name
+from genai_server.backends.replicas import Replica, replica_name
 from genai_server.backends.upstream import RelayBackend
 from genai_server.concurrency import ConcurrencyLimiter, setup_concurrency_limit
 from genai_server.cors import setup_cors
@@ -47,7 +47,7 @@ def create_app(settings: Settings, *, span_exporter: SpanExporter | None = None)
         settings.max_concurrent_requests, settings.max_queued_requests, settings.queue_timeout
     )
     slo = Slo(settings.slo_ttft_ms, settings.slo_tpot_ms, settings.slo_e2e_ms)
-    app[METRICS] = ServerMetrics(settings.backend, lambda: _gauges(app), slo)
+    app[METRICS] = ServerMetrics(settings.backend, lambda: _gauges(app), slo, lambda: _replicas(app))
     # The order is written once, outermost first:
     # 1. tracing: the span covers everything below, and reads the final status and the request's figures;
     # 2. Prometheus: counts every generation request by its final status, 429s included;
@@ -193,9 +193,10 @@ def _gauges(app: web.Application) -> Gauges:
         waiting=app[LIMITER].queued + sum(engine.waiting_sequences() for engine in engines.values()),
         kv_cache_usage={model: engine.kv_cache_usage() for model, engine in engines.items()},
         gpu_used_mb=app[GPU].used_mb() if GPU in app else None,
-        replicas={
-            model: backend.replicas
-            for model, backend in (app[SERVING].backends.items() if SERVING in app else ())
-            if isinstance(backend, RelayBackend)
-        },
     )
+
+
+def _replicas(app: web.Application) -> dict[str, list[Replica]]:
+    """Per relayed model, its upstream's replicas (none before the backends start)."""
+    backends = app[SERVING].backends.items() if SERVING in app else ()
+    return {model: backend.replicas for model, backend in backends if isinstance(backend, RelayBackend)}

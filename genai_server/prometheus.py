@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Awaitable, Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -114,7 +114,6 @@ class Gauges:
     waiting: int  # requests queued for a slot + sequences waiting to be admitted by the embedded engines
     kv_cache_usage: dict[str, float]  # per embedded model: the share of its KV budget in use
     gpu_used_mb: float | None  # None without a GPU
-    replicas: dict[str, list[Replica]] = field(default_factory=dict)  # per relayed model, its upstream's replicas
 
 
 class ReplicaCollector(Collector):
@@ -131,11 +130,11 @@ class ReplicaCollector(Collector):
         (CounterMetricFamily, "errors", "Requests it failed before any token went out.", lambda r: r.errors),
     )
 
-    def __init__(self, gauges: Callable[[], Gauges]) -> None:
-        self._gauges = gauges
+    def __init__(self, replicas: Callable[[], dict[str, list[Replica]]]) -> None:
+        self._replicas = replicas  # per relayed model, its upstream's replicas
 
     def collect(self) -> Iterator[Metric]:
-        replicas = self._gauges().replicas
+        replicas = self._replicas()
         for kind, name, doc, read in self._FAMILIES:
             family = kind(f"genai_server_upstream_replica_{name}", doc, labels=["model", "replica"])
             for model, members in replicas.items():
@@ -147,14 +146,20 @@ class ReplicaCollector(Collector):
 class ServerMetrics:
     """The Prometheus collectors of one server."""
 
-    def __init__(self, backend: str, gauges: Callable[[], Gauges], slo: Slo | None = None) -> None:
+    def __init__(
+        self,
+        backend: str,
+        gauges: Callable[[], Gauges],
+        slo: Slo | None = None,
+        replicas: Callable[[], dict[str, list[Replica]]] = dict,
+    ) -> None:
         self.backend = backend
         self._gauges = gauges
         self._slo = slo or Slo()
         self.registry = CollectorRegistry()
         ProcessCollector(registry=self.registry)
         self._semconv_histograms()
-        self.registry.register(ReplicaCollector(gauges))
+        self.registry.register(ReplicaCollector(replicas))
         self.replica_ttft = Histogram(
             "genai_server_upstream_replica_time_to_first_token_seconds",
             "Arrival to first token, by the upstream replica that served the request.",
