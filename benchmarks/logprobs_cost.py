@@ -19,7 +19,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from genai_server.engine import EngineConfig, OnnxEngine, SamplingOptions  # noqa: E402
+from genai_server.embedded.engine import EngineConfig, OnnxEngine, SamplingOptions  # noqa: E402
 
 DEFAULT_MODEL = REPO / "models" / "bench-random-llama-int4"
 

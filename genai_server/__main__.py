@@ -12,7 +12,7 @@ from aiohttp import web
 from genai_server.app import create_app
 from genai_server.errors import ModelLoadingFailed, UpstreamUnavailableAtStart
 from genai_server.exit_status import ExitStatus
-from genai_server.lifecycle import STATE, STOP_MARGIN_S, announce_listening, log_stop_signals
+from genai_server.http.lifecycle import STATE, STOP_MARGIN_S, announce_listening, log_stop_signals
 from genai_server.logs import setup_logging
 from genai_server.settings import Settings, SettingsError, load_settings
 

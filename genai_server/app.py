@@ -10,8 +10,6 @@ import aiohttp
 from aiohttp import web
 from opentelemetry.sdk.trace.export import SpanExporter
 
-from genai_server.app_keys import ENGINE, ENGINES, GPU, LIMITER, METRICS, SERVING, SETTINGS
-from genai_server.auth import setup_api_keys
 from genai_server.backends import Backend
 from genai_server.backends.discovery import upstream_model_ids
 from genai_server.backends.ollama import OllamaBackend
@@ -19,21 +17,23 @@ from genai_server.backends.onnx import OnnxBackend
 from genai_server.backends.openai_upstream import OpenAIUpstream
 from genai_server.backends.replicas import Replica, replica_name
 from genai_server.backends.upstream import RelayBackend
-from genai_server.concurrency import ConcurrencyLimiter, setup_concurrency_limit
-from genai_server.cors import setup_cors
-from genai_server.engine import EngineConfig, OnnxEngine
-from genai_server.error_mapping import setup_error_mapping
-from genai_server.gpu import GpuMonitor
-from genai_server.lifecycle import server_failed, setup_lifecycle
-from genai_server.load_report import setup_load_report
-from genai_server.openapi import setup_openapi
-from genai_server.prometheus import Gauges, ServerMetrics, Slo, setup_prometheus
-from genai_server.request_body import setup_request_body
-from genai_server.request_log import setup_request_log
-from genai_server.routes import add_routes
+from genai_server.embedded.engine import EngineConfig, OnnxEngine
+from genai_server.http.app_keys import ENGINE, ENGINES, GPU, LIMITER, METRICS, SERVING, SETTINGS
+from genai_server.http.auth import setup_api_keys
+from genai_server.http.concurrency import ConcurrencyLimiter, setup_concurrency_limit
+from genai_server.http.cors import setup_cors
+from genai_server.http.error_mapping import setup_error_mapping
+from genai_server.http.lifecycle import server_failed, setup_lifecycle
+from genai_server.http.load_report import setup_load_report
+from genai_server.http.openapi import setup_openapi
+from genai_server.http.request_body import setup_request_body
+from genai_server.http.request_log import setup_request_log
+from genai_server.http.routes import add_routes
 from genai_server.serving import RequestLimits, Serving
 from genai_server.settings import ModelEntry, Settings
-from genai_server.tracing import setup_tracing
+from genai_server.telemetry.gpu import GpuMonitor
+from genai_server.telemetry.prometheus import Gauges, ServerMetrics, Slo, setup_prometheus
+from genai_server.telemetry.tracing import setup_tracing
 
 log = logging.getLogger(__name__)
 

@@ -7,9 +7,9 @@ from dataclasses import dataclass
 
 from genai_server.backends import Backend, Result
 from genai_server.errors import InvalidRequest, ModelNotFound, ShuttingDown
-from genai_server.gpu import GpuMonitor
 from genai_server.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, SamplingRequest
-from genai_server.telemetry import RequestTelemetry
+from genai_server.telemetry.clock import RequestTelemetry
+from genai_server.telemetry.gpu import GpuMonitor
 
 log = logging.getLogger(__name__)
 

@@ -247,7 +247,7 @@ async def test_unknown_routes_and_methods_are_enveloped(
 async def test_unexpected_exception_is_a_500_that_leaks_nothing(
     client: Any, openai_schema: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
-    from genai_server.app_keys import ENGINE
+    from genai_server.http.app_keys import ENGINE
 
     engine = client.app[ENGINE]
 

@@ -8,7 +8,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from genai_server.engine import FALLBACK_CHAT_TEMPLATE
+from genai_server.embedded.engine import FALLBACK_CHAT_TEMPLATE
 from genai_server.settings import BUNDLED_MODEL
 from tests.conftest import MODEL_ID, assert_same_greedy_text, chat_body, stream_chunks
 
@@ -181,8 +181,8 @@ async def test_a_model_without_a_chat_template_gets_the_phi3_style_one(
 
 
 async def test_an_error_after_the_stream_started_is_an_error_event_then_done(client: Any) -> None:
-    from genai_server.app_keys import ENGINE
     from genai_server.errors import EngineFailure
+    from genai_server.http.app_keys import ENGINE
 
     engine = client.app[ENGINE]
     real_generate = engine.generate

@@ -6,8 +6,8 @@ import asyncio
 import json
 from typing import Any
 
-from genai_server.app_keys import ENGINE, LIMITER
-from genai_server.concurrency import ConcurrencyLimiter
+from genai_server.http.app_keys import ENGINE, LIMITER
+from genai_server.http.concurrency import ConcurrencyLimiter
 from tests.conftest import LONG_PROMPT, MODEL_ID, chat_body, long_stream, metric_sample
 
 

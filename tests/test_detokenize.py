@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from genai_server.detokenize import ByteStream, byte_table
+from genai_server.embedded.detokenize import ByteStream, byte_table
 from genai_server.settings import BUNDLED_MODEL
 from tests.conftest import MODEL_ID, stream_chunks
 

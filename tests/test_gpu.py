@@ -8,7 +8,7 @@ from typing import Any
 import pynvml
 import pytest
 
-from genai_server.gpu import GpuMonitor
+from genai_server.telemetry.gpu import GpuMonitor
 from tests.conftest import chat_body
 
 
@@ -31,7 +31,7 @@ async def test_without_a_driver_the_monitor_is_off_and_quiet(caplog: pytest.LogC
     monitor.close_window(None)
     await monitor.start()
     await monitor.stop()
-    assert not [r for r in caplog.records if r.name == "genai_server.gpu"]  # nothing above debug
+    assert not [r for r in caplog.records if r.name == "genai_server.telemetry.gpu"]  # nothing above debug
 
 
 @pytest.mark.skipif(not _driver_present(), reason="needs an NVIDIA driver and GPU")

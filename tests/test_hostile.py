@@ -368,7 +368,8 @@ async def test_a_path_cannot_forge_log_lines(session: aiohttp.ClientSession, emb
 # what is in flight, stop, and exit non-zero so that its supervisor restarts it.
 _INJECT_FAULT = """
 import sys
-from genai_server import __main__, scheduler
+from genai_server import __main__
+from genai_server.embedded import scheduler
 admit = scheduler.BatchScheduler._admit
 def broken(self):
     if any(job.options.max_tokens == 1234 for job in self._waiting):

@@ -58,7 +58,7 @@ async def test_a_client_that_stops_sending_its_body_gets_408(make_client: Client
 
 
 async def test_a_client_that_stops_reading_is_dropped_and_frees_its_slot(make_client: ClientFactory) -> None:
-    from genai_server.app_keys import LIMITER
+    from genai_server.http.app_keys import LIMITER
 
     client = await make_client(client_write_timeout=0.3, max_concurrent_requests=1)
     sock = socket.socket()

@@ -76,7 +76,7 @@ async def test_an_engine_that_dies_fails_every_probe_and_every_request(
     """The owner thread dies (a fault injected outside any engine call): what is in flight gets an error, the
     probes turn 503 so an orchestrator restarts the server, and later requests fail at once instead of hanging.
     (The real process also stops with exit status 3: test_hostile.py.)"""
-    from genai_server import scheduler
+    from genai_server.embedded import scheduler
 
     admit = scheduler.BatchScheduler._admit
 

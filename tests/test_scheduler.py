@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from genai_server.app_keys import ENGINE, LIMITER
+from genai_server.http.app_keys import ENGINE, LIMITER
 from tests.conftest import assert_same_greedy_text, chat_body, long_stream, stream_chunks
 from tests.test_concurrency import _wait_until
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from genai_server.stop_strings import StopMatcher
+from genai_server.embedded.stop_strings import StopMatcher
 
 
 def test_stop_split_across_pieces_is_never_emitted() -> None:

@@ -17,8 +17,8 @@ from typing import Any
 import jsonschema
 import pytest
 
+from genai_server.embedded.tool_calls import HERMES, LLAMA3_JSON, PHI4_MINI, CallFormat, CallReader
 from genai_server.settings import BUNDLED_MODEL
-from genai_server.tool_calls import HERMES, LLAMA3_JSON, PHI4_MINI, CallFormat, CallReader
 from tests.conftest import ClientFactory, chat_body, stream_chunks
 
 WEATHER = {

@@ -1,5 +1,6 @@
 """ONNX Runtime's usage telemetry stays off: the official wheels otherwise keep a device id and an event store
-for upload under ``~/.cache/Microsoft/DeveloperTools/.onnxruntime`` (measured; see genai_server/vendor_telemetry.py)."""
+for upload under ``~/.cache/Microsoft/DeveloperTools/.onnxruntime`` (measured; see
+genai_server/embedded/vendor_telemetry.py)."""
 
 from __future__ import annotations
 

@@ -13,7 +13,7 @@ from typing import Any, Protocol
 from pydantic import BaseModel
 
 from genai_server.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, PromptTokensDetails, Usage
-from genai_server.telemetry import RequestTelemetry
+from genai_server.telemetry.clock import RequestTelemetry
 
 # A response is a model of ours, or an upstream's JSON relayed as a dict (with our model id and metrics).
 Response = BaseModel | dict[str, Any]

@@ -6,7 +6,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from genai_server.logprobs import TokenLogprob
+from genai_server.embedded.logprobs import TokenLogprob
+from genai_server.embedded.tool_calls import CallReader, ToolCall
 from genai_server.protocol import (
     AssistantMessage,
     ChatChoice,
@@ -22,7 +23,6 @@ from genai_server.protocol import (
     ToolCallOut,
     TopLogprob,
 )
-from genai_server.tool_calls import CallReader, ToolCall
 
 
 @dataclass(frozen=True)

@@ -36,7 +36,7 @@ from genai_server.protocol import (
     new_id,
     now,
 )
-from genai_server.telemetry import RequestTelemetry
+from genai_server.telemetry.clock import RequestTelemetry
 
 # Lines a response may carry beyond the tokens asked for.
 _LINE_SLACK = 64

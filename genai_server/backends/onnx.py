@@ -18,9 +18,11 @@ from typing import Any
 
 from genai_server.backends import accounting
 from genai_server.backends.choices import ChoiceWriter, Piece, chat_choice, completion_logprobs
-from genai_server.engine import GuidanceRejected, OnnxEngine, SamplingOptions
+from genai_server.embedded.engine import GuidanceRejected, OnnxEngine, SamplingOptions
+from genai_server.embedded.logprobs import TokenLogprob
+from genai_server.embedded.stop_strings import StopMatcher
+from genai_server.embedded.tool_calls import CallFormat, CallReader, Choice, Function, describe_tools, detect_format
 from genai_server.errors import ContextLengthExceeded, InvalidRequest, ShuttingDown
-from genai_server.logprobs import TokenLogprob
 from genai_server.protocol import (
     ChatCompletion,
     ChatCompletionChunk,
@@ -42,9 +44,7 @@ from genai_server.protocol import (
     new_id,
     now,
 )
-from genai_server.stop_strings import StopMatcher
-from genai_server.telemetry import RequestTelemetry
-from genai_server.tool_calls import CallFormat, CallReader, Choice, Function, describe_tools, detect_format
+from genai_server.telemetry.clock import RequestTelemetry
 
 log = logging.getLogger(__name__)
 

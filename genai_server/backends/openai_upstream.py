@@ -21,7 +21,7 @@ from genai_server.backends.replicas import Balance, ReplicaSet
 from genai_server.backends.upstream import RelayBackend, UpstreamClient, error_message, parse_event, stream_faults
 from genai_server.errors import UpstreamError
 from genai_server.protocol import ChatCompletionRequest, CompletionRequest, SamplingRequest
-from genai_server.telemetry import RequestTelemetry
+from genai_server.telemetry.clock import RequestTelemetry
 
 # Fields upstreams put in their chunks with their own timings.
 _REPORTED = ("metrics", "timings")

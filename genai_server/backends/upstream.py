@@ -20,8 +20,8 @@ from aiohttp import http_exceptions
 
 from genai_server.errors import UpstreamError, UpstreamRejected, UpstreamTimeout, UpstreamUnavailable
 from genai_server.protocol import ModelCard, now
-from genai_server.telemetry import RequestTelemetry
-from genai_server.trace_headers import upstream_trace_headers
+from genai_server.telemetry.clock import RequestTelemetry
+from genai_server.telemetry.trace_context import upstream_trace_headers
 
 if TYPE_CHECKING:
     from genai_server.backends.replicas import Replica, ReplicaSet

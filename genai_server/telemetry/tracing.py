@@ -25,10 +25,10 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
 
 from genai_server import __version__
-from genai_server.app_keys import ARRIVAL, BODY, FINAL_STATUS, REQUEST_STATS
-from genai_server.prometheus import NO_MODEL, OPERATIONS, PROVIDERS
-from genai_server.telemetry import RequestTelemetry
-from genai_server.trace_headers import upstream_trace_headers
+from genai_server.http.app_keys import ARRIVAL, BODY, FINAL_STATUS, REQUEST_STATS
+from genai_server.telemetry.clock import RequestTelemetry
+from genai_server.telemetry.prometheus import NO_MODEL, OPERATIONS, PROVIDERS
+from genai_server.telemetry.trace_context import upstream_trace_headers
 
 TRACER = web.AppKey("tracer", trace.Tracer)
 # What a client's trace headers must look like to be passed upstream untraced (W3C Trace Context: a version-00

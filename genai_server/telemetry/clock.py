@@ -12,39 +12,8 @@ import statistics
 import time
 from dataclasses import dataclass, field
 
-from pydantic import BaseModel
-
-from genai_server.gpu import GpuMonitor, GpuWindow
-
-
-class RequestMetrics(BaseModel):
-    """What one request cost, as the client receives it (``metrics`` in the body, the last stream chunk)."""
-
-    queue_time_ms: float | None = None
-    time_to_first_token_ms: float | None = None
-    time_per_output_token_ms: float | None = None
-    mean_itl_ms: float | None = None
-    itl_p50_ms: float | None = None
-    itl_p95_ms: float | None = None
-    generation_time_ms: float | None = None
-    e2e_latency_ms: float | None = None
-    tokens_per_second: float | None = None
-    prompt_tokens: int = 0
-    cached_prompt_tokens: int | None = None
-    completion_tokens: int = 0
-    peak_rss_mb: float | None = None
-    gpu_memory_used_start_mb: float | None = None
-    gpu_memory_peak_mb: float | None = None
-    gpu_memory_delta_mb: float | None = None
-    gpu_process_memory_mb: float | None = None
-    backend_reported: dict[str, object] | None = None
-
-
-class Performance(RequestMetrics):
-    """The same figures under the names the original design used."""
-
-    latency_ms: float | None = None
-    peak_memory_mb: float | None = None
+from genai_server.protocol import Performance, RequestMetrics
+from genai_server.telemetry.gpu import GpuMonitor, GpuWindow
 
 
 @dataclass

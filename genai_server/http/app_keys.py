@@ -6,15 +6,15 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from genai_server.concurrency import ConcurrencyLimiter
-from genai_server.engine import OnnxEngine
-from genai_server.gpu import GpuMonitor
+from genai_server.embedded.engine import OnnxEngine
+from genai_server.http.concurrency import ConcurrencyLimiter
 from genai_server.serving import Serving
 from genai_server.settings import Settings
-from genai_server.telemetry import RequestTelemetry
+from genai_server.telemetry.clock import RequestTelemetry
+from genai_server.telemetry.gpu import GpuMonitor
 
 if TYPE_CHECKING:
-    from genai_server.prometheus import ServerMetrics
+    from genai_server.telemetry.prometheus import ServerMetrics
 
 SETTINGS = web.AppKey("settings", Settings)
 ENGINE = web.AppKey("engine", OnnxEngine)  # the first embedded engine

@@ -17,9 +17,9 @@ from typing import Any
 
 from aiohttp import web
 
-from genai_server.app_keys import BODY
-from genai_server.concurrency import GENERATION_PATHS
 from genai_server.errors import InvalidRequest, RequestTimeout, UnsupportedMediaType
+from genai_server.http.app_keys import BODY
+from genai_server.http.concurrency import GENERATION_PATHS
 
 # Deeper than any real request (a tool's JSON schema included), far below Python's recursion limit.
 MAX_JSON_DEPTH = 64

@@ -26,10 +26,10 @@ from typing import Any
 import numpy as np
 import onnxruntime_genai as og
 
-from genai_server.detokenize import byte_table
+from genai_server.embedded.detokenize import byte_table
+from genai_server.embedded.scheduler import BatchScheduler, Delta, GuidanceRejected, Job, KvBudget, SamplingOptions
+from genai_server.embedded.vendor_telemetry import turn_off as turn_off_vendor_telemetry
 from genai_server.errors import EngineFailure, ModelLoadingFailed, ShuttingDown
-from genai_server.scheduler import BatchScheduler, Delta, GuidanceRejected, Job, KvBudget, SamplingOptions
-from genai_server.vendor_telemetry import turn_off as turn_off_vendor_telemetry
 
 __all__ = ["FALLBACK_CHAT_TEMPLATE", "Delta", "EngineConfig", "GuidanceRejected", "OnnxEngine", "SamplingOptions"]
 

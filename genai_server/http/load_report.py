@@ -13,8 +13,8 @@ from collections.abc import Callable
 
 from aiohttp import web
 
-from genai_server.concurrency import GENERATION_PATHS
-from genai_server.prometheus import Gauges
+from genai_server.http.concurrency import GENERATION_PATHS
+from genai_server.telemetry.prometheus import Gauges
 
 REQUEST_HEADER = "endpoint-load-metrics-format"
 RESPONSE_HEADER = "endpoint-load-metrics"

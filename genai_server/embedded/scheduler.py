@@ -36,9 +36,9 @@ from typing import Any, Literal
 import numpy as np
 import onnxruntime_genai as og
 
-from genai_server.detokenize import ByteStream, RuntimeStream, TextStream
-from genai_server.logprobs import TokenLogprob, token_logprob
-from genai_server.prefix_cache import Kept, best_reuse
+from genai_server.embedded.detokenize import ByteStream, RuntimeStream, TextStream
+from genai_server.embedded.logprobs import TokenLogprob, token_logprob
+from genai_server.embedded.prefix_cache import Kept, best_reuse
 
 log = logging.getLogger(__name__)
 

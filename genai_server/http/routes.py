@@ -9,12 +9,12 @@ from typing import TypeVar
 from aiohttp import web
 from pydantic import BaseModel
 
-from genai_server.app_keys import ARRIVAL, BODY, REQUEST_STATS, SERVING, SETTINGS
 from genai_server.backends import Response, Result
+from genai_server.http.app_keys import ARRIVAL, BODY, REQUEST_STATS, SERVING, SETTINGS
+from genai_server.http.request_log import log_exchange
+from genai_server.http.sse import write_sse
 from genai_server.protocol import ChatCompletionRequest, CompletionRequest, json_bytes
-from genai_server.request_log import log_exchange
-from genai_server.sse import write_sse
-from genai_server.telemetry import RequestTelemetry
+from genai_server.telemetry.clock import RequestTelemetry
 
 RequestT = TypeVar("RequestT", bound=BaseModel)
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from genai_server.app_keys import LIMITER, SERVING
+from genai_server.http.app_keys import LIMITER, SERVING
 
 log = logging.getLogger(__name__)
 

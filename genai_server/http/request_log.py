@@ -17,7 +17,7 @@ from typing import Any
 from aiohttp import web
 from pydantic import BaseModel
 
-from genai_server.app_keys import ARRIVAL, FINAL_STATUS, REQUEST_ID, REQUEST_STATS
+from genai_server.http.app_keys import ARRIVAL, FINAL_STATUS, REQUEST_ID, REQUEST_STATS
 from genai_server.logs import current_request_id
 
 log = logging.getLogger("genai_server.access")

@@ -11,7 +11,7 @@ from typing import Any
 from aiohttp import web
 from pydantic import BaseModel
 
-from genai_server.error_mapping import log_server_error, to_api_error
+from genai_server.http.error_mapping import log_server_error, to_api_error
 from genai_server.protocol import json_bytes
 
 log = logging.getLogger(__name__)

@@ -17,11 +17,12 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 
-from genai_server.app_keys import ARRIVAL, FINAL_STATUS, REQUEST_STATS
 from genai_server.backends.replicas import Replica
-from genai_server.concurrency import GENERATION_PATHS
-from genai_server.request_log import CLIENT_CLOSED_REQUEST
-from genai_server.telemetry import RequestMetrics, RequestTelemetry
+from genai_server.http.app_keys import ARRIVAL, FINAL_STATUS, REQUEST_STATS
+from genai_server.http.concurrency import GENERATION_PATHS
+from genai_server.http.request_log import CLIENT_CLOSED_REQUEST
+from genai_server.protocol import RequestMetrics
+from genai_server.telemetry.clock import RequestTelemetry
 
 _LATENCY_BUCKETS = (
     0.005,
