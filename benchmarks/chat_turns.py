@@ -30,9 +30,9 @@ sys.path.insert(0, str(REPO / "scripts"))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 from build_llama_server import SERVER  # noqa: E402 - scripts/ is put on the path just above
+from llama_server import gguf_path, start_llama_server  # noqa: E402
 from make_model import PRESETS  # noqa: E402
-from proxy_overhead import start, wait_ready  # noqa: E402
-from vs_llama_cpp import _gguf, _llama_server  # noqa: E402
+from server_process import start, wait_ready  # noqa: E402
 
 TURNS = 5
 QUESTIONS = [
@@ -148,9 +148,9 @@ async def compare(model: str, conversations: int = 3, reply: int = 16) -> dict[s
         proc, url = start("--model-path", str(preset.output), **env)
         procs.append(proc)
         targets[name] = (url, preset.output.name)
-    gguf = _gguf(model)
+    gguf = gguf_path(model)
     if SERVER.exists() and gguf.exists():
-        proc, url = _llama_server(gguf, preset.context_length, cache_prompt=True)
+        proc, url = start_llama_server(gguf, preset.context_length, cache_prompt=True)
         procs.append(proc)
         targets["llama-server (prompt cache on)"] = (url, gguf.name)
     else:

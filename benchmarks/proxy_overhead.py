@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -25,8 +24,9 @@ import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from bench_models import PROMPT, SMALL, ensure_model
 from load import median, pct, stream_completion
-from run import PROMPT, REPO, SMALL, ensure_model, free_port
+from server_process import REPO, free_port, start, wait_ready
 
 # "scripted": an upstream that computes nothing (scripted_upstream.py), so only the gateway's own cost is left.
 MODELS = {
@@ -43,31 +43,6 @@ def start_upstream(model: str) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
     script = REPO / "benchmarks" / "scripted_upstream.py"
     return subprocess.Popen([sys.executable, str(script), str(port)]), f"http://127.0.0.1:{port}"
-
-
-def start(*args: str, **env: str) -> tuple[subprocess.Popen[bytes], str]:
-    """``python -m genai_server`` with these flags and settings, on a free port."""
-    port = free_port()
-    clean = {k: v for k, v in os.environ.items() if not k.startswith(("MODEL", "BACKEND", "UPSTREAM", "SERVER"))}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "genai_server", "--server-port", str(port), "--log-level", "WARNING", *args],
-        cwd=REPO,
-        env={**clean, **env},
-    )
-    return proc, f"http://127.0.0.1:{port}"
-
-
-async def wait_ready(session: aiohttp.ClientSession, url: str) -> None:
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            async with session.get(url + "/health") as resp:
-                if resp.status == 200:
-                    return
-        except aiohttp.ClientError:
-            pass
-        await asyncio.sleep(0.05)
-    raise TimeoutError(url)
 
 
 async def alternate(

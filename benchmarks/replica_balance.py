@@ -28,8 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-from proxy_overhead import start, wait_ready
-from run import REPO, free_port
+from server_process import REPO, free_port, start, wait_ready
 
 SCRIPT = REPO / "benchmarks" / "scripted_upstream.py"
 FAST_S, SLOW_S = 0.002, 0.008  # seconds per token

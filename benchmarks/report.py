@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from load import median
+from targets import meets
 
 LABELS = {
     "single_stream_vs_bare": ("single stream via HTTP/SSE vs bare in-process loop, tokens/s", "{:.2f}x", ">= 0.95x"),
@@ -22,8 +23,6 @@ LABELS = {
 
 def markdown(results: dict[str, Any]) -> str:
     """The target table per model and config, then latency per concurrency level."""
-    from run import meets
-
     lines = [
         f"Profile `{results['profile']}`, {results['machine']['cpus']} CPUs, Python {results['machine']['python']}.",
         "",

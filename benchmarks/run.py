@@ -18,7 +18,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -30,27 +29,15 @@ import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from bench_models import PROMPT, REALISTIC, SMALL, ModelSpec, ensure_model
 from load import LevelResult, median, pct, poll_health, run_level, stream_completion
+from server_process import REPO, free_port, memory_mb
+from targets import TARGETS, meets
 
-REPO = Path(__file__).resolve().parent.parent
-PROMPT = (
-    "Once upon a time there was a small server in a quiet city. Every night it answered questions "
-    "about rivers, mountains and the stars, one token at a time."
-)
 LEVELS = (1, 2, 4, 8)
 # Engine settings (batch x lanes) measured side by side: the server's default first, then the alternatives.
 FULL_CONFIGS = ("8x2", "4x2", "8x1")
 QUICK_CONFIGS = ("8x2",)
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """A benchmark model: the make_model.py preset that builds it and how many tokens to ask for."""
-
-    name: str
-    preset: str
-    path: Path
-    tokens: int
 
 
 @dataclass(frozen=True)
@@ -63,49 +50,10 @@ class Profile:
     single_repeat: int
 
 
-SMALL = ModelSpec("small", "bench", REPO / "models" / "bench-random-llama-int4", 128)
-REALISTIC = ModelSpec("realistic", "realistic", REPO / "models" / "realistic-random-qwen-shape-int4", 48)
 PROFILES = {
     "quick": Profile((SMALL,), per_worker=2, ttft_probes=5, single_repeat=5),
     "full": Profile((SMALL, REALISTIC), per_worker=2, ttft_probes=7, single_repeat=5),
 }
-TARGETS = {  # figure: (target, higher is better)
-    "single_stream_vs_bare": (0.95, True),
-    "x4_vs_1": (2.5, True),
-    "x8_vs_1": (3.0, True),
-    "loop_lateness_p99_ms": (5.0, False),
-    "health_p99_ms": (10.0, False),
-    "ttft_loaded_vs_idle_p50": (3.0, False),
-    "rss_vs_bare": (1.3, False),
-    "ready_vs_bare_load": (1.5, False),
-}
-
-
-def ensure_model(spec: ModelSpec) -> None:
-    """Build the model with the repo's own script if it is not there yet."""
-    if not (spec.path / "genai_config.json").is_file():
-        print(f"building the {spec.name} model ({spec.preset})...", flush=True)
-        build = subprocess.run(
-            [sys.executable, str(REPO / "scripts" / "make_model.py"), spec.preset, "-o", str(spec.path)],
-            capture_output=True,
-            text=True,
-        )
-        if build.returncode != 0:  # the builder is chatty: show its output only when it failed
-            sys.exit(f"building the {spec.name} model failed:\n{build.stdout}\n{build.stderr}")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def memory_mb(pid: int, field: str = "VmRSS") -> float:
-    """Resident memory of process ``pid`` in MiB: VmRSS now, or VmHWM, the peak."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError(f"no {field}")
 
 
 class Bare:
@@ -293,11 +241,6 @@ def ratios(run: dict[str, Any]) -> dict[str, float]:
         "rss_vs_bare": server["rss_mb"] / bare["rss_mb"],
         "ready_vs_bare_load": server["ready_s"] / bare["ready_s"],
     }
-
-
-def meets(name: str, value: float) -> bool:
-    target, higher = TARGETS[name]
-    return value >= target if higher else value <= target
 
 
 def print_ratios(model: str, figures: dict[str, float]) -> None:

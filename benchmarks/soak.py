@@ -26,8 +26,8 @@ import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from proxy_overhead import start, wait_ready
-from run import SMALL, ensure_model, memory_mb
+from bench_models import SMALL, ensure_model
+from server_process import memory_mb, start, wait_ready
 
 BAD_BODIES: list[Any] = [
     {"messages": []},

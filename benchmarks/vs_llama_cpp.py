@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -33,52 +32,17 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from bench_models import PROMPT  # noqa: E402 - benchmarks/ is put on the path just above
 from build_llama_server import SERVER  # noqa: E402 - scripts/ is put on the path just above
+from llama_server import gguf_path, start_llama_server  # noqa: E402
 from load import run_level  # noqa: E402
 from make_model import PRESETS  # noqa: E402
-from proxy_overhead import start, wait_ready  # noqa: E402
-from run import PROMPT, free_port  # noqa: E402
+from server_process import start, wait_ready  # noqa: E402
 
 LEVELS = (1, 4, 8)
 SHORT_CHAT = [{"role": "user", "content": "Hello! How are you today?"}]
 # ~1000 tokens for the benchmark models' tokenizers (checked against usage.prompt_tokens in the report).
 LONG_PROMPT = " ".join(["the river runs past the old city at night and the light is green"] * 70)
-
-
-def _gguf(preset_name: str) -> Path:
-    return REPO / "models" / f"{PRESETS[preset_name].name.removesuffix('-int4')}-q4_0.gguf"
-
-
-def _llama_server(gguf: Path, context: int, *, cache_prompt: bool = False) -> tuple[subprocess.Popen[bytes], str]:
-    """llama-server with 8 slots (so 8 streams decode together) and as many threads as this server gets. Its prompt
-    cache is off unless asked: it reuses any common prefix, so every repeated prompt of the throughput and prefill
-    figures would be served from cache, and they would compare a cache with an engine."""
-    port = free_port()
-    threads = str(len(os.sched_getaffinity(0)))
-    proc = subprocess.Popen(
-        [
-            str(SERVER),
-            "-m",
-            str(gguf),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "-t",
-            threads,
-            "-tb",
-            threads,
-            "-np",
-            "8",
-            "-c",
-            str(8 * context),
-            "--log-disable",
-            *([] if cache_prompt else ["--no-cache-prompt"]),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    return proc, f"http://127.0.0.1:{port}"
 
 
 def _rss_mb(pid: int) -> float:
@@ -198,13 +162,13 @@ async def compare(model: str, rounds: int = 3, tokens: int = 64) -> dict[str, An
     """Both servers and the engine alone on one benchmark model: figures, ratios and limits; None when llama-server
     or the model is not built (it says what is missing)."""
     preset = PRESETS[model]
-    gguf = _gguf(model)
+    gguf = gguf_path(model)
     missing = [str(path) for path in (SERVER, gguf, preset.output) if not path.exists()]
     if missing:
         print(f"llama.cpp comparison skipped: not built: {', '.join(missing)} (see vs_llama_cpp.py's docstring)")
         return None
     ours, our_url = start("--model-path", str(preset.output), "--max-concurrent-requests", "16")
-    theirs, their_url = _llama_server(gguf, preset.context_length)
+    theirs, their_url = start_llama_server(gguf, preset.context_length)
     try:
         async with aiohttp.ClientSession() as session:
             await wait_ready(session, our_url)
