@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import AsyncIterator
 
 import aiohttp
@@ -12,13 +11,8 @@ from opentelemetry.sdk.trace.export import SpanExporter
 
 from genai_server.backends import Backend
 from genai_server.backends.discovery import upstream_model_ids
-from genai_server.backends.ollama import OllamaBackend
-from genai_server.backends.onnx import OnnxBackend
-from genai_server.backends.openai_upstream import OpenAIUpstream
-from genai_server.backends.replicas import Replica, replica_name
-from genai_server.backends.upstream import RelayBackend
-from genai_server.embedded.engine import EngineConfig, OnnxEngine
-from genai_server.http.app_keys import ENGINE, ENGINES, GPU, LIMITER, METRICS, SERVING, SETTINGS
+from genai_server.backends.factory import build_backend, embedded_engine
+from genai_server.http.app_keys import ENGINE, GPU, LIMITER, METRICS, SERVING, SETTINGS
 from genai_server.http.auth import setup_api_keys
 from genai_server.http.concurrency import ConcurrencyLimiter, setup_concurrency_limit
 from genai_server.http.cors import setup_cors
@@ -32,6 +26,7 @@ from genai_server.http.routes import add_routes
 from genai_server.serving import RequestLimits, Serving
 from genai_server.settings import ModelEntry, Settings
 from genai_server.telemetry.gpu import GpuMonitor
+from genai_server.telemetry.load import BackendLoad, ReplicaLoad
 from genai_server.telemetry.prometheus import Gauges, ServerMetrics, Slo, setup_prometheus
 from genai_server.telemetry.tracing import setup_tracing
 
@@ -88,9 +83,9 @@ async def backends_context(app: web.Application) -> AsyncIterator[None]:
     try:
         await serving.start()
         app[SERVING] = serving
-        app[ENGINES] = {model: b.engine for model, b in backends.items() if isinstance(b, OnnxBackend)}
-        if app[ENGINES]:
-            app[ENGINE] = next(iter(app[ENGINES].values()))
+        engines = [engine for backend in backends.values() if (engine := embedded_engine(backend)) is not None]
+        if engines:
+            app[ENGINE] = engines[0]  # where tests watch the first embedded engine; nothing else reads it
         yield
     finally:
         await serving.stop()
@@ -111,92 +106,35 @@ async def _upstream_entries(settings: Settings) -> list[ModelEntry]:
 
 
 def _backend(app: web.Application, settings: Settings, entry: ModelEntry) -> Backend:
-    """The backend serving one model, not yet started."""
-    if entry.backend == "onnx":
-        return _onnx_backend(app, settings, entry)
-    urls = entry.upstream_urls  # at least one: checked by ModelEntry
-    log.info(
-        "relaying to an upstream engine",
-        extra={
-            "fields": {
-                "backend": entry.backend,
-                "upstream_urls": [replica_name(url) for url in urls],
-                "model": entry.id,
-                "upstream_model": entry.upstream_name,
-            }
-        },
-    )
-    timeout = aiohttp.ClientTimeout(
-        total=None, connect=settings.upstream_connect_timeout_s, sock_read=settings.upstream_read_timeout_s
-    )
-    if entry.backend == "ollama":
-        return OllamaBackend(
-            urls,
-            entry.id,
-            entry.upstream_name,
-            timeout=timeout,
-            always_usage=settings.stream_usage_always,
-            default_max_tokens=settings.max_tokens_limit,
-            balance=entry.balance,
-        )
-    api_key = entry.api_key.get_secret_value() if entry.api_key else None
-    return OpenAIUpstream(
-        urls,
-        entry.id,
-        entry.upstream_name,
-        timeout=timeout,
-        api_key=api_key,
-        always_usage=settings.stream_usage_always,
-        default_max_tokens=settings.max_tokens_limit,
-        balance=entry.balance,
-    )
+    """The backend serving one model, not yet started; if an embedded engine's thread ever dies, the server stops
+    with an error."""
+
+    def engine_failed(exc: BaseException) -> None:
+        server_failed(app, f"the {entry.id} engine failed: {exc!r}")
+
+    return build_backend(entry, settings, on_engine_failure=engine_failed)
 
 
-def _onnx_backend(app: web.Application, settings: Settings, entry: ModelEntry) -> OnnxBackend:
-    """The embedded engine on one model folder; if its owner thread ever dies, the server stops with an error."""
-    if entry.path is None:
-        log.warning(
-            "MODEL_PATH is not set: serving the bundled demo model %s, which has random weights and produces noise",
-            entry.model_path.name,
-        )
-    engine = OnnxEngine(
-        entry.model_path,
-        EngineConfig(
-            settings.engine_max_batch_size,
-            settings.engine_lanes,
-            settings.engine_batch_wait_ms,
-            settings.max_model_len,
-            settings.engine_memory_budget_mb,
-            settings.engine_threads,
-            settings.prefix_cache_conversations,
-            settings.stream_interval,
-        ),
-    )
-    return OnnxBackend(
-        engine,
-        entry.id,
-        created=int(time.time()),
-        always_usage=settings.stream_usage_always,
-        max_prompt_tokens=settings.max_prompt_tokens,
-        default_max_tokens=settings.max_tokens_limit,
-        on_failure=lambda exc: server_failed(app, f"the {entry.id} engine failed: {exc!r}"),
-    )
+def _loads(app: web.Application) -> dict[str, BackendLoad]:
+    """Per model, its backend's load as it reports it (none before the backends start)."""
+    backends = app[SERVING].backends.items() if SERVING in app else ()
+    return {model: backend.load() for model, backend in backends}
 
 
 def _gauges(app: web.Application) -> Gauges:
     """Generation requests in flight, sequences waiting, KV-cache use, GPU memory used: read at scrape time."""
-    engines = app.get(ENGINES, {})
+    loads = _loads(app)
+    kv_cache_usage = {model: load.kv_cache_usage for model, load in loads.items() if load.kv_cache_usage is not None}
     return Gauges(
         running=app[LIMITER].in_flight,
-        # vLLM's meaning, work accepted and not yet running: requests queued for a slot, and sequences an
-        # embedded engine has not yet started.
-        waiting=app[LIMITER].queued + sum(engine.waiting_sequences() for engine in engines.values()),
-        kv_cache_usage={model: engine.kv_cache_usage() for model, engine in engines.items()},
+        # vLLM's meaning, work accepted and not yet running: requests queued for a slot, and sequences a
+        # backend has not yet started.
+        waiting=app[LIMITER].queued + sum(load.waiting for load in loads.values()),
+        kv_cache_usage=kv_cache_usage,
         gpu_used_mb=app[GPU].used_mb() if GPU in app else None,
     )
 
 
-def _replicas(app: web.Application) -> dict[str, list[Replica]]:
-    """Per relayed model, its upstream's replicas (none before the backends start)."""
-    backends = app[SERVING].backends.items() if SERVING in app else ()
-    return {model: backend.replicas for model, backend in backends if isinstance(backend, RelayBackend)}
+def _replicas(app: web.Application) -> dict[str, tuple[ReplicaLoad, ...]]:
+    """Per model, the upstream replicas its backend relays to (none for an embedded engine)."""
+    return {model: load.replicas for model, load in _loads(app).items() if load.replicas}

@@ -14,6 +14,7 @@ from pydantic import BaseModel
 
 from genai_server.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, PromptTokensDetails, Usage
 from genai_server.telemetry.clock import RequestTelemetry
+from genai_server.telemetry.load import BackendLoad
 
 # A response is a model of ours, or an upstream's JSON relayed as a dict (with our model id and metrics).
 Response = BaseModel | dict[str, Any]
@@ -52,6 +53,10 @@ class Backend(Protocol):
 
     async def ready(self) -> bool:
         """Whether this backend can serve now (its engine alive, its upstream reachable)."""
+        ...
+
+    def load(self) -> BackendLoad:
+        """Its load now, as it knows it (read at every scrape: cheap, no I/O)."""
         ...
 
     def model_cards(self) -> list[ModelCard]:

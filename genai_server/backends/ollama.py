@@ -7,7 +7,6 @@ Ollama's own durations (nanoseconds) are kept under ``backend_reported``; its ``
 
 from __future__ import annotations
 
-import time
 from collections.abc import AsyncGenerator
 from typing import Any
 
@@ -16,8 +15,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from genai_server.backends import Response, Result, accounting
 from genai_server.backends.choices import ChoiceWriter, Piece
-from genai_server.backends.replicas import Balance, ReplicaSet
-from genai_server.backends.upstream import RelayBackend, UpstreamClient, error_message, parse_event, stream_faults
+from genai_server.backends.relay import RelayBackend
+from genai_server.backends.upstream_client import error_message, parse_event, stream_faults
 from genai_server.errors import InvalidRequest, UpstreamError
 from genai_server.protocol import (
     AssistantMessage,
@@ -55,25 +54,7 @@ class OllamaBackend(RelayBackend):
     """One model served by an Ollama server, through its native API."""
 
     name = "ollama"
-
-    def __init__(
-        self,
-        urls: list[str],
-        model_id: str,
-        upstream_model: str,
-        *,
-        timeout: aiohttp.ClientTimeout,
-        always_usage: bool = False,
-        default_max_tokens: int = 4096,
-        balance: Balance = "least_in_flight",
-    ) -> None:
-        super().__init__(
-            ReplicaSet([UpstreamClient(url, timeout, probe_path="/api/version") for url in urls], balance),
-            model_id,
-            upstream_model,
-            always_usage=always_usage,
-            default_max_tokens=default_max_tokens,
-        )
+    probe_path = "/api/version"
 
     async def chat(self, req: ChatCompletionRequest, stats: RequestTelemetry) -> Result:
         """``/api/chat``, as an OpenAI chat completion or chunk stream."""
@@ -83,7 +64,7 @@ class OllamaBackend(RelayBackend):
         check_plain_messages(req.messages)
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages]
         body = {"model": self._upstream_model, "messages": messages, "stream": True, "options": _options(req)}
-        lines = await self._open_stream(lambda avoid: self._lines("/api/chat", body, stats, avoid), stats)
+        lines = await self._relay_stream("/api/chat", body, stats, lambda response: self._lines(response, req, stats))
         if req.stream:
             return self._chat_chunks(lines, req, stats)
         text, finish = await _collect(lines, stats, "message")
@@ -109,7 +90,9 @@ class OllamaBackend(RelayBackend):
             "stream": True,
             "options": _options(req),
         }
-        lines = await self._open_stream(lambda avoid: self._lines("/api/generate", body, stats, avoid), stats)
+        lines = await self._relay_stream(
+            "/api/generate", body, stats, lambda response: self._lines(response, req, stats)
+        )
         if req.stream:
             return self._completion_chunks(lines, req, stats)
         text, finish = await _collect(lines, stats, "response")
@@ -121,14 +104,12 @@ class OllamaBackend(RelayBackend):
             **accounting(stats),
         )
 
-    async def _lines(
-        self, path: str, body: dict[str, Any], stats: RequestTelemetry, avoid: str | None
+    def _lines(
+        self, response: aiohttp.ClientResponse, req: SamplingRequest, stats: RequestTelemetry
     ) -> AsyncGenerator[dict[str, Any], None]:
-        response = await self._upstream.post(path, body, avoid)
-        stats.on_admitted(time.perf_counter())
-        stats.replica = getattr(response, "replica", None)
-        limit = body["options"].get("num_predict") or self._default_max_tokens
-        return _ndjson(response, stats, max_lines=limit + _LINE_SLACK)
+        """The response's lines, at most one per token a choice may bring (and some slack): an endless upstream
+        is cut off."""
+        return _ndjson(response, stats, max_lines=self._max_tokens(req) + _LINE_SLACK)
 
     async def _chat_chunks(
         self, lines: AsyncGenerator[dict[str, Any], None], req: SamplingRequest, stats: RequestTelemetry

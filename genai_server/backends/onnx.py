@@ -45,6 +45,7 @@ from genai_server.protocol import (
     now,
 )
 from genai_server.telemetry.clock import RequestTelemetry
+from genai_server.telemetry.load import BackendLoad
 
 log = logging.getLogger(__name__)
 
@@ -60,31 +61,34 @@ class _Sequence:
     guided: str = "response_format"  # the parameter whose grammar it follows: what a refused grammar is blamed on
 
 
+@dataclass(frozen=True, kw_only=True)
+class OnnxConfig:
+    """What the embedded backend is built with besides its engine (``factory.py`` fills it in from the settings)."""
+
+    model_id: str  # the id clients ask for
+    created: int  # the model card's creation time
+    always_usage: bool = False  # STREAM_USAGE_ALWAYS: streams end with usage even when the client did not ask
+    max_prompt_tokens: int | None = None  # MAX_PROMPT_TOKENS
+    # MAX_TOKENS_LIMIT: a request that sets no limit gets the rest of the context, at most this.
+    max_tokens_limit: int | None = None
+
+
 class OnnxBackend:
     """Chat and text completions for one model on the embedded engine."""
 
     name = "onnx"
 
     def __init__(
-        self,
-        engine: OnnxEngine,
-        model_id: str,
-        created: int,
-        *,
-        always_usage: bool = False,
-        max_prompt_tokens: int | None = None,
-        default_max_tokens: int | None = None,
-        on_failure: Callable[[BaseException], None] | None = None,
+        self, engine: OnnxEngine, config: OnnxConfig, *, on_failure: Callable[[BaseException], None] | None = None
     ) -> None:
+        """``on_failure``: called if the engine's owner thread dies (the web app stops the server)."""
         self.engine = engine
         engine.on_failure = on_failure
-        self._max_prompt_tokens = max_prompt_tokens
-        # When a request sets no max_tokens: the rest of the context, at most this (MAX_TOKENS_LIMIT).
-        self._default_max_tokens = default_max_tokens
-        self.model_id = model_id
-        self.created = created
-        # Streams end with a usage + metrics chunk even when the client did not ask (STREAM_USAGE_ALWAYS).
-        self.always_usage = always_usage
+        self._max_prompt_tokens = config.max_prompt_tokens
+        self._max_tokens_limit = config.max_tokens_limit
+        self.model_id = config.model_id
+        self.created = config.created
+        self.always_usage = config.always_usage
         self._calls, self._knows_tools = detect_format(engine.chat_template)  # the fallback's until start()
 
     async def start(self) -> None:
@@ -113,6 +117,10 @@ class OnnxBackend:
     async def ready(self) -> bool:
         """The engine's owner thread is alive."""
         return self.engine.failure is None
+
+    def load(self) -> BackendLoad:
+        """Sequences waiting for a batch to start, and the share of the KV-cache budget running ones hold."""
+        return BackendLoad(waiting=self.engine.waiting_sequences(), kv_cache_usage=self.engine.kv_cache_usage())
 
     def model_cards(self) -> list[ModelCard]:
         """The one model this backend serves."""
@@ -276,7 +284,7 @@ class OnnxBackend:
                     f"{asked} tokens ({len(prompt)} in the prompt, {req.limit or 1} for the completion).",
                     param="max_tokens" if room >= 1 else param,
                 )
-            options = _sampling(req, req.limit or min(room, self._default_max_tokens or room), self.engine.vocab_size)
+            options = _sampling(req, req.limit or min(room, self._max_tokens_limit or room), self.engine.vocab_size)
             guided = "response_format"
             if tools is not None and tools.guidance is not None:
                 options, guided = replace(options, guidance=tools.guidance), "tools"

@@ -8,7 +8,6 @@ when the client asked for one JSON answer; chunks are relayed as they arrive. Th
 
 from __future__ import annotations
 
-import time
 from collections.abc import AsyncGenerator
 from contextlib import aclosing
 from typing import Any, NamedTuple
@@ -17,8 +16,8 @@ import aiohttp
 
 from genai_server.backends import Response, Result
 from genai_server.backends.assemble import Assembler
-from genai_server.backends.replicas import Balance, ReplicaSet
-from genai_server.backends.upstream import RelayBackend, UpstreamClient, error_message, parse_event, stream_faults
+from genai_server.backends.relay import RelayBackend
+from genai_server.backends.upstream_client import error_message, parse_event, stream_faults
 from genai_server.errors import UpstreamError
 from genai_server.protocol import ChatCompletionRequest, CompletionRequest, SamplingRequest
 from genai_server.telemetry.clock import RequestTelemetry
@@ -41,27 +40,7 @@ class OpenAIUpstream(RelayBackend):
     """One model served by an OpenAI-compatible engine elsewhere."""
 
     name = "openai"
-
-    def __init__(
-        self,
-        urls: list[str],
-        model_id: str,
-        upstream_model: str,
-        *,
-        timeout: aiohttp.ClientTimeout,
-        api_key: str | None = None,
-        always_usage: bool = False,
-        default_max_tokens: int = 4096,
-        balance: Balance = "least_in_flight",
-    ) -> None:
-        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        super().__init__(
-            ReplicaSet([UpstreamClient(url, timeout, headers=headers, probe_path="/models") for url in urls], balance),
-            model_id,
-            upstream_model,
-            always_usage=always_usage,
-            default_max_tokens=default_max_tokens,
-        )
+    probe_path = "/models"
 
     async def chat(self, req: ChatCompletionRequest, stats: RequestTelemetry) -> Result:
         """Relay a chat completion."""
@@ -77,30 +56,18 @@ class OpenAIUpstream(RelayBackend):
         # What the client set, as it set it (explicit nulls too, every field we do not know): the upstream decides.
         body = req.model_dump(exclude_unset=True, by_alias=True)
         body.update(model=self._upstream_model, stream=True, stream_options={"include_usage": True})
-        stream = await self._open_stream(lambda avoid: self._start(path, body, req, stats, choices, avoid), stats)
+        stream = await self._relay_stream(
+            path, body, stats, lambda response: self._chunks(response, req, stats, choices)
+        )
         if req.stream:
             return stream
         return await _aggregate(stream, kind)
-
-    async def _start(
-        self,
-        path: str,
-        body: dict[str, Any],
-        req: SamplingRequest,
-        stats: RequestTelemetry,
-        choices: int,
-        avoid: str | None,
-    ) -> AsyncGenerator[Response, None]:
-        response = await self._upstream.post(path, body, avoid)
-        stats.on_admitted(time.perf_counter())  # our part of the wait ends when the upstream has the request
-        stats.replica = getattr(response, "replica", None)
-        return self._chunks(response, req, stats, choices)
 
     async def _chunks(
         self, response: aiohttp.ClientResponse, req: SamplingRequest, stats: RequestTelemetry, choices: int
     ) -> AsyncGenerator[Response, None]:
         """The upstream's chunks with our model id; tokens timed as they arrive; the usage chunk gets our metrics."""
-        budget = choices * ((req.limit or self._default_max_tokens) + _CHUNK_SLACK)
+        budget = choices * (self._max_tokens(req) + _CHUNK_SLACK)
         seen_choice = False
         try:
             async for chunk in _sse_json(response):

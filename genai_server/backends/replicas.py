@@ -1,12 +1,11 @@
 """Several replicas of one upstream engine behind one model id: which one takes a request, and which are healthy.
 
 Each request goes to the healthy replica with the fewest requests in flight from this gateway (ties broken at
-random), or in turn (``round_robin``, kept to compare against). A replica is ejected when its health probe fails or a
-request cannot connect to it, and re-admitted when its probe answers again. A request that fails before its first
-byte (connection refused, or a 5xx status) is tried once more on another replica here; one whose stream breaks
-before its first token is, by the backend (``RelayBackend._open_stream``). After that nothing is retried, since the
-client would see tokens twice. With every replica ejected, requests still go to the least busy
-one: a stale health state must not turn a brief failure into a certain one.
+random), or in turn (``round_robin``, kept to compare against); replicas a request already tried are passed over.
+A replica is ejected when its health probe fails or a request cannot connect to it, and re-admitted when its probe
+answers again. With every candidate ejected, requests still go to the least busy one: a stale health state must
+not turn a brief failure into a certain one. Whether a failed request goes to another replica is not decided here
+but in the relay loop (``relay.py``).
 """
 
 from __future__ import annotations
@@ -16,14 +15,16 @@ import contextlib
 import itertools
 import logging
 import random
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
 import aiohttp
 
-from genai_server.backends.upstream import TrackedResponse, UpstreamClient
-from genai_server.errors import UpstreamError, UpstreamTimeout, UpstreamUnavailable
+from genai_server.backends.upstream_client import TrackedResponse, UpstreamClient
+from genai_server.errors import UpstreamError, UpstreamUnavailable
+from genai_server.telemetry.load import ReplicaLoad
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +33,7 @@ Balance = Literal["least_in_flight", "round_robin"]
 HEALTH_INTERVAL_S = 2.0
 
 
-@dataclass
+@dataclass(eq=False)  # compared by identity: two replicas may share an address
 class Replica:
     """One upstream address and what the gateway knows of it."""
 
@@ -44,6 +45,12 @@ class Replica:
     errors: int = 0
     probed: bool = field(default=False, repr=False)
 
+    def load(self) -> ReplicaLoad:
+        """What the per-replica series show of it now."""
+        return ReplicaLoad(
+            name=self.name, in_flight=self.in_flight, healthy=self.healthy, requests=self.requests, errors=self.errors
+        )
+
 
 def replica_name(url: str) -> str:
     """A URL as it may be shown: without user and password."""
@@ -54,7 +61,8 @@ def replica_name(url: str) -> str:
 
 
 class ReplicaSet:
-    """The replicas of one upstream: ``post`` picks one (and a second if the first fails before its first byte)."""
+    """The replicas of one upstream: ``pick`` chooses one, ``post`` sends to it and counts what it has in flight,
+    ``failed`` counts a failure against it. Nothing here retries."""
 
     def __init__(self, clients: list[UpstreamClient], balance: Balance = "least_in_flight") -> None:
         self.replicas = [Replica(client, replica_name(client.base_url)) for client in clients]
@@ -66,7 +74,7 @@ class ReplicaSet:
         """Open every replica's session; with several, start probing their health."""
         for replica in self.replicas:
             await replica.client.start()
-        if self.retries_possible:  # one replica alone is probed when readiness is asked
+        if len(self.replicas) > 1:  # one replica alone is probed when readiness is asked
             self._health = asyncio.create_task(self._probe_forever())
 
     async def close(self) -> None:
@@ -80,73 +88,48 @@ class ReplicaSet:
 
     async def ready(self) -> bool:
         """At least one replica answers. One replica alone is probed when asked (at most once a second)."""
-        if not self.retries_possible:
+        if len(self.replicas) == 1:
             replica = self.replicas[0]
             self._update(replica, await replica.client.ready())
         elif not any(replica.probed for replica in self.replicas):
             await self._probe_all()
         return any(replica.healthy for replica in self.replicas)
 
-    async def post(self, path: str, body: dict[str, Any], avoid: str | None = None) -> aiohttp.ClientResponse:
-        """POST to a replica (not ``avoid`` if another exists); a failure before any byte is tried once more on
-        another one. The response's ``replica`` names the one that answered."""
-        first = self._pick(avoid)
-        try:
-            return await self._post(first, path, body)
-        except UpstreamError as exc:
-            if not self._retry_elsewhere(first.name, exc):
-                raise
-        return await self._post(self._pick(first.name), path, body)
+    def load(self) -> tuple[ReplicaLoad, ...]:
+        """Every replica's figures now (for the per-replica series)."""
+        return tuple(replica.load() for replica in self.replicas)
 
-    @property
-    def retries_possible(self) -> bool:
-        """Whether a failed request has another replica to go to."""
-        return len(self.replicas) > 1
-
-    def failed_before_first_token(self, name: str, exc: UpstreamError) -> bool:
-        """A response of replica ``name`` failed before its first token reached the client: counted against it, as
-        a failed post is; True when the request should go to another replica (by the rule a failed post follows)."""
-        for replica in self.replicas:
-            if replica.name == name:
-                replica.errors += 1
-        return self._retry_elsewhere(name, exc)
-
-    def _retry_elsewhere(self, name: str, exc: UpstreamError) -> bool:
-        """Whether a request that failed on replica ``name`` before reaching its client goes to another (logged)."""
-        if not (_retryable(exc) and self.retries_possible):
-            return False
-        fields = {"replica": name, "code": exc.code, "message": exc.message, **exc.detail}
-        log.warning("retrying on another replica", extra={"fields": fields})
-        return True
-
-    def _pick(self, avoid: str | None) -> Replica:
-        candidates = [r for r in self.replicas if r.name != avoid] or self.replicas
+    def pick(self, tried: Collection[Replica] = ()) -> Replica:
+        """The replica to take a request: one not in ``tried`` while any is left, healthy if one is, then the least
+        busy (or the next in turn)."""
+        candidates = [r for r in self.replicas if r not in tried] or self.replicas
         healthy = [r for r in candidates if r.healthy] or candidates
         if self._balance == "round_robin":
             return healthy[next(self._turn) % len(healthy)]
         fewest = min(r.in_flight for r in healthy)
         return random.choice([r for r in healthy if r.in_flight == fewest])
 
-    async def _post(self, replica: Replica, path: str, body: dict[str, Any]) -> aiohttp.ClientResponse:
+    async def post(self, replica: Replica, path: str, body: dict[str, Any]) -> aiohttp.ClientResponse:
+        """POST to ``replica``, counted as in flight until its response closes (or the post fails)."""
         replica.in_flight += 1
         replica.requests += 1
         try:
             response = await replica.client.post(path, body)
-        except UpstreamError as exc:
-            replica.in_flight -= 1
-            replica.errors += 1
-            if isinstance(exc, UpstreamUnavailable) and self.retries_possible:
-                self._eject(replica, exc.detail.get("cause", exc.message))
-            raise
         except BaseException:
             replica.in_flight -= 1
             raise
         if isinstance(response, TrackedResponse):
             response.on_close = lambda: _release(replica)
-            response.replica = replica.name
         else:  # pragma: no cover - every session of ours makes TrackedResponses
             _release(replica)
         return response
+
+    def failed(self, replica: Replica, exc: UpstreamError) -> None:
+        """A request failed on ``replica`` before any of it reached the client: counted against it, and a replica
+        that cannot be reached is ejected until its probe answers (one replica alone stays: there is no other)."""
+        replica.errors += 1
+        if isinstance(exc, UpstreamUnavailable) and len(self.replicas) > 1:
+            self._eject(replica, exc.detail.get("cause", exc.message))
 
     def _eject(self, replica: Replica, cause: str) -> None:
         if replica.healthy:
@@ -178,13 +161,3 @@ class ReplicaSet:
 
 def _release(replica: Replica) -> None:
     replica.in_flight -= 1
-
-
-def _retryable(exc: UpstreamError) -> bool:
-    """Nothing reached the client yet and another replica may do better: it could not connect, dropped the request
-    before answering, or answered 5xx. Not a timeout (another replica would get the same slow request) nor a
-    redirect or a refusal of our credentials."""
-    if isinstance(exc, UpstreamTimeout):
-        return False
-    status = exc.detail.get("upstream_status")
-    return status is None or (isinstance(status, int) and status >= 500)

@@ -44,7 +44,7 @@ FALLBACK_CHAT_TEMPLATE = (
 )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)  # eight settings in a row are too easy to pass in the wrong order
 class EngineConfig:
     """How the engine batches (sequences per static batch, batches run side by side, how long a batch waits
     for a burst to arrive) and the most tokens one sequence may hold, which sets its KV-cache memory."""

@@ -17,12 +17,12 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 
-from genai_server.backends.replicas import Replica
 from genai_server.http.app_keys import ARRIVAL, FINAL_STATUS, REQUEST_STATS
 from genai_server.http.concurrency import GENERATION_PATHS
 from genai_server.http.request_log import CLIENT_CLOSED_REQUEST
 from genai_server.protocol import RequestMetrics
 from genai_server.telemetry.clock import RequestTelemetry
+from genai_server.telemetry.load import ReplicaLoad
 
 _LATENCY_BUCKETS = (
     0.005,
@@ -112,8 +112,8 @@ class Gauges:
     """What the gauges read at scrape time."""
 
     running: int  # generation requests in flight
-    waiting: int  # requests queued for a slot + sequences waiting to be admitted by the embedded engines
-    kv_cache_usage: dict[str, float]  # per embedded model: the share of its KV budget in use
+    waiting: int  # requests queued for a slot + sequences the backends have accepted and not yet started
+    kv_cache_usage: dict[str, float]  # per model whose backend holds a KV cache here: the share of its budget in use
     gpu_used_mb: float | None  # None without a GPU
 
 
@@ -123,7 +123,7 @@ class ReplicaCollector(Collector):
 
     # Each family and how it reads one replica.
     _FAMILIES: tuple[
-        tuple[type[GaugeMetricFamily | CounterMetricFamily], str, str, Callable[[Replica], float]], ...
+        tuple[type[GaugeMetricFamily | CounterMetricFamily], str, str, Callable[[ReplicaLoad], float]], ...
     ] = (
         (GaugeMetricFamily, "in_flight", "Requests this gateway has in flight on the replica.", lambda r: r.in_flight),
         (GaugeMetricFamily, "healthy", "1 while the replica is admitted, 0 while ejected.", lambda r: int(r.healthy)),
@@ -131,8 +131,8 @@ class ReplicaCollector(Collector):
         (CounterMetricFamily, "errors", "Requests it failed before any token went out.", lambda r: r.errors),
     )
 
-    def __init__(self, replicas: Callable[[], dict[str, list[Replica]]]) -> None:
-        self._replicas = replicas  # per relayed model, its upstream's replicas
+    def __init__(self, replicas: Callable[[], dict[str, tuple[ReplicaLoad, ...]]]) -> None:
+        self._replicas = replicas  # per relayed model, its upstream's replicas as its backend reports them
 
     def collect(self) -> Iterator[Metric]:
         replicas = self._replicas()
@@ -152,7 +152,7 @@ class ServerMetrics:
         backend: str,
         gauges: Callable[[], Gauges],
         slo: Slo | None = None,
-        replicas: Callable[[], dict[str, list[Replica]]] = dict,
+        replicas: Callable[[], dict[str, tuple[ReplicaLoad, ...]]] = dict,
     ) -> None:
         self.backend = backend
         self._gauges = gauges

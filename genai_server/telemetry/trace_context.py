@@ -1,5 +1,6 @@
 """The trace headers a relayed request sends upstream, for the request being handled: set by the tracing middleware
-(``tracing.py``), read by the upstream client (``backends/upstream.py``), which knows nothing of the web app."""
+(``tracing.py``), read by the upstream client (``backends/upstream_client.py``), which knows nothing of the web
+app."""
 
 from __future__ import annotations
 

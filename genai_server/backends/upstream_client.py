@@ -1,5 +1,5 @@
-"""What every backend that talks HTTP to an engine elsewhere shares: its session, posting, readiness, and turning
-faults into our errors.
+"""The HTTP client of one upstream address: its session, posting, probing, and turning HTTP faults and error
+bodies into our typed errors. It knows nothing of replicas or retries (``replicas.py``, ``relay.py``).
 
 Every byte from an upstream is untrusted: error bodies are read up to a few KB, redirects are not followed, its
 credentials problems are ours (502), and neither its URL nor aiohttp's internals reach a client (they are logged).
@@ -11,24 +11,17 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator
-from typing import TYPE_CHECKING, Any, TypeVar
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import aiohttp
 import orjson
 from aiohttp import http_exceptions
 
 from genai_server.errors import UpstreamError, UpstreamRejected, UpstreamTimeout, UpstreamUnavailable
-from genai_server.protocol import ModelCard, now
-from genai_server.telemetry.clock import RequestTelemetry
 from genai_server.telemetry.trace_context import upstream_trace_headers
 
-if TYPE_CHECKING:
-    from genai_server.backends.replicas import Replica, ReplicaSet
-
 log = logging.getLogger(__name__)
-
-T = TypeVar("T")
 
 # An upstream's error body is read up to this many bytes: enough for any real error message.
 ERROR_BODY_LIMIT = 8192
@@ -44,7 +37,6 @@ class TrackedResponse(aiohttp.ClientResponse):
     requests it has in flight by it."""
 
     on_close: Callable[[], None] | None = None
-    replica: str | None = None  # the replica it came from, for the per-replica figures
 
     def close(self) -> None:
         super().close()
@@ -123,83 +115,6 @@ class UpstreamClient:
         if response.status >= 300:
             raise await _rejection(response, url)
         return response
-
-
-class RelayBackend:
-    """What every backend relaying to an engine elsewhere shares: the one model it serves under our id, the
-    upstream's name for it, and the upstream replicas it owns from ``start`` to ``close``."""
-
-    def __init__(
-        self,
-        upstream: ReplicaSet,
-        model_id: str,
-        upstream_model: str,
-        *,
-        always_usage: bool,
-        default_max_tokens: int,
-    ) -> None:
-        self._upstream = upstream
-        self.model_id = model_id
-        self._upstream_model = upstream_model
-        self._always_usage = always_usage
-        # Tokens a choice may bring when the client set no max_tokens (MAX_TOKENS_LIMIT): bounds an endless upstream.
-        self._default_max_tokens = default_max_tokens
-        self._created = now()
-
-    async def start(self) -> None:
-        """Open the session to the upstream."""
-        await self._upstream.start()
-
-    async def close(self) -> None:
-        """Close it; relayed streams still open end with an error."""
-        await self._upstream.close()
-
-    async def ready(self) -> bool:
-        """The upstream answers."""
-        return await self._upstream.ready()
-
-    @property
-    def replicas(self) -> list[Replica]:
-        """The upstream's replicas and what is known of each (for the per-replica series)."""
-        return self._upstream.replicas
-
-    def model_cards(self) -> list[ModelCard]:
-        """The one model this backend relays to."""
-        return [ModelCard(id=self.model_id, created=self._created)]
-
-    async def _open_stream(
-        self, start: Callable[[str | None], Awaitable[AsyncGenerator[T, None]]], stats: RequestTelemetry
-    ) -> AsyncGenerator[T, None]:
-        """The stream ``start(avoid)`` opens, its first item awaited here: an upstream that fails before it is an
-        HTTP error status for the client, not a 200 stream that then carries an error. Nothing has reached the
-        client then, so a replica that broke (killed, say) is replaced once by another; after the first item
-        nothing is retried: the client would see it twice."""
-        try:
-            return await _first_awaited(await start(None))
-        except UpstreamError as exc:
-            failed = stats.replica  # None: no replica answered at all (the set has tried two already)
-            if failed is None or not self._upstream.failed_before_first_token(failed, exc):
-                raise
-            stats.on_retry()
-            return await _first_awaited(await start(failed))
-
-
-async def _first_awaited(stream: AsyncGenerator[T, None]) -> AsyncGenerator[T, None]:
-    try:
-        first = await anext(stream)
-    except StopAsyncIteration:
-        raise UpstreamError("The upstream engine sent nothing") from None
-    return _prepend(first, stream)
-
-
-async def _prepend(first: T, rest: AsyncGenerator[T, None]) -> AsyncGenerator[T, None]:
-    """``first``, then the rest; closing it closes the rest (and so the upstream request)."""
-    try:
-        yield first
-        async for item in rest:
-            yield item
-    finally:
-        await rest.aclose()
 
 
 async def _rejection(response: aiohttp.ClientResponse, url: str) -> Exception:

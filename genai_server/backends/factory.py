@@ -1,0 +1,103 @@
+"""One place that turns a model's entry and the settings into the backend serving it (not yet started).
+
+Each adapter is built from a keyword-only config, so that no setting lands in another's place. What a backend
+needs from the web app (the embedded engine's failure callback) is passed in: backends know nothing of it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+import aiohttp
+
+from genai_server.backends import Backend
+from genai_server.backends.ollama import OllamaBackend
+from genai_server.backends.onnx import OnnxBackend, OnnxConfig
+from genai_server.backends.openai_upstream import OpenAIUpstream
+from genai_server.backends.relay import RelayConfig
+from genai_server.backends.replicas import replica_name
+from genai_server.embedded.engine import EngineConfig, OnnxEngine
+from genai_server.settings import ModelEntry, Settings
+
+log = logging.getLogger(__name__)
+
+
+def build_backend(
+    entry: ModelEntry, settings: Settings, *, on_engine_failure: Callable[[BaseException], None]
+) -> Backend:
+    """The backend serving ``entry``; ``on_engine_failure`` is called if an embedded engine's thread dies."""
+    if entry.backend == "onnx":
+        return embedded_backend(entry, settings, on_engine_failure=on_engine_failure)
+    config = relay_config(entry, settings)
+    log.info(
+        "relaying to an upstream engine",
+        extra={
+            "fields": {
+                "backend": entry.backend,
+                "upstream_urls": [replica_name(url) for url in config.urls],
+                "model": entry.id,
+                "upstream_model": entry.upstream_name,
+            }
+        },
+    )
+    return OllamaBackend(config) if entry.backend == "ollama" else OpenAIUpstream(config)
+
+
+def relay_config(entry: ModelEntry, settings: Settings) -> RelayConfig:
+    """A relaying backend's config: the entry's replicas and names, the settings' timeouts and limits."""
+    # Only the openai backend sends a key (the models file documents api_key for it alone).
+    api_key = entry.api_key.get_secret_value() if entry.api_key and entry.backend == "openai" else None
+    return RelayConfig(
+        model_id=entry.id,
+        upstream_model=entry.upstream_name,
+        urls=tuple(entry.upstream_urls),  # at least one: checked by ModelEntry
+        timeout=aiohttp.ClientTimeout(
+            total=None, connect=settings.upstream_connect_timeout_s, sock_read=settings.upstream_read_timeout_s
+        ),
+        api_key=api_key,
+        always_usage=settings.stream_usage_always,
+        max_tokens_limit=settings.max_tokens_limit,
+        balance=entry.balance,
+    )
+
+
+def embedded_backend(
+    entry: ModelEntry, settings: Settings, *, on_engine_failure: Callable[[BaseException], None]
+) -> OnnxBackend:
+    """The embedded engine on the entry's model folder (the bundled demo model when it names none)."""
+    if entry.path is None:
+        log.warning(
+            "MODEL_PATH is not set: serving the bundled demo model %s, which has random weights and produces noise",
+            entry.model_path.name,
+        )
+    engine = OnnxEngine(entry.model_path, engine_config(settings))
+    config = OnnxConfig(
+        model_id=entry.id,
+        created=int(time.time()),
+        always_usage=settings.stream_usage_always,
+        max_prompt_tokens=settings.max_prompt_tokens,
+        max_tokens_limit=settings.max_tokens_limit,
+    )
+    return OnnxBackend(engine, config, on_failure=on_engine_failure)
+
+
+def engine_config(settings: Settings) -> EngineConfig:
+    """How the embedded engine batches and how much it may hold, from the ENGINE_* settings."""
+    return EngineConfig(
+        max_batch_size=settings.engine_max_batch_size,
+        lanes=settings.engine_lanes,
+        batch_wait_ms=settings.engine_batch_wait_ms,
+        max_model_len=settings.max_model_len,
+        memory_budget_mb=settings.engine_memory_budget_mb,
+        threads=settings.engine_threads,
+        prefix_cache=settings.prefix_cache_conversations,
+        stream_interval=settings.stream_interval,
+    )
+
+
+def embedded_engine(backend: Backend) -> OnnxEngine | None:
+    """The engine a backend built here runs in this process, None for a relaying one. Only the factory knows which
+    kind it built; the app keeps the first engine where tests reach it (``ENGINE``), and reads nothing else of it."""
+    return backend.engine if isinstance(backend, OnnxBackend) else None
