@@ -75,11 +75,12 @@ async def backends_context(app: web.Application) -> AsyncIterator[None]:
     await gpu.start()
     entries = settings.models or await _upstream_entries(settings)
     backends = {entry.id: _backend(app, settings, entry) for entry in entries}
-    serving = Serving(
-        backends,
-        gpu,
-        RequestLimits(settings.max_messages, settings.max_tokens_limit, settings.max_sequences_per_request),
+    limits = RequestLimits(
+        max_messages=settings.max_messages,
+        max_tokens_limit=settings.max_tokens_limit,
+        max_sequences=settings.max_sequences_per_request,
     )
+    serving = Serving(backends, gpu, limits)
     try:
         await serving.start()
         app[SERVING] = serving

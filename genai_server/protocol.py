@@ -179,7 +179,7 @@ class SamplingRequest(BaseModel):
         if self.stream_options is not None and not self.stream:
             raise InvalidRequest("stream_options is only allowed when stream is true", param="stream_options")
         if self.min_tokens and self.limit is not None and self.min_tokens > self.limit:
-            raise InvalidRequest("min_tokens must not be greater than max_tokens", param="min_tokens")
+            raise InvalidRequest(f"min_tokens must not be greater than {self.limit_param}", param="min_tokens")
         if self.model_extra:
             log.debug("ignoring unknown request fields", extra={"fields": {"ignored": sorted(self.model_extra)}})
         return self
@@ -198,6 +198,11 @@ class SamplingRequest(BaseModel):
     def limit(self) -> int | None:
         """The most tokens to generate per choice, if the client set one."""
         return self.max_tokens
+
+    @property
+    def limit_param(self) -> str:
+        """The parameter ``limit`` came from, as the client named it: what an error about it blames."""
+        return "max_tokens"
 
     @property
     def top_logprobs_asked(self) -> int | None:
@@ -338,6 +343,11 @@ class ChatCompletionRequest(SamplingRequest):
     def limit(self) -> int | None:
         """``max_completion_tokens`` is the newer name; it wins when both are sent."""
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    @property
+    def limit_param(self) -> str:
+        """``max_completion_tokens`` when the client sent it (it wins), else ``max_tokens``."""
+        return "max_completion_tokens" if self.max_completion_tokens is not None else "max_tokens"
 
 
 class CompletionRequest(SamplingRequest):

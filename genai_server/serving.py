@@ -14,13 +14,13 @@ from genai_server.telemetry.gpu import GpuMonitor
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class RequestLimits:
     """What one request may ask for, whatever the backend."""
 
-    max_messages: int = 256
-    max_tokens: int = 4096
-    max_sequences: int = 16
+    max_messages: int = 256  # MAX_MESSAGES
+    max_tokens_limit: int = 4096  # MAX_TOKENS_LIMIT: per choice
+    max_sequences: int = 16  # MAX_SEQUENCES_PER_REQUEST
 
 
 class Serving:
@@ -87,7 +87,7 @@ class Serving:
         """Route a chat completion."""
         if len(req.messages) > self._limits.max_messages:
             raise InvalidRequest(f"At most {self._limits.max_messages} messages per request", param="messages")
-        self._check_max_tokens(req, "max_completion_tokens" if req.max_completion_tokens else "max_tokens")
+        self._check_max_tokens(req)
         self._check_sequences(req.n)
         backend = self._start(req.model, stats)
         try:
@@ -98,7 +98,7 @@ class Serving:
 
     async def complete(self, req: CompletionRequest, stats: RequestTelemetry) -> Result:
         """Route a text completion."""
-        self._check_max_tokens(req, "max_tokens")
+        self._check_max_tokens(req)
         self._check_sequences(req.n * len(req.prompts()))
         backend = self._start(req.model, stats)
         try:
@@ -107,9 +107,10 @@ class Serving:
             stats.on_end()
             raise
 
-    def _check_max_tokens(self, req: SamplingRequest, param: str) -> None:
-        if req.limit is not None and req.limit > self._limits.max_tokens:
-            raise InvalidRequest(f"At most {self._limits.max_tokens} tokens per choice (MAX_TOKENS_LIMIT)", param=param)
+    def _check_max_tokens(self, req: SamplingRequest) -> None:
+        most = self._limits.max_tokens_limit
+        if req.limit is not None and req.limit > most:
+            raise InvalidRequest(f"At most {most} tokens per choice (MAX_TOKENS_LIMIT)", param=req.limit_param)
 
     def _check_sequences(self, sequences: int) -> None:
         """Each sequence holds a KV cache: what one request may ask for is counted in sequences, not requests."""

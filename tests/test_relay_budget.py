@@ -1,5 +1,5 @@
 """The gateway's retry budget, as a client and the replicas see it: a request is posted at most twice, the second
-time to a replica it has not tried.
+time to a replica it has not tried; and a limit that does not fit is blamed on the parameter the client sent.
 
 The replicas are scripted: aiohttp apps on loopback ports that record every post they get, by the request's
 message (each request says which one it is), so a test can follow one request across the replicas."""
@@ -127,3 +127,37 @@ async def test_one_replica_gets_one_post(aiohttp_client: Any, aiohttp_server: An
     resp = await gateway.post("/v1/chat/completions", json=body)
     assert resp.status == 502
     assert replica.posts == ["alone"]
+
+
+@pytest.mark.parametrize(
+    ("limits", "blamed"),
+    [
+        ({"max_completion_tokens": 64}, "max_completion_tokens"),
+        ({"max_tokens": 64}, "max_tokens"),
+        ({"max_tokens": 8, "max_completion_tokens": 64}, "max_completion_tokens"),  # the newer name wins
+    ],
+)
+async def test_a_limit_beyond_the_context_is_blamed_on_the_parameter_sent(
+    aiohttp_client: Any, limits: dict[str, int], blamed: str
+) -> None:
+    """The embedded engine with a 64-token context: a completion limit that fits MAX_TOKENS_LIMIT but not beside the
+    prompt is a 400 naming the parameter the client used (``onnx.py`` decides it; ``protocol.py`` names it)."""
+    settings = Settings(_env_file=None, max_model_len=64, log_format="text")
+    gateway: Gateway = await aiohttp_client(create_app(settings))
+    model = (await (await gateway.get("/v1/models")).json())["data"][0]["id"]
+    body = {"model": model, "messages": [{"role": "user", "content": "Hello there"}], **limits}
+    resp = await gateway.post("/v1/chat/completions", json=body)
+    assert resp.status == 400, await resp.text()
+    error = (await resp.json())["error"]
+    assert (error["code"], error["param"]) == ("context_length_exceeded", blamed)
+
+
+async def test_a_limit_beyond_max_tokens_limit_is_blamed_on_the_parameter_sent(aiohttp_client: Any) -> None:
+    """MAX_TOKENS_LIMIT is checked before any backend (``serving.py``), and blames the same parameter."""
+    settings = Settings(_env_file=None, max_tokens_limit=16, log_format="text")
+    gateway: Gateway = await aiohttp_client(create_app(settings))
+    model = (await (await gateway.get("/v1/models")).json())["data"][0]["id"]
+    body = {"model": model, "messages": [{"role": "user", "content": "Hi"}], "max_completion_tokens": 17}
+    resp = await gateway.post("/v1/chat/completions", json=body)
+    assert resp.status == 400
+    assert (await resp.json())["error"]["param"] == "max_completion_tokens"

@@ -282,7 +282,7 @@ class OnnxBackend:
                 raise ContextLengthExceeded(
                     f"This model's maximum context length is {context} tokens. However, you requested "
                     f"{asked} tokens ({len(prompt)} in the prompt, {req.limit or 1} for the completion).",
-                    param="max_tokens" if room >= 1 else param,
+                    param=req.limit_param if room >= 1 else param,
                 )
             options = _sampling(req, req.limit or min(room, self._max_tokens_limit or room), self.engine.vocab_size)
             guided = "response_format"
