@@ -16,19 +16,20 @@ from genai_server.http.app_keys import ENGINE, GPU, LIMITER, METRICS, SERVING, S
 from genai_server.http.auth import setup_api_keys
 from genai_server.http.concurrency import ConcurrencyLimiter, setup_concurrency_limit
 from genai_server.http.cors import setup_cors
+from genai_server.http.endpoints import add_endpoints
 from genai_server.http.error_mapping import setup_error_mapping
 from genai_server.http.lifecycle import server_failed, setup_lifecycle
 from genai_server.http.load_report import setup_load_report
 from genai_server.http.openapi import setup_openapi
 from genai_server.http.request_body import setup_request_body
-from genai_server.http.request_log import setup_request_log
-from genai_server.http.routes import add_routes
+from genai_server.http.request_record import setup_request_record
+from genai_server.http.routes import endpoint_table
 from genai_server.serving import RequestLimits, Serving
 from genai_server.settings import ModelEntry, Settings
 from genai_server.telemetry.gpu import GpuMonitor
 from genai_server.telemetry.load import BackendLoad, ReplicaLoad
-from genai_server.telemetry.prometheus import Gauges, ServerMetrics, Slo, setup_prometheus
-from genai_server.telemetry.tracing import setup_tracing
+from genai_server.telemetry.prometheus import Gauges, ServerMetrics, Slo
+from genai_server.telemetry.tracing import otlp_exporter
 
 log = logging.getLogger(__name__)
 
@@ -43,28 +44,33 @@ def create_app(settings: Settings, *, span_exporter: SpanExporter | None = None)
     )
     slo = Slo(settings.slo_ttft_ms, settings.slo_tpot_ms, settings.slo_e2e_ms)
     app[METRICS] = ServerMetrics(settings.backend, lambda: _gauges(app), slo, lambda: _replicas(app))
+    endpoints = endpoint_table(metrics_public=not settings.metrics_require_key)
     # The order is written once, outermost first:
-    # 1. tracing: the span covers everything below, and reads the final status and the request's figures;
-    # 2. Prometheus: counts every generation request by its final status, 429s included;
-    # 3. request log: sees every request and the final status, after errors were mapped;
-    # 4. error mapping: turns every exception below it, 401 and 429 included, into the OpenAI envelope;
-    # 5. API keys: a request without one is refused before its body is read or it can wait for a slot;
-    # 6. request body: read whole and checked before the slot, so a slow sender holds a connection, not a slot;
-    # 7. concurrency limit: innermost, so only real generation requests hold a slot.
-    setup_tracing(app, settings.otel_exporter_otlp_endpoint, span_exporter)
-    setup_prometheus(app, app[METRICS])
-    setup_request_log(app)
+    # 1. request record: sees every request and the status it really ended with, after errors were mapped; hands
+    #    one record of it to the access log, Prometheus and the span (which covers everything below);
+    # 2. error mapping: turns every exception below it, 401 and 429 included, into the OpenAI envelope;
+    # 3. API keys: a request without one is refused before its body is read or it can wait for a slot;
+    # 4. request body: read whole and checked before the slot, so a slow sender holds a connection, not a slot;
+    # 5. concurrency limit: innermost, so only real generation requests hold a slot.
+    setup_request_record(app, _span_exporter(settings, span_exporter))
     setup_error_mapping(app)
-    setup_api_keys(app, settings.all_api_keys, protect_metrics=settings.metrics_require_key)
+    setup_api_keys(app, settings.all_api_keys)
     setup_request_body(app, settings.request_read_timeout)
     setup_concurrency_limit(app, app[LIMITER])
-    add_routes(app)
-    setup_openapi(app)
+    add_endpoints(app, endpoints)
+    setup_openapi(app, endpoints)
     setup_lifecycle(app, settings.shutdown_timeout)
     setup_load_report(app, lambda: _gauges(app))
     setup_cors(app, settings.cors_origins)  # after the routes: it wraps each one
     app.cleanup_ctx.append(backends_context)
     return app
+
+
+def _span_exporter(settings: Settings, given: SpanExporter | None) -> SpanExporter | None:
+    """Where spans go: the exporter given (tests), else OTLP when an endpoint is set, else nowhere (tracing off)."""
+    if given is None and settings.otel_exporter_otlp_endpoint:
+        return otlp_exporter(settings.otel_exporter_otlp_endpoint)
+    return given
 
 
 async def backends_context(app: web.Application) -> AsyncIterator[None]:

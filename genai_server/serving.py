@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import AsyncGenerator, Awaitable
 from dataclasses import dataclass
 
-from genai_server.backends import Backend, Result
+from genai_server.backends import Backend, Response, Result
 from genai_server.errors import InvalidRequest, ModelNotFound, ShuttingDown
 from genai_server.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, SamplingRequest
 from genai_server.telemetry.clock import RequestTelemetry
@@ -90,22 +91,14 @@ class Serving:
         self._check_max_tokens(req)
         self._check_sequences(req.n)
         backend = self._start(req.model, stats)
-        try:
-            return await backend.chat(req, stats)
-        except BaseException:
-            stats.on_end()  # refused before generating: stop watching the GPU for it
-            raise
+        return await _timed(backend.chat(req, stats), stats)
 
     async def complete(self, req: CompletionRequest, stats: RequestTelemetry) -> Result:
         """Route a text completion."""
         self._check_max_tokens(req)
         self._check_sequences(req.n * len(req.prompts()))
         backend = self._start(req.model, stats)
-        try:
-            return await backend.complete(req, stats)
-        except BaseException:
-            stats.on_end()
-            raise
+        return await _timed(backend.complete(req, stats), stats)
 
     def _check_max_tokens(self, req: SamplingRequest) -> None:
         most = self._limits.max_tokens_limit
@@ -134,3 +127,42 @@ class Serving:
         if backend is None:
             raise ModelNotFound(f"The model '{model_id}' does not exist", param="model")
         return backend
+
+
+async def _timed(pending: Awaitable[Result], stats: RequestTelemetry) -> Result:
+    """The backend's answer with the request's clock stopped where its generation ends, once, here: after a whole
+    response, at a stream's usage chunk (its figures go out with it) or at the stream's end, or when the backend
+    fails or the client leaves. The figures go on the answer where its usage does."""
+    try:
+        result = await pending
+    except BaseException:
+        stats.finish()  # refused or failed before any answer: stop watching the GPU for it
+        raise
+    if isinstance(result, AsyncGenerator):
+        return _timed_stream(result, stats)
+    stats.finish()
+    return _with_figures(result, stats)
+
+
+async def _timed_stream(chunks: AsyncGenerator[Response, None], stats: RequestTelemetry) -> AsyncGenerator[Response]:
+    try:
+        async for chunk in chunks:
+            if _usage(chunk) is not None:
+                stats.finish()
+                chunk = _with_figures(chunk, stats)
+            yield chunk
+    finally:
+        await chunks.aclose()  # a client that left: its generation is cancelled now
+        stats.finish()
+
+
+def _usage(response: Response) -> object:
+    return response.get("usage") if isinstance(response, dict) else getattr(response, "usage", None)
+
+
+def _with_figures(response: Response, stats: RequestTelemetry) -> Response:
+    """Our figures beside the usage: ``metrics``, and ``performance`` as the original design called them."""
+    if isinstance(response, dict):
+        response.update(metrics=stats.metrics().model_dump(), performance=stats.performance().model_dump())
+        return response
+    return response.model_copy(update={"metrics": stats.metrics(), "performance": stats.performance()})

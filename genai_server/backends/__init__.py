@@ -16,7 +16,8 @@ from genai_server.protocol import ChatCompletionRequest, CompletionRequest, Mode
 from genai_server.telemetry.clock import RequestTelemetry
 from genai_server.telemetry.load import BackendLoad
 
-# A response is a model of ours, or an upstream's JSON relayed as a dict (with our model id and metrics).
+# A response is a model of ours, or an upstream's JSON relayed as a dict (with our model id). The serving layer puts
+# our figures beside its usage.
 Response = BaseModel | dict[str, Any]
 Result = Response | AsyncGenerator[Response, None]
 
@@ -30,12 +31,6 @@ def usage(stats: RequestTelemetry) -> Usage:
         total_tokens=stats.prompt_tokens + stats.completion_tokens,
         prompt_tokens_details=None if cached is None else PromptTokensDetails(cached_tokens=cached),
     )
-
-
-def accounting(stats: RequestTelemetry) -> dict[str, Any]:
-    """What a whole response, or a stream's last chunk, reports of its request: usage, and our figures under both
-    names (``metrics``, and ``performance`` as the original design called them)."""
-    return {"usage": usage(stats), "metrics": stats.metrics(), "performance": stats.performance()}
 
 
 class Backend(Protocol):

@@ -13,7 +13,7 @@ from typing import Any
 import aiohttp
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from genai_server.backends import Response, Result, accounting
+from genai_server.backends import Response, Result, usage
 from genai_server.backends.choices import ChoiceWriter, Piece
 from genai_server.backends.relay import RelayBackend
 from genai_server.backends.upstream_client import error_message, parse_event, stream_faults
@@ -73,7 +73,7 @@ class OllamaBackend(RelayBackend):
             created=now(),
             model=self.model_id,
             choices=[ChatChoice(index=0, message=AssistantMessage(content=text), finish_reason=finish)],
-            **accounting(stats),
+            usage=usage(stats),
         )
 
     async def complete(self, req: CompletionRequest, stats: RequestTelemetry) -> Result:
@@ -101,7 +101,7 @@ class OllamaBackend(RelayBackend):
             created=now(),
             model=self.model_id,
             choices=[CompletionChoice(index=0, text=text, finish_reason=finish)],
-            **accounting(stats),
+            usage=usage(stats),
         )
 
     def _lines(
@@ -126,7 +126,7 @@ class OllamaBackend(RelayBackend):
             for choice in writer.choices(Piece(0, text, 0, finish)):
                 yield chunk(choice)
         if req.include_usage or self._always_usage:
-            yield chunk(None).model_copy(update=accounting(stats))
+            yield chunk(None).model_copy(update={"usage": usage(stats)})
 
     async def _completion_chunks(
         self, lines: AsyncGenerator[dict[str, Any], None], req: SamplingRequest, stats: RequestTelemetry
@@ -146,7 +146,7 @@ class OllamaBackend(RelayBackend):
                 created=created,
                 model=self.model_id,
                 choices=[],
-                **accounting(stats),
+                usage=usage(stats),
             )
 
 
@@ -193,7 +193,6 @@ async def _ndjson(
         raise UpstreamError("The upstream stream ended before done")
     finally:
         response.close()
-        stats.on_end()
 
 
 class _Message(BaseModel):
@@ -236,7 +235,6 @@ async def _pieces(
                 if text:
                     stats.on_tokens(1)
                 stats.completion_tokens = int(line.get("eval_count", stats.completion_tokens))
-                stats.on_end()
                 yield text, "length" if line.get("done_reason") == "length" else "stop"
                 return
             if text:

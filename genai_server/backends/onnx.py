@@ -16,7 +16,7 @@ from contextlib import aclosing
 from dataclasses import dataclass, replace
 from typing import Any
 
-from genai_server.backends import accounting
+from genai_server.backends import usage
 from genai_server.backends.choices import ChoiceWriter, Piece, chat_choice, completion_logprobs
 from genai_server.embedded.engine import GuidanceRejected, OnnxEngine, SamplingOptions
 from genai_server.embedded.logprobs import TokenLogprob
@@ -154,7 +154,7 @@ class OnnxBackend:
             for i, (text, finish, logprobs) in enumerate(await self._collect(seqs, stats))
         ]
         return ChatCompletion(
-            id=new_id("chatcmpl"), created=now(), model=self.model_id, choices=choices, **accounting(stats)
+            id=new_id("chatcmpl"), created=now(), model=self.model_id, choices=choices, usage=usage(stats)
         )
 
     async def _chat_stream(
@@ -178,7 +178,7 @@ class OnnxBackend:
                 created=created,
                 model=self.model_id,
                 choices=[],
-                **accounting(stats),
+                usage=usage(stats),
             )
 
     # ---- completions -------------------------------------------------------------------
@@ -211,7 +211,7 @@ class OnnxBackend:
             created=now(),
             model=self.model_id,
             choices=choices,
-            **accounting(stats),
+            usage=usage(stats),
         )
 
     async def _complete_stream(
@@ -235,7 +235,7 @@ class OnnxBackend:
                 created=created,
                 model=self.model_id,
                 choices=[],
-                **accounting(stats),
+                usage=usage(stats),
             )
 
     # ---- shared ------------------------------------------------------------------------
@@ -320,7 +320,6 @@ class OnnxBackend:
                 yield piece
         finally:
             await merged.aclose()
-            stats.on_end()
 
     async def _sequence(
         self, seq: _Sequence, stats: RequestTelemetry, cached: dict[int, int]

@@ -66,7 +66,7 @@ class OpenAIUpstream(RelayBackend):
     async def _chunks(
         self, response: aiohttp.ClientResponse, req: SamplingRequest, stats: RequestTelemetry, choices: int
     ) -> AsyncGenerator[Response, None]:
-        """The upstream's chunks with our model id; tokens timed as they arrive; the usage chunk gets our metrics."""
+        """The upstream's chunks with our model id; tokens timed as they arrive; usage kept where the client gets it."""
         budget = choices * (self._max_tokens(req) + _CHUNK_SLACK)
         seen_choice = False
         try:
@@ -84,30 +84,22 @@ class OpenAIUpstream(RelayBackend):
                     if shape.text:
                         stats.on_tokens(1)
                     # llama-server puts usage on its last chunk, the one with the finish reason.
-                    if shape.usage is not None and not self._final(chunk, shape.usage, req, stats):
+                    if shape.usage is not None and not self._final(shape.usage, req, stats):
                         del chunk["usage"]
                     yield chunk
-                elif shape.usage is not None and self._final(chunk, shape.usage, req, stats):
+                elif shape.usage is not None and self._final(shape.usage, req, stats):
                     yield chunk
             if not seen_choice:
                 raise UpstreamError("The upstream engine sent no choices")
         finally:
             response.close()  # a client that left, or an error: the upstream sees the connection close
-            stats.on_end()
 
-    def _final(
-        self, chunk: dict[str, Any], usage: tuple[int, int], req: SamplingRequest, stats: RequestTelemetry
-    ) -> bool:
+    def _final(self, usage: tuple[int, int], req: SamplingRequest, stats: RequestTelemetry) -> bool:
         """Record the upstream's usage; True when the client gets it (it asked, or wants one JSON answer), and then
-        the chunk carries our metrics too."""
+        the serving layer puts our figures beside it."""
         stats.prompt_tokens = usage[0]
         stats.completion_tokens = usage[1] or stats.completion_tokens
-        stats.on_end()
-        if not (req.include_usage or self._always_usage or not req.stream):
-            return False
-        chunk["metrics"] = stats.metrics().model_dump()
-        chunk["performance"] = stats.performance().model_dump()
-        return True
+        return bool(req.include_usage or self._always_usage or not req.stream)
 
 
 def _checked(chunk: dict[str, Any], choices: int) -> _Shape:

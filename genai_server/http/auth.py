@@ -1,4 +1,5 @@
-"""API keys: ``Authorization: Bearer <key>`` on every route but health (and metrics, unless protected).
+"""API keys: ``Authorization: Bearer <key>`` on every route the endpoint table does not call public (health, the
+OpenAPI document, and metrics unless METRICS_REQUIRE_KEY); an unknown route needs a key too.
 
 Keys come from API_KEYS and API_KEYS_FILE; none configured means the server is open. Each presented key is
 compared with every configured one in constant time, so neither a match's position nor a prefix leaks
@@ -13,23 +14,22 @@ from collections.abc import Awaitable, Callable
 from aiohttp import hdrs, web
 
 from genai_server.errors import InvalidApiKey
+from genai_server.http.endpoints import endpoint_of
 
-_ALWAYS_PUBLIC = frozenset({"/health", "/health/live", "/health/ready", "/openapi.json"})
 
-
-def setup_api_keys(app: web.Application, keys: list[str], *, protect_metrics: bool) -> None:
+def setup_api_keys(app: web.Application, keys: list[str]) -> None:
     """Add the middleware that requires one of ``keys`` (no-op when there are none)."""
     if not keys:
         return
     encoded = [key.encode() for key in keys]
-    public = _ALWAYS_PUBLIC if protect_metrics else _ALWAYS_PUBLIC | {"/metrics"}
 
     @web.middleware
     async def api_keys(
         request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
     ) -> web.StreamResponse:
         # CORS preflights carry no credentials by design; aiohttp-cors answers them.
-        if request.path in public or request.method == hdrs.METH_OPTIONS:
+        endpoint = endpoint_of(request)
+        if (endpoint is not None and endpoint.public) or request.method == hdrs.METH_OPTIONS:
             return await handler(request)
         if not _valid(request.headers.get(hdrs.AUTHORIZATION, ""), encoded):
             raise InvalidApiKey(

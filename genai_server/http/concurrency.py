@@ -17,9 +17,7 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 
 from genai_server.errors import RateLimited, ShuttingDown
-
-# Only these routes generate tokens; listing models, health and metrics never wait or count.
-GENERATION_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
+from genai_server.http.endpoints import generates
 
 # How much the running estimate of a request's duration moves with each finished one.
 _EWMA_WEIGHT = 0.2
@@ -116,13 +114,14 @@ class ConcurrencyLimiter:
 
 
 def setup_concurrency_limit(app: web.Application, limiter: ConcurrencyLimiter) -> None:
-    """Add the middleware that enforces ``limiter`` on generation routes, and its headers on their responses."""
+    """Add the middleware that enforces ``limiter`` on generation routes (listing models, health and metrics never
+    wait or count), and its headers on their responses."""
 
     @web.middleware
     async def concurrency_limit(
         request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
     ) -> web.StreamResponse:
-        if request.path not in GENERATION_PATHS or request.method != "POST":
+        if not generates(request):
             return await handler(request)
         await limiter.acquire()
         started = asyncio.get_running_loop().time()
@@ -132,7 +131,7 @@ def setup_concurrency_limit(app: web.Application, limiter: ConcurrencyLimiter) -
             limiter.release(asyncio.get_running_loop().time() - started)
 
     async def add_headers(request: web.Request, response: web.StreamResponse) -> None:
-        if request.path in GENERATION_PATHS and response.status != 429:
+        if generates(request) and response.status != 429:
             response.headers.update(limiter.headers())
 
     app.middlewares.append(concurrency_limit)

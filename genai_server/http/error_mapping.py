@@ -19,8 +19,12 @@ from genai_server.errors import (
     UnsupportedMediaType,
     from_validation_error,
 )
+from genai_server.http.request_state import ERROR
 
 log = logging.getLogger(__name__)
+
+# An unknown path is named in its 404 up to this many characters.
+_PATH_CHARS = 200
 
 _HTTP_ERRORS: dict[int, type[APIError]] = {
     403: Forbidden,
@@ -44,8 +48,18 @@ def to_api_error(exc: BaseException) -> APIError:
         return from_validation_error(exc)
     if isinstance(exc, web.HTTPException):
         error_class = _HTTP_ERRORS.get(exc.status, InvalidRequest if exc.status < 500 else ServerError)
-        return error_class(exc.text or exc.reason)
+        # A 405 says which methods the route has (RFC 9110 requires Allow).
+        allow = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
+        return error_class(exc.text or exc.reason, headers=allow)
     return ServerError("The server had an error while processing your request")
+
+
+def _routing_error(request: web.Request, exc: web.HTTPException) -> APIError:
+    """aiohttp's own refusal of a request no route matched, named as OpenAI names it, so that a client (LangChain,
+    say) reports a missing route rather than a missing model."""
+    if exc.status == 404 and request.match_info.http_exception is not None:
+        return NotFound(f"Invalid URL ({request.method} {request.path[:_PATH_CHARS]})")
+    return to_api_error(exc)
 
 
 def log_server_error(exc: BaseException, error: APIError, during: str) -> None:
@@ -73,10 +87,11 @@ def setup_error_mapping(app: web.Application) -> None:
         except web.HTTPException as exc:
             if exc.status < 400:
                 raise
-            return error_response(to_api_error(exc))
+            error = _routing_error(request, exc)
         except Exception as exc:  # noqa: BLE001  # every fault becomes an envelope; log_server_error logs it
             error = to_api_error(exc)
             log_server_error(exc, error, f"while handling {request.method} {request.path}")
-            return error_response(error)
+        request[ERROR] = error  # for the request's record: its code and param
+        return error_response(error)
 
     app.middlewares.append(error_mapping)

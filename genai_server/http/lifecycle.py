@@ -117,11 +117,8 @@ def _stop(sig: signal.Signals) -> None:
 
 
 def setup_lifecycle(app: web.Application, shutdown_timeout_s: float) -> None:
-    """Add the probe routes and the drain that runs when the server is told to stop."""
+    """Add the server's state (its probes read it) and the drain that runs when the server is told to stop."""
     app[STATE] = ServerState()
-    app.router.add_get("/health", health)
-    app.router.add_get("/health/live", live)
-    app.router.add_get("/health/ready", ready)
 
     async def drain(app: web.Application) -> None:
         app[STATE].draining = True

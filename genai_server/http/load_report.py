@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 from aiohttp import web
 
-from genai_server.http.concurrency import GENERATION_PATHS
+from genai_server.http.endpoints import generates
 from genai_server.telemetry.prometheus import Gauges
 
 REQUEST_HEADER = "endpoint-load-metrics-format"
@@ -25,7 +25,7 @@ def setup_load_report(app: web.Application, gauges: Callable[[], Gauges]) -> Non
 
     async def report(request: web.Request, response: web.StreamResponse) -> None:
         wanted = request.headers.get(REQUEST_HEADER, "").strip().lower()
-        if wanted in ("text", "json") and request.path in GENERATION_PATHS:
+        if wanted in ("text", "json") and generates(request):
             response.headers[RESPONSE_HEADER] = load_metrics(gauges(), wanted)
 
     app.on_response_prepare.append(report)

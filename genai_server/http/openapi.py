@@ -1,10 +1,13 @@
-"""``GET /openapi.json``: the server's own OpenAPI 3.1 description, generated from the protocol models.
+"""``GET /openapi.json``: the server's own OpenAPI 3.1 description, generated from the endpoint table and the
+protocol models.
 
 It is what the fuzzing tests (schemathesis) drive the server with, and a map for client generators.
 """
 
 from __future__ import annotations
 
+import re
+from collections.abc import Iterable
 from typing import Any
 
 from aiohttp import web
@@ -12,14 +15,7 @@ from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
 from genai_server import __version__
-from genai_server.protocol import (
-    ChatCompletion,
-    ChatCompletionRequest,
-    Completion,
-    CompletionRequest,
-    ModelCard,
-    ModelList,
-)
+from genai_server.http.endpoints import Endpoint
 
 
 class ErrorBody(BaseModel):
@@ -37,16 +33,11 @@ class ErrorResponse(BaseModel):
     error: ErrorBody
 
 
-_MODELS: list[type[BaseModel]] = [
-    ChatCompletionRequest,
-    CompletionRequest,
-    ChatCompletion,
-    Completion,
-    ModelCard,
-    ModelList,
-    ErrorResponse,
-]
-_ERRORS = {"400", "401", "404", "408", "413", "415", "429", "502", "503", "504"}
+OPENAPI_DOCUMENT = web.AppKey("openapi_document", dict[str, Any])
+# The errors a generation request can meet, from its body to its upstream.
+_GENERATION_ERRORS = ("400", "401", "404", "408", "413", "415", "429", "502", "503", "504")
+# An aiohttp path parameter with its pattern, e.g. "{model_id:.+}": OpenAPI writes it "{model_id}".
+_PARAMETER = re.compile(r"\{(\w+)(?::[^}]*)?\}")
 
 
 def _ref(name: str) -> dict[str, str]:
@@ -61,68 +52,53 @@ def _errors(*statuses: str) -> dict[str, Any]:
     return {status: {"description": "error", **_json(_ref("ErrorResponse"))} for status in statuses}
 
 
-def _generation(request: str, response: str) -> dict[str, Any]:
-    return {
-        "post": {
-            "requestBody": {"required": True, **_json(_ref(request))},
-            "responses": {
-                "200": {
-                    "description": "the completion (JSON), or with stream=true an SSE stream",
-                    "content": {
-                        "application/json": {"schema": _ref(response)},
-                        "text/event-stream": {"schema": {"type": "string"}},
-                    },
-                },
-                **_errors(*sorted(_ERRORS)),
-            },
-        }
-    }
+def _operation(endpoint: Endpoint) -> dict[str, Any]:
+    """One endpoint as an OpenAPI operation."""
+    response = _ref(endpoint.response_model.__name__) if endpoint.response_model else {"type": "object"}
+    ok: dict[str, Any] = {"description": endpoint.summary, **_json(response)}
+    operation: dict[str, Any] = {"responses": {"200": ok}}
+    parameters = _PARAMETER.findall(endpoint.path)
+    if parameters:
+        operation["parameters"] = [
+            {"name": name, "in": "path", "required": True, "schema": {"type": "string"}} for name in parameters
+        ]
+    if endpoint.generates:
+        assert endpoint.request_model is not None  # every generation endpoint declares its body
+        operation["requestBody"] = {"required": True, **_json(_ref(endpoint.request_model.__name__))}
+        ok["content"]["text/event-stream"] = {"schema": {"type": "string"}}
+        operation["responses"].update(_errors(*sorted(_GENERATION_ERRORS)))
+        return operation
+    if endpoint.unavailable:
+        operation["responses"]["503"] = {"description": "not ready", **_json({"type": "object"})}
+    errors = ([] if endpoint.public else ["401"]) + (["404"] if parameters else [])
+    operation["responses"].update(_errors(*errors))
+    return operation
 
 
-def _get(description: str, schema: dict[str, Any] | None = None, *errors: str) -> dict[str, Any]:
-    ok: dict[str, Any] = {"description": description}
-    if schema is not None:
-        ok.update(_json(schema))
-    return {"get": {"responses": {"200": ok, **_errors(*errors)}}}
-
-
-def openapi_document() -> dict[str, Any]:
-    """The whole description."""
+def openapi_document(endpoints: Iterable[Endpoint]) -> dict[str, Any]:
+    """The whole description of the documented endpoints."""
+    documented = [endpoint for endpoint in endpoints if endpoint.documented]
+    models = {model for e in documented for model in (e.request_model, e.response_model) if model is not None}
     _, defs = models_json_schema(
-        [(model, "validation") for model in _MODELS], ref_template="#/components/schemas/{model}"
+        [(model, "validation") for model in sorted(models | {ErrorResponse}, key=lambda m: m.__name__)],
+        ref_template="#/components/schemas/{model}",
     )
-    model_path = _get("one model", _ref("ModelCard"), "401", "404")
-    model_path["get"]["parameters"] = [
-        {"name": "model_id", "in": "path", "required": True, "schema": {"type": "string"}}
-    ]
+    paths: dict[str, dict[str, Any]] = {}
+    for endpoint in documented:
+        paths.setdefault(_PARAMETER.sub(r"{\1}", endpoint.path), {})[endpoint.method.lower()] = _operation(endpoint)
     return {
         "openapi": "3.1.0",
         "info": {"title": "genai_server", "version": __version__},
-        "paths": {
-            "/v1/chat/completions": _generation("ChatCompletionRequest", "ChatCompletion"),
-            "/v1/completions": _generation("CompletionRequest", "Completion"),
-            "/v1/models": _get("every model", _ref("ModelList"), "401"),
-            "/v1/models/{model_id}": model_path,
-            "/health": _get("the model is loaded", {"type": "object"}),
-            "/health/live": _get("the process answers", {"type": "object"}),
-            "/health/ready": {
-                "get": {
-                    "responses": {
-                        "200": {"description": "serving", **_json({"type": "object"})},
-                        "503": {"description": "draining", **_json({"type": "object"})},
-                    }
-                }
-            },
-        },
+        "paths": paths,
         "components": {"schemas": defs.get("$defs", {})},
     }
 
 
-def setup_openapi(app: web.Application) -> None:
-    """Serve the description at ``GET /openapi.json`` (built once)."""
-    document = openapi_document()
+def setup_openapi(app: web.Application, endpoints: Iterable[Endpoint]) -> None:
+    """Build the description once, for ``GET /openapi.json``."""
+    app[OPENAPI_DOCUMENT] = openapi_document(endpoints)
 
-    async def serve(request: web.Request) -> web.Response:
-        return web.json_response(document)
 
-    app.router.add_get("/openapi.json", serve)
+async def openapi(request: web.Request) -> web.Response:
+    """``GET /openapi.json``."""
+    return web.json_response(request.app[OPENAPI_DOCUMENT])

@@ -18,8 +18,8 @@ from typing import Any
 from aiohttp import web
 
 from genai_server.errors import InvalidRequest, RequestTimeout, UnsupportedMediaType
-from genai_server.http.app_keys import BODY
-from genai_server.http.concurrency import GENERATION_PATHS
+from genai_server.http.endpoints import generates
+from genai_server.http.request_state import BODY
 
 # Deeper than any real request (a tool's JSON schema included), far below Python's recursion limit.
 MAX_JSON_DEPTH = 64
@@ -80,7 +80,7 @@ def setup_request_body(app: web.Application, read_timeout_s: float) -> None:
     async def request_body(
         request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
     ) -> web.StreamResponse:
-        if request.path in GENERATION_PATHS and request.method == "POST":
+        if generates(request):
             request[BODY] = await _read(request, read_timeout_s)
         return await handler(request)
 

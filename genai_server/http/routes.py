@@ -1,27 +1,48 @@
-"""HTTP handlers: parse the request, call the serving layer, write JSON or SSE. Nothing else."""
+"""The endpoint table and the API's thin handlers: parse the request, call the serving layer, write JSON or SSE.
+
+Every route the server answers is declared once, in ``endpoint_table``; the middlewares, the API-key check and the
+OpenAPI document read it from there.
+"""
 
 from __future__ import annotations
 
-import time
 from collections.abc import Awaitable
 from typing import TypeVar
 
 from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel
 
 from genai_server.backends import Response, Result
-from genai_server.http.app_keys import ARRIVAL, BODY, REQUEST_STATS, SERVING, SETTINGS
-from genai_server.http.request_log import log_exchange
+from genai_server.http.app_keys import METRICS, SERVING, SETTINGS
+from genai_server.http.endpoints import Endpoint
+from genai_server.http.lifecycle import health, live, ready
+from genai_server.http.openapi import openapi
+from genai_server.http.request_state import ARRIVAL, BODY, PARSED, REQUEST_ID, REQUEST_STATS, STREAM_OUTCOME
 from genai_server.http.sse import write_sse
-from genai_server.protocol import ChatCompletionRequest, CompletionRequest, json_bytes
+from genai_server.protocol import (
+    ChatCompletion,
+    ChatCompletionRequest,
+    Completion,
+    CompletionRequest,
+    ModelCard,
+    ModelList,
+    SamplingRequest,
+    json_bytes,
+)
+from genai_server.telemetry.access_log import log_exchange
 from genai_server.telemetry.clock import RequestTelemetry
 
-RequestT = TypeVar("RequestT", bound=BaseModel)
+RequestT = TypeVar("RequestT", bound=SamplingRequest)
 
 
 def parse_body(request: web.Request, model: type[RequestT]) -> RequestT:
-    """The JSON body (read and checked by ``request_body.py`` before the slot) validated as ``model``."""
-    return model.model_validate(request[BODY])
+    """The JSON body (read and checked by ``request_body.py`` before the slot) validated as ``model``; kept on the
+    request for its record."""
+    parsed = model.model_validate(request[BODY])
+    sampling: SamplingRequest = parsed  # the record reads only what every request has
+    request[PARSED] = sampling
+    return parsed
 
 
 def json_response(payload: Response) -> web.Response:
@@ -53,38 +74,33 @@ async def completions(request: web.Request) -> web.StreamResponse:
     return await _respond(request, stats, body, request.app[SERVING].complete(body, stats))
 
 
+async def metrics(request: web.Request) -> web.Response:
+    """``GET /metrics``: the Prometheus text format, gauges read now."""
+    return web.Response(body=request.app[METRICS].exposition(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
 def _telemetry(request: web.Request) -> RequestTelemetry:
     """This request's clock, started at its arrival (so time waiting for a slot is queue time), kept on the
-    request for the log and the metrics."""
-    stats = request[REQUEST_STATS] = RequestTelemetry(arrival=request.get(ARRIVAL, time.perf_counter()))
+    request for its record."""
+    stats = request[REQUEST_STATS] = RequestTelemetry(arrival=request[ARRIVAL])
     return stats
 
 
 async def _respond(
-    request: web.Request, stats: RequestTelemetry, body: BaseModel, pending: Awaitable[Result]
+    request: web.Request, stats: RequestTelemetry, body: SamplingRequest, pending: Awaitable[Result]
 ) -> web.StreamResponse:
     """Write the serving layer's answer: a whole response as JSON with timing headers, a stream as SSE."""
     result = await pending
     if request.app[SETTINGS].log_prompts:
-        log_exchange(request, body, result if isinstance(result, BaseModel | dict) else None)
+        log_exchange(request.get(REQUEST_ID), body, result if isinstance(result, BaseModel | dict) else None)
     if isinstance(result, BaseModel | dict):
-        response = json_response(result)
-        response.headers.update(timing_headers(stats))
-        return response
-
-    def client_gone() -> None:
-        stats.client_disconnected = True
-
-    def failed(status: int) -> None:
-        stats.error_status = status
-
-    return await write_sse(
-        request,
-        result,
-        on_client_gone=client_gone,
-        on_error=failed,
-        write_timeout=request.app[SETTINGS].client_write_timeout,
+        whole = json_response(result)
+        whole.headers.update(timing_headers(stats))
+        return whole
+    stream, request[STREAM_OUTCOME] = await write_sse(
+        request, result, write_timeout=request.app[SETTINGS].client_write_timeout
     )
+    return stream
 
 
 def timing_headers(stats: RequestTelemetry) -> dict[str, str]:
@@ -104,9 +120,32 @@ def timing_headers(stats: RequestTelemetry) -> dict[str, str]:
     return {name: str(value) for name, value in values.items() if value is not None}
 
 
-def add_routes(app: web.Application) -> None:
-    """Register every route."""
-    app.router.add_get("/v1/models", list_models)
-    app.router.add_get("/v1/models/{model_id:.+}", get_model)
-    app.router.add_post("/v1/chat/completions", chat_completions)
-    app.router.add_post("/v1/completions", completions)
+def endpoint_table(*, metrics_public: bool) -> tuple[Endpoint, ...]:
+    """Every route of the server, once. ``metrics_public``: whether /metrics is answered without an API key."""
+    return (
+        Endpoint(
+            "POST",
+            "/v1/chat/completions",
+            chat_completions,
+            "a chat completion (JSON), or with stream=true an SSE stream",
+            operation="chat",
+            request_model=ChatCompletionRequest,
+            response_model=ChatCompletion,
+        ),
+        Endpoint(
+            "POST",
+            "/v1/completions",
+            completions,
+            "a text completion (JSON), or with stream=true an SSE stream",
+            operation="text_completion",
+            request_model=CompletionRequest,
+            response_model=Completion,
+        ),
+        Endpoint("GET", "/v1/models", list_models, "every model", response_model=ModelList),
+        Endpoint("GET", "/v1/models/{model_id:.+}", get_model, "one model", response_model=ModelCard),
+        Endpoint("GET", "/health", health, "the model is loaded", public=True),
+        Endpoint("GET", "/health/live", live, "the process answers", public=True),
+        Endpoint("GET", "/health/ready", ready, "serving", public=True, unavailable=True),
+        Endpoint("GET", "/openapi.json", openapi, "this description", public=True, documented=False),
+        Endpoint("GET", "/metrics", metrics, "Prometheus metrics", public=metrics_public, documented=False),
+    )

@@ -5,13 +5,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator
 from typing import Any
 
 from aiohttp import web
 from pydantic import BaseModel
 
 from genai_server.http.error_mapping import log_server_error, to_api_error
+from genai_server.http.request_state import StreamOutcome
 from genai_server.protocol import json_bytes
 
 log = logging.getLogger(__name__)
@@ -29,20 +30,18 @@ def _event(payload: bytes) -> bytes:
 
 
 async def write_sse(
-    request: web.Request,
-    chunks: AsyncGenerator[BaseModel | dict[str, Any], None],
-    on_client_gone: Callable[[], None] | None = None,
-    write_timeout: float | None = None,
-    on_error: Callable[[int], None] | None = None,
-) -> web.StreamResponse:
-    """Stream ``chunks``; an error after the stream started is sent as an error event, then ``[DONE]``, and its
-    status is reported to ``on_error`` (the response's own status, 200, left with the headers).
+    request: web.Request, chunks: AsyncGenerator[BaseModel | dict[str, Any], None], write_timeout: float | None = None
+) -> tuple[web.StreamResponse, StreamOutcome]:
+    """Stream ``chunks``; an error after the stream started is sent as an error event, then ``[DONE]`` (the
+    response's own status, 200, left with the headers). Returns the response and how the stream ended.
 
-    A client that disconnects ends the loop with ``ConnectionResetError``; closing
-    ``chunks`` then cancels its generation at once.
+    A client that disconnects ends the loop with ``ConnectionResetError``; closing ``chunks`` then cancels its
+    generation at once. One that disconnects while a write waits cancels the handler (aiohttp), which the
+    request-record middleware counts as a client that left.
     """
     response = web.StreamResponse(headers=_HEADERS)
     await response.prepare(request)
+    outcome = StreamOutcome()
     try:
         async for chunk in chunks:
             await _write(request, response, _event(json_bytes(chunk)), write_timeout)
@@ -50,26 +49,18 @@ async def write_sse(
     except (ConnectionResetError, TimeoutError) as exc:
         # Gone, or not reading: a client that stalls its socket must not hold a slot forever.
         log.info("client %s mid-stream", "stopped reading" if isinstance(exc, TimeoutError) else "disconnected")
-        if on_client_gone is not None:
-            on_client_gone()
         if request.transport is not None:
             request.transport.close()
-        return response
-    except asyncio.CancelledError:
-        # aiohttp cancels the handler when the connection drops while it waits on a write.
-        if on_client_gone is not None and _client_left(request):
-            on_client_gone()
-        raise
+        return response, StreamOutcome(client_left=True)
     except Exception as exc:  # noqa: BLE001  # every fault becomes an error event; log_server_error logs it
         error = to_api_error(exc)
         log_server_error(exc, error, "during a stream")
-        if on_error is not None:
-            on_error(error.status)
+        outcome = StreamOutcome(error=error)
         await _write_error(response, error.envelope())
     finally:
         await chunks.aclose()
     await response.write_eof()
-    return response
+    return response, outcome
 
 
 async def _write(request: web.Request, response: web.StreamResponse, data: bytes, timeout: float | None) -> None:
@@ -82,11 +73,6 @@ async def _write(request: web.Request, response: web.StreamResponse, data: bytes
         return
     async with asyncio.timeout(timeout):
         await response.write(data)
-
-
-def _client_left(request: web.Request) -> bool:
-    transport = request.transport
-    return transport is None or transport.is_closing()
 
 
 async def _write_error(response: web.StreamResponse, envelope: dict[str, object]) -> None:

@@ -31,17 +31,15 @@ class RequestTelemetry:
     admitted: float | None = None
     first_token: float | None = None
     end: float | None = None
-    client_disconnected: bool = False
-    # The status of an error that ended a stream after its 200 headers left: what the log and metrics record.
-    error_status: int | None = None
     backend_reported: dict[str, object] | None = None
     gpu: GpuWindow | None = None
     _gpu_monitor: GpuMonitor | None = None
     itl_s: list[float] = field(default_factory=list)
     _last_token: float | None = None
+    _final: RequestMetrics | None = None  # the figures, computed once when the clock ended
 
     def watch_gpu(self, monitor: GpuMonitor) -> None:
-        """Sample GPU memory from now until ``on_end``."""
+        """Sample GPU memory from now until ``finish``."""
         self._gpu_monitor, self.gpu = monitor, monitor.open_window()
 
     def on_admitted(self, at: float) -> None:
@@ -65,19 +63,29 @@ class RequestTelemetry:
     def on_retry(self) -> None:
         """The attempt failed before anything reached the client and another replica takes the request: its
         generation figures start again; arrival and queueing stand (the client waited through both)."""
-        self.on_end()  # the failed attempt's GPU window is closed before the new one opens (a no-op if it ended)
-        self.end = self.first_token = self._last_token = None
+        self._close_gpu_window()  # the failed attempt's, before the new one opens
+        self.first_token = self._last_token = None
         self.completion_tokens = 0
         self.itl_s.clear()
         self.backend_reported = None
         if self._gpu_monitor is not None:
             self.gpu = self._gpu_monitor.open_window()
 
-    def on_end(self) -> None:
-        """Generation ended (finished, failed or cancelled); the first call counts."""
+    def finish(self) -> None:
+        """The request's generation is over (finished, failed or cancelled): the clock stops and the figures are
+        computed, once. Only the serving layer calls it, around the backend's answer."""
         if self.end is not None:
             return
         self.end = time.perf_counter()
+        self._close_gpu_window()
+        self._final = RequestMetrics(**self._figures())
+
+    @property
+    def finished(self) -> bool:
+        """Whether the clock has stopped."""
+        return self.end is not None
+
+    def _close_gpu_window(self) -> None:
         if self._gpu_monitor is not None:
             self._gpu_monitor.close_window(self.gpu)
 
@@ -89,13 +97,15 @@ class RequestTelemetry:
         return (self.end - (self.admitted if self.admitted is not None else self.arrival)) * 1000
 
     def metrics(self) -> RequestMetrics:
-        """The figures so far."""
-        return RequestMetrics(**self._figures())
+        """The figures: final once the clock has stopped (computed then, once), else so far."""
+        return self._final if self._final is not None else RequestMetrics(**self._figures())
 
     def performance(self) -> Performance:
-        """The figures with ``latency_ms`` and ``peak_memory_mb`` added."""
-        figures = self._figures()
-        return Performance(**figures, latency_ms=figures["e2e_latency_ms"], peak_memory_mb=figures["peak_rss_mb"])
+        """The same figures with ``latency_ms`` and ``peak_memory_mb`` added."""
+        figures = self.metrics()
+        return Performance(
+            **figures.model_dump(), latency_ms=figures.e2e_latency_ms, peak_memory_mb=figures.peak_rss_mb
+        )
 
     def _figures(self) -> dict[str, object]:
         end = self.end if self.end is not None else time.perf_counter()

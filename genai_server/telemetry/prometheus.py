@@ -7,22 +7,18 @@ registry: several apps in one process (the tests) never share counters.
 
 from __future__ import annotations
 
-import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 
-from genai_server.http.app_keys import ARRIVAL, FINAL_STATUS, REQUEST_STATS
-from genai_server.http.concurrency import GENERATION_PATHS
-from genai_server.http.request_log import CLIENT_CLOSED_REQUEST
 from genai_server.protocol import RequestMetrics
-from genai_server.telemetry.clock import RequestTelemetry
+from genai_server.telemetry.genai import error_type, provider_name
 from genai_server.telemetry.load import ReplicaLoad
+from genai_server.telemetry.record import RequestRecord
 
 _LATENCY_BUCKETS = (
     0.005,
@@ -71,10 +67,6 @@ _SEMCONV_DURATION_BUCKETS = (
 )
 # The attributes, as Prometheus labels (dots become underscores, as the OTel Prometheus exporter writes them).
 _SEMCONV_LABELS = ("gen_ai_operation_name", "gen_ai_provider_name", "gen_ai_request_model", "error_type")
-# gen_ai.operation.name by route.
-OPERATIONS = {"/v1/chat/completions": "chat", "/v1/completions": "text_completion"}
-# gen_ai.provider.name by backend: the engine or API that answered.
-PROVIDERS = {"onnx": "onnxruntime_genai", "openai": "openai", "ollama": "ollama"}
 
 
 @dataclass(frozen=True)
@@ -233,22 +225,20 @@ class ServerMetrics:
             "gen_ai_server_request_duration", "gen_ai.server.request.duration", _SEMCONV_DURATION_BUCKETS
         )
 
-    def observe(
-        self, stats: RequestTelemetry | None, model: str, status: int, operation: str, duration_s: float
-    ) -> None:
-        """Record one finished generation request (``duration_s``: from its arrival, refused or not)."""
-        backend = (stats.backend if stats else None) or self.backend
-        labels = (model, backend)
-        self.requests.labels(*labels, str(status)).inc()
-        semconv = (operation, PROVIDERS.get(backend, backend), model, str(status) if status >= 400 else "")
-        self.semconv_duration.labels(*semconv).observe(duration_s)
-        if stats is None or stats.end is None:
+    def observe(self, record: RequestRecord) -> None:
+        """Record one finished generation request (its duration from its arrival, refused or not)."""
+        backend = record.backend or self.backend
+        labels = (record.model_label, backend)
+        self.requests.labels(*labels, str(record.status)).inc()
+        semconv = (record.operation or "", provider_name(backend), record.model_label, error_type(record.status))
+        self.semconv_duration.labels(*semconv).observe(record.duration_s)
+        figures = record.figures
+        if figures is None:
             return
-        figures = stats.metrics()
         self._observe_semconv(figures, semconv)
-        if stats.replica is not None and figures.time_to_first_token_ms is not None:
-            self.replica_ttft.labels(model, stats.replica).observe(figures.time_to_first_token_ms / 1000)
-        if self.goodput is not None and status == 200:
+        if record.replica is not None and figures.time_to_first_token_ms is not None:
+            self.replica_ttft.labels(record.model_label, record.replica).observe(figures.time_to_first_token_ms / 1000)
+        if self.goodput is not None and record.status == 200:
             good = self.goodput.labels(*labels)  # present from the first answer, so a ratio never lacks its series
             if self._slo.met(figures):
                 good.inc()
@@ -261,17 +251,16 @@ class ServerMetrics:
             if value is not None:
                 histogram.labels(*labels).observe(value / 1000)
         itl = self.itl.labels(*labels)
-        for seconds in stats.itl_s:
+        for seconds in record.itl_s:
             itl.observe(seconds)
-        self.prompt_tokens.labels(*labels).inc(stats.prompt_tokens)
-        self.cached_prompt_tokens.labels(*labels).inc(stats.cached_prompt_tokens or 0)
-        self.generation_tokens.labels(*labels).inc(stats.completion_tokens)
-        if stats.client_disconnected or status == CLIENT_CLOSED_REQUEST:  # mid-stream, or mid-wait for a JSON
+        self.prompt_tokens.labels(*labels).inc(figures.prompt_tokens)
+        self.cached_prompt_tokens.labels(*labels).inc(figures.cached_prompt_tokens or 0)
+        self.generation_tokens.labels(*labels).inc(figures.completion_tokens)
+        if record.client_disconnected:  # mid-stream, or mid-wait for a JSON answer
             self.disconnects.labels(*labels).inc()
 
     def _observe_semconv(self, figures: RequestMetrics, labels: tuple[str, ...]) -> None:
-        """TTFT and TPOT under the GenAI semconv attributes; ``error.type`` is the HTTP status of a request that
-        failed (499: the client left), empty otherwise (an empty label is an absent one to PromQL)."""
+        """TTFT and TPOT under the GenAI semconv attributes."""
         for histogram, value in (
             (self.semconv_ttft, figures.time_to_first_token_ms),
             (self.semconv_tpot, figures.time_per_output_token_ms),
@@ -296,34 +285,3 @@ class ServerMetrics:
                 )
             self.gpu_used.set(gpu_used_mb * 1024 * 1024)
         return generate_latest(self.registry)
-
-
-# The model label of requests that never reached a backend (refused by the limit, invalid, unknown model):
-# the requested id is not trusted as a label, or any client could grow the series without bound.
-NO_MODEL = "-"
-
-
-def setup_prometheus(app: web.Application, metrics: ServerMetrics) -> None:
-    """Add the middleware that records generation requests, and the public ``GET /metrics`` route."""
-
-    @web.middleware
-    async def prometheus(
-        request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-    ) -> web.StreamResponse:
-        if request.path not in GENERATION_PATHS:
-            return await handler(request)
-        started = time.perf_counter()
-        try:
-            return await handler(request)
-        finally:
-            # The request log, just inside, has settled the status (499 for a client that left).
-            stats = request.get(REQUEST_STATS)
-            model = (stats.model if stats else None) or NO_MODEL
-            duration = time.perf_counter() - request.get(ARRIVAL, started)
-            metrics.observe(stats, model, request.get(FINAL_STATUS, 500), OPERATIONS[request.path], duration)
-
-    async def scrape(request: web.Request) -> web.Response:
-        return web.Response(body=metrics.exposition(), headers={"Content-Type": CONTENT_TYPE_LATEST})
-
-    app.middlewares.append(prometheus)
-    app.router.add_get("/metrics", scrape)

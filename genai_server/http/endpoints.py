@@ -1,0 +1,59 @@
+"""The endpoint table's shape: each route declared once with its method, path, handler, operation and whether it is
+public, and the one way every middleware, the OpenAPI document and the API-key check ask what a request is.
+
+A request's endpoint is looked up from the route aiohttp matched, so a method the route does not have (a 405) or a
+path that has no route (a 404) has no endpoint: it is not a generation request, whatever its path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
+
+from aiohttp import web
+from pydantic import BaseModel
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """One route of the API."""
+
+    method: str
+    path: str  # an aiohttp path, e.g. "/v1/models/{model_id:.+}"
+    handler: Handler
+    summary: str
+    # gen_ai.operation.name: set, it is a generation route (body read before the slot, a slot, metrics, a span).
+    operation: str | None = None
+    public: bool = False  # answered without an API key
+    request_model: type[BaseModel] | None = None  # the JSON body it takes (OpenAPI)
+    response_model: type[BaseModel] | None = None  # the JSON it answers with (OpenAPI)
+    unavailable: bool = False  # may answer 503 with a status object (a readiness probe)
+    documented: bool = True  # part of the JSON API that /openapi.json describes (not /metrics, nor itself)
+
+    @property
+    def generates(self) -> bool:
+        """Whether it is a generation route."""
+        return self.operation is not None
+
+
+ROUTE_ENDPOINTS = web.AppKey("route_endpoints", dict[web.AbstractRoute, Endpoint])
+
+
+def add_endpoints(app: web.Application, endpoints: Iterable[Endpoint]) -> None:
+    """Register every endpoint's route, remembering which endpoint each route serves."""
+    table = app[ROUTE_ENDPOINTS] = {}
+    for endpoint in endpoints:
+        table[app.router.add_route(endpoint.method, endpoint.path, endpoint.handler)] = endpoint
+
+
+def endpoint_of(request: web.Request) -> Endpoint | None:
+    """The endpoint a request reached; None for an unknown path or a method its route does not have."""
+    return request.app.get(ROUTE_ENDPOINTS, {}).get(request.match_info.route)
+
+
+def generates(request: web.Request) -> bool:
+    """Whether the request is a generation request: a generation route, with its method."""
+    endpoint = endpoint_of(request)
+    return endpoint is not None and endpoint.generates

@@ -1,0 +1,166 @@
+"""The endpoint table as a client meets it: a method a route does not have, a route that does not exist, and what
+such a request counts as; and the finished-request record as its sinks show it (access line, metrics, span)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+from genai_server.app import create_app
+from genai_server.http.app_keys import LIMITER
+from genai_server.http.auth import setup_api_keys
+from genai_server.http.endpoints import Endpoint, add_endpoints
+from genai_server.http.error_mapping import setup_error_mapping
+from tests.harness.bodies import MODEL_ID, chat_body
+from tests.harness.in_process import make_settings
+from tests.harness.responses import metric_sample
+
+ACCESS = "genai_server.access"
+
+
+def _access_lines(caplog: pytest.LogCaptureFixture) -> list[dict[str, Any]]:
+    return [r.fields for r in caplog.records if r.name == ACCESS]  # type: ignore[attr-defined]
+
+
+async def test_a_method_the_route_lacks_is_405_with_allow(client: Any) -> None:
+    resp = await client.get("/v1/chat/completions")
+    assert resp.status == 405
+    assert "POST" in resp.headers["Allow"].split(",")
+    error = (await resp.json())["error"]
+    assert error["code"] == "method_not_allowed" and error["type"] == "invalid_request_error"
+
+
+async def test_an_unknown_route_is_named_in_its_404(client: Any) -> None:
+    resp = await client.post("/v1/responses", json={"model": MODEL_ID, "input": "hi"})
+    assert resp.status == 404
+    error = (await resp.json())["error"]
+    assert error["message"] == "Invalid URL (POST /v1/responses)"
+    assert error["code"] == "not_found" and error["param"] is None
+    assert "Allow" not in resp.headers
+
+
+async def test_an_unknown_model_is_not_an_unknown_route(client: Any) -> None:
+    """A client tells the two apart by the error: the model's 404 names the model."""
+    resp = await client.post("/v1/chat/completions", json=chat_body(model="no-such-model"))
+    assert resp.status == 404
+    assert (await resp.json())["error"]["code"] == "model_not_found"
+
+
+async def test_a_get_on_a_generation_path_is_not_a_generation_request(
+    client: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger=ACCESS)
+    assert (await client.get("/v1/chat/completions")).status == 405
+    assert (await client.get("/v1/completions")).status == 405
+    text = await (await client.get("/metrics")).text()
+    assert 'status="405"' not in text, "not counted in genai_server_requests_total"
+    assert "gen_ai_server_request_duration_seconds_count{" not in text, "nor in the semconv duration histogram"
+    assert client.app[LIMITER].in_flight == 0
+    lines = [line for line in _access_lines(caplog) if line["status"] == 405]
+    assert len(lines) == 2 and all("model" not in line for line in lines)
+    # A POST is, and is counted once.
+    assert (await client.post("/v1/chat/completions", json=chat_body(max_tokens=2))).status == 200
+    text = await (await client.get("/metrics")).text()
+    assert metric_sample(text, "genai_server_requests_total", model=MODEL_ID, status="200") == 1
+
+
+async def test_the_access_line_of_a_refusal_names_its_code_param_and_model(
+    make_client: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger=ACCESS)
+    client = await make_client(max_tokens_limit=16)
+    too_many = await client.post("/v1/chat/completions", json=chat_body(max_completion_tokens=999))
+    assert too_many.status == 400
+    unknown = await client.post("/v1/chat/completions", json=chat_body(model="not-served"))
+    assert unknown.status == 404
+    ok = await client.post("/v1/chat/completions", json=chat_body(max_tokens=3))
+    assert ok.status == 200
+    refused, missing, served = _access_lines(caplog)
+    assert (refused["status"], refused["code"], refused["param"]) == (400, "invalid_parameter", "max_completion_tokens")
+    assert refused["model"] == MODEL_ID
+    assert (missing["status"], missing["code"], missing["param"], missing["model"]) == (
+        404,
+        "model_not_found",
+        "model",
+        "not-served",
+    )
+    assert "code" not in served
+    assert served["ttft_ms"] > 0 and served["queue_time_ms"] >= 0
+    assert served["ttft_ms"] <= served["duration_ms"]
+
+
+async def test_the_access_line_of_a_429_names_the_model_it_asked_for(
+    make_client: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger=ACCESS)
+    client = await make_client(max_concurrent_requests=1, max_queued_requests=0)
+    stream = await client.post("/v1/chat/completions", json=chat_body(max_tokens=1900, stream=True))
+    assert stream.status == 200
+    refused = await client.post("/v1/chat/completions", json=chat_body(model="asked-for"))
+    assert refused.status == 429
+    stream.close()
+    line = next(line for line in _access_lines(caplog) if line["status"] == 429)
+    assert (line["code"], line["model"]) == ("rate_limit_exceeded", "asked-for")
+
+
+async def test_a_span_carries_max_tokens_sent_as_max_completion_tokens() -> None:
+    exporter = InMemorySpanExporter()
+    client: TestClient[web.Request, web.Application] = TestClient(
+        TestServer(create_app(make_settings(), span_exporter=exporter))
+    )
+    await client.start_server()
+    try:
+        body = chat_body(max_completion_tokens=4)
+        del body["max_tokens"]
+        assert (await client.post("/v1/chat/completions", json=body)).status == 200
+    finally:
+        await client.close()  # the provider shuts down with the app: every span is flushed
+    (span,) = exporter.get_finished_spans()
+    assert span.attributes is not None
+    assert span.attributes["gen_ai.request.max_tokens"] == 4
+
+
+# ---- middlewares on a bare application: no model, one concern each ---------------------------------------------
+
+
+async def _ok(request: web.Request) -> web.Response:
+    return web.json_response({"ok": True})
+
+
+def _bare_app(*endpoints: Endpoint) -> web.Application:
+    app = web.Application()
+    setup_error_mapping(app)
+    setup_api_keys(app, ["k1"])
+    add_endpoints(app, endpoints)
+    return app
+
+
+async def test_api_keys_follow_the_table_on_a_bare_app(aiohttp_client: Any) -> None:
+    client = await aiohttp_client(
+        _bare_app(
+            Endpoint("GET", "/open", _ok, "public", public=True),
+            Endpoint("POST", "/gen", _ok, "private", operation="chat"),
+        )
+    )
+    assert (await client.get("/open")).status == 200
+    refused = await client.post("/gen")
+    assert refused.status == 401 and refused.headers["WWW-Authenticate"] == "Bearer"
+    assert (await client.post("/gen", headers={"Authorization": "Bearer k1"})).status == 200
+    # A path with no endpoint is not public: no key, no answer about what exists.
+    assert (await client.get("/elsewhere")).status == 401
+    named = await client.get("/elsewhere", headers={"Authorization": "Bearer k1"})
+    assert named.status == 404
+    assert (await named.json())["error"]["message"] == "Invalid URL (GET /elsewhere)"
+
+
+async def test_error_mapping_keeps_allow_on_a_bare_app(aiohttp_client: Any) -> None:
+    client = await aiohttp_client(_bare_app(Endpoint("POST", "/gen", _ok, "private", operation="chat")))
+    wrong = await client.put("/gen", headers={"Authorization": "Bearer k1"})
+    assert wrong.status == 405
+    assert wrong.headers["Allow"] == "POST"
+    assert (await wrong.json())["error"]["code"] == "method_not_allowed"
