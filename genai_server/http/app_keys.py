@@ -14,7 +14,6 @@ from genai_server.telemetry.prometheus import ServerMetrics
 
 SETTINGS = web.AppKey("settings", Settings)
 ENGINE = web.AppKey("engine", OnnxEngine)  # the first embedded engine
-ENGINES = web.AppKey("engines", dict[str, OnnxEngine])  # every embedded engine, by model id
 SERVING = web.AppKey("serving", Serving)
 LIMITER = web.AppKey("limiter", ConcurrencyLimiter)
 GPU = web.AppKey("gpu", GpuMonitor)
