@@ -28,7 +28,7 @@ import aiohttp
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from tests.test_process import _env, _free_port, _wait_healthy  # noqa: E402 - the checkout's own helpers
+from tests.harness.process import free_port as _free_port, server_env as _env, wait_healthy as _wait_healthy  # noqa: E402, I001 - the checkout's own helpers
 
 BENCH_MODEL = REPO / "models" / "bench-random-llama-int4"
 

@@ -11,7 +11,8 @@ import pytest
 from aiohttp.test_utils import TestServer
 
 from genai_server.app import create_app
-from tests.conftest import MODEL_ID, ClientFactory, chat_body, make_settings
+from tests.harness.bodies import MODEL_ID, chat_body
+from tests.harness.in_process import ClientFactory, make_settings
 
 KEY = "sk-test-0123456789abcdef"
 OTHER = "sk-second-key"

@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import MODEL_ID, chat_body
+from tests.harness.bodies import MODEL_ID, chat_body
 
 TOOL = {"type": "function", "function": {"name": "lookup", "parameters": {"type": "object"}}}
 MSG = [{"role": "user", "content": "hi"}]

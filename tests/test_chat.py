@@ -10,7 +10,8 @@ from typing import Any
 
 from genai_server.embedded.engine import FALLBACK_CHAT_TEMPLATE
 from genai_server.settings import BUNDLED_MODEL
-from tests.conftest import MODEL_ID, assert_same_greedy_text, chat_body, stream_chunks
+from tests.harness.bodies import MODEL_ID, chat_body
+from tests.harness.responses import assert_same_greedy_text, stream_chunks
 
 
 def _prompt_tokens(tokenizer: Any, messages: list[dict[str, str]], template: str | None = None) -> int:

@@ -20,7 +20,8 @@ from langchain_openai import ChatOpenAI
 from pydantic import BaseModel
 
 from genai_server.app import create_app
-from tests.conftest import MODEL_ID, make_settings
+from tests.harness.bodies import MODEL_ID
+from tests.harness.in_process import make_settings
 
 
 class Weather(BaseModel):

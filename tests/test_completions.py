@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from tests.conftest import MODEL_ID, stream_chunks
+from tests.harness.bodies import MODEL_ID
+from tests.harness.responses import stream_chunks
 
 
 def _body(**extra: Any) -> dict[str, Any]:

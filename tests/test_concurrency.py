@@ -8,15 +8,9 @@ from typing import Any
 
 from genai_server.http.app_keys import ENGINE, LIMITER
 from genai_server.http.concurrency import ConcurrencyLimiter
-from tests.conftest import LONG_PROMPT, MODEL_ID, chat_body, long_stream, metric_sample
-
-
-async def _wait_until(predicate: Any, timeout: float = 10.0) -> None:
-    """Poll ``predicate`` (a generous limit that only catches hangs)."""
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not predicate():
-        assert asyncio.get_running_loop().time() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.01)
+from tests.harness.bodies import LONG_PROMPT, MODEL_ID, chat_body, long_stream
+from tests.harness.responses import metric_sample
+from tests.harness.waiting import eventually_async
 
 
 async def test_request_over_the_limit_gets_429_with_retry_after(make_client: Any, openai_schema: Any) -> None:
@@ -95,7 +89,7 @@ async def test_the_queue_is_served_in_arrival_order() -> None:
     tasks = []
     for i in range(4):
         tasks.append(asyncio.create_task(wait_turn(i)))
-        await asyncio.sleep(0)  # let it join the line
+        await eventually_async(lambda: limiter.queued == len(tasks))  # it joined the line before the next comes
     assert limiter.queued == 4
     limiter.release(0.01)
     await asyncio.gather(*tasks)
@@ -107,7 +101,7 @@ async def test_a_waiter_that_leaves_gives_its_place_up() -> None:
     limiter = ConcurrencyLimiter(limit=1, max_queued=1, queue_timeout_s=10)
     await limiter.acquire()
     leaving = asyncio.create_task(limiter.acquire())
-    await asyncio.sleep(0)
+    await eventually_async(lambda: limiter.queued == 1)  # in the line, then it leaves
     leaving.cancel()
     await asyncio.gather(leaving, return_exceptions=True)
     assert limiter.queued == 0
@@ -120,7 +114,7 @@ async def test_client_disconnect_mid_stream_frees_the_slot_and_the_engine(make_c
     resp = await client.post("/v1/chat/completions", json=long_stream(2000))
     await resp.content.readline()
     resp.close()  # the client goes away mid-stream
-    await _wait_until(lambda: client.app[LIMITER].in_flight == 0 and client.app[ENGINE].active_sequences() == 0)
+    await eventually_async(lambda: client.app[LIMITER].in_flight == 0 and client.app[ENGINE].active_sequences() == 0)
     again = await client.post("/v1/chat/completions", json=chat_body())
     assert again.status == 200
 
@@ -134,10 +128,10 @@ async def test_a_client_that_leaves_a_non_streaming_request_frees_everything(mak
         b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
     )
     await writer.drain()
-    await _wait_until(lambda: client.app[ENGINE].active_sequences() == 1)  # generating
+    await eventually_async(lambda: client.app[ENGINE].active_sequences() == 1)  # generating
     writer.close()  # the client goes away before the answer
     await writer.wait_closed()
-    await _wait_until(lambda: client.app[LIMITER].in_flight == 0 and client.app[ENGINE].active_sequences() == 0)
+    await eventually_async(lambda: client.app[LIMITER].in_flight == 0 and client.app[ENGINE].active_sequences() == 0)
     text = await (await client.get("/metrics")).text()
     assert metric_sample(text, "genai_server_client_disconnects_total", model=MODEL_ID) == 1
     assert metric_sample(text, "genai_server_requests_total", model=MODEL_ID, status="499") == 1

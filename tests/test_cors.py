@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from tests.conftest import chat_body, long_stream
+from tests.harness.bodies import chat_body, long_stream
 
 ORIGIN = "https://app.example"
 

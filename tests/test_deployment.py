@@ -22,8 +22,7 @@ import yaml
 from genai_server import __version__
 from genai_server.exit_status import NOT_RETRIED
 from genai_server.settings import Settings
-from tests.test_hostile import Server
-from tests.test_process import REPO, _env, _free_port
+from tests.harness.process import REPO, ServerProcess, free_port, server_env
 
 UNIT = REPO / "etc" / "genai-server.service"
 MANIFEST = REPO / "etc" / "kubernetes.yaml"
@@ -176,12 +175,11 @@ def test_the_autoscaler_reads_a_gauge_the_server_exports_through_the_adapters_ru
     annotations = deployment["spec"]["template"]["metadata"]["annotations"]
     (container,) = deployment["spec"]["template"]["spec"]["containers"]
     assert int(annotations["prometheus.io/port"]) == container["ports"][0]["containerPort"]
-    server = Server(tmp_path / "server.log").wait_healthy()
-    try:
-        with urllib.request.urlopen(f"{server.url}{annotations['prometheus.io/path']}", timeout=10) as resp:
-            exposition = resp.read().decode()
-    finally:
-        server.stop()
+    with (
+        ServerProcess(tmp_path / "server.log") as server,
+        urllib.request.urlopen(f"{server.wait_healthy().url}{annotations['prometheus.io/path']}", timeout=10) as resp,
+    ):
+        exposition = resp.read().decode()
     assert f"# TYPE {metric} gauge" in exposition
 
 
@@ -222,12 +220,10 @@ def test_the_image_health_check_needs_only_python_and_tells_up_from_down(tmp_pat
     (check,) = [args for op, args in _dockerfile_instructions() if op == "HEALTHCHECK"]
     command = json.loads(check.split("CMD", 1)[1])
     assert command[0] == "python"
-    server = Server(tmp_path / "server.log").wait_healthy()
-    try:
-        up = subprocess.run([sys.executable, *command[1:]], env=_env(SERVER_PORT=str(server.port)), timeout=30)
-    finally:
-        server.stop()
+    with ServerProcess(tmp_path / "server.log") as server:
+        server.wait_healthy()
+        up = subprocess.run([sys.executable, *command[1:]], env=server_env(SERVER_PORT=str(server.port)), timeout=30)
     down = subprocess.run(
-        [sys.executable, *command[1:]], env=_env(SERVER_PORT=str(_free_port())), capture_output=True, timeout=30
+        [sys.executable, *command[1:]], env=server_env(SERVER_PORT=str(free_port())), capture_output=True, timeout=30
     )
     assert (up.returncode, down.returncode) == (0, 1)

@@ -10,7 +10,8 @@ from typing import Any
 
 from genai_server.embedded.detokenize import ByteStream, byte_table
 from genai_server.settings import BUNDLED_MODEL
-from tests.conftest import MODEL_ID, stream_chunks
+from tests.harness.bodies import MODEL_ID
+from tests.harness.responses import stream_chunks
 
 
 def _decode(table: list[bytes], tokens: list[int]) -> str:

@@ -13,8 +13,8 @@ import schemathesis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.conftest import MODEL_ID
-from tests.test_process import running_server
+from tests.harness.bodies import MODEL_ID
+from tests.harness.process import ServerProcess
 
 # Enough to find what a fuzzer finds in seconds, few enough for CI on 2 cores.
 EXAMPLES = 60
@@ -50,10 +50,11 @@ _bodies = st.fixed_dictionaries({}, optional=_fields) | _json
 
 
 @pytest.fixture(scope="module")
-def server_url() -> Iterator[str]:
+def server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A real server process; small limits keep each fuzzed generation short."""
-    with running_server(MAX_TOKENS_LIMIT="16", MAX_QUEUED_REQUESTS="64") as url:
-        yield url
+    log = tmp_path_factory.mktemp("fuzz") / "server.log"
+    with ServerProcess(log, MAX_TOKENS_LIMIT="16", MAX_QUEUED_REQUESTS="64") as server:
+        yield server.wait_healthy().url
 
 
 CASES: Counter[str] = Counter()

@@ -9,7 +9,7 @@ import pynvml
 import pytest
 
 from genai_server.telemetry.gpu import GpuMonitor
-from tests.conftest import chat_body
+from tests.harness.bodies import chat_body
 
 
 def _driver_present() -> bool:

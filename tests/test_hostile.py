@@ -11,22 +11,21 @@ import asyncio
 import io
 import json
 import signal
-import subprocess
 import sys
-import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Any, Self
+from typing import Any
 
 import aiohttp
 import pytest
-from aiohttp import web
 
 from genai_server.exit_status import ExitStatus
-from tests.conftest import LONG_PROMPT, MODEL_ID, chat_body, sse_events
-from tests.test_openai_upstream import USAGE, _chunk, _sse
-from tests.test_process import REPO, _env, _free_port, _wait_healthy
+from tests.harness.bodies import LONG_PROMPT, MODEL_ID, chat_body
+from tests.harness.process import ServerProcess, free_port
+from tests.harness.responses import sse_events
+from tests.harness.upstream import USAGE, Endless, Reply, ScriptedUpstream, chunk, sse
+from tests.harness.waiting import eventually_async
 
 KEY = "hostile-test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -34,43 +33,11 @@ AUTH = {"Authorization": f"Bearer {KEY}"}
 SETTLE_S = 30.0
 
 
-class Server:
-    """A server process with its log in a file (a pipe nobody reads would block the server's logging)."""
-
-    def __init__(self, log_path: Path, *args: str, port: int | None = None, **settings: str) -> None:
-        self.port = port or _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = log_path
-        self._log = log_path.open("w")
-        command = list(args) or [sys.executable, "-m", "genai_server"]
-        self.proc = subprocess.Popen(
-            [*command, "--server-port", str(self.port)],
-            cwd=REPO,
-            env=_env(**settings),
-            stdout=self._log,
-            stderr=self._log,
-            text=True,
-        )
-
-    def wait_healthy(self) -> Server:
-        _wait_healthy(self.proc, self.port)
-        return self
-
-    def log(self) -> str:
-        return self.log_path.read_text()
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-        self._log.close()
-
-
 @pytest.fixture(scope="module")
-def embedded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+def embedded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     """The embedded engine with small limits: 2 slots, 2 queue places, a KV budget of four full-context
     sequences of the bundled model (1 MiB each), API keys on, the text log format."""
-    server = Server(
+    with ServerProcess(
         tmp_path_factory.mktemp("embedded") / "server.log",
         API_KEYS=KEY,
         MAX_CONCURRENT_REQUESTS="2",
@@ -79,11 +46,8 @@ def embedded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         ENGINE_MEMORY_BUDGET_MB="4",
         LOG_FORMAT="text",
         QUEUE_TIMEOUT="60",
-    )
-    try:
+    ) as server:
         yield server.wait_healthy()
-    finally:
-        server.stop()
 
 
 def _gauges(text: str) -> dict[str, float]:
@@ -107,13 +71,15 @@ async def _metrics(session: aiohttp.ClientSession, url: str) -> str:
 
 async def _settled(session: aiohttp.ClientSession, url: str) -> None:
     """Every gauge back at 0 (polled: a handler finishes just after its client saw the end)."""
-    deadline = time.monotonic() + SETTLE_S
-    while True:
-        gauges = _gauges(await _metrics(session, url))
-        if gauges and not any(gauges.values()):
-            return
-        assert time.monotonic() < deadline, f"gauges did not return to 0: {gauges}"
-        await asyncio.sleep(0.05)
+
+    gauges: dict[str, float] = {}
+
+    async def at_zero() -> bool:
+        gauges.clear()
+        gauges.update(_gauges(await _metrics(session, url)))
+        return bool(gauges) and not any(gauges.values())
+
+    await eventually_async(at_zero, timeout=SETTLE_S, interval=0.05, what=lambda: f"every gauge back at 0: {gauges}")
 
 
 async def _still_serves(url: str, model: str = MODEL_ID) -> None:
@@ -125,7 +91,7 @@ async def _still_serves(url: str, model: str = MODEL_ID) -> None:
 
 
 @pytest.fixture
-async def session(embedded: Server) -> AsyncIterator[aiohttp.ClientSession]:
+async def session(embedded: ServerProcess) -> AsyncIterator[aiohttp.ClientSession]:
     """A client of the embedded server; after the case, the server must still serve with every gauge at 0."""
     async with aiohttp.ClientSession(headers=AUTH) as client:
         yield client
@@ -175,7 +141,7 @@ def _post(path: str, body: bytes, *headers: bytes) -> bytes:
     ],
 )
 async def test_values_beyond_the_engine_are_400_naming_the_param(
-    session: aiohttp.ClientSession, embedded: Server, extra: dict[str, Any], param: str
+    session: aiohttp.ClientSession, embedded: ServerProcess, extra: dict[str, Any], param: str
 ) -> None:
     async with session.post(f"{embedded.url}/v1/chat/completions", json=chat_body(**extra)) as resp:
         assert resp.status == 400
@@ -192,7 +158,7 @@ async def test_values_beyond_the_engine_are_400_naming_the_param(
     ],
 )
 async def test_values_the_api_allows_are_served(
-    session: aiohttp.ClientSession, embedded: Server, extra: dict[str, Any]
+    session: aiohttp.ClientSession, embedded: ServerProcess, extra: dict[str, Any]
 ) -> None:
     async with session.post(f"{embedded.url}/v1/chat/completions", json=chat_body(**extra)) as resp:
         assert resp.status == 200, await resp.text()
@@ -201,7 +167,7 @@ async def test_values_the_api_allows_are_served(
 # ---- 2. memory ------------------------------------------------------------------------------------------------
 
 
-async def test_sequences_are_counted_not_requests(session: aiohttp.ClientSession, embedded: Server) -> None:
+async def test_sequences_are_counted_not_requests(session: aiohttp.ClientSession, embedded: ServerProcess) -> None:
     body = {"model": MODEL_ID, "prompt": ["a"] * 16, "n": 16, "seed": 1, "temperature": 1.0, "max_tokens": 8}
     async with session.post(f"{embedded.url}/v1/completions", json=body) as resp:
         assert resp.status == 400
@@ -209,7 +175,7 @@ async def test_sequences_are_counted_not_requests(session: aiohttp.ClientSession
 
 
 async def test_work_beyond_the_memory_budget_waits_and_completes(
-    session: aiohttp.ClientSession, embedded: Server
+    session: aiohttp.ClientSession, embedded: ServerProcess
 ) -> None:
     """16 greedy sequences of 1 MiB of KV cache each (a lane's, for the whole context) and 16 seeded ones of
     ~0.3 MiB against a 4 MiB budget: they take turns, the budget in use never passes 1, and every one finishes."""
@@ -231,15 +197,16 @@ async def test_work_beyond_the_memory_budget_waits_and_completes(
 
 
 def test_a_context_the_budget_cannot_hold_is_a_start_up_error(tmp_path: Path) -> None:
-    server = Server(tmp_path / "server.log", ENGINE_MEMORY_BUDGET_MB="0.5")
-    try:
+    with ServerProcess(tmp_path / "server.log", ENGINE_MEMORY_BUDGET_MB="0.5") as server:
         assert server.proc.wait(60) == ExitStatus.MODEL_LOADING_FAILED
         assert "MAX_MODEL_LEN" in server.log() and "model_loading_failed" in server.log()
-    finally:
-        server.stop()
 
 
 # ---- 3. a client that leaves is let go ------------------------------------------------------------------------
+
+
+async def _kv_cache_in_use(session: aiohttp.ClientSession, url: str) -> float:
+    return _gauges(await _metrics(session, url)).get("genai_server_kv_cache_usage_perc", 0.0)
 
 
 async def _requests_with_status(session: aiohttp.ClientSession, url: str, status: str) -> float:
@@ -252,7 +219,7 @@ async def _requests_with_status(session: aiohttp.ClientSession, url: str, status
 
 @pytest.mark.parametrize("stream", [False, True])
 async def test_a_client_that_leaves_frees_its_slot_and_its_sequences(
-    session: aiohttp.ClientSession, embedded: Server, stream: bool
+    session: aiohttp.ClientSession, embedded: ServerProcess, stream: bool
 ) -> None:
     """16 sequences of 1900 tokens take seconds under the 4 MiB budget; the client leaves as soon as they run.
     Without handler cancellation the process would generate all of them and log a 200."""
@@ -262,10 +229,9 @@ async def test_a_client_that_leaves_frees_its_slot_and_its_sequences(
     _, writer = await asyncio.open_connection(host, int(port))
     writer.write(_post("/v1/chat/completions", body, b"Authorization: Bearer " + KEY.encode()))
     await writer.drain()
-    deadline = time.monotonic() + SETTLE_S
-    while not _gauges(await _metrics(session, embedded.url)).get("genai_server_kv_cache_usage_perc"):
-        assert time.monotonic() < deadline, "the request never started"
-        await asyncio.sleep(0.01)
+    await eventually_async(
+        lambda: _kv_cache_in_use(session, embedded.url), timeout=SETTLE_S, interval=0.01, what="the request started"
+    )
     writer.close()  # the client goes away mid-generation
     await _settled(session, embedded.url)
     assert await _requests_with_status(session, embedded.url, "499") == before + 1
@@ -274,7 +240,7 @@ async def test_a_client_that_leaves_frees_its_slot_and_its_sequences(
 # ---- 4. slow and malformed clients ----------------------------------------------------------------------------
 
 
-async def test_slow_senders_hold_connections_not_slots(session: aiohttp.ClientSession, embedded: Server) -> None:
+async def test_slow_senders_hold_connections_not_slots(session: aiohttp.ClientSession, embedded: ServerProcess) -> None:
     """Six clients each send one byte of their body (more than the 2 slots + 2 queue places); a real client is
     served at once, and the slow ones get 408 after REQUEST_READ_TIMEOUT."""
     host, port = embedded.url.removeprefix("http://").split(":")
@@ -309,7 +275,7 @@ ANY = "any param"
     ],
 )
 async def test_malformed_bodies_are_400(
-    session: aiohttp.ClientSession, embedded: Server, body: bytes, param: str | None
+    session: aiohttp.ClientSession, embedded: ServerProcess, body: bytes, param: str | None
 ) -> None:
     path = "/v1/completions" if b'"prompt"' in body else "/v1/chat/completions"
     answer = await _raw(embedded.url, _post(path, body, b"Authorization: Bearer " + KEY.encode()))
@@ -320,7 +286,7 @@ async def test_malformed_bodies_are_400(
     assert error["code"] in ("invalid_json", "invalid_parameter")
 
 
-async def test_a_non_utf8_authorization_header_is_401(session: aiohttp.ClientSession, embedded: Server) -> None:
+async def test_a_non_utf8_authorization_header_is_401(session: aiohttp.ClientSession, embedded: ServerProcess) -> None:
     answer = await _raw(
         embedded.url,
         _post("/v1/chat/completions", json.dumps(chat_body()).encode(), b"Authorization: Bearer \xff\xfe\x80"),
@@ -330,7 +296,7 @@ async def test_a_non_utf8_authorization_header_is_401(session: aiohttp.ClientSes
 
 
 async def test_a_text_that_cannot_fit_is_refused_without_tokenising(
-    session: aiohttp.ClientSession, embedded: Server
+    session: aiohttp.ClientSession, embedded: ServerProcess
 ) -> None:
     """3.5 MB of text: far more tokens than the 2048-token context, refused from its length alone; liveness
     answers meanwhile."""
@@ -351,12 +317,14 @@ async def test_a_text_that_cannot_fit_is_refused_without_tokenising(
             assert (resp.status, (await _error(resp))["param"]) == (400, "prompt")
 
 
-async def test_a_path_cannot_forge_log_lines(session: aiohttp.ClientSession, embedded: Server) -> None:
+async def test_a_path_cannot_forge_log_lines(session: aiohttp.ClientSession, embedded: ServerProcess) -> None:
     await _raw(
         embedded.url,
         b"GET /v1/x%0d%0a2026-01-01%20INFO%20forged:%20entry HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
     )
-    await asyncio.sleep(0.2)  # the access line is written after the response
+    # The access line is written after the response: polled for, then read.
+    escaped = "\\x0d\\x0a2026-01-01 INFO forged"
+    await eventually_async(lambda: escaped in embedded.log(), timeout=SETTLE_S)
     log = embedded.log()
     assert "\\x0d\\x0a2026-01-01 INFO forged" in log
     assert not any(line.startswith("2026-01-01 INFO forged") for line in log.splitlines())
@@ -381,8 +349,8 @@ sys.exit(__main__.main())
 
 
 async def test_an_engine_that_dies_answers_everyone_and_the_process_exits_3(tmp_path: Path) -> None:
-    server = Server(tmp_path / "server.log", sys.executable, "-c", _INJECT_FAULT).wait_healthy()
-    try:
+    with ServerProcess(tmp_path / "server.log", command=(sys.executable, "-c", _INJECT_FAULT)) as server:
+        server.wait_healthy()
         async with aiohttp.ClientSession() as session:
             bodies = [chat_body(max_tokens=1234), chat_body(max_tokens=1234, stream=True)]
             results = await asyncio.gather(
@@ -394,8 +362,6 @@ async def test_an_engine_that_dies_answers_everyone_and_the_process_exits_3(tmp_
             assert stream.status == 500 or json.loads(events[-2])["error"]["code"] == "engine_error"
         assert await asyncio.to_thread(server.proc.wait, 60) == ExitStatus.ENGINE_FAILED
         assert "cannot serve any more" in server.log()
-    finally:
-        server.stop()
 
 
 # ---- 6. shutdown that always ends -----------------------------------------------------------------------------
@@ -404,31 +370,58 @@ async def test_an_engine_that_dies_answers_everyone_and_the_process_exits_3(tmp_
 async def test_a_drain_tells_every_client_and_ends_in_time(tmp_path: Path) -> None:
     """One slot busy with a long generation, two requests queued, SIGTERM with SHUTDOWN_TIMEOUT=1: the queued
     ones get 503 shutting_down, the running stream ends with that error event, the process exits 0 in time."""
-    server = Server(
+    with ServerProcess(
         tmp_path / "server.log",
         MAX_CONCURRENT_REQUESTS="1",
         MAX_QUEUED_REQUESTS="4",
         SHUTDOWN_TIMEOUT="1",
         ENGINE_MEMORY_BUDGET_MB="2",
-    ).wait_healthy()
-    try:
+    ) as server:
+        server.wait_healthy()
         async with aiohttp.ClientSession() as session:
             url = f"{server.url}/v1/chat/completions"
             running = await session.post(url, json=chat_body(content=LONG_PROMPT, n=16, max_tokens=1900, stream=True))
-            await running.content.readline()
+            started = _StartedChoices(await running.content.readline())
+            reader = asyncio.create_task(started.read_on(running))
             queued = [asyncio.create_task(session.post(url, json=chat_body())) for _ in range(2)]
-            await asyncio.sleep(0.3)  # they are in the queue
+
+            async def both_queued() -> bool:
+                """The waiting gauge counts queued requests plus the sequences the engine has not started; of
+                the stream's 16, at most those that have not yet sent a chunk (counted before the gauge is read)."""
+                not_started = 16 - len(started.indices)
+                waiting = _gauges(await _metrics(session, server.url))["genai_server_num_requests_waiting"]
+                return waiting - not_started >= 2
+
+            await eventually_async(both_queued, timeout=SETTLE_S, what="the two requests in the queue")
             stopped_at = time.monotonic()
             server.proc.send_signal(signal.SIGTERM)
             for task in queued:
                 resp = await task
                 assert resp.status == 503 and (await resp.json())["error"]["code"] == "shutting_down"
-            events = sse_events((await running.read()).decode())
+            await reader
+            events = sse_events(b"".join(started.rest).decode())
             assert events[-1] == "[DONE]" and json.loads(events[-2])["error"]["code"] == "shutting_down"
         assert await asyncio.to_thread(server.proc.wait, 30) == 0
         assert time.monotonic() - stopped_at < 1 + 10  # SHUTDOWN_TIMEOUT plus the stop margin, generously
-    finally:
-        server.stop()
+
+
+class _StartedChoices:
+    """A stream of several choices read on in the background: the choice indices that have generated (a choice's
+    chunk comes only once the engine started its sequence) and the lines after the first, kept for the end."""
+
+    def __init__(self, first: bytes) -> None:
+        self.indices: set[int] = set()
+        self.rest: list[bytes] = []
+        self._note(first)
+
+    async def read_on(self, response: aiohttp.ClientResponse) -> None:
+        async for line in response.content:
+            self.rest.append(line)
+            self._note(line)
+
+    def _note(self, line: bytes) -> None:
+        if line.startswith(b"data: {"):
+            self.indices.update(choice["index"] for choice in json.loads(line[len("data: ") :]).get("choices", []))
 
 
 # ---- 5. upstreams that misbehave (gateway mode) ---------------------------------------------------------------
@@ -437,113 +430,47 @@ SECRET = "sk-upstream-secret-0451"
 
 
 # Each upstream model name is one way to misbehave; the gateway's models file maps a client model id to each.
-SCRIPTS: dict[str, tuple[int, dict[str, str], bytes]] = {
-    "ok": (200, {}, _sse(_chunk("Hel"), _chunk("lo", "stop"), USAGE)),
-    "redirect": (302, {"Location": "/v1/elsewhere"}, b""),
-    "unauthorized": (401, {}, json.dumps({"error": {"message": f"bad key {SECRET}"}}).encode()),
-    "forbidden": (403, {}, f"forbidden for {SECRET}".encode()),
-    "huge-error": (500, {}, b"x" * (8 * 1024 * 1024)),
-    "no-choices": (200, {}, _sse(USAGE)),
-    "choices-not-a-list": (200, {}, _sse({**_chunk("a"), "choices": "nope"})),
-    "content-not-text": (200, {}, _sse({**_chunk("a"), "choices": [{"index": 0, "delta": {"content": 5}}]})),
-    "index-not-asked-for": (200, {}, _sse({**_chunk("a"), "choices": [{"index": 7, "delta": {"content": "a"}}]})),
-    "usage-not-counts": (200, {}, _sse({**USAGE, "usage": {"prompt_tokens": "3"}})),
-    "mid-stream-error": (200, {}, _sse(_chunk("Hel"), {"error": {"message": "engine exploded"}})),
+SCRIPTS: dict[str, Reply] = {
+    "ok": Reply(sse(chunk("Hel"), chunk("lo", "stop"), USAGE)),
+    "redirect": Reply(b"", status=302, headers={"Location": "/v1/elsewhere"}),
+    "unauthorized": Reply(json.dumps({"error": {"message": f"bad key {SECRET}"}}).encode(), status=401),
+    "forbidden": Reply(f"forbidden for {SECRET}".encode(), status=403),
+    "huge-error": Reply(b"x" * (8 * 1024 * 1024), status=500),
+    "no-choices": Reply(sse(USAGE)),
+    "choices-not-a-list": Reply(sse({**chunk("a"), "choices": "nope"})),
+    "content-not-text": Reply(sse({**chunk("a"), "choices": [{"index": 0, "delta": {"content": 5}}]})),
+    "index-not-asked-for": Reply(sse({**chunk("a"), "choices": [{"index": 7, "delta": {"content": "a"}}]})),
+    "usage-not-counts": Reply(sse({**USAGE, "usage": {"prompt_tokens": "3"}})),
+    "mid-stream-error": Reply(sse(chunk("Hel"), {"error": {"message": "engine exploded"}})),
 }
-STREAMED = ("endless", "endless-line")
-
-
-class AppInThread:
-    """An aiohttp app of the test's own on a free port, served by a thread with its own loop, for a server process
-    under test to talk to; a subclass adds its routes in ``routes``. A context manager: up on enter, down on exit."""
-
-    def __init__(self) -> None:
-        self.port = _free_port()
-        self._loop = asyncio.new_event_loop()
-        self._started = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def routes(self, app: web.Application) -> None:
-        raise NotImplementedError
-
-    def __enter__(self) -> Self:
-        self._thread.start()
-        self._started.wait(10)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(10)
-        self._loop.close()
-
-    def _run(self) -> None:
-        asyncio.set_event_loop(self._loop)
-        app = web.Application()
-        self.routes(app)
-        runner = web.AppRunner(app, handler_cancellation=True)
-        self._loop.run_until_complete(runner.setup())
-        self._loop.run_until_complete(web.TCPSite(runner, "127.0.0.1", self.port).start())
-        self._started.set()
-        self._loop.run_forever()
-        self._loop.run_until_complete(runner.cleanup())
-
-
-class ScriptedUpstream(AppInThread):
-    """An OpenAI-style upstream in a thread of its own (the gateway under test is another process)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.disconnects = 0
-
-    def routes(self, app: web.Application) -> None:
-        app.router.add_post("/v1/chat/completions", self._chat)
-        app.router.add_get("/v1/models", self._models)
-
-    async def _models(self, request: web.Request) -> web.Response:
-        return web.json_response({"object": "list", "data": []})
-
-    async def _chat(self, request: web.Request) -> web.StreamResponse:
-        model = (await request.json())["model"]
-        if model in STREAMED:
-            return await self._endless(request, model)
-        status, headers, payload = SCRIPTS[model]
-        return web.Response(status=status, body=payload, headers={"Content-Type": "text/event-stream", **headers})
-
-    async def _endless(self, request: web.Request, model: str) -> web.StreamResponse:
-        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-        await response.prepare(request)
-        piece = _sse(_chunk("x"), done=False) if model == "endless" else b"data: " + b"x" * 65536
-        try:
-            while True:
-                await response.write(piece)
-                await asyncio.sleep(0.001)
-        except (ConnectionResetError, asyncio.CancelledError):
-            self.disconnects += 1
-            raise
+# Streams that never end, or whose one line never does.
+STREAMS = {
+    "endless": Endless(sse(chunk("x"), done=False), interval=0.001),
+    "endless-line": Endless(b"data: " + b"x" * 65536, interval=0.001),
+}
+STREAMED = tuple(STREAMS)
 
 
 @pytest.fixture(scope="module")
-def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Server, ScriptedUpstream]]:
-    """A gateway process whose models file maps each script to a model id, plus one model whose upstream is down."""
+def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ServerProcess, ScriptedUpstream]]:
+    """A gateway process whose models file maps each script to a model id, plus one model whose upstream is down;
+    the scripted upstream is served from a thread (the gateway under test is another process)."""
     folder = tmp_path_factory.mktemp("gateway")
-    with ScriptedUpstream() as upstream:
+    with ScriptedUpstream({**SCRIPTS, **STREAMS}, listing={"object": "list", "data": []}) as upstream:
         entries = [
             f'[[models]]\nid = "{name}"\nbackend = "openai"\nurl = "http://127.0.0.1:{upstream.port}/v1"\n'
             f'upstream_model = "{name}"\napi_key = "{SECRET}"\n'
             for name in (*SCRIPTS, *STREAMED)
         ]
-        entries.append(f'[[models]]\nid = "down"\nbackend = "openai"\nurl = "http://127.0.0.1:{_free_port()}/v1"\n')
+        entries.append(f'[[models]]\nid = "down"\nbackend = "openai"\nurl = "http://127.0.0.1:{free_port()}/v1"\n')
         models = folder / "models.toml"
         models.write_text("\n".join(entries))
-        server = Server(folder / "server.log", MODELS_FILE=str(models), LOG_FORMAT="json")
-        try:
+        with ServerProcess(folder / "server.log", MODELS_FILE=str(models), LOG_FORMAT="json") as server:
             yield server.wait_healthy(), upstream
-        finally:
-            server.stop()
 
 
 @pytest.fixture
-async def relay(gateway: tuple[Server, ScriptedUpstream]) -> AsyncIterator[aiohttp.ClientSession]:
+async def relay(gateway: tuple[ServerProcess, ScriptedUpstream]) -> AsyncIterator[aiohttp.ClientSession]:
     """A client of the gateway; after the case it must still relay a normal answer, every gauge at 0."""
     async with aiohttp.ClientSession() as client:
         yield client
@@ -567,7 +494,7 @@ async def relay(gateway: tuple[Server, ScriptedUpstream]) -> AsyncIterator[aioht
 )
 @pytest.mark.parametrize("stream", [False, True])
 async def test_a_misbehaving_upstream_is_a_502_that_tells_no_secrets(
-    relay: aiohttp.ClientSession, gateway: tuple[Server, ScriptedUpstream], script: str, stream: bool
+    relay: aiohttp.ClientSession, gateway: tuple[ServerProcess, ScriptedUpstream], script: str, stream: bool
 ) -> None:
     server, upstream = gateway
     async with relay.post(f"{server.url}/v1/chat/completions", json=chat_body(model=script, stream=stream)) as resp:
@@ -584,7 +511,7 @@ async def test_a_misbehaving_upstream_is_a_502_that_tells_no_secrets(
 
 @pytest.mark.parametrize("script", STREAMED)
 async def test_an_upstream_that_never_ends_is_cut_and_closed(
-    relay: aiohttp.ClientSession, gateway: tuple[Server, ScriptedUpstream], script: str
+    relay: aiohttp.ClientSession, gateway: tuple[ServerProcess, ScriptedUpstream], script: str
 ) -> None:
     """No end to its stream (or to one line of it): a JSON client gets a 502 once more arrived than it asked for,
     a streaming client an error event; the gateway's memory stays bounded and the upstream sees it leave."""
@@ -601,14 +528,13 @@ async def test_an_upstream_that_never_ends_is_cut_and_closed(
     else:
         events = sse_events(text)
         assert events[-1] == "[DONE]" and json.loads(events[-2])["error"]["code"] == "upstream_error"
-    deadline = time.monotonic() + SETTLE_S
-    while upstream.disconnects < before + 2:
-        assert time.monotonic() < deadline, "the upstream request was never closed"
-        await asyncio.sleep(0.01)
+    await eventually_async(
+        lambda: upstream.disconnects >= before + 2, timeout=SETTLE_S, what="the upstream requests closed"
+    )
 
 
 async def test_a_stream_that_fails_midway_is_counted_as_an_error(
-    relay: aiohttp.ClientSession, gateway: tuple[Server, ScriptedUpstream]
+    relay: aiohttp.ClientSession, gateway: tuple[ServerProcess, ScriptedUpstream]
 ) -> None:
     server, _ = gateway
     before = await _requests_with_status(relay, server.url, "502")
@@ -619,37 +545,54 @@ async def test_a_stream_that_fails_midway_is_counted_as_an_error(
         events = sse_events(await resp.text())
     assert json.loads(events[0])["choices"][0]["delta"]["content"] == "Hel"
     assert json.loads(events[-2])["error"]["code"] == "upstream_error"
-    await asyncio.sleep(0.2)
+    # Counted and logged once the handler has finished, just after the client saw the end: polled for.
+    await eventually_async(
+        lambda: _counted_and_logged(relay, server, before), timeout=SETTLE_S, what="the 502 counted and logged"
+    )
     assert await _requests_with_status(relay, server.url, "502") == before + 1
     access = [json.loads(line) for line in server.log().splitlines() if '"genai_server.access"' in line]
     assert any(line.get("model") == "mid-stream-error" and line["status"] == 502 for line in access)
 
 
+async def _counted_and_logged(session: aiohttp.ClientSession, server: ServerProcess, before: float) -> bool:
+    """The mid-stream failure in the 502 count and in a complete access line of the log."""
+    logged = any('"mid-stream-error"' in line and '"genai_server.access"' in line for line in server.log_lines())
+    return logged and await _requests_with_status(session, server.url, "502") > before
+
+
 async def test_a_client_that_leaves_closes_the_upstream_request(
-    relay: aiohttp.ClientSession, gateway: tuple[Server, ScriptedUpstream]
+    relay: aiohttp.ClientSession, gateway: tuple[ServerProcess, ScriptedUpstream]
 ) -> None:
     """Streamed or not: in the shipped process a client that leaves ends the upstream request, and is counted as
     one that left (499), not as the 502 the gateway's own bound would have ended it with seconds later."""
     server, upstream = gateway
     for stream in (False, True):
-        before, left = upstream.disconnects, await _requests_with_status(relay, server.url, "499")
-        body = json.dumps(chat_body(model="endless", max_tokens=4096, stream=stream)).encode()
-        host, port = server.url.removeprefix("http://").split(":")
-        _, writer = await asyncio.open_connection(host, int(port))
-        writer.write(_post("/v1/chat/completions", body))
-        await writer.drain()
-        await asyncio.sleep(0.2)  # relaying
-        writer.close()
-        deadline = time.monotonic() + SETTLE_S
-        while upstream.disconnects == before:
-            assert time.monotonic() < deadline, "the upstream kept generating for nobody"
-            await asyncio.sleep(0.01)
+        left = await _requests_with_status(relay, server.url, "499")
+        await _leave_while_relaying(server, upstream, stream)
         await _settled(relay, server.url)
         assert await _requests_with_status(relay, server.url, "499") == left + 1
 
 
+async def _leave_while_relaying(server: ServerProcess, upstream: ScriptedUpstream, stream: bool) -> None:
+    """A client asks for the endless stream and leaves once the upstream streams it (the gateway relaying); returns
+    when the upstream has seen its request end."""
+    started, before = upstream.started, upstream.disconnects
+    body = json.dumps(chat_body(model="endless", max_tokens=4096, stream=stream)).encode()
+    host, port = server.url.removeprefix("http://").split(":")
+    _, writer = await asyncio.open_connection(host, int(port))
+    writer.write(_post("/v1/chat/completions", body))
+    await writer.drain()
+    await eventually_async(lambda: upstream.started > started, timeout=SETTLE_S, what="the upstream streaming")
+    writer.close()  # the client leaves while the gateway relays
+    await eventually_async(
+        lambda: upstream.disconnects > before,
+        timeout=SETTLE_S,
+        what="the upstream request closed",
+    )
+
+
 async def test_readiness_tells_the_truth_about_upstreams(
-    relay: aiohttp.ClientSession, gateway: tuple[Server, ScriptedUpstream]
+    relay: aiohttp.ClientSession, gateway: tuple[ServerProcess, ScriptedUpstream]
 ) -> None:
     server, _ = gateway
     async with relay.get(f"{server.url}/health/ready") as resp:

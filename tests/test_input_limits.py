@@ -10,7 +10,9 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import ClientFactory, chat_body, long_stream
+from tests.harness.bodies import chat_body, long_stream
+from tests.harness.in_process import ClientFactory
+from tests.harness.waiting import eventually_async
 
 
 async def test_a_body_over_the_limit_is_413_in_the_envelope(make_client: ClientFactory, openai_schema: Any) -> None:
@@ -74,17 +76,18 @@ async def test_a_client_that_stops_reading_is_dropped_and_frees_its_slot(make_cl
     )
     await writer.drain()
     writer.transport.pause_reading()  # type: ignore[attr-defined]  # the client never reads again
-    disconnects = 0.0
-    for _ in range(1000):  # generous: only catches a hang
+
+    async def dropped() -> float:
+        """The disconnects counted, once there is one and the slot is free (0 until then)."""
         text = await (await client.get("/metrics")).text()
         disconnects = sum(
             float(line.split()[-1])
             for line in text.splitlines()
             if line.startswith("genai_server_client_disconnects_total")
         )
-        if disconnects and client.app[LIMITER].in_flight == 0:
-            break
-        await asyncio.sleep(0.02)
+        return disconnects if disconnects and client.app[LIMITER].in_flight == 0 else 0.0
+
+    disconnects = await eventually_async(dropped, timeout=60, what="the client dropped and its slot freed")
     # Dropped by the server while the client still holds its end open: only the write timeout does that.
     assert disconnects == 1
     assert client.app[LIMITER].in_flight == 0

@@ -5,13 +5,17 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 
-from tests.conftest import MODEL_ID, ClientFactory, chat_body, long_stream, stream_chunks
-from tests.test_process import _free_port, _start, _wait_healthy
+from tests.harness.bodies import MODEL_ID, chat_body, long_stream
+from tests.harness.in_process import ClientFactory
+from tests.harness.process import ServerProcess
+from tests.harness.responses import stream_chunks
+from tests.harness.waiting import eventually_async
 
 
 async def test_live_and_ready(client: Any) -> None:
@@ -26,9 +30,13 @@ async def test_a_drain_turns_not_ready_and_lets_the_stream_finish(make_client: C
     stream = await client.post("/v1/chat/completions", json=long_stream(1900))
     await stream.content.readline()
     shutdown = asyncio.create_task(client.app.shutdown())
-    await asyncio.sleep(0.01)
-    probe = await client.get("/health/ready")
-    assert (probe.status, await probe.json()) == (503, {"status": "draining"})
+
+    async def not_ready() -> tuple[int, Any] | None:
+        """Readiness once the shutdown task has begun the drain (until then, still ready)."""
+        probe = await client.get("/health/ready")
+        return None if probe.status == 200 else (probe.status, await probe.json())
+
+    assert await eventually_async(not_ready) == (503, {"status": "draining"})
     chunks = stream_chunks((await stream.read()).decode())
     assert chunks[-1]["choices"][0]["finish_reason"] == "length"  # finished, not cut
     await shutdown
@@ -46,20 +54,17 @@ async def test_past_the_timeout_streams_end_with_an_error_event(make_client: Cli
 
 
 @pytest.mark.parametrize(("timeout", "finished"), [("30", True), ("0", False)])
-async def test_sigterm_with_a_stream_in_flight(timeout: str, finished: bool) -> None:
-    port = _free_port()
-    proc = _start("--server-port", str(port), SHUTDOWN_TIMEOUT=timeout)
-    try:
-        await asyncio.to_thread(_wait_healthy, proc, port)
+async def test_sigterm_with_a_stream_in_flight(tmp_path: Path, timeout: str, finished: bool) -> None:
+    with ServerProcess(tmp_path / "server.log", SHUTDOWN_TIMEOUT=timeout) as server:
+        proc = server.proc
+        await asyncio.to_thread(server.wait_healthy)
         async with aiohttp.ClientSession() as session:
-            resp = await session.post(f"http://127.0.0.1:{port}/v1/chat/completions", json=long_stream(1900))
+            resp = await session.post(f"{server.url}/v1/chat/completions", json=long_stream(1900))
             await resp.content.readline()
             proc.send_signal(signal.SIGTERM)
             body = (await resp.read()).decode()
-        _, stderr = await asyncio.to_thread(proc.communicate, timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+        await asyncio.to_thread(proc.wait, timeout=60)
+        stderr = server.log()
     assert proc.returncode == 0, stderr
     events = body.strip().split("\n\n")
     assert events[-1] == "data: [DONE]"

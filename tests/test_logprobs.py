@@ -10,7 +10,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from tests.conftest import MODEL_ID, assert_same_greedy_text, chat_body, stream_chunks
+from tests.harness.bodies import MODEL_ID, chat_body
+from tests.harness.responses import assert_same_greedy_text, stream_chunks
 
 
 async def _json(client: Any, path: str, body: dict[str, Any]) -> dict[str, Any]:

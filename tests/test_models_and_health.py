@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from tests.conftest import MODEL_ID
+from tests.harness.bodies import MODEL_ID
 
 
 async def test_health_names_the_loaded_model(client: Any) -> None:

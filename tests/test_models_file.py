@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from genai_server.settings import SettingsError, load_settings
-from tests.conftest import ClientFactory, metric_sample
-from tests.test_openai_upstream import scripted  # noqa: F401 - the scripted upstream fixture
+from tests.harness.in_process import ClientFactory
+from tests.harness.responses import metric_sample
+from tests.harness.upstream import ScriptedUpstream
 
 REPO_ETC = Path(__file__).resolve().parents[1] / "etc"
 
@@ -23,7 +23,7 @@ def _write(tmp_path: Path, text: str) -> Path:
 async def test_several_models_on_several_backends(
     make_client: ClientFactory,
     tmp_path: Path,
-    scripted: tuple[str, dict[str, Any]],  # noqa: F811 - the fixture imported above
+    scripted: tuple[str, ScriptedUpstream],
 ) -> None:
     url, _ = scripted
     models = _write(

@@ -10,47 +10,24 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from tests.conftest import ClientFactory, stream_chunks
+from tests.harness.in_process import ClientFactory
+from tests.harness.responses import stream_chunks
+from tests.harness.upstream import OLLAMA_CHAT, OLLAMA_DURATIONS, ndjson
 
-DURATIONS = {
-    "total_duration": 5_000_000,
-    "load_duration": 1_000,
-    "prompt_eval_count": 7,
-    "prompt_eval_duration": 2_000_000,
-    "eval_count": 3,
-    "eval_duration": 3_000_000,
-}
-
-
-def _lines(*items: dict[str, Any]) -> bytes:
-    return b"".join(json.dumps(item).encode() + b"\n" for item in items)
-
-
-CHAT = _lines(
-    {"model": "q", "message": {"role": "assistant", "content": "Hi"}, "done": False},
-    {"model": "q", "message": {"role": "assistant", "content": " there"}, "done": False},
-    {
-        "model": "q",
-        "message": {"role": "assistant", "content": "!"},
-        "done": True,
-        "done_reason": "length",
-        **DURATIONS,
-    },
-)
-GENERATE = _lines(
+GENERATE = ndjson(
     {"model": "q", "response": "Once", "done": False},
     {"model": "q", "response": " more", "done": False},
-    {"model": "q", "response": "", "done": True, "done_reason": "stop", **DURATIONS},
+    {"model": "q", "response": "", "done": True, "done_reason": "stop", **OLLAMA_DURATIONS},
 )
-BROKEN = _lines(
+BROKEN = ndjson(
     {"model": "q", "message": {"role": "assistant", "content": "Hi"}, "done": False}, {"error": "out of memory"}
 )
 # Lines whose fields have the wrong types, and a stream that never ends: Ollama breaking its API.
 MALFORMED = {
-    "content-not-text": _lines({"model": "q", "message": {"role": "assistant", "content": 5}, "done": False}),
-    "counts-not-ints": _lines({"model": "q", "message": {"content": "!"}, "done": True, "prompt_eval_count": "7"}),
-    "done-not-bool": _lines({"model": "q", "response": "x", "done": "yes"}),
-    "endless": _lines(*[{"model": "q", "message": {"content": "x"}, "done": False}] * 200),
+    "content-not-text": ndjson({"model": "q", "message": {"role": "assistant", "content": 5}, "done": False}),
+    "counts-not-ints": ndjson({"model": "q", "message": {"content": "!"}, "done": True, "prompt_eval_count": "7"}),
+    "done-not-bool": ndjson({"model": "q", "response": "x", "done": "yes"}),
+    "endless": ndjson(*[{"model": "q", "message": {"content": "x"}, "done": False}] * 200),
 }
 
 
@@ -63,7 +40,7 @@ async def ollama(aiohttp_server: Any) -> AsyncIterator[tuple[str, list[dict[str,
         bodies.append(body)
         if body["model"] == "missing":
             return web.json_response({"error": "model 'missing' not found"}, status=404)
-        script = MALFORMED.get(body["model"]) or (BROKEN if body["model"] == "broken" else CHAT)
+        script = MALFORMED.get(body["model"]) or (BROKEN if body["model"] == "broken" else OLLAMA_CHAT)
         return web.Response(body=script, content_type="application/x-ndjson")
 
     async def generate(request: web.Request) -> web.Response:
@@ -102,7 +79,7 @@ async def test_chat_is_translated_both_ways(
     assert body["choices"][0]["message"]["content"] == "Hi there!"
     assert body["choices"][0]["finish_reason"] == "length"
     assert body["usage"] == {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10}
-    assert body["metrics"]["backend_reported"] == DURATIONS
+    assert body["metrics"]["backend_reported"] == OLLAMA_DURATIONS
     assert body["metrics"]["completion_tokens"] == 3
     sent = bodies[0]
     assert sent["model"] == "qwen2.5:0.5b"

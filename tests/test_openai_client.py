@@ -10,7 +10,8 @@ import pytest
 from aiohttp.test_utils import TestServer
 
 from genai_server.app import create_app
-from tests.conftest import LONG_PROMPT, MODEL_ID, make_settings
+from tests.harness.bodies import LONG_PROMPT, MODEL_ID
+from tests.harness.in_process import make_settings
 
 MESSAGES: Any = [{"role": "user", "content": "Hello"}]
 

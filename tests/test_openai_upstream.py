@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -16,8 +16,12 @@ from genai_server.backends.discovery import upstream_model_ids
 from genai_server.errors import ModelLoadingFailed
 from genai_server.exit_status import ExitStatus
 from genai_server.settings import SettingsError, load_settings
-from tests.conftest import MODEL_ID, ClientFactory, metric_sample, stream_chunks
-from tests.test_process import _free_port, _start, running_server
+from tests.harness.bodies import MODEL_ID
+from tests.harness.in_process import ClientFactory
+from tests.harness.process import ServerProcess, free_port
+from tests.harness.responses import metric_sample, stream_chunks
+from tests.harness.upstream import USAGE, ScriptedUpstream, chunk, sse
+from tests.harness.waiting import eventually_async
 
 PROXIED = "proxied-model"
 USAGE_ASKED = {"stream": True, "stream_options": {"include_usage": True}}
@@ -34,10 +38,10 @@ def _chat(**extra: Any) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def upstream() -> Iterator[str]:
+def upstream(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A second genai_server on the embedded engine, started as a process: a real upstream."""
-    with running_server() as url:
-        yield url
+    with ServerProcess(tmp_path_factory.mktemp("upstream") / "server.log") as server:
+        yield server.wait_healthy().url
 
 
 async def _proxy(make_client: ClientFactory, url: str, **settings: Any) -> Any:
@@ -100,7 +104,7 @@ async def test_models_lists_the_proxied_model(make_client: ClientFactory, upstre
 
 
 async def test_upstream_refusing_connections_is_502(make_client: ClientFactory, openai_schema: Any) -> None:
-    proxy = await _proxy(make_client, f"http://127.0.0.1:{_free_port()}")
+    proxy = await _proxy(make_client, f"http://127.0.0.1:{free_port()}")
     resp = await proxy.post("/v1/chat/completions", json=_chat())
     assert resp.status == 502
     body = await resp.json()
@@ -114,115 +118,7 @@ def test_openai_backend_needs_an_upstream_url() -> None:
 
 
 # ---- a scripted upstream: the shapes other engines send, and their faults ---------------------------
-
-
-def _sse(*events: Any, done: bool = True) -> bytes:
-    body = b"".join(b"data: " + (e if isinstance(e, bytes) else json.dumps(e).encode()) + b"\n\n" for e in events)
-    return body + (b"data: [DONE]\n\n" if done else b"")
-
-
-def _chunk(text: str, finish: str | None = None) -> dict[str, Any]:
-    return {
-        "id": "c1",
-        "object": "chat.completion.chunk",
-        "created": 1,
-        "model": "up",
-        "choices": [{"index": 0, "delta": {"content": text}, "finish_reason": finish}],
-    }
-
-
-USAGE = {
-    "id": "c1",
-    "object": "chat.completion.chunk",
-    "created": 1,
-    "model": "up",
-    "choices": [],
-    "usage": {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7},
-}
-
-
-def _vllm(text: str, finish: str | None = None) -> dict[str, Any]:
-    chunk = _chunk(text, finish)
-    chunk["choices"][0].update(logprobs=None, stop_reason=None)  # vLLM's extra field
-    return {**chunk, "system_fingerprint": None}
-
-
-def _sglang(text: str, finish: str | None = None) -> dict[str, Any]:
-    chunk = _chunk(text, finish)
-    chunk["choices"][0]["matched_stop"] = 2 if finish else None  # SGLang's extra field
-    return chunk
-
-
-SCRIPTS: dict[str, tuple[int, bytes]] = {
-    "llamacpp": (200, _sse(_chunk("Hel"), _chunk("lo", "stop"), {**USAGE, "timings": {"predicted_n": 2}})),
-    # vLLM sends the role first in an empty-content delta, and its per-request metrics when enabled.
-    "vllm": (
-        200,
-        _sse(
-            {
-                **_vllm(""),
-                "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}],
-            },
-            _vllm("Hel"),
-            _vllm("lo", "stop"),
-            {**USAGE, "metrics": {"time_to_first_token_ms": 3.0}},
-        ),
-    ),
-    "sglang": (200, _sse(_sglang("Hel"), _sglang("lo", "stop"), USAGE)),
-    # llama-server (b5000+): usage and timings on the last chunk, the one with choices and the finish reason.
-    "llamacpp-usage-on-last": (
-        200,
-        _sse(_chunk("Hel"), {**_chunk("lo", "stop"), "usage": USAGE["usage"], "timings": {"predicted_n": 2}}),
-    ),
-    "malformed": (200, _sse(_chunk("Hel"), b"{not json")),
-    "truncated": (200, _sse(_chunk("Hel"), done=False)),
-    "error-event": (200, _sse(_chunk("Hel"), {"error": {"message": "engine exploded"}})),
-    "not-found": (
-        404,
-        json.dumps(
-            {
-                "error": {
-                    "message": "model 'x' not here",
-                    "type": "NotFoundError",
-                    "code": "model_not_found",
-                    "param": "model",
-                }
-            }
-        ).encode(),
-    ),
-    "bad-request": (400, json.dumps({"error": {"message": "max_tokens too large", "code": 400}}).encode()),
-    "crash": (500, b"Internal Server Error"),
-}
-
-
-@pytest.fixture
-async def scripted(aiohttp_server: Any) -> AsyncIterator[tuple[str, dict[str, Any]]]:
-    """An upstream that answers each model name with its script; 'slow' never answers; records disconnects."""
-    seen: dict[str, Any] = {"bodies": [], "disconnects": 0}
-
-    async def handle(request: web.Request) -> web.StreamResponse:
-        body = await request.json()
-        seen["bodies"].append(body)
-        if body["model"] == "slow":
-            await asyncio.sleep(30)
-        if body["model"] == "endless":
-            response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-            await response.prepare(request)
-            try:
-                while True:
-                    await response.write(_sse(_chunk("x"), done=False))
-                    await asyncio.sleep(0.01)
-            except (ConnectionResetError, asyncio.CancelledError):
-                seen["disconnects"] += 1
-                raise
-        status, payload = SCRIPTS[body["model"]]
-        content_type = "text/event-stream" if status == 200 else "application/json"
-        return web.Response(status=status, body=payload, content_type=content_type)
-
-    app = web.Application()
-    app.router.add_post("/v1/chat/completions", handle)
-    server: TestServer = await aiohttp_server(app)
-    yield str(server.make_url("")).rstrip("/"), seen
+# (the ``scripted`` fixture, conftest.py: each model name is a script of tests/harness/upstream.py's ENGINE_SCRIPTS)
 
 
 @pytest.mark.parametrize(
@@ -235,7 +131,7 @@ async def scripted(aiohttp_server: Any) -> AsyncIterator[tuple[str, dict[str, An
     ],
 )
 async def test_engine_shapes_become_the_same_response(
-    make_client: ClientFactory, scripted: tuple[str, dict[str, Any]], shape: str, reported: dict[str, Any] | None
+    make_client: ClientFactory, scripted: tuple[str, ScriptedUpstream], shape: str, reported: dict[str, Any] | None
 ) -> None:
     url, seen = scripted
     proxy = await _proxy(make_client, url, upstream_model=shape)
@@ -245,8 +141,8 @@ async def test_engine_shapes_become_the_same_response(
     assert body["usage"]["total_tokens"] == 7
     assert body["metrics"]["completion_tokens"] == 2
     assert body["metrics"]["backend_reported"] == reported
-    assert seen["bodies"][0]["stream"] is True  # always streamed upstream, so we can time it
-    assert seen["bodies"][0]["stream_options"] == {"include_usage": True}
+    assert seen.bodies[0]["stream"] is True  # always streamed upstream, so we can time it
+    assert seen.bodies[0]["stream_options"] == {"include_usage": True}
     stream = await proxy.post("/v1/chat/completions", json=_chat(stream=True))
     chunks = stream_chunks(await stream.text())
     assert "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks) == "Hello"
@@ -266,7 +162,7 @@ async def test_engine_shapes_become_the_same_response(
 )
 async def test_upstream_faults_become_openai_errors(
     make_client: ClientFactory,
-    scripted: tuple[str, dict[str, Any]],
+    scripted: tuple[str, ScriptedUpstream],
     openai_schema: Any,
     script: str,
     status: int,
@@ -285,7 +181,7 @@ async def test_upstream_faults_become_openai_errors(
 
 @pytest.mark.parametrize("script", ["malformed", "truncated", "error-event"])
 async def test_broken_upstream_streams_end_with_an_error_event_then_done(
-    make_client: ClientFactory, scripted: tuple[str, dict[str, Any]], script: str
+    make_client: ClientFactory, scripted: tuple[str, ScriptedUpstream], script: str
 ) -> None:
     url, _ = scripted
     proxy = await _proxy(make_client, url, upstream_model=script)
@@ -297,7 +193,7 @@ async def test_broken_upstream_streams_end_with_an_error_event_then_done(
     assert json.loads(events[0][len("data: ") :])["choices"][0]["delta"]["content"] == "Hel"
 
 
-async def test_upstream_timeout_is_504(make_client: ClientFactory, scripted: tuple[str, dict[str, Any]]) -> None:
+async def test_upstream_timeout_is_504(make_client: ClientFactory, scripted: tuple[str, ScriptedUpstream]) -> None:
     url, _ = scripted
     proxy = await _proxy(make_client, url, upstream_model="slow", upstream_read_timeout_s=0.3)
     resp = await proxy.post("/v1/chat/completions", json=_chat())
@@ -306,33 +202,30 @@ async def test_upstream_timeout_is_504(make_client: ClientFactory, scripted: tup
 
 
 async def test_a_client_that_leaves_closes_the_upstream_request(
-    make_client: ClientFactory, scripted: tuple[str, dict[str, Any]]
+    make_client: ClientFactory, scripted: tuple[str, ScriptedUpstream]
 ) -> None:
     url, seen = scripted
     proxy = await _proxy(make_client, url, upstream_model="endless")
     resp = await proxy.post("/v1/chat/completions", json=_chat(stream=True))
     await resp.content.readline()
     resp.close()
-    for _ in range(500):  # generous: only catches a hang
-        if seen["disconnects"]:
-            break
-        await asyncio.sleep(0.01)
-    assert seen["disconnects"] == 1
+    await eventually_async(lambda: seen.disconnects)
+    assert seen.disconnects == 1
 
 
 async def test_ready_while_the_upstream_answers_and_not_once_it_is_gone(
-    make_client: ClientFactory, scripted: tuple[str, dict[str, Any]]
+    make_client: ClientFactory, scripted: tuple[str, ScriptedUpstream]
 ) -> None:
     url, _ = scripted
     proxy = await _proxy(make_client, url)
     assert (await proxy.get("/health/ready")).status == 200  # any answer below 500 counts: it is reachable
-    gone = await _proxy(make_client, f"http://127.0.0.1:{_free_port()}")
+    gone = await _proxy(make_client, f"http://127.0.0.1:{free_port()}")
     resp = await gone.get("/health/ready")
     assert (resp.status, await resp.json()) == (503, {"status": "unavailable", "models": [PROXIED]})
 
 
 async def test_usage_on_a_chunk_with_choices_is_counted_and_relayed_only_when_asked(
-    make_client: ClientFactory, scripted: tuple[str, dict[str, Any]]
+    make_client: ClientFactory, scripted: tuple[str, ScriptedUpstream]
 ) -> None:
     """llama-server's shape: the usage rides on the finishing chunk. It is counted (log, metrics, Prometheus)
     either way, and reaches a streaming client only if it asked for it, with our metrics beside it."""
@@ -371,7 +264,7 @@ async def lister(aiohttp_server: Any) -> AsyncIterator[tuple[str, list[dict[str,
 
     async def chat(request: web.Request) -> web.Response:
         bodies.append(await request.json())
-        payload = _sse({**_chunk("Hi", "stop"), "model": bodies[-1]["model"]}, USAGE)
+        payload = sse({**chunk("Hi", "stop"), "model": bodies[-1]["model"]}, USAGE)
         return web.Response(body=payload, content_type="text/event-stream")
 
     app = web.Application()
@@ -404,12 +297,15 @@ async def test_a_listing_that_breaks_the_api_is_a_loading_failure(
         await upstream_model_ids(f"{url}/{listing}/v1", aiohttp.ClientTimeout(total=10))
 
 
-def test_a_process_whose_upstream_cannot_be_listed_exits_unavailable_with_one_clear_line() -> None:
+def test_a_process_whose_upstream_cannot_be_listed_exits_unavailable_with_one_clear_line(tmp_path: Path) -> None:
     """Connection refused: the process does not start half alive, and its exit status is one a supervisor retries
     (the upstream may still be starting), not a model that cannot load."""
-    port = _free_port()
-    proc = _start(BACKEND="openai", UPSTREAM_URL=f"http://127.0.0.1:{_free_port()}/v1", SERVER_PORT=str(port))
-    _, err = proc.communicate(timeout=60)
+    with ServerProcess(
+        tmp_path / "server.log", BACKEND="openai", UPSTREAM_URL=f"http://127.0.0.1:{free_port()}/v1"
+    ) as server:
+        proc = server.proc
+        proc.wait(timeout=60)
+        err = server.log()
     assert proc.returncode == ExitStatus.UNAVAILABLE
     assert "upstream_unavailable" in err and "cannot list the upstream's models" in err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
@@ -429,7 +325,7 @@ def _logprob(token: str) -> dict[str, Any]:
 
 # vLLM's shapes: reasoning first, then two tool calls streamed OpenAI's way (id, type and name once, arguments in
 # pieces), logprobs per token, vLLM's stop_reason on the last choice.
-RICH = _sse(
+RICH = sse(
     _delta(role="assistant", content=""),
     _delta(reasoning_content="Think", logprobs=_logprob("Think")),
     _delta(reasoning_content="ing.", logprobs=_logprob("ing.")),
@@ -472,7 +368,7 @@ async def test_tool_calls_reasoning_and_logprobs_are_relayed_and_assembled_field
 
 
 async def test_the_gateway_forwards_what_the_engine_behind_it_may_take(
-    make_client: ClientFactory, scripted: tuple[str, dict[str, Any]]
+    make_client: ClientFactory, scripted: tuple[str, ScriptedUpstream]
 ) -> None:
     """Tools, structured output, logprobs, penalties, vendor extensions, tool results and image parts are the
     upstream's to accept or refuse: relayed as sent (only the model and streaming with usage are ours)."""
@@ -504,7 +400,7 @@ async def test_the_gateway_forwards_what_the_engine_behind_it_may_take(
     }
     resp = await proxy.post("/v1/chat/completions", json=_chat(messages=messages, **extras))
     assert resp.status == 200, await resp.text()
-    sent = seen["bodies"][-1]
+    sent = seen.bodies[-1]
     assert {name: sent[name] for name in extras} == extras
     assert sent["messages"][0]["content"][1] == messages[0]["content"][1]
     assert sent["messages"][1] == messages[1]  # its explicit null content included

@@ -16,8 +16,8 @@ import pytest
 from packaging.requirements import Requirement
 
 from genai_server import __version__
-from tests.conftest import MODEL_ID
-from tests.test_process import REPO, _env, _free_port, _wait_healthy
+from tests.harness.bodies import MODEL_ID
+from tests.harness.process import REPO, ServerProcess
 
 pytestmark = pytest.mark.timeout(600)  # a build and a pip install with every dependency
 
@@ -65,31 +65,25 @@ def test_the_wheel_declares_what_requirements_txt_lists(dist: Path) -> None:
 
 
 @pytest.fixture
-def installed_server(installed: Path, tmp_path: Path) -> Iterator[tuple[int, subprocess.Popen[str]]]:
+def installed_server(installed: Path, tmp_path: Path) -> Iterator[ServerProcess]:
     """``genai-server`` from that virtualenv, started in an empty folder so that nothing of the checkout is seen."""
-    port = _free_port()
-    env = {key: value for key, value in _env(LOG_FORMAT="json").items() if key not in ("PYTHONPATH", "VIRTUAL_ENV")}
-    env["PATH"] = f"{installed}{os.pathsep}{env.get('PATH', '')}"
-    proc = subprocess.Popen(
-        [str(installed / "genai-server"), "--port", str(port)],
-        cwd=tmp_path,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        _wait_healthy(proc, port, timeout=120)
-        yield port, proc
-    finally:
-        proc.kill()
-        proc.communicate()
+    folder = tmp_path / "empty"
+    folder.mkdir()
+    with ServerProcess(
+        tmp_path / "server.log",
+        command=[str(installed / "genai-server")],
+        cwd=folder,
+        unset=("PYTHONPATH", "VIRTUAL_ENV"),
+        PATH=f"{installed}{os.pathsep}{os.environ.get('PATH', '')}",
+        LOG_FORMAT="json",
+    ) as server:
+        yield server.wait_healthy(timeout=120)
 
 
 def test_the_installed_console_script_serves_the_bundled_model(
-    installed: Path, installed_server: tuple[int, subprocess.Popen[str]]
+    installed: Path, installed_server: ServerProcess
 ) -> None:
-    port, proc = installed_server
+    port, proc = installed_server.port, installed_server.proc
     version = subprocess.run([str(installed / "genai-server"), "--version"], capture_output=True, text=True, check=True)
     assert version.stdout.startswith(f"genai-server {__version__} ")
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=10) as resp:
@@ -104,7 +98,8 @@ def test_the_installed_console_script_serves_the_bundled_model(
         answer = json.loads(resp.read())
     assert answer["choices"][0]["message"]["role"] == "assistant" and answer["usage"]["completion_tokens"] > 0
     proc.terminate()
-    _, log = proc.communicate(timeout=60)
+    proc.wait(timeout=60)
+    log = installed_server.log()
     assert proc.returncode == 0
     loaded = next(json.loads(line) for line in log.splitlines() if '"model loaded"' in line)
     assert Path(loaded["model_path"]).is_relative_to(installed.parent), "the model came with the package"

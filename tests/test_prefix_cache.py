@@ -14,7 +14,9 @@ from typing import Any
 from aiohttp.test_utils import TestClient
 
 from genai_server.settings import BUNDLED_MODEL
-from tests.conftest import MODEL_ID, ClientFactory, assert_same_greedy_text, chat_body, metric_sample, stream_chunks
+from tests.harness.bodies import MODEL_ID, chat_body
+from tests.harness.in_process import ClientFactory
+from tests.harness.responses import assert_same_greedy_text, metric_sample, stream_chunks
 
 SEEDS = [f"Story number {i} about a {w}" for i, w in enumerate(["river", "cat", "storm", "lamp", "tower", "bird"] * 4)]
 QUESTION = " And then what happened next in the story?"

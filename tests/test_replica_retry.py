@@ -12,10 +12,9 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from tests.conftest import ClientFactory, metric_sample, stream_chunks
-from tests.test_ollama import CHAT as OLLAMA_ANSWER
-from tests.test_ollama import _lines
-from tests.test_openai_upstream import USAGE, _chunk, _sse
+from tests.harness.in_process import ClientFactory
+from tests.harness.responses import metric_sample, stream_chunks
+from tests.harness.upstream import OLLAMA_CHAT, USAGE, chunk, ndjson, sse
 
 MODEL = "replicated"
 
@@ -34,11 +33,11 @@ DIALECTS = {
         "/chat/completions",
         "/models",
         "text/event-stream",
-        _sse(_chunk("Hi"), _chunk(" there!", "stop"), USAGE),
-        _sse({"error": {"message": "out of memory"}}),
+        sse(chunk("Hi"), chunk(" there!", "stop"), USAGE),
+        sse({"error": {"message": "out of memory"}}),
     ),
     "ollama": Dialect(
-        "", "/api/chat", "/api/version", "application/x-ndjson", OLLAMA_ANSWER, _lines({"error": "out of memory"})
+        "", "/api/chat", "/api/version", "application/x-ndjson", OLLAMA_CHAT, ndjson({"error": "out of memory"})
     ),
 }
 Reply = Callable[[web.Request, Dialect], Awaitable[web.StreamResponse]]

@@ -7,16 +7,18 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
-import time
 import urllib.request
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
 
-from tests.conftest import MODEL_ID, chat_body, metric_sample
-from tests.test_hostile import Server
+from tests.harness.bodies import MODEL_ID, chat_body
+from tests.harness.process import ServerProcess
+from tests.harness.responses import metric_sample
+from tests.harness.waiting import eventually, eventually_async
 
 pytestmark = pytest.mark.timeout(300)
 MODEL = "replicated"
@@ -28,19 +30,20 @@ class Fleet:
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
-        self.upstreams = [Server(folder / f"upstream-{i}.log") for i in range(3)]
+        self.upstreams = [ServerProcess(folder / f"upstream-{i}.log") for i in range(3)]
         urls = ", ".join(f'"{upstream.url}/v1"' for upstream in self.upstreams)
         models = folder / "models.toml"
         models.write_text(
             f'[[models]]\nid = "{MODEL}"\nbackend = "openai"\nupstream_model = "{MODEL_ID}"\nurls = [{urls}]\n'
         )
-        self.gateway = Server(folder / "gateway.log", MODELS_FILE=str(models), LOG_FORMAT="json")
+        self.gateway = ServerProcess(folder / "gateway.log", MODELS_FILE=str(models), LOG_FORMAT="json")
 
     def restart(self, index: int) -> None:
         """The replica back, on its own address."""
         self.upstreams[index].stop()
         port = self.upstreams[index].port
-        self.upstreams[index] = Server(self.folder / f"upstream-{index}-again.log", port=port).wait_healthy()
+        self.upstreams[index] = ServerProcess(self.folder / f"upstream-{index}-again.log", port=port)
+        self.upstreams[index].wait_healthy()  # stopped with the fleet even if it never comes up
 
     def replica(self, index: int) -> str:
         return f"{self.upstreams[index].url}/v1"
@@ -64,14 +67,12 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
 
 
 def _wait_admitted(fleet: Fleet) -> None:
-    deadline = time.monotonic() + SETTLE_S
-    while True:
+    def admitted() -> bool:
         with urllib.request.urlopen(f"{fleet.gateway.url}/metrics", timeout=10) as resp:
             text = resp.read().decode()
-        if all(_healthy(text, fleet, i) for i in range(3)):
-            return
-        assert time.monotonic() < deadline, "a replica was never admitted"
-        time.sleep(0.2)
+        return all(_healthy(text, fleet, i) for i in range(3))
+
+    eventually(admitted, timeout=SETTLE_S, interval=0.2, what="every replica admitted")
 
 
 def _healthy(text: str, fleet: Fleet, index: int) -> bool:
@@ -87,6 +88,17 @@ async def session() -> AsyncIterator[aiohttp.ClientSession]:
 async def _metrics(session: aiohttp.ClientSession, fleet: Fleet) -> str:
     async with session.get(f"{fleet.gateway.url}/metrics") as resp:
         return await resp.text()
+
+
+async def _ejected(session: aiohttp.ClientSession, fleet: Fleet) -> bool:
+    """Replica 1 counted unhealthy, and its ejection logged."""
+    log = [json.loads(line) for line in fleet.gateway.log_lines()]
+    logged = any(line["message"] == "replica ejected" and line["replica"] == fleet.replica(1) for line in log)
+    return logged and not _healthy(await _metrics(session, fleet), fleet, 1)
+
+
+async def _readmitted(session: aiohttp.ClientSession, fleet: Fleet) -> bool:
+    return _healthy(await _metrics(session, fleet), fleet, 1)
 
 
 def _requests(text: str, fleet: Fleet) -> list[float]:
@@ -133,13 +145,15 @@ async def test_a_replica_killed_mid_run_costs_no_error_before_the_first_byte(
             outcomes.append(await _stream(session, fleet))
 
     clients = [asyncio.create_task(client()) for _ in range(6)]
-    await asyncio.sleep(1.0)
+    await asyncio.sleep(1.0)  # the clients' pace: they stream a while before the kill, and a while after it
     fleet.upstreams[1].proc.send_signal(signal.SIGKILL)
     await asyncio.sleep(3.0)
     stop.set()
     await asyncio.gather(*clients)
     assert all(outcome in ("ok", "error after the first byte") for outcome in outcomes), outcomes
     assert outcomes.count("ok") >= len(outcomes) - 6  # at most the streams the killed replica was serving
+    # The gateway ejects the replica on a failed request or its next probe (every 2 s), whichever comes first.
+    await eventually_async(lambda: _ejected(session, fleet), timeout=SETTLE_S, interval=0.2)
     metrics = await _metrics(session, fleet)
     assert metric_sample(metrics, "genai_server_upstream_replica_healthy", model=MODEL, replica=fleet.replica(1)) == 0
     async with session.get(f"{fleet.gateway.url}/health/ready") as resp:
@@ -148,10 +162,9 @@ async def test_a_replica_killed_mid_run_costs_no_error_before_the_first_byte(
     assert any(line["message"] == "replica ejected" and line["replica"] == fleet.replica(1) for line in log)
 
     fleet.restart(1)
-    deadline = time.monotonic() + SETTLE_S
-    while not _healthy(await _metrics(session, fleet), fleet, 1):
-        assert time.monotonic() < deadline, "the replica was never re-admitted"
-        await asyncio.sleep(0.2)
+    await eventually_async(
+        lambda: _readmitted(session, fleet), timeout=SETTLE_S, interval=0.2, what="the replica re-admitted"
+    )
     before = _requests(await _metrics(session, fleet), fleet)[1]
     assert await asyncio.gather(*[_stream(session, fleet) for _ in range(9)]) == ["ok"] * 9
     assert _requests(await _metrics(session, fleet), fleet)[1] > before, "the re-admitted replica takes work again"
@@ -161,11 +174,13 @@ async def test_readiness_needs_one_replica_of_every_model(session: aiohttp.Clien
     """Runs last: stops every replica."""
     for upstream in fleet.upstreams:
         upstream.stop()
-    deadline = time.monotonic() + SETTLE_S
-    while True:
+
+    async def unready() -> Any:
+        """The readiness answer once it is a 503 (until the probes notice, still ready)."""
         async with session.get(f"{fleet.gateway.url}/health/ready") as resp:
-            if resp.status == 503:
-                assert (await resp.json())["models"] == [MODEL]
-                break
-        assert time.monotonic() < deadline, "readiness never noticed that no replica answers"
-        await asyncio.sleep(0.2)
+            return await resp.json() if resp.status == 503 else None
+
+    answer = await eventually_async(
+        unready, timeout=SETTLE_S, interval=0.2, what="readiness noticing that no replica answers"
+    )
+    assert answer["models"] == [MODEL]

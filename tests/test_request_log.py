@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import chat_body
+from tests.harness.bodies import chat_body
 
 
 async def test_request_id_is_echoed_or_generated(client: Any) -> None:

@@ -6,7 +6,9 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from tests.conftest import MODEL_ID, ClientFactory, chat_body, metric_sample
+from tests.harness.bodies import MODEL_ID, chat_body
+from tests.harness.in_process import ClientFactory
+from tests.harness.responses import metric_sample
 
 # gen-ai-metrics.md, "Metric: gen_ai.server.*": the explicit bucket boundaries the spec advises.
 SPEC_BUCKETS = {

@@ -14,7 +14,9 @@ from typing import Any
 
 import jsonschema
 
-from tests.conftest import MODEL_ID, ClientFactory, chat_body, stream_chunks
+from tests.harness.bodies import MODEL_ID, chat_body
+from tests.harness.in_process import ClientFactory
+from tests.harness.responses import stream_chunks
 
 # Every value bounded: a random model cannot write past it, so every answer ends on its own.
 BOUNDED = {

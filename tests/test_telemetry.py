@@ -11,7 +11,10 @@ import openai
 from aiohttp.test_utils import TestServer
 
 from genai_server.app import create_app
-from tests.conftest import MODEL_ID, chat_body, long_stream, make_settings, metric_sample, stream_chunks
+from tests.harness.bodies import MODEL_ID, chat_body, long_stream
+from tests.harness.in_process import make_settings
+from tests.harness.responses import metric_sample, stream_chunks
+from tests.harness.waiting import eventually_async
 
 METRIC_KEYS = {
     "queue_time_ms",
@@ -154,19 +157,18 @@ async def test_prometheus_metrics_count_requests_tokens_and_latencies(make_clien
     assert _gauge(running, "genai_server_num_requests_running") == 1
     stream.close()  # a client that leaves mid-stream
 
-    deadline = time.monotonic() + 10
-    while True:
+    async def counted() -> str | None:
+        """The exposition once it counts the disconnect (no sample at all until the first one)."""
         resp = await client.get("/metrics")
         assert resp.status == 200
         assert resp.headers["Content-Type"].startswith("text/plain")
         text = await resp.text()
         try:
-            if metric_sample(text, "genai_server_client_disconnects_total", **labels) == 1:
-                break
+            return text if metric_sample(text, "genai_server_client_disconnects_total", **labels) == 1 else None
         except AssertionError:
-            pass
-        assert time.monotonic() < deadline, "the disconnect was never counted"
-        await asyncio.sleep(0.02)
+            return None
+
+    text = await eventually_async(counted, what="the disconnect counted")
     assert metric_sample(text, "genai_server_requests_total", status="200", **labels) == 1
     assert metric_sample(text, "genai_server_requests_total", status="499", **labels) == 1  # the client left
     # Refused before reaching a backend: no model label from the request.
@@ -180,6 +182,10 @@ async def test_prometheus_metrics_count_requests_tokens_and_latencies(make_clien
     assert "process_resident_memory_bytes" in text
 
 
+async def _waiting(client: Any, count: int) -> bool:
+    return _gauge(await (await client.get("/metrics")).text(), "genai_server_num_requests_waiting") == count
+
+
 async def test_waiting_counts_requests_queued_for_a_slot(make_client: Any) -> None:
     """vLLM's num_requests_waiting meaning (accepted, not yet running), which an autoscaler reads."""
     client = await make_client(max_concurrent_requests=1, max_queued_requests=4)
@@ -187,10 +193,7 @@ async def test_waiting_counts_requests_queued_for_a_slot(make_client: Any) -> No
     while b'"content"' not in await stream.content.readline():
         pass  # generating: the one slot is taken
     queued = asyncio.ensure_future(client.post("/v1/chat/completions", json=chat_body(max_tokens=2)))
-    deadline = time.monotonic() + 10
-    while _gauge(await (await client.get("/metrics")).text(), "genai_server_num_requests_waiting") != 1:
-        assert time.monotonic() < deadline, "the queued request never showed as waiting"
-        await asyncio.sleep(0.01)
+    await eventually_async(lambda: _waiting(client, 1), what="the queued request showing as waiting")
     stream.close()
     assert (await queued).status == 200
     assert _gauge(await (await client.get("/metrics")).text(), "genai_server_num_requests_waiting") == 0
@@ -214,7 +217,7 @@ async def test_a_router_may_ask_for_the_load_on_each_response(make_client: Any) 
             "/v1/chat/completions", json=chat_body(max_tokens=2), headers={"endpoint-load-metrics-format": "json"}
         )
     )
-    await asyncio.sleep(0.2)  # it waits for the slot
+    await eventually_async(lambda: _waiting(client, 1), what="the request waiting for the slot")
     stream.close()
     answer = await queued
     kind, payload = answer.headers["endpoint-load-metrics"].split(" ", 1)

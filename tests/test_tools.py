@@ -19,7 +19,9 @@ import pytest
 
 from genai_server.embedded.tool_calls import HERMES, LLAMA3_JSON, PHI4_MINI, CallFormat, CallReader
 from genai_server.settings import BUNDLED_MODEL
-from tests.conftest import ClientFactory, chat_body, stream_chunks
+from tests.harness.bodies import chat_body
+from tests.harness.in_process import ClientFactory
+from tests.harness.responses import stream_chunks
 
 WEATHER = {
     "type": "object",

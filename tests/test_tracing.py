@@ -17,9 +17,10 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind, StatusCode
 
 from genai_server.app import create_app
-from tests.conftest import MODEL_ID, chat_body, make_settings
-from tests.test_hostile import AppInThread, Server
-from tests.test_openai_upstream import USAGE, _chunk, _sse
+from tests.harness.bodies import MODEL_ID, chat_body
+from tests.harness.in_process import make_settings
+from tests.harness.process import ServerProcess
+from tests.harness.upstream import USAGE, AppInThread, Reply, ScriptedUpstream, chunk, sse
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 CLIENT_PARENT = f"00-{TRACE_ID}-00f067aa0ba902b7-01"
@@ -74,18 +75,10 @@ async def test_one_genai_span_per_generation_request() -> None:
 @pytest.fixture
 async def recording_upstream() -> Any:
     """An OpenAI-style upstream that records the headers each request came with."""
-    seen: list[dict[str, str]] = []
-
-    async def chat(request: web.Request) -> web.Response:
-        seen.append(dict(request.headers))
-        body = _sse(_chunk("Hi", "stop"), USAGE)
-        return web.Response(body=body, headers={"Content-Type": "text/event-stream"})
-
-    app = web.Application()
-    app.router.add_post("/v1/chat/completions", chat)
-    server = TestServer(app)
+    upstream = ScriptedUpstream({}, default=Reply(sse(chunk("Hi", "stop"), USAGE)))
+    server = TestServer(upstream.app())
     await server.start_server()
-    yield f"http://127.0.0.1:{server.port}/v1", seen
+    yield f"http://127.0.0.1:{server.port}/v1", upstream.headers
     await server.close()
 
 
@@ -168,7 +161,7 @@ def collector() -> Iterator[Collector]:
 
 
 async def test_a_real_process_exports_its_spans_over_otlp(collector: Collector, tmp_path: Path) -> None:
-    server = Server(
+    server = ServerProcess(
         tmp_path / "server.log",
         OTEL_EXPORTER_OTLP_ENDPOINT=f"http://127.0.0.1:{collector.port}",
         OTEL_SERVICE_NAME="genai-server-under-test",

@@ -14,8 +14,8 @@ import aiohttp
 import pytest
 
 from genai_server.settings import BUNDLED_MODEL
-from tests.conftest import chat_body
-from tests.test_hostile import Server
+from tests.harness.bodies import chat_body
+from tests.harness.process import ServerProcess
 
 _BARE_ENGINE = """
 import sys
@@ -71,7 +71,7 @@ async def test_the_server_leaves_no_telemetry_behind_where_the_bare_runtime_does
     subprocess.run([sys.executable, "-c", _BARE_ENGINE, str(BUNDLED_MODEL)], env=_home(bare), check=True, timeout=120)
     assert any("onnxruntime" in path for path in _left_behind(bare)), _left_behind(bare)
 
-    server = Server(tmp_path / "server.log", HOME=str(served))
+    server = ServerProcess(tmp_path / "server.log", HOME=str(served))
     try:
         server.wait_healthy()
         async with (

@@ -1,0 +1,276 @@
+"""The engines a gateway relays to, scripted: what they send when all goes well, and every way they break.
+
+``ScriptedUpstream`` is the one scripted OpenAI-style engine: each model name a client asks for is a script (an
+answer, a stream that never ends, a stall). It records what it was sent and counts the requests it saw leave. It is
+served in the test's process (``app()`` for pytest-aiohttp's ``aiohttp_server``) when the server under test is in
+the process too, or from a thread of its own (``with upstream:``) when the server under test is another process.
+``AppInThread`` is that thread, for any app of the test's own (an OTLP collector, say).
+
+The pieces scripts are made of are here too: ``sse`` and ``chunk`` (OpenAI's stream), ``USAGE`` (its usage chunk),
+``ndjson`` and ``OLLAMA_CHAT`` (Ollama's native stream), and ``ENGINE_SCRIPTS`` (the shapes real engines send, and
+their faults).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Self
+
+from aiohttp import web
+
+# ---- OpenAI's stream ------------------------------------------------------------------------------------------
+
+
+def sse(*events: Any, done: bool = True) -> bytes:
+    """Server-sent events, one per JSON value (or raw bytes), ending with ``[DONE]`` unless ``done`` is false."""
+    body = b"".join(b"data: " + (e if isinstance(e, bytes) else json.dumps(e).encode()) + b"\n\n" for e in events)
+    return body + (b"data: [DONE]\n\n" if done else b"")
+
+
+def chunk(text: str, finish: str | None = None) -> dict[str, Any]:
+    """One chat completion chunk with ``text`` as its delta."""
+    return {
+        "id": "c1",
+        "object": "chat.completion.chunk",
+        "created": 1,
+        "model": "up",
+        "choices": [{"index": 0, "delta": {"content": text}, "finish_reason": finish}],
+    }
+
+
+# The usage chunk OpenAI sends last when asked for it: no choices.
+USAGE = {
+    "id": "c1",
+    "object": "chat.completion.chunk",
+    "created": 1,
+    "model": "up",
+    "choices": [],
+    "usage": {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7},
+}
+
+# ---- Ollama's stream ------------------------------------------------------------------------------------------
+
+
+def ndjson(*items: dict[str, Any]) -> bytes:
+    """Newline-delimited JSON, Ollama's stream."""
+    return b"".join(json.dumps(item).encode() + b"\n" for item in items)
+
+
+# The timings Ollama reports on its last line, in nanoseconds.
+OLLAMA_DURATIONS = {
+    "total_duration": 5_000_000,
+    "load_duration": 1_000,
+    "prompt_eval_count": 7,
+    "prompt_eval_duration": 2_000_000,
+    "eval_count": 3,
+    "eval_duration": 3_000_000,
+}
+# Ollama's /api/chat answer: "Hi there!" in three lines, cut by its length limit.
+OLLAMA_CHAT = ndjson(
+    {"model": "q", "message": {"role": "assistant", "content": "Hi"}, "done": False},
+    {"model": "q", "message": {"role": "assistant", "content": " there"}, "done": False},
+    {
+        "model": "q",
+        "message": {"role": "assistant", "content": "!"},
+        "done": True,
+        "done_reason": "length",
+        **OLLAMA_DURATIONS,
+    },
+)
+
+# ---- scripts --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Reply:
+    """A whole answer at once: a status, a body, headers."""
+
+    body: bytes
+    status: int = 200
+    content_type: str = "text/event-stream"
+    headers: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Endless:
+    """A 200 stream that never ends: ``piece`` again and again, every ``interval`` seconds, until the client leaves
+    (which the upstream counts)."""
+
+    piece: bytes
+    interval: float = 0.01
+
+
+@dataclass(frozen=True)
+class Stall:
+    """No answer for ``seconds`` (an engine that hangs): what a read timeout is for. Part of the script, not a wait
+    of the test's."""
+
+    seconds: float = 30.0
+
+
+Script = Reply | Endless | Stall
+
+
+def _vllm(text: str, finish: str | None = None) -> dict[str, Any]:
+    piece = chunk(text, finish)
+    piece["choices"][0].update(logprobs=None, stop_reason=None)  # vLLM's extra field
+    return {**piece, "system_fingerprint": None}
+
+
+def _sglang(text: str, finish: str | None = None) -> dict[str, Any]:
+    piece = chunk(text, finish)
+    piece["choices"][0]["matched_stop"] = 2 if finish else None  # SGLang's extra field
+    return piece
+
+
+def _json(payload: Any, status: int) -> Reply:
+    return Reply(json.dumps(payload).encode(), status=status, content_type="application/json")
+
+
+# The shapes other engines send for "Hello" (and their per-request figures), and the faults they have.
+ENGINE_SCRIPTS: dict[str, Script] = {
+    "llamacpp": Reply(sse(chunk("Hel"), chunk("lo", "stop"), {**USAGE, "timings": {"predicted_n": 2}})),
+    # vLLM sends the role first in an empty-content delta, and its per-request metrics when enabled.
+    "vllm": Reply(
+        sse(
+            {
+                **_vllm(""),
+                "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}],
+            },
+            _vllm("Hel"),
+            _vllm("lo", "stop"),
+            {**USAGE, "metrics": {"time_to_first_token_ms": 3.0}},
+        )
+    ),
+    "sglang": Reply(sse(_sglang("Hel"), _sglang("lo", "stop"), USAGE)),
+    # llama-server (b5000+): usage and timings on the last chunk, the one with choices and the finish reason.
+    "llamacpp-usage-on-last": Reply(
+        sse(chunk("Hel"), {**chunk("lo", "stop"), "usage": USAGE["usage"], "timings": {"predicted_n": 2}})
+    ),
+    "malformed": Reply(sse(chunk("Hel"), b"{not json")),
+    "truncated": Reply(sse(chunk("Hel"), done=False)),
+    "error-event": Reply(sse(chunk("Hel"), {"error": {"message": "engine exploded"}})),
+    "not-found": _json(
+        {
+            "error": {
+                "message": "model 'x' not here",
+                "type": "NotFoundError",
+                "code": "model_not_found",
+                "param": "model",
+            }
+        },
+        404,
+    ),
+    "bad-request": _json({"error": {"message": "max_tokens too large", "code": 400}}, 400),
+    "crash": Reply(b"Internal Server Error", status=500, content_type="application/json"),
+    "slow": Stall(30.0),
+    "endless": Endless(sse(chunk("x"), done=False), interval=0.01),
+}
+
+# ---- serving --------------------------------------------------------------------------------------------------
+
+
+class AppInThread:
+    """An aiohttp app of the test's own, served on a free port by a thread with its own loop, for a server process
+    under test to talk to; a subclass adds its routes in ``routes``. A context manager: up on enter (``port`` and
+    ``url`` set), down on exit. ``app()`` builds the same app for serving in the test's own loop instead."""
+
+    port: int
+
+    def routes(self, app: web.Application) -> None:
+        raise NotImplementedError
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        self.routes(app)
+        return app
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def __enter__(self) -> Self:
+        self._loop = asyncio.new_event_loop()
+        self._started = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        assert self._started.wait(10), "the app's thread did not start serving"
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+        self._loop.close()
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        runner = web.AppRunner(self.app(), handler_cancellation=True)
+        self._loop.run_until_complete(runner.setup())
+        site = web.TCPSite(runner, "127.0.0.1", 0)  # the OS picks the port: no race for a free one
+        self._loop.run_until_complete(site.start())
+        self.port = int(runner.addresses[0][1])
+        self._started.set()
+        self._loop.run_forever()
+        self._loop.run_until_complete(runner.cleanup())
+
+
+class ScriptedUpstream(AppInThread):
+    """An OpenAI-style engine: ``POST /v1/chat/completions`` answers the model it is asked for with that model's
+    script (``default`` for any other), and ``GET /v1/models`` answers ``listing`` when one is given (none by
+    default, so a probe there gets a 404).
+
+    ``bodies`` and ``headers`` are what each request came with; ``started`` counts the endless streams begun and
+    ``disconnects`` those whose client left, which a test polls to see a relay start and end."""
+
+    def __init__(
+        self,
+        scripts: Mapping[str, Script] = ENGINE_SCRIPTS,
+        *,
+        default: Script | None = None,
+        listing: Any = None,
+    ) -> None:
+        self.scripts = scripts
+        self.default = default
+        self.listing = listing
+        self.bodies: list[dict[str, Any]] = []
+        self.headers: list[dict[str, str]] = []
+        self.started = 0
+        self.disconnects = 0
+
+    def routes(self, app: web.Application) -> None:
+        app.router.add_post("/v1/chat/completions", self._chat)
+        if self.listing is not None:
+            app.router.add_get("/v1/models", self._models)
+
+    async def _models(self, request: web.Request) -> web.Response:
+        return web.json_response(self.listing)
+
+    async def _chat(self, request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        self.bodies.append(body)
+        self.headers.append(dict(request.headers))
+        script = self.scripts.get(body["model"], self.default)
+        assert script is not None, f"no script for model {body['model']!r}"
+        if isinstance(script, Stall):
+            await asyncio.sleep(script.seconds)
+            return web.Response(status=504)
+        if isinstance(script, Endless):
+            return await self._endless(request, script)
+        headers = {"Content-Type": script.content_type, **script.headers}
+        return web.Response(status=script.status, body=script.body, headers=headers)
+
+    async def _endless(self, request: web.Request, script: Endless) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        self.started += 1
+        try:
+            while True:
+                await response.write(script.piece)
+                await asyncio.sleep(script.interval)
+        except (ConnectionResetError, asyncio.CancelledError):
+            self.disconnects += 1
+            raise
