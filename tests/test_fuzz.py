@@ -16,6 +16,8 @@ from hypothesis import strategies as st
 from tests.harness.bodies import MODEL_ID
 from tests.harness.process import ServerProcess
 
+pytestmark = pytest.mark.slow  # hundreds of fuzzed requests: `-m 'not slow'` leaves them out of a quick run
+
 # Enough to find what a fuzzer finds in seconds, few enough for CI on 2 cores.
 EXAMPLES = 60
 

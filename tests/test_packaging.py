@@ -19,7 +19,8 @@ from genai_server import __version__
 from tests.harness.bodies import MODEL_ID
 from tests.harness.process import REPO, ServerProcess
 
-pytestmark = pytest.mark.timeout(600)  # a build and a pip install with every dependency
+# A build and a pip install with every dependency: minutes, and `-m 'not slow'` leaves them out of a quick run.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 
 @pytest.fixture(scope="module")

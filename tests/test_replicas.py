@@ -20,7 +20,8 @@ from tests.harness.process import ServerProcess
 from tests.harness.responses import metric_sample
 from tests.harness.waiting import eventually, eventually_async
 
-pytestmark = pytest.mark.timeout(300)
+# Four processes on the bundled model: `-m 'not slow'` leaves them out of a quick run.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 MODEL = "replicated"
 SETTLE_S = 20.0  # generous: a few health-probe rounds (2 s each)
 
