@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncGenerator, Awaitable
 from dataclasses import dataclass
+from typing import Any
 
 from genai_server.backends import Backend, Response, Result
 from genai_server.errors import InvalidRequest, ModelNotFound, ShuttingDown
@@ -139,21 +140,43 @@ async def _timed(pending: Awaitable[Result], stats: RequestTelemetry) -> Result:
         stats.finish()  # refused or failed before any answer: stop watching the GPU for it
         raise
     if isinstance(result, AsyncGenerator):
-        return _timed_stream(result, stats)
+        return _TimedStream(result, stats)
     stats.finish()
     return _with_figures(result, stats)
 
 
-async def _timed_stream(chunks: AsyncGenerator[Response, None], stats: RequestTelemetry) -> AsyncGenerator[Response]:
-    try:
-        async for chunk in chunks:
-            if _usage(chunk) is not None:
-                stats.finish()
-                chunk = _with_figures(chunk, stats)
-            yield chunk
-    finally:
-        await chunks.aclose()  # a client that left: its generation is cancelled now
-        stats.finish()
+class _TimedStream(AsyncGenerator[Response, None]):
+    """A backend's stream with the request's clock stopped at its usage chunk, its end, its failure or its
+    cancellation; closing it closes the backend's stream and stops the clock even if it never started (an async
+    generator that never started would skip its ``finally``: a client gone before the first chunk)."""
+
+    def __init__(self, chunks: AsyncGenerator[Response, None], stats: RequestTelemetry) -> None:
+        self._chunks = chunks
+        self._stats = stats
+
+    async def asend(self, value: None) -> Response:
+        try:
+            chunk = await self._chunks.asend(value)
+        except BaseException:  # its end, its failure, or the client leaving: generation is over
+            self._stats.finish()
+            raise
+        if _usage(chunk) is None:
+            return chunk
+        self._stats.finish()
+        return _with_figures(chunk, self._stats)
+
+    async def athrow(self, typ: Any, val: Any = None, tb: Any = None, /) -> Response:
+        try:
+            return await self._chunks.athrow(typ, val, tb)
+        except BaseException:
+            self._stats.finish()
+            raise
+
+    async def aclose(self) -> None:
+        try:
+            await self._chunks.aclose()  # a client that left: its generation is cancelled now
+        finally:
+            self._stats.finish()
 
 
 def _usage(response: Response) -> object:

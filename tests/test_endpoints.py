@@ -44,6 +44,26 @@ async def test_an_unknown_route_is_named_in_its_404(client: Any) -> None:
     assert "Allow" not in resp.headers
 
 
+async def test_an_unknown_route_is_named_without_the_bytes_a_path_can_smuggle(client: Any) -> None:
+    """A decoded path can hold line breaks, NUL or terminal escapes: the message shows them escaped, and short."""
+    resp = await client.get("/v1/x%0Ay%00z%1b[31m" + "a" * 5000)
+    assert resp.status == 404
+    message = (await resp.json())["error"]["message"]
+    assert message.startswith("Invalid URL (GET /v1/x\\x0ay\\x00z\\x1b[31m")
+    assert message.isprintable() and len(message) < 300
+
+
+async def test_head_is_answered_where_get_is_and_a_wrong_method_on_a_public_path_is_405(make_client: Any) -> None:
+    client = await make_client(api_keys="k1")
+    assert (await client.head("/health")).status == 200, "public, as GET is"
+    assert (await client.head("/v1/models")).status == 401, "behind the key, as GET is"
+    assert (await client.head("/v1/models", headers={"Authorization": "Bearer k1"})).status == 200
+    wrong = await client.post("/health")
+    assert wrong.status == 405, "a public path tells its methods without a key"
+    assert set(wrong.headers["Allow"].split(",")) >= {"GET", "HEAD"}
+    assert (await client.post("/v1/models")).status == 401, "a private path tells nothing without a key"
+
+
 async def test_an_unknown_model_is_not_an_unknown_route(client: Any) -> None:
     """A client tells the two apart by the error: the model's 404 names the model."""
     resp = await client.post("/v1/chat/completions", json=chat_body(model="no-such-model"))

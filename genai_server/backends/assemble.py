@@ -46,7 +46,7 @@ class Assembler:
         """One relayed chunk (already shape-checked for its text, index and usage)."""
         if not self._head:
             self._head = {k: v for k, v in chunk.items() if k not in ("choices", "object")}
-        for name in ("usage", "metrics", "performance", "system_fingerprint"):
+        for name in ("usage", "system_fingerprint"):
             if chunk.get(name) is not None:
                 self._head[name] = chunk[name]
         for item in chunk.get("choices", []):
@@ -62,9 +62,7 @@ class Assembler:
             "model": head.get("model"),
             **({"system_fingerprint": head["system_fingerprint"]} if "system_fingerprint" in head else {}),
             "choices": [self._finished(i, c) for i, c in sorted(self._choices.items())],
-            "usage": head.get("usage"),
-            "metrics": head.get("metrics"),
-            "performance": head.get("performance"),
+            "usage": head.get("usage"),  # our figures go beside it in the serving layer
         }
 
     # ---- one choice ----------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable
 from aiohttp import hdrs, web
 
 from genai_server.errors import InvalidApiKey
-from genai_server.http.endpoints import endpoint_of
+from genai_server.http.endpoints import public
 
 
 def setup_api_keys(app: web.Application, keys: list[str]) -> None:
@@ -28,8 +28,7 @@ def setup_api_keys(app: web.Application, keys: list[str]) -> None:
         request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
     ) -> web.StreamResponse:
         # CORS preflights carry no credentials by design; aiohttp-cors answers them.
-        endpoint = endpoint_of(request)
-        if (endpoint is not None and endpoint.public) or request.method == hdrs.METH_OPTIONS:
+        if public(request) or request.method == hdrs.METH_OPTIONS:
             return await handler(request)
         if not _valid(request.headers.get(hdrs.AUTHORIZATION, ""), encoded):
             raise InvalidApiKey(

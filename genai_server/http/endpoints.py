@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 
-from aiohttp import web
+from aiohttp import hdrs, web
 from pydantic import BaseModel
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -42,15 +42,31 @@ ROUTE_ENDPOINTS = web.AppKey("route_endpoints", dict[web.AbstractRoute, Endpoint
 
 
 def add_endpoints(app: web.Application, endpoints: Iterable[Endpoint]) -> None:
-    """Register every endpoint's route, remembering which endpoint each route serves."""
+    """Register every endpoint's route, remembering which endpoint each route serves. A GET is answered for HEAD
+    too, as aiohttp's ``add_get`` and every HTTP server do."""
     table = app[ROUTE_ENDPOINTS] = {}
     for endpoint in endpoints:
-        table[app.router.add_route(endpoint.method, endpoint.path, endpoint.handler)] = endpoint
+        resource = app.router.add_resource(endpoint.path)
+        table[resource.add_route(endpoint.method, endpoint.handler)] = endpoint
+        if endpoint.method == hdrs.METH_GET:
+            table[resource.add_route(hdrs.METH_HEAD, endpoint.handler)] = endpoint
 
 
 def endpoint_of(request: web.Request) -> Endpoint | None:
     """The endpoint a request reached; None for an unknown path or a method its route does not have."""
     return request.app.get(ROUTE_ENDPOINTS, {}).get(request.match_info.route)
+
+
+def public(request: web.Request) -> bool:
+    """Whether the request needs no API key: its endpoint is public, or its path is a public endpoint's with a
+    method that endpoint lacks (the client learns it is a 405, as it would without keys)."""
+    endpoint = endpoint_of(request)
+    if endpoint is not None:
+        return endpoint.public
+    exception = request.match_info.http_exception
+    if exception is None or exception.status != web.HTTPMethodNotAllowed.status_code:
+        return False
+    return any(e.public and e.path == request.path for e in request.app.get(ROUTE_ENDPOINTS, {}).values())
 
 
 def generates(request: web.Request) -> bool:

@@ -23,7 +23,7 @@ from genai_server.http.request_state import ERROR
 
 log = logging.getLogger(__name__)
 
-# An unknown path is named in its 404 up to this many characters.
+# An unknown route's method and path are named in its 404 up to this many characters each.
 _PATH_CHARS = 200
 
 _HTTP_ERRORS: dict[int, type[APIError]] = {
@@ -58,8 +58,14 @@ def _routing_error(request: web.Request, exc: web.HTTPException) -> APIError:
     """aiohttp's own refusal of a request no route matched, named as OpenAI names it, so that a client (LangChain,
     say) reports a missing route rather than a missing model."""
     if exc.status == 404 and request.match_info.http_exception is not None:
-        return NotFound(f"Invalid URL ({request.method} {request.path[:_PATH_CHARS]})")
+        return NotFound(f"Invalid URL ({_shown(request.method)} {_shown(request.path)})")
     return to_api_error(exc)
+
+
+def _shown(text: str) -> str:
+    """A client's method or path as an error message may repeat it: cut short, and nothing but printable characters
+    (a decoded path can hold line breaks, NUL or terminal escapes)."""
+    return "".join(c if c.isprintable() else f"\\x{ord(c):02x}" if ord(c) < 256 else "?" for c in text[:_PATH_CHARS])
 
 
 def log_server_error(exc: BaseException, error: APIError, during: str) -> None:

@@ -69,7 +69,7 @@ def _operation(endpoint: Endpoint) -> dict[str, Any]:
         operation["responses"].update(_errors(*sorted(_GENERATION_ERRORS)))
         return operation
     if endpoint.unavailable:
-        operation["responses"]["503"] = {"description": "not ready", **_json({"type": "object"})}
+        operation["responses"]["503"] = {"description": "draining", **_json({"type": "object"})}
     errors = ([] if endpoint.public else ["401"]) + (["404"] if parameters else [])
     operation["responses"].update(_errors(*errors))
     return operation

@@ -22,7 +22,7 @@ from aiohttp import web
 from opentelemetry.sdk.trace.export import SpanExporter
 
 from genai_server import __version__
-from genai_server.http.app_keys import METRICS, TRACER
+from genai_server.http.app_keys import METRICS, SETTINGS, TRACER
 from genai_server.http.endpoints import endpoint_of
 from genai_server.http.request_state import (
     ARRIVAL,
@@ -36,6 +36,7 @@ from genai_server.http.request_state import (
 from genai_server.logs import current_request_id
 from genai_server.protocol import SamplingRequest
 from genai_server.telemetry.access_log import log_request
+from genai_server.telemetry.genai import REQUEST_ATTRIBUTES
 from genai_server.telemetry.record import CLIENT_CLOSED_REQUEST, Moments, RequestRecord
 from genai_server.telemetry.tracing import finish_span, generation_span, tracer_provider
 
@@ -44,8 +45,6 @@ events_log = logging.getLogger(__name__)
 
 # A client's id is echoed back only if it is short and harmless in a header and a log line.
 _SAFE_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
-# The parsed request's fields recorded as its attributes (gen_ai.request.*), when the client set them.
-_ATTRIBUTES = ("temperature", "top_p", "top_k", "seed", "n")
 
 
 def setup_request_record(app: web.Application, span_exporter: SpanExporter | None) -> None:
@@ -92,7 +91,7 @@ async def _request_record(
         finally:
             record = _record(request, operation, status, time.perf_counter() - arrival)
             log_request(record)
-            if record.generation:
+            if record.generates:
                 request.app[METRICS].observe(record)
             if span is not None:
                 finish_span(span, record)
@@ -131,7 +130,7 @@ def _record(request: web.Request, operation: str | None, status: int, duration_s
         operation=operation,
         model=stats.model if stats is not None else None,
         requested_model=parsed.model if parsed is not None else _body_model(request.get(BODY)),
-        backend=stats.backend if stats is not None else None,
+        backend=(stats.backend if stats is not None else None) or request.app[SETTINGS].backend,
         replica=stats.replica if stats is not None else None,
         error_code=error.code if error is not None else None,
         error_param=error.param if error is not None else None,
@@ -140,7 +139,6 @@ def _record(request: web.Request, operation: str | None, status: int, duration_s
         else Moments(stats.arrival, stats.admitted, stats.first_token, stats.end),
         figures=stats.metrics() if stats is not None and finished else None,
         itl_s=tuple(stats.itl_s) if stats is not None and finished else (),
-        client_disconnected=status == CLIENT_CLOSED_REQUEST,
         request_attributes=_attributes(parsed),
     )
 
@@ -156,10 +154,9 @@ def _attributes(parsed: SamplingRequest | None) -> dict[str, int | float]:
     if parsed is None:
         return {}
     attributes: dict[str, int | float] = {}
-    if parsed.limit is not None:
-        attributes["max_tokens"] = parsed.limit
-    for name in _ATTRIBUTES:
-        value = getattr(parsed, name, None)
-        if name in parsed.model_fields_set and isinstance(value, int | float) and not isinstance(value, bool):
+    for name in REQUEST_ATTRIBUTES:
+        value = parsed.limit if name == "max_tokens" else getattr(parsed, name, None)
+        given = name == "max_tokens" or name in parsed.model_fields_set
+        if given and isinstance(value, int | float) and not isinstance(value, bool):
             attributes[name] = value
     return attributes

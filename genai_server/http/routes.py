@@ -6,6 +6,7 @@ OpenAPI document read it from there.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Awaitable
 from typing import TypeVar
 
@@ -82,7 +83,7 @@ async def metrics(request: web.Request) -> web.Response:
 def _telemetry(request: web.Request) -> RequestTelemetry:
     """This request's clock, started at its arrival (so time waiting for a slot is queue time), kept on the
     request for its record."""
-    stats = request[REQUEST_STATS] = RequestTelemetry(arrival=request[ARRIVAL])
+    stats = request[REQUEST_STATS] = RequestTelemetry(arrival=request.get(ARRIVAL, time.perf_counter()))
     return stats
 
 
@@ -127,7 +128,7 @@ def endpoint_table(*, metrics_public: bool) -> tuple[Endpoint, ...]:
             "POST",
             "/v1/chat/completions",
             chat_completions,
-            "a chat completion (JSON), or with stream=true an SSE stream",
+            "the completion (JSON), or with stream=true an SSE stream",
             operation="chat",
             request_model=ChatCompletionRequest,
             response_model=ChatCompletion,
@@ -136,7 +137,7 @@ def endpoint_table(*, metrics_public: bool) -> tuple[Endpoint, ...]:
             "POST",
             "/v1/completions",
             completions,
-            "a text completion (JSON), or with stream=true an SSE stream",
+            "the completion (JSON), or with stream=true an SSE stream",
             operation="text_completion",
             request_model=CompletionRequest,
             response_model=Completion,

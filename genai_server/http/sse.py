@@ -40,9 +40,9 @@ async def write_sse(
     request-record middleware counts as a client that left.
     """
     response = web.StreamResponse(headers=_HEADERS)
-    await response.prepare(request)
     outcome = StreamOutcome()
     try:
+        await response.prepare(request)  # inside: a client gone already still has its generation closed below
         async for chunk in chunks:
             await _write(request, response, _event(json_bytes(chunk)), write_timeout)
         await response.write(_DONE)
@@ -59,7 +59,8 @@ async def write_sse(
         await _write_error(response, error.envelope())
     finally:
         await chunks.aclose()
-    await response.write_eof()
+    with contextlib.suppress(ConnectionResetError):  # a client gone after an error event: the error stands
+        await response.write_eof()
     return response, outcome
 
 

@@ -29,7 +29,7 @@ def log_request(record: RequestRecord) -> None:
     }
     if record.error_code is not None:
         fields.update(code=record.error_code, param=record.error_param)
-    if record.generation:
+    if record.generates:
         # The model that served it, or, for a request refused before any did, the one it asked for.
         requested = record.requested_model[:_MODEL_CHARS] if record.requested_model is not None else None
         fields["model"] = record.model or requested

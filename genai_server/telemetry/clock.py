@@ -50,7 +50,7 @@ class RequestTelemetry:
     def on_tokens(self, count: int, at: float | None = None) -> None:
         """``count`` tokens arrived together; each after the first contributes an inter-token latency."""
         now = time.perf_counter() if at is None else at
-        if count <= 0:
+        if count <= 0 or self.end is not None:  # after the clock stopped (an upstream's chunk past its usage)
             return
         self.completion_tokens += count
         if self._last_token is None:

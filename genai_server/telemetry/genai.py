@@ -2,6 +2,15 @@
 
 from __future__ import annotations
 
+# A request's sampling parameters (as the record names them) and their gen_ai.request.* attributes.
+REQUEST_ATTRIBUTES = {
+    "max_tokens": "gen_ai.request.max_tokens",
+    "temperature": "gen_ai.request.temperature",
+    "top_p": "gen_ai.request.top_p",
+    "top_k": "gen_ai.request.top_k",
+    "seed": "gen_ai.request.seed",
+    "n": "gen_ai.request.choice.count",
+}
 # gen_ai.provider.name by backend: the engine or API that answered.
 PROVIDERS = {"onnx": "onnxruntime_genai", "openai": "openai", "ollama": "ollama"}
 

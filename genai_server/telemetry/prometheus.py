@@ -227,7 +227,7 @@ class ServerMetrics:
 
     def observe(self, record: RequestRecord) -> None:
         """Record one finished generation request (its duration from its arrival, refused or not)."""
-        backend = record.backend or self.backend
+        backend = record.backend
         labels = (record.model_label, backend)
         self.requests.labels(*labels, str(record.status)).inc()
         semconv = (record.operation or "", provider_name(backend), record.model_label, error_type(record.status))

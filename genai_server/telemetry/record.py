@@ -1,8 +1,9 @@
 """The finished-request record: one immutable account of a request once it has ended, built once and handed to every
 sink (the access log, Prometheus, the span) so that they cannot disagree.
 
-It is built by the outermost middleware (``http/request_record.py``) from what the request turned out to be; the
-figures in it were computed once, when the serving layer ended the request's clock. Nothing here knows of HTTP.
+It is built by the HTTP layer's outermost middleware from what the request turned out to be; the figures in it were
+computed once, when the serving layer stopped the request's clock. Its fields speak HTTP (method, path, status), but
+nothing here knows of the web app.
 """
 
 from __future__ import annotations
@@ -37,26 +38,30 @@ class RequestRecord:
     path: str
     status: int  # the status it really ended with: 499 for a client that left, an error's for a failed stream
     duration_s: float  # arrival to the end of the response
+    moments: Moments
+    backend: str  # the backend that took it, or the server's default one (what its provider label names)
     # gen_ai.operation.name ("chat", "text_completion") for a generation request; None for any other route.
     operation: str | None = None
     model: str | None = None  # the configured model that took it; None when no backend did
     requested_model: str | None = None  # what the client asked for (the log only: never a metrics label)
-    backend: str | None = None
     replica: str | None = None  # the upstream replica that served it
     error_code: str | None = None
     error_param: str | None = None
-    moments: Moments = field(default_factory=lambda: Moments(0.0))
     # The request's figures, computed once when its clock ended; None when generation never started.
     figures: RequestMetrics | None = None
     itl_s: tuple[float, ...] = ()
-    client_disconnected: bool = False
     # gen_ai.request.* attributes, read from the parsed request (max_tokens whichever name the client used).
     request_attributes: dict[str, int | float] = field(default_factory=dict)
 
     @property
-    def generation(self) -> bool:
+    def generates(self) -> bool:
         """Whether it was a generation request (a generation route, with its method)."""
         return self.operation is not None
+
+    @property
+    def client_disconnected(self) -> bool:
+        """Whether the client went away before the answer was complete."""
+        return self.status == CLIENT_CLOSED_REQUEST
 
     @property
     def model_label(self) -> str:

@@ -9,8 +9,8 @@ the SDK's batch processor on a thread of its own, never on the event loop.
 
 A relayed request carries the trace to the upstream (vLLM reads ``traceparent``): the span's own context when
 tracing is on, otherwise the client's headers as they came, so an upstream's spans still join the client's trace.
-The span is opened and finished by the request-record middleware (``http/request_record.py``); this module knows
-nothing of HTTP.
+The span is opened and finished by the HTTP layer's outermost middleware, from the finished request's record; this
+module knows nothing of the web app.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
 
-from genai_server.telemetry.genai import provider_name
+from genai_server.telemetry.genai import REQUEST_ATTRIBUTES, error_type, provider_name
 from genai_server.telemetry.record import RequestRecord
 from genai_server.telemetry.trace_context import upstream_trace_headers
 
@@ -35,15 +35,6 @@ from genai_server.telemetry.trace_context import upstream_trace_headers
 # receiver drop what it cannot parse: a client's arbitrary bytes are not forwarded to an engine as trace context.
 _TRACEPARENT = re.compile(r"[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")
 _TRACESTATE = re.compile(r"[\x20-\x7e]{1,512}")
-# The record's request attributes as gen_ai.request.* names.
-_REQUEST_ATTRIBUTES = {
-    "max_tokens": "gen_ai.request.max_tokens",
-    "temperature": "gen_ai.request.temperature",
-    "top_p": "gen_ai.request.top_p",
-    "top_k": "gen_ai.request.top_k",
-    "seed": "gen_ai.request.seed",
-    "n": "gen_ai.request.choice.count",
-}
 
 
 def otlp_exporter(endpoint: str) -> SpanExporter:
@@ -108,13 +99,13 @@ def finish_span(span: trace.Span, record: RequestRecord) -> None:
         "http.response.status_code": record.status,
     }
     for field, value in record.request_attributes.items():
-        attributes[_REQUEST_ATTRIBUTES[field]] = value
+        attributes[REQUEST_ATTRIBUTES[field]] = value
     if record.figures is not None:
         attributes["gen_ai.usage.input_tokens"] = record.figures.prompt_tokens
         attributes["gen_ai.usage.output_tokens"] = record.figures.completion_tokens
     _events(span, record)
-    if record.status >= 400:
-        attributes["error.type"] = str(record.status)
+    if error_type(record.status):
+        attributes["error.type"] = error_type(record.status)
         span.set_status(trace.StatusCode.ERROR)
     span.set_attributes(attributes)
 
