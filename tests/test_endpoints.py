@@ -3,10 +3,13 @@ such a request counts as; and the finished-request record as its sinks show it (
 
 from __future__ import annotations
 
+import json
 import logging
+from pathlib import Path
 from typing import Any
 
 import pytest
+import requests
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -18,7 +21,9 @@ from genai_server.http.endpoints import Endpoint, add_endpoints
 from genai_server.http.error_mapping import setup_error_mapping
 from tests.harness.bodies import MODEL_ID, chat_body
 from tests.harness.in_process import make_settings
+from tests.harness.process import ServerProcess
 from tests.harness.responses import metric_sample
+from tests.harness.waiting import eventually
 
 ACCESS = "genai_server.access"
 
@@ -184,3 +189,33 @@ async def test_error_mapping_keeps_allow_on_a_bare_app(aiohttp_client: Any) -> N
     assert wrong.status == 405
     assert wrong.headers["Allow"] == "POST"
     assert (await wrong.json())["error"]["code"] == "method_not_allowed"
+
+
+# ---- the process we ship -----------------------------------------------------------------------------------------
+
+
+def test_the_real_process_routes_names_and_records_as_the_table_says(tmp_path: Path) -> None:
+    """``python -m genai_server`` (web.run_app, not the test server): HEAD where GET is, a 405 with Allow that is
+    not a generation request, a named 404 with escaped bytes, and a refusal's access line with its code, param and
+    model, in the JSON log an operator reads."""
+    with ServerProcess(tmp_path / "server.log", API_KEYS="k1", LOG_FORMAT="json").wait_healthy() as server:
+        key = {"Authorization": "Bearer k1"}
+        assert requests.head(server.url + "/health", timeout=30).status_code == 200
+        wrong = requests.get(server.url + "/v1/chat/completions", headers=key, timeout=30)
+        assert wrong.status_code == 405 and "POST" in wrong.headers["Allow"].split(",")
+        missing = requests.post(server.url + "/v1/x%0Ay", headers=key, timeout=30)
+        assert missing.status_code == 404
+        assert missing.json()["error"]["message"] == "Invalid URL (POST /v1/x\\x0ay)"
+        refused = requests.post(
+            server.url + "/v1/chat/completions", json=chat_body(model="not-served"), headers=key, timeout=30
+        )
+        assert refused.status_code == 404
+        metrics = requests.get(server.url + "/metrics", timeout=30).text
+        assert 'status="405"' not in metrics and 'status="404"' in metrics
+
+        def access_line() -> dict[str, Any] | None:
+            lines = [json.loads(line) for line in server.log_lines() if '"genai_server.access"' in line]
+            return next((line for line in lines if line.get("code") == "model_not_found"), None)
+
+        line = eventually(access_line, what="the refusal's access line")
+    assert (line["status"], line["param"], line["model"]) == (404, "model", "not-served")
