@@ -43,7 +43,7 @@ def create_app(settings: Settings, *, span_exporter: SpanExporter | None = None)
         settings.max_concurrent_requests, settings.max_queued_requests, settings.queue_timeout
     )
     slo = Slo(settings.slo_ttft_ms, settings.slo_tpot_ms, settings.slo_e2e_ms)
-    app[METRICS] = ServerMetrics(settings.backend, lambda: _gauges(app), slo, lambda: _replicas(app))
+    app[METRICS] = ServerMetrics(lambda: _gauges(app), slo, lambda: _replicas(app))
     endpoints = endpoint_table(metrics_public=not settings.metrics_require_key)
     # The order is written once, outermost first:
     # 1. request record: sees every request and the status it really ended with, after errors were mapped; hands
@@ -52,7 +52,9 @@ def create_app(settings: Settings, *, span_exporter: SpanExporter | None = None)
     # 3. API keys: a request without one is refused before its body is read or it can wait for a slot;
     # 4. request body: read whole and checked before the slot, so a slow sender holds a connection, not a slot;
     # 5. concurrency limit: innermost, so only real generation requests hold a slot.
-    setup_request_record(app, _span_exporter(settings, span_exporter))
+    setup_request_record(
+        app, app[METRICS], default_backend=settings.backend, span_exporter=_span_exporter(settings, span_exporter)
+    )
     setup_error_mapping(app)
     setup_api_keys(app, settings.all_api_keys)
     setup_request_body(app, settings.request_read_timeout)

@@ -22,7 +22,7 @@ from aiohttp import web
 from opentelemetry.sdk.trace.export import SpanExporter
 
 from genai_server import __version__
-from genai_server.http.app_keys import METRICS, SETTINGS, TRACER
+from genai_server.http.app_keys import TRACER
 from genai_server.http.endpoints import endpoint_of
 from genai_server.http.request_state import (
     ARRIVAL,
@@ -37,6 +37,7 @@ from genai_server.logs import current_request_id
 from genai_server.protocol import SamplingRequest
 from genai_server.telemetry.access_log import log_request
 from genai_server.telemetry.genai import REQUEST_ATTRIBUTES
+from genai_server.telemetry.prometheus import ServerMetrics
 from genai_server.telemetry.record import CLIENT_CLOSED_REQUEST, Moments, RequestRecord
 from genai_server.telemetry.tracing import finish_span, generation_span, tracer_provider
 
@@ -47,12 +48,45 @@ events_log = logging.getLogger(__name__)
 _SAFE_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 
 
-def setup_request_record(app: web.Application, span_exporter: SpanExporter | None) -> None:
+def setup_request_record(
+    app: web.Application, metrics: ServerMetrics, *, default_backend: str, span_exporter: SpanExporter | None
+) -> None:
     """Add the request-record middleware, the signal that sets ``X-Request-Id``, and the tracer when spans are
-    exported (``span_exporter``; None: tracing off)."""
+    exported (``span_exporter``; None: tracing off). ``metrics`` records generation requests; ``default_backend``
+    is what a request no backend took is labelled with."""
     if span_exporter is not None:
         app.cleanup_ctx.append(_tracer_context(span_exporter))
-    app.middlewares.append(_request_record)
+
+    @web.middleware
+    async def request_record(
+        request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        request[REQUEST_ID] = _request_id(request)
+        request_id_token = current_request_id.set(request[REQUEST_ID])
+        arrival = request[ARRIVAL] = time.perf_counter()
+        endpoint = endpoint_of(request)
+        operation = endpoint.operation if endpoint is not None else None
+        status = 500
+        traced = generation_span(request.app.get(TRACER), operation, request.headers) if operation else nullcontext()
+        with traced as span:
+            try:
+                response = await handler(request)
+                status = response.status
+                return response
+            except asyncio.CancelledError:
+                status = CLIENT_CLOSED_REQUEST
+                _log_cancelled(request)
+                raise
+            finally:
+                record = _record(request, operation, status, time.perf_counter() - arrival, default_backend)
+                log_request(record)
+                if record.generates:
+                    metrics.observe(record)
+                if span is not None:
+                    finish_span(span, record)
+                current_request_id.reset(request_id_token)
+
+    app.middlewares.append(request_record)
     app.on_response_prepare.append(_add_request_id)
 
 
@@ -66,36 +100,10 @@ def _tracer_context(exporter: SpanExporter) -> Callable[[web.Application], Async
     return tracer
 
 
-@web.middleware
-async def _request_record(
-    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-) -> web.StreamResponse:
-    request[REQUEST_ID] = _request_id(request)
-    request_id_token = current_request_id.set(request[REQUEST_ID])
-    arrival = request[ARRIVAL] = time.perf_counter()
-    endpoint = endpoint_of(request)
-    operation = endpoint.operation if endpoint is not None else None
-    status = 500
-    traced = generation_span(request.app.get(TRACER), operation, request.headers) if operation else nullcontext()
-    with traced as span:
-        try:
-            response = await handler(request)
-            status = response.status
-            return response
-        except asyncio.CancelledError:
-            # aiohttp cancels the handler of a client that disconnected (handler_cancellation).
-            status = CLIENT_CLOSED_REQUEST
-            gone = request.transport is None or request.transport.is_closing()
-            events_log.info("client disconnected" if gone else "handler cancelled", extra={"fields": {"status": 499}})
-            raise
-        finally:
-            record = _record(request, operation, status, time.perf_counter() - arrival)
-            log_request(record)
-            if record.generates:
-                request.app[METRICS].observe(record)
-            if span is not None:
-                finish_span(span, record)
-            current_request_id.reset(request_id_token)
+def _log_cancelled(request: web.Request) -> None:
+    """aiohttp cancels the handler of a client that disconnected (handler_cancellation), and at shutdown."""
+    gone = request.transport is None or request.transport.is_closing()
+    events_log.info("client disconnected" if gone else "handler cancelled", extra={"fields": {"status": 499}})
 
 
 def _request_id(request: web.Request) -> str:
@@ -108,7 +116,9 @@ async def _add_request_id(request: web.Request, response: web.StreamResponse) ->
         response.headers["X-Request-Id"] = request[REQUEST_ID]
 
 
-def _record(request: web.Request, operation: str | None, status: int, duration_s: float) -> RequestRecord:
+def _record(
+    request: web.Request, operation: str | None, status: int, duration_s: float, default_backend: str
+) -> RequestRecord:
     """The finished request as its sinks read it. Its status is the one it really ended with: 499 if the client
     went away mid-stream (its 200 headers were sent, the answer was not), an error event's if one ended its stream,
     else the response's."""
@@ -130,7 +140,7 @@ def _record(request: web.Request, operation: str | None, status: int, duration_s
         operation=operation,
         model=stats.model if stats is not None else None,
         requested_model=parsed.model if parsed is not None else _body_model(request.get(BODY)),
-        backend=(stats.backend if stats is not None else None) or request.app[SETTINGS].backend,
+        backend=(stats.backend if stats is not None else None) or default_backend,
         replica=stats.replica if stats is not None else None,
         error_code=error.code if error is not None else None,
         error_param=error.param if error is not None else None,

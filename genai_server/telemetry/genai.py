@@ -15,10 +15,8 @@ REQUEST_ATTRIBUTES = {
 PROVIDERS = {"onnx": "onnxruntime_genai", "openai": "openai", "ollama": "ollama"}
 
 
-def provider_name(backend: str | None) -> str:
-    """``gen_ai.provider.name`` for a backend (``unknown`` where no backend took the request)."""
-    if not backend:
-        return "unknown"
+def provider_name(backend: str) -> str:
+    """``gen_ai.provider.name`` for a backend."""
     return PROVIDERS.get(backend, backend)
 
 

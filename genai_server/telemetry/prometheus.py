@@ -141,12 +141,10 @@ class ServerMetrics:
 
     def __init__(
         self,
-        backend: str,
         gauges: Callable[[], Gauges],
         slo: Slo | None = None,
         replicas: Callable[[], dict[str, tuple[ReplicaLoad, ...]]] = dict,
     ) -> None:
-        self.backend = backend
         self._gauges = gauges
         self._slo = slo or Slo()
         self.registry = CollectorRegistry()
@@ -227,10 +225,9 @@ class ServerMetrics:
 
     def observe(self, record: RequestRecord) -> None:
         """Record one finished generation request (its duration from its arrival, refused or not)."""
-        backend = record.backend
-        labels = (record.model_label, backend)
+        labels = (record.model_label, record.backend)
         self.requests.labels(*labels, str(record.status)).inc()
-        semconv = (record.operation or "", provider_name(backend), record.model_label, error_type(record.status))
+        semconv = (record.operation or "", provider_name(record.backend), record.model_label, error_type(record.status))
         self.semconv_duration.labels(*semconv).observe(record.duration_s)
         figures = record.figures
         if figures is None:
