@@ -16,9 +16,6 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 from genai_server.app import create_app
 from genai_server.http.app_keys import LIMITER
-from genai_server.http.auth import setup_api_keys
-from genai_server.http.endpoints import Endpoint, add_endpoints
-from genai_server.http.error_mapping import setup_error_mapping
 from tests.harness.bodies import MODEL_ID, chat_body
 from tests.harness.in_process import make_settings
 from tests.harness.process import ServerProcess
@@ -148,47 +145,6 @@ async def test_a_span_carries_max_tokens_sent_as_max_completion_tokens() -> None
     (span,) = exporter.get_finished_spans()
     assert span.attributes is not None
     assert span.attributes["gen_ai.request.max_tokens"] == 4
-
-
-# ---- middlewares on a bare application: no model, one concern each ---------------------------------------------
-
-
-async def _ok(request: web.Request) -> web.Response:
-    return web.json_response({"ok": True})
-
-
-def _bare_app(*endpoints: Endpoint) -> web.Application:
-    app = web.Application()
-    setup_error_mapping(app)
-    setup_api_keys(app, ["k1"])
-    add_endpoints(app, endpoints)
-    return app
-
-
-async def test_api_keys_follow_the_table_on_a_bare_app(aiohttp_client: Any) -> None:
-    client = await aiohttp_client(
-        _bare_app(
-            Endpoint("GET", "/open", _ok, "public", public=True),
-            Endpoint("POST", "/gen", _ok, "private", operation="chat"),
-        )
-    )
-    assert (await client.get("/open")).status == 200
-    refused = await client.post("/gen")
-    assert refused.status == 401 and refused.headers["WWW-Authenticate"] == "Bearer"
-    assert (await client.post("/gen", headers={"Authorization": "Bearer k1"})).status == 200
-    # A path with no endpoint is not public: no key, no answer about what exists.
-    assert (await client.get("/elsewhere")).status == 401
-    named = await client.get("/elsewhere", headers={"Authorization": "Bearer k1"})
-    assert named.status == 404
-    assert (await named.json())["error"]["message"] == "Invalid URL (GET /elsewhere)"
-
-
-async def test_error_mapping_keeps_allow_on_a_bare_app(aiohttp_client: Any) -> None:
-    client = await aiohttp_client(_bare_app(Endpoint("POST", "/gen", _ok, "private", operation="chat")))
-    wrong = await client.put("/gen", headers={"Authorization": "Bearer k1"})
-    assert wrong.status == 405
-    assert wrong.headers["Allow"] == "POST"
-    assert (await wrong.json())["error"]["code"] == "method_not_allowed"
 
 
 # ---- the process we ship -----------------------------------------------------------------------------------------
