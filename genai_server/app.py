@@ -11,8 +11,8 @@ from opentelemetry.sdk.trace.export import SpanExporter
 
 from genai_server.backends import Backend
 from genai_server.backends.discovery import upstream_model_ids
-from genai_server.backends.factory import build_backend, embedded_engine
-from genai_server.http.app_keys import ENGINE, GPU, LIMITER, METRICS, SERVING, SETTINGS
+from genai_server.backends.factory import build_backend
+from genai_server.http.app_keys import GPU, LIMITER, METRICS, SERVING, SETTINGS
 from genai_server.http.auth import setup_api_keys
 from genai_server.http.concurrency import ConcurrencyLimiter, setup_concurrency_limit
 from genai_server.http.cors import setup_cors
@@ -92,9 +92,6 @@ async def backends_context(app: web.Application) -> AsyncIterator[None]:
     try:
         await serving.start()
         app[SERVING] = serving
-        engines = [engine for backend in backends.values() if (engine := embedded_engine(backend)) is not None]
-        if engines:
-            app[ENGINE] = engines[0]  # where tests watch the first embedded engine; nothing else reads it
         yield
     finally:
         await serving.stop()

@@ -7,6 +7,7 @@ from typing import Any
 import pytest
 
 from tests.harness.bodies import MODEL_ID, chat_body
+from tests.harness.in_process import embedded_engine
 
 TOOL = {"type": "function", "function": {"name": "lookup", "parameters": {"type": "object"}}}
 MSG = [{"role": "user", "content": "hi"}]
@@ -247,9 +248,7 @@ async def test_unknown_routes_and_methods_are_enveloped(
 async def test_unexpected_exception_is_a_500_that_leaks_nothing(
     client: Any, openai_schema: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
-    from genai_server.http.app_keys import ENGINE
-
-    engine = client.app[ENGINE]
+    engine: Any = embedded_engine(client.app)  # its methods are replaced to inject faults
 
     def broken_encode(text: str) -> list[int]:
         raise RuntimeError("secret internal detail /opt/models")

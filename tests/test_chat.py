@@ -11,6 +11,7 @@ from typing import Any
 from genai_server.embedded.engine import FALLBACK_CHAT_TEMPLATE
 from genai_server.settings import BUNDLED_MODEL
 from tests.harness.bodies import MODEL_ID, chat_body
+from tests.harness.in_process import embedded_engine
 from tests.harness.responses import assert_same_greedy_text, stream_chunks
 
 
@@ -183,9 +184,8 @@ async def test_a_model_without_a_chat_template_gets_the_phi3_style_one(
 
 async def test_an_error_after_the_stream_started_is_an_error_event_then_done(client: Any) -> None:
     from genai_server.errors import EngineFailure
-    from genai_server.http.app_keys import ENGINE
 
-    engine = client.app[ENGINE]
+    engine: Any = embedded_engine(client.app)  # its methods are replaced to inject faults
     real_generate = engine.generate
 
     async def failing_after_first_delta(prompt: list[int], options: Any) -> Any:

@@ -6,9 +6,10 @@ import asyncio
 import json
 from typing import Any
 
-from genai_server.http.app_keys import ENGINE, LIMITER
+from genai_server.http.app_keys import LIMITER
 from genai_server.http.concurrency import ConcurrencyLimiter
 from tests.harness.bodies import LONG_PROMPT, MODEL_ID, chat_body, long_stream
+from tests.harness.in_process import embedded_engine
 from tests.harness.responses import metric_sample
 from tests.harness.waiting import eventually_async
 
@@ -114,7 +115,9 @@ async def test_client_disconnect_mid_stream_frees_the_slot_and_the_engine(make_c
     resp = await client.post("/v1/chat/completions", json=long_stream(2000))
     await resp.content.readline()
     resp.close()  # the client goes away mid-stream
-    await eventually_async(lambda: client.app[LIMITER].in_flight == 0 and client.app[ENGINE].active_sequences() == 0)
+    await eventually_async(
+        lambda: client.app[LIMITER].in_flight == 0 and embedded_engine(client.app).active_sequences() == 0
+    )
     again = await client.post("/v1/chat/completions", json=chat_body())
     assert again.status == 200
 
@@ -128,10 +131,12 @@ async def test_a_client_that_leaves_a_non_streaming_request_frees_everything(mak
         b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
     )
     await writer.drain()
-    await eventually_async(lambda: client.app[ENGINE].active_sequences() == 1)  # generating
+    await eventually_async(lambda: embedded_engine(client.app).active_sequences() == 1)  # generating
     writer.close()  # the client goes away before the answer
     await writer.wait_closed()
-    await eventually_async(lambda: client.app[LIMITER].in_flight == 0 and client.app[ENGINE].active_sequences() == 0)
+    await eventually_async(
+        lambda: client.app[LIMITER].in_flight == 0 and embedded_engine(client.app).active_sequences() == 0
+    )
     text = await (await client.get("/metrics")).text()
     assert metric_sample(text, "genai_server_client_disconnects_total", model=MODEL_ID) == 1
     assert metric_sample(text, "genai_server_requests_total", model=MODEL_ID, status="499") == 1

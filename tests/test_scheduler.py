@@ -5,8 +5,9 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from genai_server.http.app_keys import ENGINE, LIMITER
+from genai_server.http.app_keys import LIMITER
 from tests.harness.bodies import chat_body, long_stream
+from tests.harness.in_process import embedded_engine
 from tests.harness.responses import assert_same_greedy_text, stream_chunks
 from tests.harness.waiting import eventually_async
 
@@ -52,7 +53,9 @@ async def test_cancelling_one_sequence_leaves_the_rest_of_its_batch_intact(make_
     for (text, usage), (expected_text, expected_usage) in zip(got, expected, strict=True):
         assert usage["prompt_tokens"] == expected_usage["prompt_tokens"]
         assert_same_greedy_text(text, expected_text)
-    await eventually_async(lambda: client.app[ENGINE].active_sequences() == 0 and client.app[LIMITER].in_flight == 0)
+    await eventually_async(
+        lambda: embedded_engine(client.app).active_sequences() == 0 and client.app[LIMITER].in_flight == 0
+    )
 
 
 async def test_a_new_request_does_not_wait_for_a_running_batch(make_client: Any) -> None:

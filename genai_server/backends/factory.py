@@ -95,9 +95,3 @@ def engine_config(settings: Settings) -> EngineConfig:
         prefix_cache=settings.prefix_cache_conversations,
         stream_interval=settings.stream_interval,
     )
-
-
-def embedded_engine(backend: Backend) -> OnnxEngine | None:
-    """The engine a backend built here runs in this process, None for a relaying one. Only the factory knows which
-    kind it built; the app keeps the first engine where tests reach it (``ENGINE``), and reads nothing else of it."""
-    return backend.engine if isinstance(backend, OnnxBackend) else None

@@ -1,4 +1,5 @@
-"""The app in the test's own process: its settings, and the type of the ``make_client`` fixture that starts it."""
+"""The app in the test's own process: its settings, the type of the ``make_client`` fixture that starts it, and the
+embedded engine a test watches or breaks."""
 
 from __future__ import annotations
 
@@ -8,6 +9,9 @@ from typing import Any
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
+from genai_server.backends.onnx import OnnxBackend
+from genai_server.embedded.engine import OnnxEngine
+from genai_server.http.app_keys import SERVING
 from genai_server.settings import Settings
 
 ClientFactory = Callable[..., Awaitable[TestClient[web.Request, web.Application]]]
@@ -18,3 +22,10 @@ def make_settings(**overrides: Any) -> Settings:
     values: dict[str, Any] = {"log_level": "INFO", "log_format": "text", "cors_origins": "*"}
     values.update(overrides)
     return Settings(_env_file=None, **values)
+
+
+def embedded_engine(app: web.Application) -> OnnxEngine:
+    """The engine of the app's first model, which a test expects to be served by the embedded backend."""
+    backend = next(iter(app[SERVING].backends.values()))
+    assert isinstance(backend, OnnxBackend), backend
+    return backend.engine
