@@ -154,7 +154,8 @@ def test_the_real_process_routes_names_and_records_as_the_table_says(tmp_path: P
     """``python -m genai_server`` (web.run_app, not the test server): HEAD where GET is, a 405 with Allow that is
     not a generation request, a named 404 with escaped bytes, and a refusal's access line with its code, param and
     model, in the JSON log an operator reads."""
-    with ServerProcess(tmp_path / "server.log", API_KEYS="k1", LOG_FORMAT="json").wait_healthy() as server:
+    with ServerProcess(tmp_path / "server.log", API_KEYS="k1", LOG_FORMAT="json") as server:
+        server.wait_healthy()  # inside the with: a server that never comes up is still stopped
         key = {"Authorization": "Bearer k1"}
         assert requests.head(server.url + "/health", timeout=30).status_code == 200
         wrong = requests.get(server.url + "/v1/chat/completions", headers=key, timeout=30)

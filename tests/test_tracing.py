@@ -165,8 +165,9 @@ async def test_a_real_process_exports_its_spans_over_otlp(collector: Collector, 
         tmp_path / "server.log",
         OTEL_EXPORTER_OTLP_ENDPOINT=f"http://127.0.0.1:{collector.port}",
         OTEL_SERVICE_NAME="genai-server-under-test",
-    ).wait_healthy()
+    )
     try:
+        server.wait_healthy()  # inside the try: a server that never comes up is still stopped
         async with (
             aiohttp.ClientSession() as session,
             session.post(f"{server.url}/v1/chat/completions", json=chat_body(max_tokens=3, stream=True)) as resp,

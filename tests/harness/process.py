@@ -17,49 +17,14 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Self
 
+from genai_server.settings import Settings
 from tests.harness.waiting import eventually
 
 REPO = Path(__file__).resolve().parents[2]
-# Every setting the server reads from the environment: cleared from the test's own environment, so that a
-# developer's shell (or another test) never changes what a process under test is configured with.
-SETTING_NAMES = (
-    "MODEL_PATH",
-    "MODEL_ID",
-    "SERVER_HOST",
-    "SERVER_PORT",
-    "MAX_CONCURRENT_REQUESTS",
-    "MAX_QUEUED_REQUESTS",
-    "QUEUE_TIMEOUT",
-    "MODELS_FILE",
-    "API_KEYS",
-    "API_KEYS_FILE",
-    "METRICS_REQUIRE_KEY",
-    "SHUTDOWN_TIMEOUT",
-    "MAX_BODY_BYTES",
-    "MAX_MESSAGES",
-    "MAX_PROMPT_TOKENS",
-    "MAX_TOKENS_LIMIT",
-    "MAX_SEQUENCES_PER_REQUEST",
-    "ENGINE_MEMORY_BUDGET_MB",
-    "REQUEST_READ_TIMEOUT",
-    "CLIENT_WRITE_TIMEOUT",
-    "KEEPALIVE_TIMEOUT",
-    "LOG_PROMPTS",
-    "ENGINE_MAX_BATCH_SIZE",
-    "ENGINE_LANES",
-    "ENGINE_BATCH_WAIT_MS",
-    "MAX_MODEL_LEN",
-    "BACKEND",
-    "UPSTREAM_URL",
-    "UPSTREAM_API_KEY",
-    "UPSTREAM_MODEL",
-    "UPSTREAM_CONNECT_TIMEOUT_S",
-    "UPSTREAM_READ_TIMEOUT_S",
-    "STREAM_USAGE_ALWAYS",
-    "CORS_ORIGINS",
-    "LOG_LEVEL",
-    "LOG_FORMAT",
-)
+# Every setting the server reads from the environment, from the settings model itself (a list written out here
+# missed seven): cleared from the test's own environment, so that a developer's shell (or another test) never changes
+# what a process under test is configured with.
+SETTING_NAMES = tuple(name.upper() for name in Settings.model_fields)
 MODULE = (sys.executable, "-m", "genai_server")
 # Loading the bundled model takes a second or two; this only turns a process that never comes up into a failure.
 HEALTHY_TIMEOUT_S = 60.0
