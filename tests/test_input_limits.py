@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from tests.harness.bodies import chat_body, long_stream
+from tests.harness.bodies import MODEL_ID, chat_body, long_stream
 from tests.harness.in_process import ClientFactory
 from tests.harness.waiting import eventually_async
 
@@ -122,3 +122,33 @@ async def test_a_setting_logs_them(make_client: ClientFactory, caplog: pytest.Lo
 async def test_long_stream_helper_really_streams_long(client: Any) -> None:
     resp = await client.post("/v1/chat/completions", json=long_stream(300))
     assert (await resp.text()).count('"finish_reason":"length"') == 1
+
+
+@pytest.mark.parametrize(
+    ("limits", "blamed"),
+    [
+        ({"max_completion_tokens": 64}, "max_completion_tokens"),
+        ({"max_tokens": 64}, "max_tokens"),
+        ({"max_tokens": 8, "max_completion_tokens": 64}, "max_completion_tokens"),  # the newer name wins
+    ],
+)
+async def test_a_limit_beyond_the_context_is_blamed_on_the_parameter_sent(
+    make_client: ClientFactory, limits: dict[str, int], blamed: str
+) -> None:
+    """The embedded engine with a 64-token context: a completion limit that fits MAX_TOKENS_LIMIT but not beside the
+    prompt is a 400 naming the parameter the client used (``onnx.py`` decides it; ``protocol.py`` names it)."""
+    client = await make_client(max_model_len=64)
+    body = {"model": MODEL_ID, "messages": [{"role": "user", "content": "Hello there"}], **limits}
+    resp = await client.post("/v1/chat/completions", json=body)
+    assert resp.status == 400, await resp.text()
+    error = (await resp.json())["error"]
+    assert (error["code"], error["param"]) == ("context_length_exceeded", blamed)
+
+
+async def test_a_limit_beyond_max_tokens_limit_is_blamed_on_the_parameter_sent(make_client: ClientFactory) -> None:
+    """MAX_TOKENS_LIMIT is checked before any backend (``serving.py``), and blames the same parameter."""
+    client = await make_client(max_tokens_limit=16)
+    body = {"model": MODEL_ID, "messages": [{"role": "user", "content": "Hi"}], "max_completion_tokens": 17}
+    resp = await client.post("/v1/chat/completions", json=body)
+    assert resp.status == 400
+    assert (await resp.json())["error"]["param"] == "max_completion_tokens"

@@ -14,7 +14,7 @@ from aiohttp.test_utils import TestServer
 
 from tests.harness.in_process import ClientFactory
 from tests.harness.responses import metric_sample, stream_chunks
-from tests.harness.upstream import OLLAMA_CHAT, USAGE, chunk, ndjson, sse
+from tests.harness.upstream import OLLAMA_CHAT, USAGE, chunk, dropped, ndjson, sse
 
 MODEL = "replicated"
 
@@ -53,12 +53,7 @@ async def _error_event(request: web.Request, dialect: Dialect) -> web.StreamResp
 
 async def _dropped(request: web.Request, dialect: Dialect) -> web.StreamResponse:
     """A 200 and its headers, then the connection is gone (a replica killed mid-request)."""
-    response = web.StreamResponse()
-    response.content_type = dialect.content_type
-    await response.prepare(request)
-    assert request.transport is not None
-    request.transport.close()
-    return response
+    return await dropped(request, dialect.content_type)
 
 
 async def _replica(aiohttp_server: Any, dialect: Dialect, reply: Reply, served: list[int]) -> str:

@@ -112,7 +112,14 @@ class Stall:
     seconds: float = 30.0
 
 
-Script = Reply | Endless | Stall
+@dataclass(frozen=True)
+class Drop:
+    """A 200 and its headers, then the connection is gone (a replica killed mid-request)."""
+
+    content_type: str = "text/event-stream"
+
+
+Script = Reply | Endless | Stall | Drop
 
 
 def _vllm(text: str, finish: str | None = None) -> dict[str, Any]:
@@ -260,6 +267,8 @@ class ScriptedUpstream(AppInThread):
             return web.Response(status=504)
         if isinstance(script, Endless):
             return await self._endless(request, script)
+        if isinstance(script, Drop):
+            return await dropped(request, script.content_type)
         headers = {"Content-Type": script.content_type, **script.headers}
         return web.Response(status=script.status, body=script.body, headers=headers)
 
@@ -274,3 +283,13 @@ class ScriptedUpstream(AppInThread):
         except (ConnectionResetError, asyncio.CancelledError):
             self.disconnects += 1
             raise
+
+
+async def dropped(request: web.Request, content_type: str = "text/event-stream") -> web.StreamResponse:
+    """Answer 200 with headers, then close the connection (what ``Drop`` scripts, for a replica of any dialect)."""
+    response = web.StreamResponse()
+    response.content_type = content_type
+    await response.prepare(request)
+    assert request.transport is not None
+    request.transport.close()
+    return response
