@@ -13,7 +13,11 @@ closes a circle just the same when it runs (or when mypy reads it).
 from __future__ import annotations
 
 import ast
+import importlib.util
 from pathlib import Path
+
+from genai_server.settings import Settings
+from tests.harness.imports import find_cycle
 
 REPO = Path(__file__).resolve().parents[1]
 # The folders whose files are imported as top-level modules by the benchmarks (each is put on sys.path).
@@ -48,36 +52,6 @@ def import_graph(files: dict[str, Path]) -> dict[str, set[str]]:
     return {name: (imported_names(path.read_text()) & files.keys()) - {name} for name, path in files.items()}
 
 
-def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
-    """One cycle of ``graph`` as the modules along it, the first repeated at the end (``[a, b, a]``); None if the
-    graph has none. A depth-first search: a cycle is an edge back to a module still on the current path."""
-    done: set[str] = set()
-    path: list[str] = []
-    on_path: set[str] = set()
-
-    def visit(node: str) -> list[str] | None:
-        path.append(node)
-        on_path.add(node)
-        for target in sorted(graph.get(node, ())):
-            if target in on_path:
-                return [*path[path.index(target) :], target]
-            if target not in done:
-                cycle = visit(target)
-                if cycle is not None:
-                    return cycle
-        path.pop()
-        on_path.discard(node)
-        done.add(node)
-        return None
-
-    for start in sorted(graph):
-        if start not in done:
-            cycle = visit(start)
-            if cycle is not None:
-                return cycle
-    return None
-
-
 def test_find_cycle_reports_the_circle() -> None:
     """The checker itself: it sees imports inside functions and under TYPE_CHECKING, finds a circle, and passes a
     one-way graph."""
@@ -91,3 +65,14 @@ def test_benchmark_imports_form_no_cycle() -> None:
     """No benchmark script imports another that imports it back, directly or through others."""
     cycle = find_cycle(import_graph(modules()))
     assert cycle is None, "benchmark modules import each other in a circle: " + " -> ".join(cycle or [])
+
+
+def test_a_benchmark_server_is_configured_by_the_benchmark_alone() -> None:
+    """``server_process.start`` leaves out the caller's server settings by prefix: every setting the server reads
+    must fall under one, or a developer's shell would change what a benchmark measures."""
+    spec = importlib.util.spec_from_file_location("server_process", REPO / "benchmarks" / "server_process.py")
+    assert spec is not None and spec.loader is not None
+    server_process = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(server_process)
+    names = [name.upper() for name in Settings.model_fields]
+    assert [name for name in names if not name.startswith(server_process.SETTING_PREFIXES)] == []

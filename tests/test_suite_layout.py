@@ -76,3 +76,30 @@ def test_no_test_module_keeps_a_deadline_of_its_own() -> None:
         if isinstance(node, ast.Name) and node.id == "deadline"
     )
     assert offenders == [], f"wait with tests.harness.waiting.eventually instead: {offenders}"
+
+
+# Loops that sleep on purpose, each for a reason of its own: not a wait for a condition to hold.
+_PACING_LOOPS = {
+    "tests/test_hostile.py:188",  # samples the KV-cache gauge for its peak while work runs
+}
+
+
+def test_no_test_module_polls_in_a_sleeping_loop_of_its_own() -> None:
+    """A ``for``/``while`` loop that sleeps is a wait written by hand (``for _ in range(500): ... sleep``): the one
+    is ``eventually``. The loops that sleep to pace or sample are named above."""
+    offenders = sorted(
+        f"{path.relative_to(REPO)}:{loop.lineno}"
+        for path in sorted(TESTS.glob("test_*.py"))
+        for loop in ast.walk(ast.parse(path.read_text()))
+        if isinstance(loop, ast.For | ast.AsyncFor | ast.While) and _sleeps(loop)
+    )
+    assert [place for place in offenders if place not in _PACING_LOOPS] == []
+
+
+def _sleeps(node: ast.AST) -> bool:
+    for call in ast.walk(node):
+        if isinstance(call, ast.Call):
+            name = call.func.attr if isinstance(call.func, ast.Attribute) else getattr(call.func, "id", "")
+            if name == "sleep":
+                return True
+    return False
