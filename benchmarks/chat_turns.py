@@ -144,8 +144,8 @@ async def compare(model: str, conversations: int = 3, reply: int = 16) -> dict[s
         print(f"chat turns skipped: not built: {preset.output} (python scripts/make_model.py {model})")
         return None
     procs, targets = [], {}
-    for name, env in (("genai_server", {}), ("genai_server, reuse off", {"PREFIX_CACHE_CONVERSATIONS": "0"})):
-        proc, url = start("--model-path", str(preset.output), **env)
+    for name, flags in (("genai_server", []), ("genai_server, reuse off", ["--prefix-cache-conversations", "0"])):
+        proc, url = start("--model-path", str(preset.output), *flags)
         procs.append(proc)
         targets[name] = (url, preset.output.name)
     gguf = gguf_path(model)

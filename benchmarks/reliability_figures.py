@@ -19,32 +19,21 @@ import io
 import json
 import statistics
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import aiohttp
-
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from tests.harness.process import free_port as _free_port, server_env as _env, wait_healthy as _wait_healthy  # noqa: E402, I001 - the checkout's own helpers
+from server_process import REPO, start, wait_ready
 
 BENCH_MODEL = REPO / "models" / "bench-random-llama-int4"
 
 
-def _serve(checkout: Path, **settings: str) -> tuple[subprocess.Popen[str], str]:
-    port = _free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "genai_server", "--server-port", str(port)],
-        cwd=checkout,
-        env=_env(**settings),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
-    _wait_healthy(proc, port)
-    return proc, f"http://127.0.0.1:{port}"
+async def _serve(checkout: Path, **settings: str) -> tuple[subprocess.Popen[bytes], str]:
+    """The server of ``checkout`` (this one, or another for a before/after), silent, once it answers."""
+    proc, url = start(cwd=checkout, output=subprocess.DEVNULL, **settings)
+    async with aiohttp.ClientSession() as session:
+        await wait_ready(session, url, proc)
+    return proc, url
 
 
 async def _probe(session: aiohttp.ClientSession, url: str, stop: asyncio.Event) -> list[float]:
@@ -68,7 +57,7 @@ async def _post(session: aiohttp.ClientSession, url: str, body: bytes) -> int:
 
 async def liveness(checkout: Path) -> None:
     """Big and ordinary messages in rounds, liveness polled meanwhile."""
-    proc, url = _serve(checkout, MAX_QUEUED_REQUESTS="64")
+    proc, url = await _serve(checkout, MAX_QUEUED_REQUESTS="64")
     try:
         async with aiohttp.ClientSession() as session:
             for name, text, per_round in (("3.5 MB message", "word " * 700_000, 4), ("3 KB message", "word " * 600, 8)):
@@ -107,7 +96,7 @@ def _rss_mb(pid: int) -> float:
 
 async def memory(checkout: Path, settings: dict[str, str]) -> None:
     """64 seeded sequences asked for at once; RSS sampled every 100 ms."""
-    proc, url = _serve(checkout, MODEL_PATH=str(BENCH_MODEL), **settings)
+    proc, url = await _serve(checkout, MODEL_PATH=str(BENCH_MODEL), **settings)
     body = {
         "model": BENCH_MODEL.name,
         "messages": [{"role": "user", "content": "Tell me a story"}],

@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_models import PROMPT, REALISTIC, SMALL, ModelSpec, ensure_model
 from load import LevelResult, median, pct, poll_health, run_level, stream_completion
-from server_process import REPO, free_port, memory_mb
+from server_process import REPO, free_port, memory_mb, wait_ready
 from targets import TARGETS, meets
 
 LEVELS = (1, 2, 4, 8)
@@ -108,18 +108,8 @@ class Server:
         self.ready_s = 0.0
 
     async def wait_ready(self, session: aiohttp.ClientSession) -> None:
-        deadline = time.perf_counter() + 300
-        while time.perf_counter() < deadline:
-            assert self.proc.poll() is None, "the server exited"
-            try:
-                async with session.get(self.url + "/health") as resp:
-                    if resp.status == 200:
-                        self.ready_s = time.perf_counter() - self.started
-                        return
-            except aiohttp.ClientError:
-                pass
-            await asyncio.sleep(0.02)
-        raise TimeoutError("server not ready")
+        await wait_ready(session, self.url, self.proc, timeout_s=300)
+        self.ready_s = time.perf_counter() - self.started
 
     def stop(self) -> None:
         self.proc.send_signal(signal.SIGTERM)

@@ -35,23 +35,56 @@ def memory_mb(pid: int, field: str = "VmRSS") -> float:
     raise RuntimeError(f"no {field}")
 
 
-def start(*args: str, **env: str) -> tuple[subprocess.Popen[bytes], str]:
-    """``python -m genai_server`` with these flags and settings, on a free port. The caller's MODEL*, BACKEND*,
-    UPSTREAM* and SERVER* variables are left out, so that only what the benchmark passes configures the server."""
+# The server's settings are read from variables with these prefixes (genai_server/settings.py; a test keeps the list
+# whole): left out of the caller's environment, so that only what the benchmark passes configures a server.
+SETTING_PREFIXES = (
+    "MODEL",
+    "BACKEND",
+    "UPSTREAM",
+    "SERVER_",
+    "MAX_",
+    "QUEUE_",
+    "REQUEST_",
+    "CLIENT_",
+    "KEEPALIVE_",
+    "SHUTDOWN_",
+    "ENGINE_",
+    "PREFIX_CACHE_",
+    "STREAM_",
+    "API_KEYS",
+    "METRICS_",
+    "CORS_",
+    "SLO_",
+    "OTEL_EXPORTER_OTLP_ENDPOINT",
+    "LOG_",
+)
+
+
+def start(*args: str, cwd: Path = REPO, output: int | None = None, **env: str) -> tuple[subprocess.Popen[bytes], str]:
+    """``python -m genai_server`` (of the checkout ``cwd``) with these flags and settings, on a free port; the
+    caller's own server settings are left out. ``output``: where its stdout and stderr go (``subprocess.DEVNULL``
+    to silence it; None: this process's)."""
     port = free_port()
-    clean = {k: v for k, v in os.environ.items() if not k.startswith(("MODEL", "BACKEND", "UPSTREAM", "SERVER"))}
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(SETTING_PREFIXES)}
     proc = subprocess.Popen(
         [sys.executable, "-m", "genai_server", "--server-port", str(port), "--log-level", "WARNING", *args],
-        cwd=REPO,
+        cwd=cwd,
         env={**clean, **env},
+        stdout=output,
+        stderr=output,
     )
     return proc, f"http://127.0.0.1:{port}"
 
 
-async def wait_ready(session: aiohttp.ClientSession, url: str) -> None:
-    """Poll ``url``/health until it answers 200 (up to 2 minutes): a measurement must not time the start-up."""
-    deadline = time.monotonic() + 120
+async def wait_ready(
+    session: aiohttp.ClientSession, url: str, proc: subprocess.Popen[bytes] | None = None, timeout_s: float = 120
+) -> None:
+    """Poll ``url``/health until it answers 200 (up to ``timeout_s``): a measurement must not time the start-up. With
+    ``proc``, a server that exits fails at once instead of at the deadline."""
+    deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"the server at {url} exited with {proc.returncode}")
         try:
             async with session.get(url + "/health") as resp:
                 if resp.status == 200:
