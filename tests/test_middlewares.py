@@ -13,6 +13,7 @@ from aiohttp import web
 
 from genai_server.http.auth import setup_api_keys
 from genai_server.http.concurrency import ConcurrencyLimiter, setup_concurrency_limit
+from genai_server.http.cors import setup_cors
 from genai_server.http.endpoints import Endpoint, add_endpoints
 from genai_server.http.error_mapping import setup_error_mapping
 from genai_server.http.request_body import setup_request_body
@@ -126,3 +127,15 @@ async def test_the_request_record_reaches_the_access_log_and_metrics(
     text = metrics.exposition().decode()
     assert metric_sample(text, "genai_server_requests_total", model="-", backend="onnx", status="200") == 1
     assert 'status="405"' not in text, "only the generation request is counted"
+
+
+async def test_cors_wraps_every_endpoint_and_unrouted_errors(aiohttp_client: Any) -> None:
+    app = _app(GENERATE, OPEN)
+    setup_cors(app, ["https://app.example"])
+    client = await aiohttp_client(app)
+    origin = {"Origin": "https://app.example"}
+    preflight = await client.options("/gen", headers={**origin, "Access-Control-Request-Method": "POST"})
+    assert preflight.status == 200 and "POST" in preflight.headers["Access-Control-Allow-Methods"]
+    for resp in (await client.post("/gen", headers=origin), await client.get("/nowhere", headers=origin)):
+        assert resp.headers["Access-Control-Allow-Origin"] == "https://app.example"
+    assert "Access-Control-Allow-Origin" not in (await client.get("/open", headers={"Origin": "https://evil"})).headers
