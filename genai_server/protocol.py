@@ -134,6 +134,8 @@ class SamplingRequest(BaseModel):
 
     model: str = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)
+    # vLLM's prefix-cache salt: a request continues only a kept conversation of the same salt (and API key).
+    cache_salt: str | None = Field(None, min_length=1, max_length=1024)
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     top_k: int | None = Field(None, ge=-1, le=INT32_MAX, description="vLLM/llama.cpp extension; 0 or -1 = off")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import AsyncGenerator, Awaitable
 from dataclasses import dataclass
@@ -85,21 +86,21 @@ class Serving:
                 return card
         raise ModelNotFound(f"The model '{model_id}' does not exist", param="model")
 
-    async def chat(self, req: ChatCompletionRequest, stats: RequestTelemetry) -> Result:
-        """Route a chat completion."""
+    async def chat(self, req: ChatCompletionRequest, stats: RequestTelemetry, owner: str = "") -> Result:
+        """Route a chat completion; ``owner`` names who sent it (see ``cache_scope``)."""
         if len(req.messages) > self._limits.max_messages:
             raise InvalidRequest(f"At most {self._limits.max_messages} messages per request", param="messages")
         self._check_max_tokens(req)
         self._check_sequences(req.n)
         backend = self._start(req.model, stats)
-        return await _timed(backend.chat(req, stats), stats)
+        return await _timed(backend.chat(req, stats, cache_scope(owner, req.cache_salt)), stats)
 
-    async def complete(self, req: CompletionRequest, stats: RequestTelemetry) -> Result:
-        """Route a text completion."""
+    async def complete(self, req: CompletionRequest, stats: RequestTelemetry, owner: str = "") -> Result:
+        """Route a text completion; ``owner`` as for ``chat``."""
         self._check_max_tokens(req)
         self._check_sequences(req.n * len(req.prompts()))
         backend = self._start(req.model, stats)
-        return await _timed(backend.complete(req, stats), stats)
+        return await _timed(backend.complete(req, stats, cache_scope(owner, req.cache_salt)), stats)
 
     def _check_max_tokens(self, req: SamplingRequest) -> None:
         most = self._limits.max_tokens_limit
@@ -128,6 +129,16 @@ class Serving:
         if backend is None:
             raise ModelNotFound(f"The model '{model_id}' does not exist", param="model")
         return backend
+
+
+def cache_scope(owner: str, salt: str | None) -> str:
+    """Whose KV caches a request may continue: its owner's (an API key's fingerprint; "" on an open server, where
+    every client is the same owner), further split by the client's ``cache_salt`` (vLLM's field) when it sends one.
+    Scoped, because whether a prompt continued a kept conversation shows in ``cached_tokens`` and in the time to
+    first token: across owners, one client could test guesses of another's prompts."""
+    if not owner and salt is None:
+        return ""
+    return hashlib.sha256(f"{owner}\0{salt or ''}".encode()).hexdigest()
 
 
 async def _timed(pending: Awaitable[Result], stats: RequestTelemetry) -> Result:

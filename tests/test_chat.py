@@ -188,8 +188,8 @@ async def test_an_error_after_the_stream_started_is_an_error_event_then_done(cli
     engine: Any = embedded_engine(client.app)  # its methods are replaced to inject faults
     real_generate = engine.generate
 
-    async def failing_after_first_delta(prompt: list[int], options: Any) -> Any:
-        stream = real_generate(prompt, options)
+    async def failing_after_first_delta(prompt: list[int], options: Any, cache_scope: str = "") -> Any:
+        stream = real_generate(prompt, options, cache_scope)
         yield await stream.__anext__()  # a real first delta, then the engine "fails"
         await stream.aclose()
         raise EngineFailure("the engine failed to generate a response")

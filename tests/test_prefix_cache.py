@@ -26,10 +26,16 @@ QUESTIONS = [QUESTION, " Tell me more about it, please.", " Why?", " Write it ag
 REPLY_TOKENS = 2
 
 
-async def _complete(client: TestClient[Any, Any], prompt: list[int], max_tokens: int = REPLY_TOKENS) -> dict[str, Any]:
-    resp = await client.post(
-        "/v1/completions", json={"model": MODEL_ID, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0}
-    )
+async def _complete(
+    client: TestClient[Any, Any],
+    prompt: list[int],
+    max_tokens: int = REPLY_TOKENS,
+    key: str | None = None,
+    **extra: Any,
+) -> dict[str, Any]:
+    request = {"model": MODEL_ID, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, **extra}
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    resp = await client.post("/v1/completions", json=request, headers=headers)
     assert resp.status == 200, await resp.text()
     body: dict[str, Any] = await resp.json()
     return body
@@ -40,19 +46,22 @@ def _cached(body: dict[str, Any]) -> int:
     return cached
 
 
-async def _turns(client: TestClient[Any, Any], tokenizer: Any, count: int) -> list[tuple[list[int], list[int]]]:
+async def _turns(
+    client: TestClient[Any, Any], tokenizer: Any, count: int, key: str | None = None
+) -> list[tuple[list[int], list[int]]]:
     """``count`` (prompt, reply ids) pairs whose reply, sent back as text, is continued from the kept sequence:
-    each is checked on ``client`` (a server keeping at least one conversation), and left kept there."""
+    each is checked on ``client`` (a server keeping at least one conversation; with API ``key``), and left kept
+    there."""
     found: list[tuple[list[int], list[int]]] = []
     question = [int(t) for t in tokenizer.encode(QUESTION)]
     for seed in SEEDS:
         prompt = [int(t) for t in tokenizer.encode(seed)]
-        body = await _complete(client, prompt)
+        body = await _complete(client, prompt, key=key)
         reply = [int(t) for t in tokenizer.encode(body["choices"][0]["text"])]
         if len(reply) != body["usage"]["completion_tokens"]:
             continue  # the text does not tokenise back to as many tokens: cannot be the same ids
         expected = len(prompt) + len(reply)
-        cached = _cached(await _complete(client, prompt + reply + question))
+        cached = _cached(await _complete(client, prompt + reply + question, key=key))
         assert cached in (0, expected), (cached, expected)  # all of the kept tokens, or none
         if cached:
             found.append((prompt, reply))
@@ -137,3 +146,34 @@ async def test_chat_usage_says_how_many_prompt_tokens_were_cached(client: Any, o
 
     whole = await client.post("/v1/chat/completions", json=chat_body())
     assert whole.headers["x-cached-prompt-tokens"] == str(_cached(await whole.json()))
+
+
+async def test_a_conversation_is_continued_only_by_its_own_key_and_salt(
+    make_client: ClientFactory, tokenizer: Any
+) -> None:
+    """Whether a prompt continued a kept conversation shows in ``cached_tokens`` (and in the time to first token):
+    shared across API keys, one client could test guesses of another's prompt. Reuse stays within a key, and within
+    a ``cache_salt`` when the client sends one (vLLM's field); the same key and salt still reuse (the control)."""
+    client = await make_client(api_keys="key-a,key-b")
+    [(prompt, reply)] = await _turns(client, tokenizer, 1, key="key-a")
+    turn2 = prompt + reply + [int(t) for t in tokenizer.encode(QUESTION)]
+    kept = len(prompt) + len(reply)
+
+    await _complete(client, prompt, key="key-a")  # turn 1 again: kept, owned by key-a
+    assert _cached(await _complete(client, turn2, key="key-b")) == 0, "another key's conversation"
+    await _complete(client, prompt, key="key-a")
+    assert _cached(await _complete(client, turn2, key="key-a")) == kept, "its own: continued"
+
+    await _complete(client, prompt, key="key-a", cache_salt="tenant-1")
+    assert _cached(await _complete(client, turn2, key="key-a", cache_salt="tenant-2")) == 0, "another salt"
+    await _complete(client, prompt, key="key-a", cache_salt="tenant-1")
+    assert _cached(await _complete(client, turn2, key="key-a", cache_salt="tenant-1")) == kept, "its own salt"
+
+
+async def test_a_cache_salt_is_bounded(client: TestClient[Any, Any]) -> None:
+    for salt in ("", "s" * 1025, 7):
+        resp = await client.post(
+            "/v1/completions", json={"model": MODEL_ID, "prompt": "Hi", "max_tokens": 1, "cache_salt": salt}
+        )
+        assert resp.status == 400, salt
+        assert (await resp.json())["error"]["param"] == "cache_salt"

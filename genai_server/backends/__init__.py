@@ -58,10 +58,11 @@ class Backend(Protocol):
         """The models this backend serves."""
         ...
 
-    async def chat(self, req: ChatCompletionRequest, stats: RequestTelemetry) -> Result:
-        """A chat completion, or its chunk stream when ``req.stream``."""
+    async def chat(self, req: ChatCompletionRequest, stats: RequestTelemetry, cache_scope: str = "") -> Result:
+        """A chat completion, or its chunk stream when ``req.stream``. ``cache_scope``: whose KV caches it may
+        continue (an engine elsewhere scopes its own caches: a relaying backend passes the client's cache_salt)."""
         ...
 
-    async def complete(self, req: CompletionRequest, stats: RequestTelemetry) -> Result:
-        """A text completion, or its chunk stream when ``req.stream``."""
+    async def complete(self, req: CompletionRequest, stats: RequestTelemetry, cache_scope: str = "") -> Result:
+        """A text completion, or its chunk stream when ``req.stream``; ``cache_scope`` as for ``chat``."""
         ...

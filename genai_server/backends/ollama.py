@@ -56,7 +56,7 @@ class OllamaBackend(RelayBackend):
     name = "ollama"
     probe_path = "/api/version"
 
-    async def chat(self, req: ChatCompletionRequest, stats: RequestTelemetry) -> Result:
+    async def chat(self, req: ChatCompletionRequest, stats: RequestTelemetry, cache_scope: str = "") -> Result:
         """``/api/chat``, as an OpenAI chat completion or chunk stream."""
         check_supported(req)
         _no_response_format(req)
@@ -76,7 +76,7 @@ class OllamaBackend(RelayBackend):
             usage=usage(stats),
         )
 
-    async def complete(self, req: CompletionRequest, stats: RequestTelemetry) -> Result:
+    async def complete(self, req: CompletionRequest, stats: RequestTelemetry, cache_scope: str = "") -> Result:
         """``/api/generate`` with ``raw`` (no template), as an OpenAI text completion or chunk stream."""
         check_supported(req)
         _no_response_format(req)

@@ -59,6 +59,7 @@ class _Sequence:
     options: SamplingOptions
     stops: list[str]
     guided: str = "response_format"  # the parameter whose grammar it follows: what a refused grammar is blamed on
+    cache_scope: str = ""  # whose conversation it continues or leaves kept (see ``serving.cache_scope``)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -129,7 +130,7 @@ class OnnxBackend:
     # ---- chat --------------------------------------------------------------------------
 
     async def chat(
-        self, req: ChatCompletionRequest, stats: RequestTelemetry
+        self, req: ChatCompletionRequest, stats: RequestTelemetry, cache_scope: str = ""
     ) -> ChatCompletion | AsyncGenerator[ChatCompletionChunk, None]:
         """A chat completion, or its chunk stream when ``req.stream``."""
         check_supported(req)
@@ -143,7 +144,7 @@ class OnnxBackend:
         prompt = await asyncio.to_thread(
             lambda: self.engine.encode(self.engine.apply_chat_template(messages, rendered))
         )
-        seqs = self._plan(req, [prompt], param="messages", tools=tools)
+        seqs = self._plan(req, [prompt], param="messages", tools=tools, cache_scope=cache_scope)
         stats.prompt_tokens = len(prompt)
         readers = {s.index: CallReader(fmt) if tools and tools.parse else None for s in seqs}
         if req.stream:
@@ -184,7 +185,7 @@ class OnnxBackend:
     # ---- completions -------------------------------------------------------------------
 
     async def complete(
-        self, req: CompletionRequest, stats: RequestTelemetry
+        self, req: CompletionRequest, stats: RequestTelemetry, cache_scope: str = ""
     ) -> Completion | AsyncGenerator[Completion, None]:
         """A text completion (raw prompt, no template), or its chunk stream when ``req.stream``."""
         check_supported(req)
@@ -195,7 +196,7 @@ class OnnxBackend:
             else:
                 self._check_text_size(len(prompt), param="prompt")
         prompts = await asyncio.to_thread(lambda: [p if isinstance(p, list) else self.engine.encode(p) for p in given])
-        seqs = self._plan(req, prompts, param="prompt")
+        seqs = self._plan(req, prompts, param="prompt", cache_scope=cache_scope)
         stats.prompt_tokens = sum(len(p) for p in prompts)
         if req.stream:
             return self._complete_stream(req, seqs, stats)
@@ -261,7 +262,13 @@ class OnnxBackend:
             raise InvalidRequest(f"Token ids must be between 0 and {vocab - 1}", param="prompt")
 
     def _plan(
-        self, req: SamplingRequest, prompts: Sequence[list[int]], *, param: str, tools: _ToolUse | None = None
+        self,
+        req: SamplingRequest,
+        prompts: Sequence[list[int]],
+        *,
+        param: str,
+        tools: _ToolUse | None = None,
+        cache_scope: str = "",
     ) -> list[_Sequence]:
         """Check the prompts against the context and make ``n`` sequences per prompt."""
         context = self.engine.context_length
@@ -290,7 +297,8 @@ class OnnxBackend:
                 options, guided = replace(options, guidance=tools.guidance), "tools"
             for j in range(req.n):
                 seed = None if req.seed is None else engine_seed(req.seed + j)
-                sequences.append(_Sequence(p * req.n + j, prompt, replace(options, seed=seed), req.stop_list, guided))
+                options_j = replace(options, seed=seed)
+                sequences.append(_Sequence(p * req.n + j, prompt, options_j, req.stop_list, guided, cache_scope))
         return sequences
 
     async def _collect(
@@ -326,7 +334,7 @@ class OnnxBackend:
     ) -> AsyncGenerator[Piece, None]:
         """One choice's pieces, with stop sequences applied."""
         matcher = StopMatcher(seq.stops)
-        stream = self.engine.generate(seq.prompt, seq.options)
+        stream = self.engine.generate(seq.prompt, seq.options, seq.cache_scope)
         try:
             async for delta in stream:
                 if delta.admitted_at is not None:

@@ -42,11 +42,11 @@ class OpenAIUpstream(RelayBackend):
     name = "openai"
     probe_path = "/models"
 
-    async def chat(self, req: ChatCompletionRequest, stats: RequestTelemetry) -> Result:
+    async def chat(self, req: ChatCompletionRequest, stats: RequestTelemetry, cache_scope: str = "") -> Result:
         """Relay a chat completion."""
         return await self._relay("/chat/completions", req, stats, "chat.completion", choices=req.n)
 
-    async def complete(self, req: CompletionRequest, stats: RequestTelemetry) -> Result:
+    async def complete(self, req: CompletionRequest, stats: RequestTelemetry, cache_scope: str = "") -> Result:
         """Relay a text completion."""
         return await self._relay("/completions", req, stats, "text_completion", choices=req.n * len(req.prompts()))
 

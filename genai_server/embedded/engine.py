@@ -151,15 +151,18 @@ class OnnxEngine:
 
     # ---- generation (event loop side) --------------------------------------------------
 
-    async def generate(self, prompt: list[int], options: SamplingOptions) -> AsyncGenerator[Delta, None]:
-        """Stream deltas for one sequence; closing the iterator early cancels the sequence."""
+    async def generate(
+        self, prompt: list[int], options: SamplingOptions, cache_scope: str = ""
+    ) -> AsyncGenerator[Delta, None]:
+        """Stream deltas for one sequence; closing the iterator early cancels the sequence. Its KV cache, kept for
+        a conversation's next turn, is continued only by a sequence of the same ``cache_scope``."""
         scheduler = self._scheduler
         assert scheduler is not None, "start() the engine first"
         if self.failure is not None:
             raise EngineFailure("the engine has failed; the server is restarting")
         if self._closed:
             raise ShuttingDown("The server is shutting down; no new generation starts")
-        job = Job(np.asarray(prompt, dtype=np.int32), options, asyncio.get_running_loop(), asyncio.Queue())
+        job = Job(np.asarray(prompt, dtype=np.int32), options, asyncio.get_running_loop(), asyncio.Queue(), cache_scope)
         self._live.add(job)
         self._commands.put(lambda: scheduler.submit(job))
         finished = False

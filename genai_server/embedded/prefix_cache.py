@@ -36,13 +36,19 @@ class Kept:
     request: Any  # og.Request, owner thread only
     tokens: list[int] = field(default_factory=list)  # every token in its cache: prompts and generated tokens
     used_at: float = 0.0
+    scope: str = ""  # whose it is: only a prompt of the same scope may continue it
 
 
-def best_reuse(prompt: np.ndarray, candidates: list[Kept]) -> Kept | None:
-    """The kept sequence that ``prompt`` continues (its tokens, then at least one more) with the most tokens."""
+def best_reuse(prompt: np.ndarray, candidates: list[Kept], scope: str = "") -> Kept | None:
+    """The kept sequence of ``scope`` that ``prompt`` continues (its tokens, then at least one more) with the most
+    tokens. A sequence of another scope is never continued: which prompt continued whose conversation shows in
+    ``cached_tokens`` and in the time to first token, so a cache shared across owners would let one guess another's
+    prompts."""
     best: Kept | None = None
     for kept in candidates:
         n = len(kept.tokens)
-        if n < len(prompt) and (best is None or n > len(best.tokens)) and np.array_equal(prompt[:n], kept.tokens):
+        if kept.scope != scope or n >= len(prompt) or (best is not None and n <= len(best.tokens)):
+            continue
+        if np.array_equal(prompt[:n], kept.tokens):
             best = kept
     return best

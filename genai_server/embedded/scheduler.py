@@ -102,6 +102,7 @@ class Job:
     options: SamplingOptions
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue[Delta]
+    scope: str = ""  # whose conversation it is: a kept sequence is continued only within its scope
     lane: Lane | None = None
     admitted_at: float | None = None
     request: Any = None
@@ -361,7 +362,7 @@ class BatchScheduler:
         for job in list(self._waiting):
             if not kept or self._running() >= self._max_running:
                 return
-            reuse = best_reuse(job.prompt, kept)
+            reuse = best_reuse(job.prompt, kept, job.scope)
             if reuse is None:
                 continue
             kept.remove(reuse)
@@ -449,7 +450,7 @@ class BatchScheduler:
         if lane is not None:
             lane.jobs.pop(id(job.request), None)
         if lane is not None and job.keep:
-            lane.kept = Kept(job.request, job.tokens, used_at=time.monotonic())
+            lane.kept = Kept(job.request, job.tokens, used_at=time.monotonic(), scope=job.scope)
             job.request = None
             self._limit_kept()
             return

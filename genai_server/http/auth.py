@@ -8,6 +8,7 @@ through timing, and keys are never logged.
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 from collections.abc import Awaitable, Callable
 
@@ -15,6 +16,7 @@ from aiohttp import hdrs, web
 
 from genai_server.errors import InvalidApiKey
 from genai_server.http.endpoints import public
+from genai_server.http.request_state import KEY_OWNER
 
 
 def setup_api_keys(app: web.Application, keys: list[str]) -> None:
@@ -30,23 +32,29 @@ def setup_api_keys(app: web.Application, keys: list[str]) -> None:
         # CORS preflights carry no credentials by design; aiohttp-cors answers them.
         if public(request) or request.method == hdrs.METH_OPTIONS:
             return await handler(request)
-        if not _valid(request.headers.get(hdrs.AUTHORIZATION, ""), encoded):
+        presented = _presented(request.headers.get(hdrs.AUTHORIZATION, ""))
+        if presented is None or not _valid(presented, encoded):
             raise InvalidApiKey(
                 "Incorrect or missing API key: send 'Authorization: Bearer <key>'",
                 headers={"WWW-Authenticate": "Bearer"},
             )
+        # Whose caches its generations may continue: a fingerprint, never the key itself.
+        request[KEY_OWNER] = hashlib.sha256(presented).hexdigest()
         return await handler(request)
 
     app.middlewares.append(api_keys)
 
 
-def _valid(header: str, keys: list[bytes]) -> bool:
+def _presented(header: str) -> bytes | None:
+    """The key an ``Authorization: Bearer <key>`` header presents, as bytes; None if it presents none. Header bytes
+    that are not UTF-8 arrive as surrogate escapes: encoded as they are (they match no key), never a 500."""
     scheme, _, presented = header.partition(" ")
-    if scheme.lower() != "bearer" or not presented:
-        return False
-    # Header bytes that are not UTF-8 arrive as surrogate escapes: encoded as they are (they match no key),
-    # never a 500.
-    candidate = presented.strip().encode("utf-8", "surrogatepass")
+    if scheme.lower() != "bearer" or not presented.strip():
+        return None
+    return presented.strip().encode("utf-8", "surrogatepass")
+
+
+def _valid(candidate: bytes, keys: list[bytes]) -> bool:
     matched = False
     for key in keys:  # every key, whatever matched: the time taken does not depend on which one
         matched |= hmac.compare_digest(candidate, key)

@@ -25,6 +25,8 @@ class StreamOutcome:
 REQUEST_ID = web.RequestKey("request_id", str)
 # perf_counter() when the request reached the server, before any queueing: where its telemetry starts.
 ARRIVAL = web.RequestKey("arrival", float)
+# A fingerprint of the API key a request presented (set by auth.py when keys are on): its KV caches' owner.
+KEY_OWNER = web.RequestKey("key_owner", str)
 # A generation request's JSON body, read and checked before it takes a slot (request_body.py).
 BODY = web.RequestKey("body", dict[str, Any])
 # The body as the handler parsed it: what the record reads the request's attributes from.

@@ -19,7 +19,15 @@ from genai_server.http.app_keys import METRICS, SERVING, SETTINGS
 from genai_server.http.endpoints import Endpoint
 from genai_server.http.lifecycle import health, live, ready
 from genai_server.http.openapi import openapi
-from genai_server.http.request_state import ARRIVAL, BODY, PARSED, REQUEST_ID, REQUEST_STATS, STREAM_OUTCOME
+from genai_server.http.request_state import (
+    ARRIVAL,
+    BODY,
+    KEY_OWNER,
+    PARSED,
+    REQUEST_ID,
+    REQUEST_STATS,
+    STREAM_OUTCOME,
+)
 from genai_server.http.sse import write_sse
 from genai_server.protocol import (
     ChatCompletion,
@@ -65,14 +73,16 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     """``POST /v1/chat/completions``."""
     stats = _telemetry(request)
     body = parse_body(request, ChatCompletionRequest)
-    return await _respond(request, stats, body, request.app[SERVING].chat(body, stats))
+    owner = request.get(KEY_OWNER, "")  # whose KV caches it may continue
+    return await _respond(request, stats, body, request.app[SERVING].chat(body, stats, owner))
 
 
 async def completions(request: web.Request) -> web.StreamResponse:
     """``POST /v1/completions``."""
     stats = _telemetry(request)
     body = parse_body(request, CompletionRequest)
-    return await _respond(request, stats, body, request.app[SERVING].complete(body, stats))
+    owner = request.get(KEY_OWNER, "")
+    return await _respond(request, stats, body, request.app[SERVING].complete(body, stats, owner))
 
 
 async def metrics(request: web.Request) -> web.Response:
