@@ -8,6 +8,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from genai_server.embedded.engine import FALLBACK_CHAT_TEMPLATE
 from genai_server.settings import BUNDLED_MODEL
 from tests.harness.bodies import MODEL_ID, chat_body
@@ -204,3 +206,19 @@ async def test_an_error_after_the_stream_started_is_an_error_event_then_done(cli
     assert error["error"]["code"] == "engine_error"
     engine.generate = real_generate
     assert (await client.post("/v1/chat/completions", json=chat_body())).status == 200
+
+
+@pytest.mark.parametrize("extra", [{}, {"seed": 3}, {"stream": True}], ids=["engine", "seeded", "stream"])
+async def test_top_k_1_is_greedy_whatever_the_temperature(client: Any, extra: dict[str, Any]) -> None:
+    """Keeping only the most likely token is greedy decoding (vLLM treats it so); the engine refuses a temperature
+    beside it, which was a 500."""
+    greedy = await client.post("/v1/chat/completions", json=chat_body(max_tokens=12, temperature=0))
+    expected = (await greedy.json())["choices"][0]["message"]["content"]
+    resp = await client.post("/v1/chat/completions", json=chat_body(max_tokens=12, temperature=0.8, top_k=1, **extra))
+    assert resp.status == 200, await resp.text()
+    if extra.get("stream"):
+        chunks = stream_chunks(await resp.text())
+        text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+    else:
+        text = (await resp.json())["choices"][0]["message"]["content"]
+    assert_same_greedy_text(text, expected)

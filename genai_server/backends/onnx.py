@@ -391,12 +391,15 @@ async def _merge(streams: list[AsyncGenerator[Piece, None]]) -> AsyncGenerator[P
 
 def _sampling(req: SamplingRequest, max_tokens: int, vocab_size: int) -> SamplingOptions:
     """OpenAI defaults: temperature 1, top_p 1, no top_k; values as the engine's float32 sees them (a temperature
-    that is 0 as a float32 is greedy), and a top_k of the whole vocabulary or more is no top_k (the engine
-    refuses it)."""
+    that is 0 as a float32 is greedy), a top_k of the whole vocabulary or more is no top_k (the engine refuses it),
+    and a top_k of 1, which keeps only the most likely token, is greedy whatever the temperature (as in vLLM; the
+    engine refuses a temperature beside it)."""
     temperature = as_float32(1.0 if req.temperature is None else req.temperature)
     top_k = req.top_k if req.top_k is not None and req.top_k > 0 else 0
     if vocab_size and top_k >= vocab_size:
         top_k = 0
+    if top_k == 1:
+        temperature, top_k = 0.0, 0
     return SamplingOptions(
         max_tokens=max_tokens,
         temperature=temperature,
