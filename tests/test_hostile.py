@@ -598,3 +598,42 @@ async def test_readiness_tells_the_truth_about_upstreams(
     async with relay.get(f"{server.url}/health/ready") as resp:
         assert resp.status == 503
         assert await resp.json() == {"status": "unavailable", "models": ["down"]}
+
+
+# ---- a grammar past the engine's parser ------------------------------------------------------------------------
+
+
+def _alternatives(count: int) -> dict[str, Any]:
+    """A JSON schema of ``count`` object branches: past 2000 the engine's grammar parser fails while tokens are
+    committed (measured on 0.18: "Current row has N items; max is 2000"), and the runtime declares that static-batch
+    Engine no longer healthy: every later request on it failed with a 500 while every probe stayed 200."""
+    branches = [
+        {"type": "object", "properties": {f"k{i}": {"type": "integer"}}, "required": [f"k{i}"]} for i in range(count)
+    ]
+    return {"type": "json_schema", "json_schema": {"name": "many", "schema": {"anyOf": branches}}}
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [{}, {"stream": True}, {"seed": 4, "temperature": 0.7}],
+    ids=["engine", "engine-stream", "seeded-generator"],
+)
+async def test_a_grammar_past_the_parser_is_the_clients_400_and_poisons_nothing(
+    session: aiohttp.ClientSession, embedded: ServerProcess, extra: dict[str, Any]
+) -> None:
+    body = chat_body(max_tokens=20, response_format=_alternatives(2100), **extra)
+    async with session.post(f"{embedded.url}/v1/chat/completions", json=body) as resp:
+        if extra.get("stream"):  # the grammar fails after the 200 left: an error event with the client's 400
+            assert resp.status == 200
+            error = json.loads(sse_events(await resp.text())[-2])["error"]
+        else:
+            assert resp.status == 400, await resp.text()
+            error = await _error(resp)
+    assert (error["type"], error["param"]) == ("invalid_request_error", "response_format")
+    assert "\n" not in error["message"], "the parser's state dump stays in the server"
+    for _ in range(3):  # the Engine it broke is not used again: every later request is served
+        async with session.post(f"{embedded.url}/v1/chat/completions", json=chat_body(max_tokens=4)) as ok:
+            assert ok.status == 200, await ok.text()
+    for probe in ("/health", "/health/live", "/health/ready"):
+        async with session.get(embedded.url + probe) as health:
+            assert health.status == 200

@@ -48,6 +48,12 @@ EngineFinish = Literal["stop", "length", "cancelled"]
 # each append holds the GIL, and 64 tokens keeps one stall to tens of ms.
 PREFILL_CHUNK = 64
 _EVENT_BUFFER = 256
+# What the grammar parser starts its errors with, inside the engine's; and how much of one a client is shown.
+_PARSER_ERROR = "Parser Error:"
+_GRAMMAR_FAILED = "the engine failed while following it (its parser allows at most 2000 alternatives at a point)"
+# The failures after which an Engine is not trusted again (the runtime may have declared it unhealthy).
+_ENGINE_FAULTS = frozenset({og.EngineErrorCode.ENGINE_EXECUTION_FAILURE, og.EngineErrorCode.ENGINE_CONTRACT_FAILURE})
+_GRAMMAR_MESSAGE_CHARS = 300
 
 
 @dataclass(frozen=True)
@@ -156,6 +162,7 @@ class Lane:
         self.kv_bytes = 0  # the batch's KV cache, reserved while it runs or is kept
         # A finished sequence whose KV cache is still resident: any other batch here would evict it.
         self.kept: Kept | None = None
+        self.failed = False  # the Engine failed a request in a way that may have left it unusable
 
     @property
     def idle(self) -> bool:
@@ -236,9 +243,13 @@ class BatchScheduler:
         if self._waiting and (len(self._waiting) >= self._max_batch or time.monotonic() >= self._admission_time()):
             self._admit()
         self._admit_generators()
-        for lane in self._lanes:
-            if lane.engine.has_pending_requests():
-                self._guarded(partial(self._step_lane, lane), list(lane.jobs.values()))
+        for lane in list(self._lanes):
+            if not lane.engine.has_pending_requests():
+                continue
+            stepped = self._guarded(partial(self._step_lane, lane), list(lane.jobs.values()))
+            if not stepped or lane.failed:
+                self._fail(list(lane.jobs.values()), "the engine failed", grammar=False)
+                self._replace(lane)
         for job in list(self._generators):
             self._guarded(partial(self._step_generator, job), [job])
         # Kept sequences are left out: like vLLM's cached free blocks, they give way to any new work.
@@ -329,6 +340,15 @@ class BatchScheduler:
             _close(lane.kept.request)
             lane.kept = None
 
+    def _replace(self, lane: Lane) -> None:
+        """An Engine whose step raised is never used again: the runtime may have declared it "no longer healthy"
+        (measured: a grammar past its parser's row limit while tokens are committed), after which every request on
+        it fails. Its sequences were failed by ``_guarded``; its kept sequence goes; a fresh Engine takes its place
+        (Engines are cheap: the KV cache is allocated per batch)."""
+        self._evict(lane)
+        self._lanes[self._lanes.index(lane)] = Lane(self._model)
+        log.warning("an engine lane failed and was replaced by a new one")
+
     def _running(self) -> int:
         return sum(not lane.idle for lane in self._lanes)
 
@@ -415,6 +435,8 @@ class BatchScheduler:
     def _step_lane(self, lane: Lane) -> None:
         touched: dict[int, Job] = {}
         for event in lane.engine.run(lane.events):
+            if event.flags & og.EngineEventFlags.FAILED and event.error_code in _ENGINE_FAULTS:
+                lane.failed = True  # replaced after this step: the runtime may call the Engine unhealthy now
             job = lane.jobs.get(id(event.request))
             if job is None or job.done:
                 self._on_kept_event(lane, event)
@@ -432,6 +454,12 @@ class BatchScheduler:
             job.generated += 1
             job.pending_text.append(job.stream.decode(event.token))
         if flags & og.EngineEventFlags.FAILED:
+            if job.options.guidance is not None and event.error_code in _ENGINE_FAULTS:
+                # Measured: a grammar past the parser's row limit fails its sequence while tokens are committed,
+                # and the runtime says so only on stderr. A guided sequence that fails so is the grammar's fault.
+                log.info("a guided sequence failed while its tokens were committed: %s", event.error_code)
+                self._fail([job], _GRAMMAR_FAILED, grammar=True)
+                return
             log.error("engine failed a request: %s", event.error_code)
             self._finish(job, error=str(event.error_code))
         elif flags & og.EngineEventFlags.TURN_FINISHED:
@@ -560,23 +588,36 @@ class BatchScheduler:
                 log.debug("dropped %d deltas for a closed event loop", len(items))
         self._outbox = {}
 
-    def _guarded(self, action: Callable[[], None], concerned: list[Job]) -> None:
-        """Run one action; if the engine raises, fail the sequences it concerned and keep serving the rest.
+    def _guarded(self, action: Callable[[], None], concerned: list[Job]) -> bool:
+        """Run one action; if the engine raises, fail the sequences it concerned and keep serving the rest (False).
         ``cancel`` never raises, so this error path cannot take the owner thread down with it."""
         try:
             action()
         except GuidanceRejected as exc:
             log.info("guidance refused by the engine: %s", exc)
-            for job in concerned:
-                if not job.done:
-                    self.cancel(job)
-                    self._send(job, Delta("", 0, error="guidance", rejected=str(exc)))
+            self._fail(concerned, str(exc), grammar=True)
+            return False
         except Exception as exc:  # one failure must not stop the owner thread
-            log.exception("engine step failed")
-            for job in concerned:
-                if not job.done:
-                    self.cancel(job)
-                    self._send(job, Delta("", 0, error=type(exc).__name__))
+            grammar = _grammar_fault(exc)
+            if grammar is None:
+                log.exception("engine step failed")
+                self._fail(concerned, type(exc).__name__, grammar=False)
+            else:  # the client's grammar broke the step: its 400, not a fault of ours
+                log.info("a grammar failed while tokens were committed: %s", grammar)
+                self._fail(concerned, grammar, grammar=True)
+            return False
+        return True
+
+    def _fail(self, jobs: list[Job], reason: str, *, grammar: bool) -> None:
+        """End each of ``jobs`` still running with an error: a refused grammar for those that asked for one when
+        the grammar was at fault (the client's error), the engine's error for the rest."""
+        for job in jobs:
+            if not job.done:
+                self.cancel(job)
+                if grammar and job.options.guidance is not None:
+                    self._send(job, Delta("", 0, error="guidance", rejected=reason))
+                else:
+                    self._send(job, Delta("", 0, error=reason))
 
 
 @contextlib.contextmanager
@@ -589,6 +630,15 @@ def _guidance_errors(options: SamplingOptions) -> Iterator[None]:
         if options.guidance is not None and "grammar" in str(exc):
             raise GuidanceRejected(str(exc)) from exc
         raise
+
+
+def _grammar_fault(exc: Exception) -> str | None:
+    """The grammar parser's own error inside an engine failure ("Parser Error: Current row has 2100 items; max is
+    2000 ..." while tokens are committed: measured with an anyOf of ~2000 branches), or None for any other."""
+    text = str(exc)
+    start = text.find(_PARSER_ERROR)
+    # Its first line only: the parser goes on to dump its state, the tokens generated so far included.
+    return None if start < 0 else text[start:].partition("\n")[0][:_GRAMMAR_MESSAGE_CHARS]
 
 
 def _search_options(options: SamplingOptions, prompt_tokens: int) -> dict[str, Any]:
