@@ -604,13 +604,69 @@ async def test_readiness_tells_the_truth_about_upstreams(
 
 
 def _alternatives(count: int) -> dict[str, Any]:
-    """A JSON schema of ``count`` object branches: past 2000 the engine's grammar parser fails while tokens are
-    committed (measured on 0.18: "Current row has N items; max is 2000"), and the runtime declares that static-batch
-    Engine no longer healthy: every later request on it failed with a 500 while every probe stayed 200."""
-    branches = [
-        {"type": "object", "properties": {f"k{i}": {"type": "integer"}}, "required": [f"k{i}"]} for i in range(count)
-    ]
-    return {"type": "json_schema", "json_schema": {"name": "many", "schema": {"anyOf": branches}}}
+    """A JSON schema of ``count`` object alternatives, in groups of 900 (each list within the bounds checked before
+    compiling): past 2000 the engine's grammar parser fails while tokens are committed (measured on 0.18: "Current
+    row has N items; max is 2000"), and the runtime declares that static-batch Engine no longer healthy: every later
+    request on it failed with a 500 while every probe stayed 200."""
+    groups = [range(start, min(start + 900, count)) for start in range(0, count, 900)]
+    schema = {"anyOf": [{"anyOf": [{"const": {f"k{i}": i}} for i in group]} for group in groups]}
+    return {"type": "json_schema", "json_schema": {"name": "many", "schema": schema}}
+
+
+def _format(schema: dict[str, Any]) -> dict[str, Any]:
+    return {"type": "json_schema", "json_schema": {"name": "hostile", "schema": schema}}
+
+
+def _ref_chain(length: int) -> dict[str, Any]:
+    """Definitions that each name the next: 2500 of them overflowed the compiler's stack (SIGSEGV, the process
+    gone, measured on 0.18), 2000 compiled."""
+    definitions: dict[str, Any] = {f"d{i}": {"$ref": f"#/$defs/d{i + 1}"} for i in range(length)}
+    definitions[f"d{length}"] = {"type": "integer"}
+    return {"type": "object", "properties": {"x": {"$ref": "#/$defs/d0"}}, "required": ["x"], "$defs": definitions}
+
+
+def _tool(parameters: dict[str, Any]) -> list[dict[str, Any]]:
+    return [{"type": "function", "function": {"name": "f", "parameters": parameters}}]
+
+
+@pytest.mark.parametrize(
+    ("extra", "param"),
+    [
+        ({"response_format": _format(_ref_chain(3000))}, "response_format"),
+        (
+            {"response_format": _format({"type": "array", "items": {"type": "integer"}, "minItems": 10**9})},
+            "response_format",
+        ),
+        (
+            {"tools": _tool({"type": "array", "items": {}, "minItems": 10**9}), "tool_choice": "required"},
+            "tools.0.function.parameters",
+        ),
+        ({"response_format": _format({"enum": list(range(1001))})}, "response_format"),
+        (
+            {"response_format": _format({"type": "object", "properties": {f"k{i}": {} for i in range(1001)}})},
+            "response_format",
+        ),
+    ],
+    ids=["ref-chain-crash", "min-items-memory", "tool-min-items", "enum", "properties"],
+)
+async def test_a_schema_past_the_compilers_bounds_is_refused_before_it_compiles(
+    session: aiohttp.ClientSession, embedded: ServerProcess, extra: dict[str, Any], param: str
+) -> None:
+    """Each of these reached native code before: a crash, gigabytes, or seconds of a compile holding the GIL."""
+    async with session.post(f"{embedded.url}/v1/chat/completions", json=chat_body(max_tokens=20, **extra)) as resp:
+        assert resp.status == 400, await resp.text()
+        error = await _error(resp)
+    assert (error["param"], error["code"]) == (param, "schema_too_complex")
+
+
+async def test_an_upper_array_bound_past_max_tokens_is_served_in_bounded_memory(
+    session: aiohttp.ClientSession, embedded: ServerProcess
+) -> None:
+    """No array can hold more items than the answer has tokens: maxItems 10^9 is served as maxItems max_tokens."""
+    schema = {"type": "array", "items": {"type": "integer"}, "maxItems": 10**9}
+    body = chat_body(max_tokens=16, response_format=_format(schema))
+    async with session.post(f"{embedded.url}/v1/chat/completions", json=body) as resp:
+        assert resp.status == 200, await resp.text()
 
 
 @pytest.mark.parametrize(

@@ -20,6 +20,7 @@ from genai_server.backends import usage
 from genai_server.backends.choices import ChoiceWriter, Piece, chat_choice, completion_logprobs
 from genai_server.embedded.engine import GuidanceRejected, OnnxEngine, SamplingOptions
 from genai_server.embedded.logprobs import TokenLogprob
+from genai_server.embedded.schema_bounds import SchemaRefused, bounded_schema
 from genai_server.embedded.stop_strings import StopMatcher
 from genai_server.embedded.tool_calls import CallFormat, CallReader, Choice, Function, describe_tools, detect_format
 from genai_server.errors import ContextLengthExceeded, InvalidRequest, ShuttingDown
@@ -136,7 +137,7 @@ class OnnxBackend:
         check_supported(req)
         check_text_messages(req.messages)
         fmt, knows_tools = self._calls, self._knows_tools
-        tools = _tool_use(req, fmt)
+        tools = _tool_use(req, fmt, req.limit or self._max_tokens_limit or self.engine.context_length)
         messages = _template_messages(req, fmt, knows_tools)
         rendered = [t.model_dump(exclude_none=True) for t in req.tools or []] if knows_tools else None
         size = sum(len(m["content"]) for m in messages) + len(json.dumps(rendered or []))
@@ -405,20 +406,20 @@ def _sampling(req: SamplingRequest, max_tokens: int, vocab_size: int) -> Samplin
         temperature=temperature,
         top_p=as_float32(1.0 if req.top_p is None else req.top_p),
         top_k=top_k,
-        guidance=_guidance(req.response_format),
+        guidance=_guidance(req.response_format, max_tokens),
         repetition_penalty=as_float32(req.repetition_penalty or 1.0),
         min_tokens=min(req.min_tokens or 0, max_tokens),
         logprobs=req.top_logprobs_asked,
     )
 
 
-def _guidance(response_format: ResponseFormat | None) -> tuple[str, str] | None:
+def _guidance(response_format: ResponseFormat | None, max_tokens: int) -> tuple[str, str] | None:
     """``response_format`` as the engine's JSON-schema guidance."""
-    schema = _format_schema(response_format)
+    schema = _format_schema(response_format, max_tokens)
     return None if schema is None else ("json_schema", schema)
 
 
-def _format_schema(response_format: ResponseFormat | None) -> str | None:
+def _format_schema(response_format: ResponseFormat | None, max_tokens: int) -> str | None:
     """The JSON schema ``response_format`` asks for: any object for ``json_object``, the schema for
     ``json_schema`` (enforced whether or not ``strict`` is set). Whitespace between tokens is not free unless the
     schema's own ``x-guidance`` says so: a weak model would otherwise fill its answer with it (measured: the
@@ -428,7 +429,7 @@ def _format_schema(response_format: ResponseFormat | None) -> str | None:
     if response_format.type == "json_object" or response_format.json_schema is None:
         schema: dict[str, Any] = {"type": "object"}
     else:
-        schema = dict(response_format.json_schema.schema_ or {})
+        schema = _bounded(response_format.json_schema.schema_ or {}, max_tokens, "response_format")
     options = schema.get("x-guidance")
     schema["x-guidance"] = {"whitespace_flexible": False, **(options if isinstance(options, dict) else {})}
     return json.dumps(schema)
@@ -448,22 +449,22 @@ class _ToolUse:
     parse: bool
 
 
-def _tool_use(req: ChatCompletionRequest, fmt: CallFormat) -> _ToolUse | None:
+def _tool_use(req: ChatCompletionRequest, fmt: CallFormat, max_tokens: int) -> _ToolUse | None:
     """Check ``tools`` and ``tool_choice`` and plan the grammar. ``none`` still shows the model its tools (as vLLM
     does by default) but neither constrains nor reads calls; ``auto`` allows text or calls, ``required`` one call
     or more, a named choice that function only; ``parallel_tool_calls: false`` one call at most."""
     if not req.tools:
         return None
-    functions = [_function(i, tool) for i, tool in enumerate(req.tools)]
+    functions = [_function(i, tool, max_tokens) for i, tool in enumerate(req.tools)]
     choice = _choice(req.tool_choice, {f.name for f in functions})
     if choice == "none":
         return _ToolUse(None, parse=False)
-    answer = _format_schema(req.response_format)
+    answer = _format_schema(req.response_format, max_tokens)
     grammar = fmt.grammar(functions, choice, parallel=req.parallel_tool_calls is not False, answer=answer)
     return _ToolUse(("lark_grammar", grammar), parse=True)
 
 
-def _function(index: int, tool: Tool) -> Function:
+def _function(index: int, tool: Tool, max_tokens: int) -> Function:
     if tool.type != "function" or tool.function is None:
         raise InvalidRequest(
             f"Tools of type '{tool.type}' are not supported; use 'function'",
@@ -474,7 +475,18 @@ def _function(index: int, tool: Tool) -> Function:
         raise InvalidRequest(
             "A function name is 1-64 letters, digits, underscores and dashes", param=f"tools.{index}.function.name"
         )
-    return Function(tool.function.name, tool.function.parameters)
+    parameters = tool.function.parameters
+    param = f"tools.{index}.function.parameters"
+    return Function(tool.function.name, None if parameters is None else _bounded(parameters, max_tokens, param))
+
+
+def _bounded(schema: dict[str, Any], max_tokens: int, param: str) -> dict[str, Any]:
+    """A client's JSON schema within the bounds the engine's grammar compiler can take (``schema_bounds.py``), or
+    a 400 naming where it came from."""
+    try:
+        return bounded_schema(schema, max_tokens)
+    except SchemaRefused as exc:
+        raise InvalidRequest(f"{param}: {exc}", param=param, code="schema_too_complex") from None
 
 
 def _choice(choice: str | NamedToolChoice | None, names: set[str]) -> Choice:
