@@ -225,7 +225,8 @@ def _read_in_pieces(fmt: CallFormat, text: str, size: int) -> tuple[str, list[tu
             [("f", "{}"), ("g", '{"b": "x"}')],
         ),
         (HERMES, "<tool_call>\nnot json\n</tool_call>", "<tool_call>\nnot json\n</tool_call>", []),
-        (HERMES, '<tool_call>\n{"name": "f", "argu', '<tool_call>\n{"name": "f", "argu', []),  # cut off
+        # Cut off by max_tokens: neither a call nor the answer (issue 19: it reached clients as markup), dropped.
+        (HERMES, 'Sure.\n<tool_call>\n{"name": "f", "argu', "Sure.\n", []),
         (HERMES, "a < b <tool", "a < b <tool", []),
         (
             PHI4_MINI,
@@ -279,3 +280,55 @@ async def test_seeded_sampling_and_logprobs_keep_calls_valid_and_repeatable(clie
     _check_call(call)
     assert first["logprobs"]["content"] and all(e["logprob"] <= 0 for e in first["logprobs"]["content"])
     assert [c["function"] for c in again["message"]["tool_calls"]] == [call["function"]]
+
+
+@pytest.mark.parametrize("fmt", [HERMES, PHI4_MINI, LLAMA3_JSON], ids=lambda fmt: fmt.name)
+def test_a_call_to_a_function_not_offered_is_never_a_call(fmt: CallFormat) -> None:
+    """With ``auto`` a call written after some text is outside the grammar: whatever name the model writes, only a
+    function the client declared comes back as a call; any other stays the model's text."""
+    offered = frozenset({"f"})
+    written = fmt.write([{"name": "rm_rf", "arguments": {"path": "/"}}])
+    reader = CallReader(fmt, offered)
+    text, calls = reader.feed(("I will act.\n" if fmt.after_text else "") + written)
+    rest, more = reader.finish()
+    assert calls + more == []
+    assert "rm_rf" in text + rest
+    declared = CallReader(fmt, offered)
+    found = declared.feed(fmt.write([{"name": "f", "arguments": {"a": 1}}]))[1] + declared.finish()[1]
+    assert [(call.name, call.arguments) for call in found] == [("f", '{"a": 1}')]
+
+
+@pytest.mark.parametrize("fmt", [PHI4_MINI, LLAMA3_JSON], ids=lambda fmt: fmt.name)
+def test_a_whole_answer_call_cut_by_max_tokens_is_dropped(fmt: CallFormat) -> None:
+    written = fmt.write([{"name": "f", "arguments": {"a": 1}}])
+    reader = CallReader(fmt, frozenset({"f"}))
+    text, calls = reader.feed(written[: len(written) - 4])
+    assert reader.finish(cut=True) == ("", []) and (text, calls) == ("", [])
+
+
+@pytest.mark.parametrize("max_tokens", [4, 12, 24])
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_call_cut_by_max_tokens_never_reaches_the_client_as_markup(
+    client: Any, stream: bool, max_tokens: int
+) -> None:
+    """``required`` makes the whole answer a call; a few tokens cut it (in its opening marker, or in its JSON). It is
+    neither a call nor an answer: dropped, and the choice ends with ``length`` (it came back as raw template markup
+    in ``content``, which an agent SDK returned as its final answer)."""
+    body = {**_tools_body(tool_choice="required", stream=stream), "max_tokens": max_tokens}
+    resp = await client.post("/v1/chat/completions", json=body)
+    assert resp.status == 200, await resp.text()
+    if stream:
+        chunks = [c for c in stream_chunks(await resp.text()) if c["choices"]]
+        content = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks)
+        calls = [c for c in chunks if c["choices"][0]["delta"].get("tool_calls")]
+        finish = chunks[-1]["choices"][0]["finish_reason"]
+    else:
+        choice = (await resp.json())["choices"][0]
+        content, calls, finish = (
+            choice["message"]["content"] or "",
+            choice["message"].get("tool_calls") or [],
+            choice["finish_reason"],
+        )
+    assert finish == "length"
+    assert calls == []
+    assert content == ""

@@ -87,7 +87,7 @@ def _read(reader: CallReader | None, piece: Piece) -> tuple[str, list[ToolCall]]
         return piece.text, []
     text, calls = reader.feed(piece.text)
     if piece.finish:
-        rest, more = reader.finish()
+        rest, more = reader.finish(cut=piece.finish == "length")
         text, calls = text + rest, calls + more
     return text, calls
 

@@ -147,7 +147,7 @@ class OnnxBackend:
         )
         seqs = self._plan(req, [prompt], param="messages", tools=tools, cache_scope=cache_scope)
         stats.prompt_tokens = len(prompt)
-        readers = {s.index: CallReader(fmt) if tools and tools.parse else None for s in seqs}
+        readers = {s.index: CallReader(fmt, tools.names) if tools and tools.parse else None for s in seqs}
         if req.stream:
             return self._chat_stream(req, seqs, stats, readers)
         asked = req.top_logprobs_asked is not None
@@ -447,6 +447,7 @@ class _ToolUse:
 
     guidance: tuple[str, str] | None
     parse: bool
+    names: frozenset[str] = frozenset()  # the functions offered: a call to any other is not read as one
 
 
 def _tool_use(req: ChatCompletionRequest, fmt: CallFormat, max_tokens: int) -> _ToolUse | None:
@@ -456,12 +457,13 @@ def _tool_use(req: ChatCompletionRequest, fmt: CallFormat, max_tokens: int) -> _
     if not req.tools:
         return None
     functions = [_function(i, tool, max_tokens) for i, tool in enumerate(req.tools)]
-    choice = _choice(req.tool_choice, {f.name for f in functions})
+    names = frozenset(f.name for f in functions)
+    choice = _choice(req.tool_choice, set(names))
     if choice == "none":
         return _ToolUse(None, parse=False)
     answer = _format_schema(req.response_format, max_tokens)
     grammar = fmt.grammar(functions, choice, parallel=req.parallel_tool_calls is not False, answer=answer)
-    return _ToolUse(("lark_grammar", grammar), parse=True)
+    return _ToolUse(("lark_grammar", grammar), parse=True, names=names)
 
 
 def _function(index: int, tool: Tool, max_tokens: int) -> Function:

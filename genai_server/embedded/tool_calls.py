@@ -144,10 +144,13 @@ def describe_tools(tools: list[dict[str, Any]]) -> str:
 
 class CallReader:
     """Reads one choice's streamed text: text that is not part of a call comes out as soon as it cannot be,
-    calls as soon as each is complete. Text that looks like a call but is not valid JSON stays text."""
+    calls as soon as each is complete. Text that looks like a call but is not valid JSON, or names a function that
+    was not declared (``names``; None: any), stays text: a returned call is always one the client offered. A call
+    the choice ended in the middle of (cut by ``max_tokens``) is dropped: it is neither a call nor the answer."""
 
-    def __init__(self, fmt: CallFormat) -> None:
+    def __init__(self, fmt: CallFormat, names: frozenset[str] | None = None) -> None:
         self._fmt = fmt
+        self._names = names
         self._buffer = ""
         self._decided = fmt.after_text  # whole-answer formats: is this answer calls, or text?
         self._calls_only = False
@@ -180,8 +183,9 @@ class CallReader:
                 content.append(block)
         return "".join(content), calls
 
-    def finish(self) -> tuple[str, list[ToolCall]]:
-        """The choice ended: what is left (an unfinished call is text)."""
+    def finish(self, *, cut: bool = False) -> tuple[str, list[ToolCall]]:
+        """The choice ended (``cut``: by ``max_tokens``): what is left. A call opened and never closed is dropped; a
+        whole-answer format's calls that do not parse are dropped when the answer was cut, else they stay text."""
         rest, self._buffer = self._buffer, ""
         if self._calls_only:
             stripped = rest.strip()
@@ -190,6 +194,12 @@ class CallReader:
                 calls = self._parse(bodies)
                 if calls:
                     return "", calls
+            if cut:
+                return "", []
+        if self._fmt.after_text and rest.startswith(self._fmt.opener):  # a call opened and never closed
+            return "", []
+        if cut and rest and self._fmt.opener.startswith(rest):  # cut while it wrote a call's opening marker
+            return "", []
         return self._content(rest), []
 
     def _feed_whole_answer(self) -> tuple[str, list[ToolCall]]:
@@ -214,6 +224,8 @@ class CallReader:
             arguments = value.get(self._fmt.args_key, value.get("arguments")) if isinstance(value, dict) else None
             if not isinstance(value, dict) or not isinstance(value.get("name"), str):
                 return []
+            if self._names is not None and value["name"] not in self._names:
+                return []  # not a function the client offered: the model's text, not a call
             calls.append(ToolCall(new_call_id(), value["name"], json.dumps(arguments or {}, ensure_ascii=False)))
         self.calls += len(calls)
         return calls
