@@ -3,6 +3,7 @@ goes, how calls are streamed and which finish reason a choice ends with."""
 
 from __future__ import annotations
 
+import codecs
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -121,8 +122,8 @@ def chat_logprobs(items: Sequence[TokenLogprob]) -> ChatLogprobs:
             TokenLogprobOut(
                 token=item.token,
                 logprob=item.logprob,
-                bytes=list(item.token.encode()),
-                top_logprobs=[TopLogprob(token=t, logprob=lp, bytes=list(t.encode())) for t, lp in item.top],
+                bytes=list(item.raw),
+                top_logprobs=[TopLogprob(token=a.token, logprob=a.logprob, bytes=list(a.raw)) for a in item.top],
             )
             for item in items
         ]
@@ -132,13 +133,14 @@ def chat_logprobs(items: Sequence[TokenLogprob]) -> ChatLogprobs:
 def completion_logprobs(items: Sequence[TokenLogprob], offset: int) -> CompletionLogprobs:
     """Tokens' log probabilities in the text completion shape; ``offset``: where the first token's text begins."""
     offsets = []
+    text = codecs.getincrementaldecoder("utf-8")(errors="replace")  # as the completion's text is decoded
     for item in items:
         offsets.append(offset)
-        offset += len(item.token)
+        offset += len(text.decode(item.raw))
     return CompletionLogprobs(
         tokens=[item.token for item in items],
         token_logprobs=[item.logprob for item in items],
-        top_logprobs=[dict(item.top) or {item.token: item.logprob} for item in items],
+        top_logprobs=[{a.token: a.logprob for a in item.top} or {item.token: item.logprob} for item in items],
         text_offset=offsets,
     )
 

@@ -517,14 +517,18 @@ class BatchScheduler:
         job.generated += 1
         job.pending_text.append(job.stream.decode(token))
         if logits is not None:
-            job.pending_logprobs.append(token_logprob(logits, token, job.options.logprobs or 0, self._token_text))
+            job.pending_logprobs.append(token_logprob(logits, token, job.options.logprobs or 0, self._token_bytes))
         if gen.is_done():
             self._end_generator(job, "length")
         else:
             self._flush(job)
 
-    def _token_text(self, token: int) -> str:
-        return str(self._tokenizer.decode(np.array([token], dtype=np.int32)))
+    def _token_bytes(self, token: int) -> bytes:
+        """A token's own bytes (a byte-level tokenizer's table); else what the runtime decodes it to."""
+        table = self._byte_table
+        if table is not None and 0 <= token < len(table):
+            return table[token]
+        return str(self._tokenizer.decode(np.array([token], dtype=np.int32))).encode()
 
     def _end_generator(self, job: Job, finish: EngineFinish) -> None:
         self._generators.remove(job)
