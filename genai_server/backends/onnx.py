@@ -292,10 +292,14 @@ class OnnxBackend:
                     f"{asked} tokens ({len(prompt)} in the prompt, {req.limit or 1} for the completion).",
                     param=req.limit_param if room >= 1 else param,
                 )
-            options = _sampling(req, req.limit or min(room, self._max_tokens_limit or room), self.engine.vocab_size)
-            guided = "response_format"
+            max_tokens = req.limit or min(room, self._max_tokens_limit or room)
+            # One grammar per sequence: the tools' (which holds response_format's as its answer) or response_format's.
+            guidance: tuple[str, str] | None
             if tools is not None and tools.guidance is not None:
-                options, guided = replace(options, guidance=tools.guidance), "tools"
+                guidance, guided = tools.guidance, "tools"
+            else:
+                guidance, guided = _guidance(req.response_format, max_tokens), "response_format"
+            options = _sampling(req, max_tokens, self.engine.vocab_size, guidance)
             for j in range(req.n):
                 seed = None if req.seed is None else engine_seed(req.seed + j)
                 options_j = replace(options, seed=seed)
@@ -390,7 +394,9 @@ async def _merge(streams: list[AsyncGenerator[Piece, None]]) -> AsyncGenerator[P
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
-def _sampling(req: SamplingRequest, max_tokens: int, vocab_size: int) -> SamplingOptions:
+def _sampling(
+    req: SamplingRequest, max_tokens: int, vocab_size: int, guidance: tuple[str, str] | None
+) -> SamplingOptions:
     """OpenAI defaults: temperature 1, top_p 1, no top_k; values as the engine's float32 sees them (a temperature
     that is 0 as a float32 is greedy), a top_k of the whole vocabulary or more is no top_k (the engine refuses it),
     and a top_k of 1, which keeps only the most likely token, is greedy whatever the temperature (as in vLLM; the
@@ -406,7 +412,7 @@ def _sampling(req: SamplingRequest, max_tokens: int, vocab_size: int) -> Samplin
         temperature=temperature,
         top_p=as_float32(1.0 if req.top_p is None else req.top_p),
         top_k=top_k,
-        guidance=_guidance(req.response_format, max_tokens),
+        guidance=guidance,
         repetition_penalty=as_float32(req.repetition_penalty or 1.0),
         min_tokens=min(req.min_tokens or 0, max_tokens),
         logprobs=req.top_logprobs_asked,
