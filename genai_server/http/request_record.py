@@ -36,6 +36,7 @@ from genai_server.http.request_state import (
 from genai_server.logs import current_request_id
 from genai_server.protocol import SamplingRequest
 from genai_server.telemetry.access_log import log_request
+from genai_server.telemetry.clock import RequestTelemetry
 from genai_server.telemetry.genai import REQUEST_ATTRIBUTES
 from genai_server.telemetry.prometheus import ServerMetrics
 from genai_server.telemetry.record import CLIENT_CLOSED_REQUEST, Moments, RequestRecord
@@ -128,8 +129,8 @@ def _record(
         status = CLIENT_CLOSED_REQUEST
     elif outcome is not None and outcome.error is not None:
         status = outcome.error.status
-    stats = request.get(REQUEST_STATS)
-    finished = stats is not None and stats.finished
+    # A request refused before its handler started a clock has an empty one: nothing measured, nothing served.
+    stats = request.get(REQUEST_STATS) or RequestTelemetry(arrival=request[ARRIVAL])
     parsed = request.get(PARSED)
     return RequestRecord(
         request_id=request[REQUEST_ID],
@@ -138,17 +139,15 @@ def _record(
         status=status,
         duration_s=duration_s,
         operation=operation,
-        model=stats.model if stats is not None else None,
+        model=stats.model,
         requested_model=parsed.model if parsed is not None else _body_model(request.get(BODY)),
-        backend=(stats.backend if stats is not None else None) or default_backend,
-        replica=stats.replica if stats is not None else None,
+        backend=stats.backend or default_backend,
+        replica=stats.replica,
         error_code=error.code if error is not None else None,
         error_param=error.param if error is not None else None,
-        moments=Moments(request[ARRIVAL])
-        if stats is None
-        else Moments(stats.arrival, stats.admitted, stats.first_token, stats.end),
-        figures=stats.metrics() if stats is not None and finished else None,
-        itl_s=tuple(stats.itl_s) if stats is not None and finished else (),
+        moments=Moments(stats.arrival, stats.admitted, stats.first_token, stats.end),
+        figures=stats.metrics() if stats.finished else None,
+        itl_s=tuple(stats.itl_s) if stats.finished else (),
         request_attributes=_attributes(parsed),
     )
 
