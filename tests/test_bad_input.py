@@ -250,10 +250,10 @@ async def test_unexpected_exception_is_a_500_that_leaks_nothing(
 ) -> None:
     engine: Any = embedded_engine(client.app)  # its methods are replaced to inject faults
 
-    def broken_encode(text: str) -> list[int]:
+    async def broken_chat_prompt(messages: Any, tools: Any) -> list[int]:
         raise RuntimeError("secret internal detail /opt/models")
 
-    engine.encode = broken_encode  # fault injection into the tokenizer call, not a replacement engine
+    engine.chat_prompt = broken_chat_prompt  # fault injection into the tokenizer call, not a replacement engine
     resp = await client.post("/v1/chat/completions", json=chat_body())
     assert resp.status == 500
     body = await resp.json()

@@ -18,7 +18,7 @@ from typing import Any
 
 from genai_server.backends import usage
 from genai_server.backends.choices import ChoiceWriter, Piece, chat_choice, completion_logprobs
-from genai_server.embedded.engine import GuidanceRejected, OnnxEngine, SamplingOptions
+from genai_server.embedded.engine import EmbeddedEngine, GuidanceRejected, SamplingOptions
 from genai_server.embedded.logprobs import TokenLogprob
 from genai_server.embedded.schema_bounds import SchemaRefused, bounded_schema
 from genai_server.embedded.stop_strings import StopMatcher
@@ -81,9 +81,9 @@ class OnnxBackend:
     name = "onnx"
 
     def __init__(
-        self, engine: OnnxEngine, config: OnnxConfig, *, on_failure: Callable[[BaseException], None] | None = None
+        self, engine: EmbeddedEngine, config: OnnxConfig, *, on_failure: Callable[[BaseException], None] | None = None
     ) -> None:
-        """``on_failure``: called if the engine's owner thread dies (the web app stops the server)."""
+        """``on_failure``: called once the engine can no longer generate (the web app stops the server)."""
         self.engine = engine
         engine.on_failure = on_failure
         self._max_prompt_tokens = config.max_prompt_tokens
@@ -91,14 +91,14 @@ class OnnxBackend:
         self.model_id = config.model_id
         self.created = config.created
         self.always_usage = config.always_usage
-        self._calls, self._knows_tools = detect_format(engine.chat_template)  # the fallback's until start()
+        self._calls, self._knows_tools = detect_format(engine.facts.chat_template)  # the fallback's until start()
 
     async def start(self) -> None:
         """Load the model (``ModelLoadingFailed`` with the reason if it cannot be)."""
         started = time.perf_counter()
         await self.engine.start()
         # The template decides how the model writes tool calls: read once, not per request.
-        self._calls, self._knows_tools = detect_format(self.engine.chat_template)
+        self._calls, self._knows_tools = detect_format(self.engine.facts.chat_template)
         log.info(
             "model loaded",
             extra={
@@ -106,8 +106,8 @@ class OnnxBackend:
                     "model_path": str(self.engine.model_path),
                     "model": self.model_id,
                     "load_time_ms": round((time.perf_counter() - started) * 1000, 1),
-                    "context_length": self.engine.context_length,
-                    "threads": self.engine.threads,
+                    "context_length": self.engine.facts.context_length,
+                    "threads": self.engine.facts.threads,
                 }
             },
         )
@@ -117,8 +117,8 @@ class OnnxBackend:
         await self.engine.close()
 
     async def ready(self) -> bool:
-        """The engine's owner thread is alive."""
-        return self.engine.failure is None
+        """The engine can generate now (not while its process restarts)."""
+        return self.engine.ready()
 
     def load(self) -> BackendLoad:
         """Sequences waiting for a batch to start, and the share of the KV-cache budget running ones hold."""
@@ -126,7 +126,7 @@ class OnnxBackend:
 
     def model_cards(self) -> list[ModelCard]:
         """The one model this backend serves."""
-        return [ModelCard(id=self.model_id, created=self.created, max_model_len=self.engine.context_length)]
+        return [ModelCard(id=self.model_id, created=self.created, max_model_len=self.engine.facts.context_length)]
 
     # ---- chat --------------------------------------------------------------------------
 
@@ -137,14 +137,12 @@ class OnnxBackend:
         check_supported(req)
         check_text_messages(req.messages)
         fmt, knows_tools = self._calls, self._knows_tools
-        tools = _tool_use(req, fmt, req.limit or self._max_tokens_limit or self.engine.context_length)
+        tools = _tool_use(req, fmt, req.limit or self._max_tokens_limit or self.engine.facts.context_length)
         messages = _template_messages(req, fmt, knows_tools)
         rendered = [t.model_dump(exclude_none=True) for t in req.tools or []] if knows_tools else None
         size = sum(len(m["content"]) for m in messages) + len(json.dumps(rendered or []))
         self._check_text_size(size, param="messages")
-        prompt = await asyncio.to_thread(
-            lambda: self.engine.encode(self.engine.apply_chat_template(messages, rendered))
-        )
+        prompt = await self.engine.chat_prompt(messages, rendered)
         seqs = self._plan(req, [prompt], param="messages", tools=tools, cache_scope=cache_scope)
         stats.prompt_tokens = len(prompt)
         readers = {s.index: CallReader(fmt, tools.names) if tools and tools.parse else None for s in seqs}
@@ -196,7 +194,9 @@ class OnnxBackend:
                 self._check_token_ids(prompt)
             else:
                 self._check_text_size(len(prompt), param="prompt")
-        prompts = await asyncio.to_thread(lambda: [p if isinstance(p, list) else self.engine.encode(p) for p in given])
+        texts = [p for p in given if not isinstance(p, list)]
+        tokenized = iter(await self.engine.tokenize(texts) if texts else [])
+        prompts = [p if isinstance(p, list) else next(tokenized) for p in given]
         seqs = self._plan(req, prompts, param="prompt", cache_scope=cache_scope)
         stats.prompt_tokens = sum(len(p) for p in prompts)
         if req.stream:
@@ -246,10 +246,10 @@ class OnnxBackend:
         """Refuse a text that cannot fit before tokenising it: a text of C characters (at least C bytes) has at
         least C / (the most bytes one token decodes to) tokens. Tokenising runs off the event loop, but a 4 MB
         message would still cost a core for a quarter of a second."""
-        per_token = self.engine.max_token_bytes
-        limit = min(self.engine.context_length, self._max_prompt_tokens or self.engine.context_length)
+        per_token = self.engine.facts.max_token_bytes
+        limit = min(self.engine.facts.context_length, self._max_prompt_tokens or self.engine.facts.context_length)
         if per_token and chars > limit * per_token:
-            code = "context_length_exceeded" if limit == self.engine.context_length else "prompt_too_long"
+            code = "context_length_exceeded" if limit == self.engine.facts.context_length else "prompt_too_long"
             raise InvalidRequest(
                 f"The prompt has at least {chars // per_token} tokens; at most {limit} are allowed",
                 param=param,
@@ -258,7 +258,7 @@ class OnnxBackend:
 
     def _check_token_ids(self, ids: list[int]) -> None:
         """A prompt given as token ids, each checked against the vocabulary: the engine would fail on it."""
-        vocab = self.engine.vocab_size
+        vocab = self.engine.facts.vocab_size
         if vocab and any(not 0 <= token < vocab for token in ids):
             raise InvalidRequest(f"Token ids must be between 0 and {vocab - 1}", param="prompt")
 
@@ -272,7 +272,7 @@ class OnnxBackend:
         cache_scope: str = "",
     ) -> list[_Sequence]:
         """Check the prompts against the context and make ``n`` sequences per prompt."""
-        context = self.engine.context_length
+        context = self.engine.facts.context_length
         sequences = []
         for p, prompt in enumerate(prompts):
             if not prompt:
@@ -299,7 +299,7 @@ class OnnxBackend:
                 guidance, guided = tools.guidance, "tools"
             else:
                 guidance, guided = _guidance(req.response_format, max_tokens), "response_format"
-            options = _sampling(req, max_tokens, self.engine.vocab_size, guidance)
+            options = _sampling(req, max_tokens, self.engine.facts.vocab_size, guidance)
             for j in range(req.n):
                 seed = None if req.seed is None else engine_seed(req.seed + j)
                 options_j = replace(options, seed=seed)

@@ -19,19 +19,39 @@ import os
 import queue
 import threading
 from collections.abc import AsyncGenerator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import onnxruntime_genai as og
 
 from genai_server.embedded.detokenize import byte_table
-from genai_server.embedded.scheduler import BatchScheduler, Delta, GuidanceRejected, Job, KvBudget, SamplingOptions
+from genai_server.embedded.scheduler import (
+    BatchScheduler,
+    CompileWatch,
+    DeliveryLoop,
+    Delta,
+    GuidanceRejected,
+    Job,
+    KvBudget,
+    SamplingOptions,
+)
 from genai_server.embedded.vendor_telemetry import turn_off as turn_off_vendor_telemetry
 from genai_server.errors import EngineFailure, ModelLoadingFailed, ShuttingDown
 
-__all__ = ["FALLBACK_CHAT_TEMPLATE", "Delta", "EngineConfig", "GuidanceRejected", "OnnxEngine", "SamplingOptions"]
+__all__ = [
+    "FALLBACK_CHAT_TEMPLATE",
+    "Delta",
+    "EmbeddedEngine",
+    "EngineConfig",
+    "EngineFacts",
+    "GuidanceRejected",
+    "OnnxEngine",
+    "SamplingOptions",
+    "raise_for",
+    "read_deltas",
+]
 
 log = logging.getLogger(__name__)
 
@@ -59,12 +79,79 @@ class EngineConfig:
     stream_interval: int = 1  # tokens handed to the event loop at a time, after the first
 
 
+def raise_for(delta: Delta) -> None:
+    """A delta that ends its sequence in failure, as the error the backend maps: a refused grammar (the client's),
+    or the engine's own failure."""
+    if delta.rejected is not None:
+        raise GuidanceRejected(delta.rejected)
+    if delta.error is not None:
+        raise EngineFailure("the engine failed to generate a response")
+
+
+async def read_deltas(
+    deltas: asyncio.Queue[Delta], *, done: Callable[[], None], abandoned: Callable[[], None]
+) -> AsyncGenerator[Delta, None]:
+    """A sequence's deltas up to its last, a failure raised as its error (``raise_for``); ``done`` runs at the end
+    whatever it is, and ``abandoned`` too when the reader leaves before the last (to cancel the sequence)."""
+    finished = False
+    try:
+        while not finished:
+            delta = await deltas.get()
+            finished = delta.finish is not None or delta.error is not None
+            raise_for(delta)
+            yield delta
+    finally:
+        done()
+        if not finished:
+            abandoned()
+
+
+@dataclass(frozen=True)
+class EngineFacts:
+    """What the loaded model is, as the backend needs it: read once when the engine starts."""
+
+    context_length: int = 0  # tokens per sequence, prompt included
+    max_token_bytes: int = 0  # the most UTF-8 bytes one token decodes to (0: unknown)
+    vocab_size: int = 0
+    threads: int = 0
+    memory: KvBudget = field(default_factory=lambda: KvBudget(0, 0, 0))
+    eos_token_ids: frozenset[int] = frozenset()
+    has_chat_template: bool = False
+    chat_template: str = FALLBACK_CHAT_TEMPLATE  # its source: it decides how the model writes tool calls
+
+
+class EmbeddedEngine(Protocol):
+    """What the embedded backend drives: the engine on its owner thread here (``OnnxEngine``), or the same engine
+    in a process of its own behind a wall (``engine_process.EngineProcess``)."""
+
+    model_path: Path
+    facts: EngineFacts
+    failure: BaseException | None  # set once the engine can no longer generate (the server stops)
+    on_failure: Callable[[BaseException], None] | None
+
+    async def start(self) -> None: ...
+    async def close(self) -> None: ...
+    def ready(self) -> bool: ...
+    def active_sequences(self) -> int: ...
+    def waiting_sequences(self) -> int: ...
+    def kv_cache_usage(self) -> float: ...
+    async def tokenize(self, texts: list[str]) -> list[list[int]]: ...
+    async def chat_prompt(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None) -> list[int]: ...
+    def generate(
+        self, prompt: list[int], options: SamplingOptions, cache_scope: str = ""
+    ) -> AsyncGenerator[Delta, None]: ...
+
+
 class OnnxEngine:
     """Loads one model folder and generates token streams for the serving layer."""
 
-    def __init__(self, model_path: Path, config: EngineConfig | None = None) -> None:
+    def __init__(
+        self, model_path: Path, config: EngineConfig | None = None, *, on_compile: CompileWatch | None = None
+    ) -> None:
+        """``on_compile``: told on the owner thread when a client's grammar starts and ends compiling."""
         self.model_path = model_path
         self.config = config or EngineConfig()
+        self._on_compile = on_compile
         self._commands: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
         self._ready = threading.Event()
         self._load_error: BaseException | None = None
@@ -75,38 +162,45 @@ class OnnxEngine:
         self._tokenizer_lock = threading.Lock()
         self._model: Any = None
         self._closed = False
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop: DeliveryLoop | None = None
         # Event-loop side: every sequence being generated, so a dying owner thread can still answer each one.
         self._live: set[Job] = set()
         self.failure: BaseException | None = None
         # Called on the event loop if the owner thread dies: the server can no longer generate.
         self.on_failure: Callable[[BaseException], None] | None = None
-        self.context_length = 0
-        self.max_token_bytes = 0
-        self.memory = KvBudget(0, 0, 0)
-        self.threads = 0
-        self.vocab_size = 0
-        self.eos_token_ids: frozenset[int] = frozenset()
-        self.has_chat_template = False
-        self.chat_template = FALLBACK_CHAT_TEMPLATE  # its source: it decides how the model writes tool calls
+        self.facts = EngineFacts()
 
     # ---- lifecycle (event loop side) ---------------------------------------------------
 
     async def start(self) -> None:
         """Load the model on the owner thread; raise ``ModelLoadingFailed`` with the reason."""
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, self.load, loop)
+
+    def load(self, loop: DeliveryLoop) -> None:
+        """Load the model on the owner thread and wait for it (blocking); deltas and a death are handed over
+        through ``loop``."""
         turn_off_vendor_telemetry()
-        self._loop = asyncio.get_running_loop()
+        self._loop = loop
         self._thread.start()
-        await asyncio.get_running_loop().run_in_executor(None, self._ready.wait)
+        self._ready.wait()
         if self._load_error is not None:
             self._thread.join()
             raise ModelLoadingFailed(f"cannot load model from {self.model_path}: {self._load_error}")
 
     async def close(self) -> None:
         """Cancel what is in flight, stop the owner thread and release the engine."""
+        await asyncio.get_running_loop().run_in_executor(None, self.shutdown)
+
+    def shutdown(self) -> None:
+        """``close``, blocking: returns once the owner thread has ended every sequence and stopped."""
         if self._thread.is_alive():
             self._commands.put(None)
-            await asyncio.get_running_loop().run_in_executor(None, self._thread.join)
+            self._thread.join()
+
+    def ready(self) -> bool:
+        """The engine can generate."""
+        return self.failure is None and not self._closed
 
     def active_sequences(self) -> int:
         """Sequences waiting or generating now (0 = the engine is idle)."""
@@ -118,11 +212,20 @@ class OnnxEngine:
 
     def kv_cache_usage(self) -> float:
         """The share of the memory budget that running sequences' KV caches hold (0-1)."""
-        if self._scheduler is None or not self.memory.budget_bytes:
+        budget = self.facts.memory.budget_bytes
+        if self._scheduler is None or not budget:
             return 0.0
-        return self._scheduler.kv_bytes_reserved / self.memory.budget_bytes
+        return self._scheduler.kv_bytes_reserved / budget
 
     # ---- tokenizer (callable from any thread) ------------------------------------------
+
+    async def tokenize(self, texts: list[str]) -> list[list[int]]:
+        """Token ids of each text, tokenised off the event loop."""
+        return await asyncio.to_thread(lambda: [self.encode(text) for text in texts])
+
+    async def chat_prompt(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None) -> list[int]:
+        """The conversation's prompt tokens, rendered and tokenised off the event loop."""
+        return await asyncio.to_thread(lambda: self.encode(self.apply_chat_template(messages, tools)))
 
     def encode(self, text: str) -> list[int]:
         """Token ids of ``text`` as the model's tokenizer counts them (from any thread; calls take turns)."""
@@ -132,7 +235,7 @@ class OnnxEngine:
     def apply_chat_template(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> str:
         """Render the conversation, and the tools if any, with the model's template (a Phi-3-style one when it has
         none)."""
-        template = None if self.has_chat_template else FALLBACK_CHAT_TEMPLATE
+        template = None if self.facts.has_chat_template else FALLBACK_CHAT_TEMPLATE
         with self._tokenizer_lock:
             return str(
                 self._live_tokenizer().apply_chat_template(
@@ -149,36 +252,37 @@ class OnnxEngine:
             raise ShuttingDown("The server is shutting down; no new generation starts")
         return tokenizer
 
-    # ---- generation (event loop side) --------------------------------------------------
+    # ---- generation --------------------------------------------------------------------
+
+    def submit(self, job: Job) -> None:
+        """Hand a sequence to the owner thread (from any thread); its deltas go to ``job.queue``."""
+        scheduler = self._scheduler
+        assert scheduler is not None, "start() the engine first"
+        self._commands.put(lambda: scheduler.submit(job))
+
+    def cancel(self, job: Job) -> None:
+        """Stop a sequence at the owner thread's next round (from any thread)."""
+        scheduler = self._scheduler
+        if scheduler is not None:
+            self._commands.put(lambda: scheduler.cancel(job))
 
     async def generate(
         self, prompt: list[int], options: SamplingOptions, cache_scope: str = ""
     ) -> AsyncGenerator[Delta, None]:
         """Stream deltas for one sequence; closing the iterator early cancels the sequence. Its KV cache, kept for
         a conversation's next turn, is continued only by a sequence of the same ``cache_scope``."""
-        scheduler = self._scheduler
-        assert scheduler is not None, "start() the engine first"
         if self.failure is not None:
             raise EngineFailure("the engine has failed; the server is restarting")
         if self._closed:
             raise ShuttingDown("The server is shutting down; no new generation starts")
-        job = Job(np.asarray(prompt, dtype=np.int32), options, asyncio.get_running_loop(), asyncio.Queue(), cache_scope)
+        deltas: asyncio.Queue[Delta] = asyncio.Queue()
+        job = Job(np.asarray(prompt, dtype=np.int32), options, asyncio.get_running_loop(), deltas, cache_scope)
         self._live.add(job)
-        self._commands.put(lambda: scheduler.submit(job))
-        finished = False
-        try:
-            while not finished:
-                delta = await job.queue.get()
-                finished = delta.finish is not None or delta.error is not None
-                if delta.rejected is not None:
-                    raise GuidanceRejected(delta.rejected)
-                if delta.error is not None:
-                    raise EngineFailure("the engine failed to generate a response")
+        self.submit(job)
+        read = read_deltas(deltas, done=lambda: self._live.discard(job), abandoned=lambda: self.cancel(job))
+        async with contextlib.aclosing(read) as stream:
+            async for delta in stream:
                 yield delta
-        finally:
-            self._live.discard(job)
-            if not finished:
-                self._commands.put(lambda: scheduler.cancel(job))
 
     # ---- owner thread ------------------------------------------------------------------
 
@@ -225,9 +329,9 @@ class OnnxEngine:
         if not (self.model_path / "genai_config.json").is_file():
             raise FileNotFoundError(f"no genai_config.json in {self.model_path}")
         genai_config = json.loads((self.model_path / "genai_config.json").read_text())
-        self.context_length = _context_length(genai_config, self.config.max_model_len)
-        self.vocab_size = int(genai_config["model"].get("vocab_size", 0))
-        self.memory = _kv_budget(genai_config, self.context_length, self.config.memory_budget_mb)
+        context_length = _context_length(genai_config, self.config.max_model_len)
+        vocab_size = int(genai_config["model"].get("vocab_size", 0))
+        memory = _kv_budget(genai_config, context_length, self.config.memory_budget_mb)
         config = og.Config(str(self.model_path))
         # The Engine allocates every sequence's KV cache for search.max_length tokens up front, so
         # that length (not the model's 128k, say) is what a sequence costs in memory.
@@ -238,30 +342,36 @@ class OnnxEngine:
             json.dumps(
                 {
                     "engine": {"static_batching": {"max_batch_size": self.config.max_batch_size}},
-                    "search": {"max_length": self.context_length},
+                    "search": {"max_length": context_length},
                     "model": {"decoder": {"session_options": {"intra_op_num_threads": threads}}},
                 }
             )
         )
-        self.threads = threads
         self._model = og.Model(config)
         self._tokenizer = og.Tokenizer(self._model)
-        self.max_token_bytes = _max_token_bytes(self._tokenizer, self.vocab_size)
-        self.eos_token_ids = frozenset(int(t) for t in self._tokenizer.eos_token_ids)
         template = _chat_template(self.model_path)
-        self.has_chat_template = template is not None
-        self.chat_template = template or FALLBACK_CHAT_TEMPLATE
+        self.facts = EngineFacts(
+            context_length=context_length,
+            max_token_bytes=_max_token_bytes(self._tokenizer, vocab_size),
+            vocab_size=vocab_size,
+            threads=threads,
+            memory=memory,
+            eos_token_ids=frozenset(int(t) for t in self._tokenizer.eos_token_ids),
+            has_chat_template=template is not None,
+            chat_template=template or FALLBACK_CHAT_TEMPLATE,
+        )
         return BatchScheduler(
             self._model,
             self._tokenizer,
             lanes=self.config.lanes,
-            eos_token_ids=self.eos_token_ids,
+            eos_token_ids=self.facts.eos_token_ids,
             max_batch_size=self.config.max_batch_size,
             batch_wait_s=self.config.batch_wait_ms / 1000,
-            memory=self.memory,
+            memory=memory,
             prefix_cache=self.config.prefix_cache,
             stream_interval=self.config.stream_interval,
             byte_table=byte_table(self.model_path),
+            on_compile=self._on_compile,
         )
 
     def _serve(self, scheduler: BatchScheduler) -> None:

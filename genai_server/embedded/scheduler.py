@@ -23,15 +23,16 @@ Nothing here may be called from any thread but the engine's owner thread.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
+import hashlib
+import json
 import logging
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import numpy as np
 import onnxruntime_genai as og
@@ -54,6 +55,7 @@ _GRAMMAR_FAILED = "the engine failed while following it (its parser allows at mo
 # The failures after which an Engine is not trusted again (the runtime may have declared it unhealthy).
 _ENGINE_FAULTS = frozenset({og.EngineErrorCode.ENGINE_EXECUTION_FAILURE, og.EngineErrorCode.ENGINE_CONTRACT_FAILURE})
 _GRAMMAR_MESSAGE_CHARS = 300
+_OUT_OF_MEMORY = "compiling it needs more memory than the engine may use"
 
 
 @dataclass(frozen=True)
@@ -100,14 +102,42 @@ class Delta:
     logprobs: tuple[TokenLogprob, ...] = ()  # one per token, when the sequence asked for them
 
 
+class DeltaSink(Protocol):
+    """Where a sequence's deltas go: an ``asyncio.Queue``, or the engine process's pipe back to the server."""
+
+    def put_nowait(self, item: Delta, /) -> None: ...
+
+
+class DeliveryLoop(Protocol):
+    """What runs the hand-over of a round's deltas: an event loop, or (in the engine process) the owner thread
+    itself."""
+
+    def call_soon_threadsafe(self, callback: Callable[..., object], /, *args: Any) -> Any: ...
+
+
+# Told before a sequence's grammar compiles (its guidance) and after (None): the engine process reports it, so that
+# a grammar that kills the process while compiling is known and refused the next time (``engine_process.py``).
+CompileWatch = Callable[[tuple[str, str] | None], None]
+
+
+def guidance_fingerprint(guidance: tuple[str, str]) -> str:
+    """A grammar's identity: the same kind and text, the same fingerprint; a JSON schema is taken in a canonical
+    form (keys sorted, no spacing), so that reordering its keys does not make it another."""
+    kind, data = guidance
+    if kind == "json_schema":
+        with contextlib.suppress(ValueError):
+            data = json.dumps(json.loads(data), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(f"{kind}\0{data}".encode()).hexdigest()
+
+
 @dataclass(eq=False)  # identity, not field equality: jobs hold numpy arrays
 class Job:
     """One sequence; ``queue`` and ``loop`` belong to the event loop, the rest to the owner thread."""
 
     prompt: np.ndarray
     options: SamplingOptions
-    loop: asyncio.AbstractEventLoop
-    queue: asyncio.Queue[Delta]
+    loop: DeliveryLoop
+    queue: DeltaSink
     scope: str = ""  # whose conversation it is: a kept sequence is continued only within its scope
     lane: Lane | None = None
     admitted_at: float | None = None
@@ -127,7 +157,7 @@ class Job:
     pending_logprobs: list[TokenLogprob] = field(default_factory=list)
 
 
-def _deliver(items: list[tuple[asyncio.Queue[Delta], Delta]]) -> None:
+def _deliver(items: list[tuple[DeltaSink, Delta]]) -> None:
     """On the event loop: put each delta in its sequence's queue."""
     for target, delta in items:
         target.put_nowait(delta)
@@ -191,6 +221,7 @@ class BatchScheduler:
         prefix_cache: int = 0,
         stream_interval: int = 1,
         byte_table: list[bytes] | None = None,
+        on_compile: CompileWatch | None = None,
     ) -> None:
         self._model = model
         self._tokenizer = tokenizer
@@ -211,7 +242,8 @@ class BatchScheduler:
         self.kv_bytes_reserved = 0
         # Deltas of one round go to the event loop in one call_soon_threadsafe per loop, not one per
         # sequence: each call wakes the loop thread, which competes with the engine for the cores.
-        self._outbox: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue[Delta], Delta]]] = {}
+        self._outbox: dict[DeliveryLoop, list[tuple[DeltaSink, Delta]]] = {}
+        self._on_compile = on_compile
 
     # ---- what the owner thread loop asks ----------------------------------------------
 
@@ -420,7 +452,7 @@ class BatchScheduler:
             opts.set_top_p(job.options.top_p)
             opts.set_top_k(job.options.top_k)
         try:
-            with _guidance_errors(job.options):
+            with self._compiling(job.options):
                 if job.options.guidance is not None:
                     opts.set_guidance(*job.options.guidance)
                 job.turn_id = request.begin_turn(job.prompt[job.cached_tokens :], opts)
@@ -494,7 +526,7 @@ class BatchScheduler:
     def _start_generator(self, job: Job) -> None:
         params = og.GeneratorParams(self._model)
         params.set_search_options(**_search_options(job.options, len(job.prompt)))
-        with _guidance_errors(job.options):
+        with self._compiling(job.options):
             if job.options.guidance is not None:
                 params.set_guidance(*job.options.guidance)
             job.generator = og.Generator(self._model, params)
@@ -522,6 +554,19 @@ class BatchScheduler:
             self._end_generator(job, "length")
         else:
             self._flush(job)
+
+    @contextlib.contextmanager
+    def _compiling(self, options: SamplingOptions) -> Iterator[None]:
+        """Where a grammar compiles (native code, the client's text): watched, and its refusals made the client's."""
+        watch = self._on_compile if options.guidance is not None else None
+        if watch is not None:
+            watch(options.guidance)
+        try:
+            with _guidance_errors(options):
+                yield
+        finally:
+            if watch is not None:
+                watch(None)
 
     def _token_bytes(self, token: int) -> bytes:
         """A token's own bytes (a byte-level tokenizer's table); else what the runtime decodes it to."""
@@ -627,10 +672,18 @@ class BatchScheduler:
 @contextlib.contextmanager
 def _guidance_errors(options: SamplingOptions) -> Iterator[None]:
     """The engine builds a sequence's grammar when its turn begins and raises "Error creating grammar: ..." for a
-    schema it cannot compile (measured: unknown types, dangling $ref, bad patterns): that is a GuidanceRejected."""
+    schema it cannot compile (measured: unknown types, dangling $ref, bad patterns): that is a GuidanceRejected. So
+    is running out of memory while it compiles (the engine process's cap, ``engine_worker.py``): the grammar asked
+    for more than the engine may hold."""
     try:
         yield
+    except MemoryError as exc:
+        if options.guidance is None:
+            raise
+        raise GuidanceRejected(_OUT_OF_MEMORY) from exc
     except RuntimeError as exc:
+        if options.guidance is not None and "bad_alloc" in str(exc):
+            raise GuidanceRejected(_OUT_OF_MEMORY) from exc
         if options.guidance is not None and "grammar" in str(exc):
             raise GuidanceRejected(str(exc)) from exc
         raise

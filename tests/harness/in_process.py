@@ -10,7 +10,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 from genai_server.backends.onnx import OnnxBackend
-from genai_server.embedded.engine import OnnxEngine
+from genai_server.embedded.engine import EmbeddedEngine
 from genai_server.http.app_keys import SERVING
 from genai_server.settings import Settings
 
@@ -24,7 +24,7 @@ def make_settings(**overrides: Any) -> Settings:
     return Settings(_env_file=None, **values)
 
 
-def embedded_engine(app: web.Application) -> OnnxEngine:
+def embedded_engine(app: web.Application) -> EmbeddedEngine:
     """The engine of the app's first model, which a test expects to be served by the embedded backend."""
     backend = next(iter(app[SERVING].backends.values()))
     assert isinstance(backend, OnnxBackend), backend
