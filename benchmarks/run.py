@@ -263,11 +263,14 @@ def weight_bytes_per_token(spec: ModelSpec) -> int:
 
 
 def parse_config(text: str) -> tuple[str, list[str]]:
-    """'8x1' -> engine batch 8, 1 lane; '8x1w0' -> the same with no batch wait."""
-    batch, rest = text.split("x")
+    """'8x1' -> engine batch 8, 1 lane; '8x1w0' -> the same with no batch wait; a trailing 'i' ('8x2i') -> the
+    engine in the server's own process (ENGINE_PROCESS=false) instead of behind its process wall."""
+    in_process = text.endswith("i")
+    batch, rest = text.removesuffix("i").split("x")
     lanes, _, wait = rest.partition("w")
     extra = ["--engine-max-batch-size", batch, "--engine-lanes", lanes]
-    return text, extra + (["--engine-batch-wait-ms", wait] if wait else [])
+    extra += ["--engine-batch-wait-ms", wait] if wait else []
+    return text, extra + (["--no-engine-process"] if in_process else [])
 
 
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
@@ -312,7 +315,7 @@ def main() -> None:
     parser.add_argument(
         "--configs",
         nargs="*",
-        help="engine configs BATCHxLANES[wMS] to compare, the server's default first "
+        help="engine configs BATCHxLANES[wMS][i] to compare (i: engine in the server's process), the default first "
         f"(default: {' '.join(FULL_CONFIGS)}; --quick: {QUICK_CONFIGS[0]})",
     )
     parser.add_argument(

@@ -28,11 +28,21 @@ def free_port() -> int:
 
 
 def memory_mb(pid: int, field: str = "VmRSS") -> float:
-    """Resident memory of process ``pid`` in MiB: VmRSS now, or VmHWM, the peak."""
+    """Resident memory of process ``pid`` and its children (the server's engine process) in MiB: VmRSS now, or
+    VmHWM, each one's peak."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
+            own = int(line.split()[1]) / 1024
+            return own + sum(memory_mb(child, field) for child in _children(pid))
     raise RuntimeError(f"no {field}")
+
+
+def _children(pid: int) -> list[int]:
+    """The processes ``pid`` started that still run."""
+    try:
+        return [int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
 
 
 # The server's settings are read from variables with these prefixes (genai_server/settings.py; a test keeps the list

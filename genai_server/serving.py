@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 from collections.abc import AsyncGenerator, Awaitable
@@ -50,11 +51,8 @@ class Serving:
         if self._stopped:
             return
         self._stopped = True
-        for backend in self._backends.values():
-            try:
-                await backend.close()
-            except Exception:  # one backend failing to close must not keep the others open
-                log.exception("closing the %s backend failed", backend.name)
+        # Side by side: an engine process may take seconds to stop, and each backend's wait must not add up.
+        await asyncio.gather(*(_close(backend) for backend in self._backends.values()))
 
     async def ready(self) -> dict[str, bool]:
         """Per model: whether its backend can serve now."""
@@ -200,3 +198,10 @@ def _with_figures(response: Response, stats: RequestTelemetry) -> Response:
         response.update(metrics=stats.metrics().model_dump(), performance=stats.performance().model_dump())
         return response
     return response.model_copy(update={"metrics": stats.metrics(), "performance": stats.performance()})
+
+
+async def _close(backend: Backend) -> None:
+    try:
+        await backend.close()
+    except Exception:  # one backend failing to close must not keep the others open
+        log.exception("closing the %s backend failed", backend.name)

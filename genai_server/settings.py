@@ -175,6 +175,25 @@ class Settings(BaseSettings):
         description="KV-cache memory running sequences may hold per embedded model (MB); work beyond it waits "
         "(default: half of the machine's or container's memory)",
     )
+    engine_process: bool = Field(
+        True,
+        description="run each embedded engine in a supervised process of its own, so that native code a request "
+        "reaches (its grammar's compiler) cannot crash, grow or stall the server; off: in the server's process",
+    )
+    engine_memory_limit_mb: float | None = Field(
+        None,
+        gt=0,
+        description="memory cap of an engine process (MB): past it the process is stopped and restarted, failing "
+        "only its requests (default: twice the model's files, plus ENGINE_MEMORY_BUDGET_MB, plus 1024; at most "
+        "90 percent of the machine's or container's memory)",
+    )
+    engine_compile_timeout: float = Field(
+        10.0,
+        gt=0,
+        le=600,
+        description="seconds one grammar (response_format, tools) may compile in an engine process; past it the "
+        "process is stopped and restarted, and the request and its grammar get a 400",
+    )
     engine_max_batch_size: int = Field(
         8, ge=1, le=64, description="sequences the engine decodes together in one static batch"
     )

@@ -11,7 +11,6 @@ import asyncio
 import io
 import json
 import signal
-import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -330,38 +329,7 @@ async def test_a_path_cannot_forge_log_lines(session: aiohttp.ClientSession, emb
     assert not any(line.startswith("2026-01-01 INFO forged") for line in log.splitlines())
 
 
-# ---- 1 (continued). an engine that fails, in the process we ship ---------------------------------------------
-
-# The owner thread's scheduler fails outside any engine call (a bug of ours, injected): the process must answer
-# what is in flight, stop, and exit non-zero so that its supervisor restarts it.
-_INJECT_FAULT = """
-import sys
-from genai_server import __main__
-from genai_server.embedded import scheduler
-admit = scheduler.BatchScheduler._admit
-def broken(self):
-    if any(job.options.max_tokens == 1234 for job in self._waiting):
-        raise RuntimeError("injected scheduler fault")
-    admit(self)
-scheduler.BatchScheduler._admit = broken
-sys.exit(__main__.main())
-"""
-
-
-async def test_an_engine_that_dies_answers_everyone_and_the_process_exits_3(tmp_path: Path) -> None:
-    with ServerProcess(tmp_path / "server.log", command=(sys.executable, "-c", _INJECT_FAULT)) as server:
-        server.wait_healthy()
-        async with aiohttp.ClientSession() as session:
-            bodies = [chat_body(max_tokens=1234), chat_body(max_tokens=1234, stream=True)]
-            results = await asyncio.gather(
-                *[session.post(f"{server.url}/v1/chat/completions", json=body) for body in bodies]
-            )
-            plain, stream = results
-            assert plain.status == 500 and (await plain.json())["error"]["code"] == "engine_error"
-            events = sse_events(await stream.text()) if stream.status == 200 else []
-            assert stream.status == 500 or json.loads(events[-2])["error"]["code"] == "engine_error"
-        assert await asyncio.to_thread(server.proc.wait, 60) == ExitStatus.ENGINE_FAILED
-        assert "cannot serve any more" in server.log()
+# ---- 1 (continued). an engine that fails, in the process we ship: test_engine_process.py ---------------------
 
 
 # ---- 6. shutdown that always ends -----------------------------------------------------------------------------

@@ -78,9 +78,10 @@ async def test_sigterm_with_a_stream_in_flight(tmp_path: Path, timeout: str, fin
 async def test_an_engine_that_dies_fails_every_probe_and_every_request(
     make_client: ClientFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The owner thread dies (a fault injected outside any engine call): what is in flight gets an error, the
-    probes turn 503 so an orchestrator restarts the server, and later requests fail at once instead of hanging.
-    (The real process also stops with exit status 3: test_hostile.py.)"""
+    """With the engine in the server's own process (ENGINE_PROCESS=false), the owner thread dies (a fault injected
+    outside any engine call): what is in flight gets an error, the probes turn 503 so an orchestrator restarts the
+    server, and later requests fail at once instead of hanging. (Behind its process wall the engine is restarted
+    instead: test_engine_process.py.)"""
     from genai_server.embedded import scheduler
 
     admit = scheduler.BatchScheduler._admit
@@ -91,7 +92,7 @@ async def test_an_engine_that_dies_fails_every_probe_and_every_request(
         admit(self)
 
     monkeypatch.setattr(scheduler.BatchScheduler, "_admit", broken)
-    client = await make_client()
+    client = await make_client(engine_process=False)
     assert (await client.get("/health/ready")).status == 200
     doomed = await client.post("/v1/chat/completions", json=chat_body(max_tokens=1234))
     assert (doomed.status, (await doomed.json())["error"]["code"]) == (500, "engine_error")

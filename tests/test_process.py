@@ -139,9 +139,12 @@ def test_short_names_and_switches_reach_the_settings() -> None:
 
 
 def _os_threads(server: ServerProcess) -> int:
-    """OS threads of a server process once its model is loaded (ONNX Runtime starts its pool with the session)."""
+    """OS threads of a server's engine process once its model is loaded (ONNX Runtime starts its pool with the
+    session)."""
     with server:
-        return len(os.listdir(f"/proc/{server.wait_healthy().proc.pid}/task"))
+        pid = server.wait_healthy().proc.pid
+        (engine,) = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        return len(os.listdir(f"/proc/{engine}/task"))
 
 
 def test_engine_threads_size_the_engines_thread_pool(tmp_path: Path) -> None:

@@ -80,7 +80,7 @@ def test_no_test_module_keeps_a_deadline_of_its_own() -> None:
 
 # Loops that sleep on purpose, each for a reason of its own: not a wait for a condition to hold.
 _PACING_LOOPS = {
-    "tests/test_hostile.py:188",  # samples the KV-cache gauge for its peak while work runs
+    "tests/test_hostile.py:187",  # samples the KV-cache gauge for its peak while work runs
 }
 
 

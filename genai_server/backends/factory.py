@@ -18,7 +18,8 @@ from genai_server.backends.onnx import OnnxBackend, OnnxConfig
 from genai_server.backends.openai_upstream import OpenAIUpstream
 from genai_server.backends.relay import RelayConfig
 from genai_server.backends.replicas import replica_name
-from genai_server.embedded.engine import EngineConfig, OnnxEngine
+from genai_server.embedded.engine import EmbeddedEngine, EngineConfig, OnnxEngine
+from genai_server.embedded.engine_process import EngineProcess
 from genai_server.settings import ModelEntry, Settings
 
 log = logging.getLogger(__name__)
@@ -72,7 +73,18 @@ def embedded_backend(
             "MODEL_PATH is not set: serving the bundled demo model %s, which has random weights and produces noise",
             entry.model_path.name,
         )
-    engine = OnnxEngine(entry.model_path, engine_config(settings))
+    engine: EmbeddedEngine
+    if settings.engine_process:
+        engine = EngineProcess(
+            entry.model_path,
+            engine_config(settings),
+            memory_limit_mb=settings.engine_memory_limit_mb,
+            compile_timeout_s=settings.engine_compile_timeout,
+            log_level=settings.log_level,
+            log_format=settings.log_format,
+        )
+    else:
+        engine = OnnxEngine(entry.model_path, engine_config(settings))
     config = OnnxConfig(
         model_id=entry.id,
         created=int(time.time()),
