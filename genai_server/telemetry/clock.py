@@ -7,10 +7,12 @@ vLLM's per-request ``metrics`` where it has one.
 
 from __future__ import annotations
 
+import os
 import resource
 import statistics
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from genai_server.protocol import Performance, RequestMetrics
 from genai_server.telemetry.gpu import GpuMonitor, GpuWindow
@@ -145,8 +147,26 @@ class RequestTelemetry:
 
 
 def peak_rss_mb() -> float:
-    """The server process's peak resident memory so far (ru_maxrss is KiB on Linux)."""
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    """The peak resident memory so far of the server process (ru_maxrss is KiB on Linux) and of the processes it
+    runs (its engine processes): what the box gives the whole server."""
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round((own + sum(_peak_kib(child) for child in _children())) / 1024, 1)
+
+
+def _children() -> list[str]:
+    pid = os.getpid()
+    try:
+        return Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:  # not Linux: the server's own figure
+        return []
+
+
+def _peak_kib(pid: str) -> int:
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:  # it has just ended
+        return 0
+    return next((int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM:")), 0)
 
 
 def _ms(seconds: float | None) -> float | None:
