@@ -17,6 +17,7 @@ from typing import Any
 import jsonschema
 import pytest
 
+from genai_server.embedded.call_arguments import CHECK_BUDGET, ArgumentCheck
 from genai_server.embedded.tool_calls import HERMES, LLAMA3_JSON, PHI4_MINI, CallFormat, CallReader
 from genai_server.settings import BUNDLED_MODEL
 from tests.harness.bodies import chat_body
@@ -286,7 +287,7 @@ async def test_seeded_sampling_and_logprobs_keep_calls_valid_and_repeatable(clie
 def test_a_call_to_a_function_not_offered_is_never_a_call(fmt: CallFormat) -> None:
     """With ``auto`` a call written after some text is outside the grammar: whatever name the model writes, only a
     function the client declared comes back as a call; any other stays the model's text."""
-    offered = frozenset({"f"})
+    offered = {"f": ArgumentCheck(None)}
     written = fmt.write([{"name": "rm_rf", "arguments": {"path": "/"}}])
     reader = CallReader(fmt, offered)
     text, calls = reader.feed(("I will act.\n" if fmt.after_text else "") + written)
@@ -298,10 +299,53 @@ def test_a_call_to_a_function_not_offered_is_never_a_call(fmt: CallFormat) -> No
     assert [(call.name, call.arguments) for call in found] == [("f", '{"a": 1}')]
 
 
+_WEATHER = {
+    "type": "object",
+    "properties": {"city": {"type": "string", "pattern": "^(a|aa)+$"}, "days": {"type": "integer", "maximum": 7}},
+    "required": ["city"],
+    "additionalProperties": False,
+}
+
+
+@pytest.mark.parametrize(
+    ("arguments", "is_call"),
+    [
+        ({"city": "aaa", "days": 3}, True),
+        ({"city": "aaa", "days": 30}, False),  # past the schema's maximum
+        ({"days": 3}, False),  # a required property missing
+        ({"city": "aaa", "extra": 1}, False),  # a property the schema does not allow
+        ({"city": "a" * 40 + "b"}, False),  # a pattern that backtracks for ever in Python's re: RE2 answers at once
+    ],
+    ids=["fits", "maximum", "required", "additional", "backtracking-pattern"],
+)
+def test_a_call_after_text_is_a_call_only_if_its_arguments_fit_the_schema(arguments: Any, is_call: bool) -> None:
+    """After some text a call is outside the tool grammar (``auto``): its arguments are checked before it is
+    returned as one; one that does not fit stays the model's text. The same call at the start (under the grammar,
+    which keeps it to the schema) is not checked again."""
+    functions = {"weather": ArgumentCheck(_WEATHER)}
+    written = HERMES.write([{"name": "weather", "arguments": arguments}])
+    reader = CallReader(HERMES, functions)
+    text, calls = reader.feed("Let me look.\n" + written)
+    rest, more = reader.finish()
+    assert [c.name for c in calls + more] == (["weather"] if is_call else [])
+    assert ("weather" in text + rest) is not is_call
+    first = CallReader(HERMES, functions)
+    assert [c.name for c in first.feed(written)[1] + first.finish()[1]] == ["weather"]
+
+
+def test_arguments_too_large_to_check_in_bounded_time_are_not_vouched_for() -> None:
+    """The check's cost grows with schema size times arguments size: past a budget it is not made (the event loop
+    would stall), and the call is not returned as one."""
+    schema = {"type": "object", "properties": {f"p{i}": {"type": "string"} for i in range(200)}}
+    check = ArgumentCheck(schema)
+    assert check({"p0": "x"})
+    assert not check({"p0": "x" * (CHECK_BUDGET // len(json.dumps(schema)) + 1)})
+
+
 @pytest.mark.parametrize("fmt", [PHI4_MINI, LLAMA3_JSON], ids=lambda fmt: fmt.name)
 def test_a_whole_answer_call_cut_by_max_tokens_is_dropped(fmt: CallFormat) -> None:
     written = fmt.write([{"name": "f", "arguments": {"a": 1}}])
-    reader = CallReader(fmt, frozenset({"f"}))
+    reader = CallReader(fmt, {"f": ArgumentCheck(None)})
     text, calls = reader.feed(written[: len(written) - 4])
     assert reader.finish(cut=True) == ("", []) and (text, calls) == ("", [])
 

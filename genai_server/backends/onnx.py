@@ -11,13 +11,14 @@ import json
 import logging
 import re
 import time
-from collections.abc import AsyncGenerator, Callable, Sequence
+from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
 from contextlib import aclosing
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from genai_server.backends import usage
 from genai_server.backends.choices import ChoiceWriter, Piece, chat_choice, completion_logprobs
+from genai_server.embedded.call_arguments import ArgumentCheck
 from genai_server.embedded.engine import EmbeddedEngine, GuidanceRejected, SamplingOptions
 from genai_server.embedded.logprobs import TokenLogprob
 from genai_server.embedded.schema_bounds import SchemaRefused, bounded_schema
@@ -145,7 +146,7 @@ class OnnxBackend:
         prompt = await self.engine.chat_prompt(messages, rendered)
         seqs = self._plan(req, [prompt], param="messages", tools=tools, cache_scope=cache_scope)
         stats.prompt_tokens = len(prompt)
-        readers = {s.index: CallReader(fmt, tools.names) if tools and tools.parse else None for s in seqs}
+        readers = {s.index: CallReader(fmt, tools.functions) if tools and tools.parse else None for s in seqs}
         if req.stream:
             return self._chat_stream(req, seqs, stats, readers)
         asked = req.top_logprobs_asked is not None
@@ -453,7 +454,8 @@ class _ToolUse:
 
     guidance: tuple[str, str] | None
     parse: bool
-    names: frozenset[str] = frozenset()  # the functions offered: a call to any other is not read as one
+    # The functions offered, each with its arguments' check: a call to any other is not read as one.
+    functions: Mapping[str, ArgumentCheck] = field(default_factory=dict)
 
 
 def _tool_use(req: ChatCompletionRequest, fmt: CallFormat, max_tokens: int) -> _ToolUse | None:
@@ -463,13 +465,14 @@ def _tool_use(req: ChatCompletionRequest, fmt: CallFormat, max_tokens: int) -> _
     if not req.tools:
         return None
     functions = [_function(i, tool, max_tokens) for i, tool in enumerate(req.tools)]
-    names = frozenset(f.name for f in functions)
-    choice = _choice(req.tool_choice, set(names))
+    names = {f.name for f in functions}
+    choice = _choice(req.tool_choice, names)
     if choice == "none":
         return _ToolUse(None, parse=False)
     answer = _format_schema(req.response_format, max_tokens)
     grammar = fmt.grammar(functions, choice, parallel=req.parallel_tool_calls is not False, answer=answer)
-    return _ToolUse(("lark_grammar", grammar), parse=True, names=names)
+    checks = {f.name: ArgumentCheck(f.parameters) for f in functions}
+    return _ToolUse(("lark_grammar", grammar), parse=True, functions=checks)
 
 
 def _function(index: int, tool: Tool, max_tokens: int) -> Function:

@@ -19,8 +19,11 @@ from __future__ import annotations
 import json
 import re
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
+
+from genai_server.embedded.call_arguments import ArgumentCheck
 
 # How a request lets the model use its tools: not at all, as it likes, at least once, or one named function.
 Choice = Literal["none", "auto", "required"] | tuple[Literal["function"], str]
@@ -145,15 +148,19 @@ def describe_tools(tools: list[dict[str, Any]]) -> str:
 class CallReader:
     """Reads one choice's streamed text: text that is not part of a call comes out as soon as it cannot be,
     calls as soon as each is complete. Text that looks like a call but is not valid JSON, or names a function that
-    was not declared (``names``; None: any), stays text: a returned call is always one the client offered. A call
-    the choice ended in the middle of (cut by ``max_tokens``) is dropped: it is neither a call nor the answer."""
+    was not declared (``functions``, each with its arguments' check; None: any), stays text: a returned call is
+    always one the client offered. A call written after some text was outside the tool grammar (``auto`` allows
+    text or calls), so its arguments are checked against the function's schema too (``call_arguments.py``); one
+    that does not fit stays text. A call the choice ended in the middle of (cut by ``max_tokens``) is dropped: it is
+    neither a call nor the answer."""
 
-    def __init__(self, fmt: CallFormat, names: frozenset[str] | None = None) -> None:
+    def __init__(self, fmt: CallFormat, functions: Mapping[str, ArgumentCheck] | None = None) -> None:
         self._fmt = fmt
-        self._names = names
+        self._functions = functions
         self._buffer = ""
         self._decided = fmt.after_text  # whole-answer formats: is this answer calls, or text?
         self._calls_only = False
+        self._wrote_text = False  # text came first: what follows was not written under the tool grammar
         self.calls = 0
 
     def feed(self, text: str) -> tuple[str, list[ToolCall]]:
@@ -181,6 +188,7 @@ class CallReader:
             calls.extend(found)
             if not found:
                 content.append(block)
+                self._wrote_text = True
         return "".join(content), calls
 
     def finish(self, *, cut: bool = False) -> tuple[str, list[ToolCall]]:
@@ -224,15 +232,22 @@ class CallReader:
             arguments = value.get(self._fmt.args_key, value.get("arguments")) if isinstance(value, dict) else None
             if not isinstance(value, dict) or not isinstance(value.get("name"), str):
                 return []
-            if self._names is not None and value["name"] not in self._names:
-                return []  # not a function the client offered: the model's text, not a call
+            if self._functions is not None:
+                check = self._functions.get(value["name"])
+                if check is None:
+                    return []  # not a function the client offered: the model's text, not a call
+                if self._wrote_text and not check(arguments if arguments is not None else {}):
+                    return []  # outside the grammar, and its arguments do not fit the function's schema
             calls.append(ToolCall(new_call_id(), value["name"], json.dumps(arguments or {}, ensure_ascii=False)))
         self.calls += len(calls)
         return calls
 
     def _content(self, text: str) -> str:
         # The line breaks between and after calls are the format's, not the answer's.
-        return "" if self.calls and not text.strip() else text
+        if self.calls and not text.strip():
+            return ""
+        self._wrote_text = self._wrote_text or bool(text.strip())
+        return text
 
 
 def new_call_id() -> str:
