@@ -16,7 +16,6 @@ import os
 import re
 import shutil
 import signal
-import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -26,14 +25,12 @@ import pytest
 
 from genai_server.exit_status import ExitStatus
 from tests.harness.bodies import chat_body
+from tests.harness.liveness import LIVENESS_BOUND_S, Liveness
 from tests.harness.process import REPO, ServerProcess
 from tests.harness.responses import sse_events
 from tests.harness.waiting import eventually, eventually_async
 
 SETTLE_S = 30.0
-# A generous bound that still catches the stall class: a compile that held the server's GIL froze /health/live for
-# the whole compile (2.7 s measured; the injected one holds it for seconds).
-LIVENESS_BOUND_S = 1.0
 MEMORY_CAP_MB = 600
 
 _FAULTS = '''
@@ -118,26 +115,6 @@ def faulty(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
         yield server.wait_healthy()
 
 
-class _Liveness:
-    """``/health/live`` polled while a test runs: the slowest answer, and every status seen."""
-
-    def __init__(self, session: aiohttp.ClientSession, url: str) -> None:
-        self.slowest = 0.0
-        self.statuses: set[int] = set()
-        self._task = asyncio.create_task(self._poll(session, url))
-
-    async def _poll(self, session: aiohttp.ClientSession, url: str) -> None:
-        while True:
-            started = time.monotonic()
-            async with session.get(f"{url}/health/live") as resp:
-                self.statuses.add(resp.status)
-            self.slowest = max(self.slowest, time.monotonic() - started)
-
-    async def stop(self) -> None:
-        self._task.cancel()
-        await asyncio.gather(self._task, return_exceptions=True)
-
-
 @pytest.fixture
 async def session(faulty: ServerProcess) -> AsyncIterator[aiohttp.ClientSession]:
     """A client; after the case the server must serve a normal request, with every gauge at 0 and ready."""
@@ -178,7 +155,7 @@ async def test_a_grammar_that_kills_the_engine_fails_only_what_ran_and_cannot_ki
 ) -> None:
     url = faulty.url
     first = _engine_pids(faulty)[-1]
-    liveness = _Liveness(session, url)
+    liveness = Liveness(session, url)
     running = await _long_stream(session, url)
     killer = chat_body(max_tokens=20, response_format=_marked("FAULT-SEGV"))
     async with session.post(f"{url}/v1/chat/completions", json=killer) as resp:
@@ -203,7 +180,7 @@ async def test_a_compile_that_holds_the_gil_does_not_stall_the_server(
     session: aiohttp.ClientSession, faulty: ServerProcess
 ) -> None:
     url = faulty.url
-    liveness = _Liveness(session, url)
+    liveness = Liveness(session, url)
     body = chat_body(max_tokens=8, response_format=_marked("FAULT-HOLD-GIL"))
     async with session.post(f"{url}/v1/chat/completions", json=body) as resp:
         assert resp.status == 200, await resp.text()

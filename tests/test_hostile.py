@@ -8,6 +8,7 @@ waiting, KV cache in use) must return to 0: no slot, sequence or memory is left 
 from __future__ import annotations
 
 import asyncio
+import gzip
 import io
 import json
 import signal
@@ -21,6 +22,7 @@ import pytest
 
 from genai_server.exit_status import ExitStatus
 from tests.harness.bodies import LONG_PROMPT, MODEL_ID, chat_body
+from tests.harness.liveness import LIVENESS_BOUND_S, Liveness
 from tests.harness.process import ServerProcess, free_port
 from tests.harness.responses import sse_events
 from tests.harness.upstream import USAGE, Endless, Reply, ScriptedUpstream, chunk, sse
@@ -410,11 +412,15 @@ SCRIPTS: dict[str, Reply] = {
     "index-not-asked-for": Reply(sse({**chunk("a"), "choices": [{"index": 7, "delta": {"content": "a"}}]})),
     "usage-not-counts": Reply(sse({**USAGE, "usage": {"prompt_tokens": "3"}})),
     "mid-stream-error": Reply(sse(chunk("Hel"), {"error": {"message": "engine exploded"}})),
+    # 10 KB that inflate to 10 MB of blank lines: inflated and read without a yield, it froze the gateway for 16 s.
+    "gzip": Reply(gzip.compress(b"\n" * 10_000_000), headers={"Content-Encoding": "gzip"}),
 }
 # Streams that never end, or whose one line never does.
 STREAMS = {
     "endless": Endless(sse(chunk("x"), done=False), interval=0.001),
     "endless-line": Endless(b"data: " + b"x" * 65536, interval=0.001),
+    # Keep-alive comments and blank lines only, never an event: uncounted, they held the request for ever.
+    "endless-comments": Endless(b": ping\n\n" * 64, interval=0.001),
 }
 STREAMED = tuple(STREAMS)
 
@@ -457,6 +463,7 @@ async def relay(gateway: tuple[ServerProcess, ScriptedUpstream]) -> AsyncIterato
         "content-not-text",
         "index-not-asked-for",
         "usage-not-counts",
+        "gzip",
         "down",
     ],
 )
@@ -499,6 +506,22 @@ async def test_an_upstream_that_never_ends_is_cut_and_closed(
     await eventually_async(
         lambda: upstream.disconnects >= before + 2, timeout=SETTLE_S, what="the upstream requests closed"
     )
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_compressed_upstream_body_is_refused_without_a_stall(
+    relay: aiohttp.ClientSession, gateway: tuple[ServerProcess, ScriptedUpstream], stream: bool
+) -> None:
+    """10 KB of gzip that inflate to 10 MB of blank lines: the gateway asks for plain bodies and refuses a
+    compressed one (502) instead of inflating it and reading every line without a yield (the event loop stood
+    still for 13-16 s)."""
+    server, _ = gateway
+    liveness = Liveness(relay, server.url)
+    async with relay.post(f"{server.url}/v1/chat/completions", json=chat_body(model="gzip", stream=stream)) as resp:
+        assert resp.status == 502, await resp.text()
+        assert "compressed" in (await resp.json())["error"]["message"]
+    await liveness.stop()
+    assert liveness.statuses == {200} and liveness.slowest < LIVENESS_BOUND_S
 
 
 async def test_a_stream_that_fails_midway_is_counted_as_an_error(

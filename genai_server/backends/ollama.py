@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from genai_server.backends import Response, Result, usage
 from genai_server.backends.choices import ChoiceWriter, Piece
 from genai_server.backends.relay import RelayBackend
-from genai_server.backends.upstream_client import error_message, parse_event, stream_faults
+from genai_server.backends.upstream_client import error_message, lines_within, parse_event, stream_faults
 from genai_server.errors import InvalidRequest, UpstreamError
 from genai_server.protocol import (
     AssistantMessage,
@@ -178,7 +178,8 @@ async def _ndjson(
     """Ollama's NDJSON lines up to the one with ``done``, each checked; closing it closes the upstream request."""
     try:
         with stream_faults():
-            async for raw in response.content:
+            # Every line counts, blank ones too (twice the lines asked for, and some slack).
+            async for raw in lines_within(response, 2 * max_lines + _LINE_SLACK):
                 if not raw.strip():
                     continue
                 line = parse_event(raw)

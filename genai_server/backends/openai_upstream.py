@@ -17,7 +17,7 @@ import aiohttp
 from genai_server.backends import Response, Result
 from genai_server.backends.assemble import Assembler
 from genai_server.backends.relay import RelayBackend
-from genai_server.backends.upstream_client import error_message, parse_event, stream_faults
+from genai_server.backends.upstream_client import error_message, lines_within, parse_event, stream_faults
 from genai_server.errors import UpstreamError
 from genai_server.protocol import ChatCompletionRequest, CompletionRequest, SamplingRequest
 from genai_server.telemetry.clock import RequestTelemetry
@@ -26,6 +26,7 @@ from genai_server.telemetry.clock import RequestTelemetry
 _REPORTED = ("metrics", "timings")
 # Text chunks a choice may carry beyond the tokens asked for (role and empty chunks, engines that split tokens).
 _CHUNK_SLACK = 64
+_LINES_PER_CHUNK = 3
 
 
 class _Shape(NamedTuple):
@@ -70,17 +71,18 @@ class OpenAIUpstream(RelayBackend):
         budget = choices * (self._max_tokens(req) + _CHUNK_SLACK)
         seen_choice = False
         try:
-            async for chunk in _sse_json(response):
+            # An event is a data line and a blank one; a keep-alive comment now and then is allowed for.
+            async for chunk in _sse_json(response, _LINES_PER_CHUNK * budget):
                 if "error" in chunk:
                     raise UpstreamError(f"The upstream engine failed: {error_message(chunk['error'])}")
                 shape = _checked(chunk, choices)
                 chunk["model"] = self.model_id
                 _keep_reported(chunk, stats)
+                budget -= 1  # every chunk, with choices or not: an upstream cannot hold the request with empty ones
+                if budget < 0:
+                    raise UpstreamError("The upstream engine sent more than the tokens asked for")
                 if shape.choices:
                     seen_choice = True
-                    budget -= 1
-                    if budget < 0:
-                        raise UpstreamError("The upstream engine sent more than the tokens asked for")
                     if shape.text:
                         stats.on_tokens(1)
                     # llama-server puts usage on its last chunk, the one with the finish reason.
@@ -148,10 +150,12 @@ def _malformed() -> UpstreamError:
     return UpstreamError("The upstream engine sent a malformed chunk")
 
 
-async def _sse_json(response: aiohttp.ClientResponse) -> AsyncGenerator[dict[str, Any], None]:
-    """The JSON events of an SSE body up to ``[DONE]``; anything else is the upstream breaking its API."""
+async def _sse_json(response: aiohttp.ClientResponse, max_lines: int) -> AsyncGenerator[dict[str, Any], None]:
+    """The JSON events of an SSE body up to ``[DONE]``; anything else is the upstream breaking its API. Every line
+    counts against ``max_lines``, blank lines and comments too: an upstream that sends only those would otherwise
+    hold its request (and the client's slot) for ever."""
     with stream_faults():
-        async for raw in response.content:
+        async for raw in lines_within(response, max_lines):
             line = raw.strip()
             if not line.startswith(b"data:"):  # blank lines, comments, other SSE fields
                 continue

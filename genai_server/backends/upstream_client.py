@@ -7,11 +7,12 @@ credentials problems are ours (502), and neither its URL nor aiohttp's internals
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncGenerator, Callable, Iterator
 from typing import Any
 
 import aiohttp
@@ -59,9 +60,14 @@ class UpstreamClient:
         self._ready: tuple[float, bool] = (float("-inf"), False)
 
     async def start(self) -> None:
-        """Open the session (no connection is made until the first request)."""
+        """Open the session (no connection is made until the first request). Bodies are asked for and taken as
+        they are sent, never decompressed: 10 KB of gzip that inflates to gigabytes of blank lines froze the event
+        loop for 16 s (aiohttp inflates a whole received chunk at once)."""
         self._session = aiohttp.ClientSession(
-            timeout=self._timeout, headers=self._headers, response_class=TrackedResponse
+            timeout=self._timeout,
+            headers={"Accept-Encoding": "identity", **self._headers},
+            response_class=TrackedResponse,
+            auto_decompress=False,
         )
 
     async def close(self) -> None:
@@ -114,6 +120,14 @@ class UpstreamClient:
             raise UpstreamError("The upstream engine failed", detail=cause) from None
         if response.status >= 300:
             raise await _rejection(response, url)
+        encoding = response.headers.get("Content-Encoding", "identity").strip().lower()
+        if encoding not in ("", "identity"):
+            response.close()
+            cause = {"upstream_url": url, "content_encoding": encoding[:50]}
+            raise UpstreamError(
+                "The upstream engine sent a compressed body; the gateway asks for and reads only plain ones",
+                detail=cause,
+            )
         return response
 
 
@@ -165,6 +179,24 @@ def _error_object(raw: bytes) -> dict[str, Any]:
     if not isinstance(error, dict):  # Ollama: {"error": "model 'x' not found"}
         return {"message": str(error)}
     return error
+
+
+# Lines read between two yields to the event loop: lines already buffered are read without one.
+_LINES_PER_YIELD = 256
+
+
+async def lines_within(response: aiohttp.ClientResponse, max_lines: int) -> AsyncGenerator[bytes, None]:
+    """The body's lines, every one counted (blank lines and comments too) against ``max_lines``: past it, the
+    upstream is sending more than any answer asked for. Every ``_LINES_PER_YIELD`` lines the event loop gets a
+    turn, so that a buffer full of short lines cannot hold it."""
+    count = 0
+    async for line in response.content:
+        count += 1
+        if count > max_lines:
+            raise UpstreamError("The upstream engine sent more than the tokens asked for")
+        if count % _LINES_PER_YIELD == 0:
+            await asyncio.sleep(0)
+        yield line
 
 
 def parse_event(data: bytes) -> dict[str, Any]:
