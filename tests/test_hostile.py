@@ -399,6 +399,23 @@ class _StartedChoices:
 SECRET = "sk-upstream-secret-0451"
 
 
+# A chunk of one token carrying 200 logprob entries (~14 KB); 1800 of them make an answer of ~25 MB that only logprobs
+# fill: counted by its text alone (1800 characters), it was assembled whole, the lists re-copied at every chunk.
+_LOGPROB_CHUNK = sse(
+    {
+        **chunk("a"),
+        "choices": [
+            {
+                "index": 0,
+                "delta": {"content": "a"},
+                "logprobs": {"content": [{"token": "a", "logprob": -0.1, "bytes": [97], "top_logprobs": []}] * 200},
+                "finish_reason": None,
+            }
+        ],
+    },
+    done=False,
+)
+
 # Each upstream model name is one way to misbehave; the gateway's models file maps a client model id to each.
 SCRIPTS: dict[str, Reply] = {
     "ok": Reply(sse(chunk("Hel"), chunk("lo", "stop"), USAGE)),
@@ -414,6 +431,7 @@ SCRIPTS: dict[str, Reply] = {
     "mid-stream-error": Reply(sse(chunk("Hel"), {"error": {"message": "engine exploded"}})),
     # 10 KB that inflate to 10 MB of blank lines: inflated and read without a yield, it froze the gateway for 16 s.
     "gzip": Reply(gzip.compress(b"\n" * 10_000_000), headers={"Content-Encoding": "gzip"}),
+    "logprob-flood": Reply(_LOGPROB_CHUNK * 1800 + sse(chunk("", "length"), USAGE)),
 }
 # Streams that never end, or whose one line never does.
 STREAMS = {
@@ -522,6 +540,19 @@ async def test_a_compressed_upstream_body_is_refused_without_a_stall(
         assert "compressed" in (await resp.json())["error"]["message"]
     await liveness.stop()
     assert liveness.statuses == {200} and liveness.slowest < LIVENESS_BOUND_S
+
+
+async def test_an_answer_is_assembled_within_a_byte_budget(
+    relay: aiohttp.ClientSession, gateway: tuple[ServerProcess, ScriptedUpstream]
+) -> None:
+    """A non-streaming client's answer is assembled from the stream: every byte its choices carry counts against
+    one budget (16 MiB), logprobs too, so 25 MB of logprobs is a 502, not a 25 MB answer (a streaming client gets
+    the chunks as they come: nothing is assembled)."""
+    server, _ = gateway
+    body = chat_body(model="logprob-flood", logprobs=True, max_tokens=2000)
+    async with relay.post(f"{server.url}/v1/chat/completions", json=body) as resp:
+        assert resp.status == 502, (resp.status, len(await resp.read()))
+        assert "too large to assemble" in (await resp.json())["error"]["message"]
 
 
 async def test_a_stream_that_fails_midway_is_counted_as_an_error(

@@ -4,7 +4,7 @@ The upstream is always asked to stream (so this server can time it); a non-strea
 object the upstream would have returned: text joined, tool-call deltas merged by index (the id, type and name
 come once, the arguments in pieces), logprobs concatenated, reasoning (``reasoning_content``, vLLM's and
 llama.cpp's name, or ``reasoning``) and ``refusal`` kept, and any other field a choice carried (vLLM's
-``stop_reason``) kept as last sent. Upstream bytes are checked where they are read, and the whole is bounded.
+``stop_reason``) kept as last sent. Upstream bytes are checked where they are read, and the whole is bounded in bytes.
 """
 
 from __future__ import annotations
@@ -12,11 +12,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
+
 from genai_server.errors import UpstreamError
 from genai_server.protocol import now
 
-# Refused past this many characters in all: an upstream that never stops must not grow it until the OOM killer comes.
-MAX_ASSEMBLED_CHARS = 16 * 1024 * 1024
+# Refused past this many bytes of choices in all (text, tool calls, logprobs, every field a choice carries, as the
+# upstream sent them): an upstream that never stops must not grow it until the OOM killer comes. Counting only text
+# let logprob lists and tool calls of distinct indices grow one answer by a gigabyte.
+MAX_ASSEMBLED_BYTES = 16 * 1024 * 1024
 # Delta fields joined as text; everything else a choice carries is kept as last sent.
 _TEXT_FIELDS = ("content", "reasoning_content", "reasoning", "refusal")
 _CHOICE_FIELDS = frozenset({"index", "delta", "text", "finish_reason", "logprobs"})
@@ -50,6 +54,7 @@ class Assembler:
             if chunk.get(name) is not None:
                 self._head[name] = chunk[name]
         for item in chunk.get("choices", []):
+            self._count(len(orjson.dumps(item)))
             self._add_choice(self._choices.setdefault(int(item.get("index", 0)), _Choice()), item)
 
     def response(self) -> dict[str, Any]:
@@ -73,8 +78,7 @@ class Assembler:
         for name in _TEXT_FIELDS:
             piece = delta.get(name)
             if piece is not None:
-                self._count(_string(piece))
-                choice.texts.setdefault(name, []).append(piece)
+                choice.texts.setdefault(name, []).append(_string(piece))
         for call in _list(delta.get("tool_calls")):
             self._merge_call(choice, call)
         if item.get("logprobs") is not None:
@@ -95,9 +99,7 @@ class Assembler:
             raise _malformed()
         if function.get("name") is not None:
             merged["function"]["name"] = _string(function["name"])
-        arguments = _string(function.get("arguments") or "")
-        self._count(arguments)
-        merged["function"]["arguments"] += arguments
+        merged["function"]["arguments"] += _string(function.get("arguments") or "")
 
     def _finished(self, index: int, choice: _Choice) -> dict[str, Any]:
         texts = {name: "".join(parts) for name, parts in choice.texts.items()}
@@ -115,21 +117,25 @@ class Assembler:
             message["tool_calls"] = [{"type": "function", **call} for call in calls]
         return {"index": index, "message": message, **{k: v for k, v in common.items() if k != "index"}}
 
-    def _count(self, text: str) -> None:
-        self._size += len(text)
-        if self._size > MAX_ASSEMBLED_CHARS:
+    def _count(self, size: int) -> None:
+        self._size += size
+        if self._size > MAX_ASSEMBLED_BYTES:
             raise UpstreamError("The upstream engine's answer is too large to assemble")
 
 
 def _merge_logprobs(so_far: dict[str, Any] | None, new: Any) -> dict[str, Any]:
     """Chat logprobs (``content``/``refusal`` lists) and completion logprobs (``tokens``, ``token_logprobs``,
-    ``top_logprobs``, ``text_offset`` lists) are both concatenated list by list."""
+    ``top_logprobs``, ``text_offset`` lists) are both concatenated list by list, in place (copying the lists at
+    every chunk made a long answer quadratic)."""
     if not isinstance(new, dict):
         raise _malformed()
-    merged = dict(so_far or {})
+    merged = so_far if so_far is not None else {}
     for name, value in new.items():
         if isinstance(value, list):
-            merged[name] = [*_list(merged.get(name)), *value]
+            kept = merged.setdefault(name, [])
+            if not isinstance(kept, list):
+                raise _malformed()
+            kept.extend(value)
         elif name not in merged:
             merged[name] = value
     return merged

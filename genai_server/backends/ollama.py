@@ -14,6 +14,7 @@ import aiohttp
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from genai_server.backends import Response, Result, usage
+from genai_server.backends.assemble import MAX_ASSEMBLED_BYTES
 from genai_server.backends.choices import ChoiceWriter, Piece
 from genai_server.backends.relay import RelayBackend
 from genai_server.backends.upstream_client import error_message, lines_within, parse_event, stream_faults
@@ -249,8 +250,12 @@ async def _collect(
     lines: AsyncGenerator[dict[str, Any], None], stats: RequestTelemetry, field: str
 ) -> tuple[str, FinishReason]:
     texts: list[str] = []
+    size = 0
     finish: FinishReason = "stop"
     async for text, done in _pieces(lines, stats, field):
+        size += len(text.encode())
+        if size > MAX_ASSEMBLED_BYTES:  # the same bound as an assembled OpenAI answer (a 150 MB one came back)
+            raise UpstreamError("The upstream engine's answer is too large to assemble")
         texts.append(text)
         finish = done or finish
     return "".join(texts), finish
