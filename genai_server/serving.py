@@ -55,8 +55,12 @@ class Serving:
         await asyncio.gather(*(_close(backend) for backend in self._backends.values()))
 
     async def ready(self) -> dict[str, bool]:
-        """Per model: whether its backend can serve now."""
-        return {model_id: not self._stopped and await backend.ready() for model_id, backend in self._backends.items()}
+        """Per model: whether its backend can serve now, every backend asked at once (one after another, 64 models
+        behind one hung upstream took 128 s)."""
+        if self._stopped:
+            return dict.fromkeys(self._backends, False)
+        answers = await asyncio.gather(*(backend.ready() for backend in self._backends.values()))
+        return dict(zip(self._backends, answers, strict=True))
 
     @property
     def backends(self) -> dict[str, Backend]:

@@ -622,6 +622,22 @@ async def test_readiness_tells_the_truth_about_upstreams(
         assert await resp.json() == {"status": "unavailable", "models": ["down"]}
 
 
+async def test_a_flood_of_readiness_probes_asks_each_upstream_once(
+    relay: aiohttp.ClientSession, gateway: tuple[ServerProcess, ScriptedUpstream]
+) -> None:
+    """/health/ready is public: 100 at once used to start 100 probes per model on the connection pool of real
+    traffic (readiness flapped, a chat took 2 s). Now each upstream is asked once at a time, on a pool of its own,
+    every model at once: the answers agree, and a chat sent meanwhile is served."""
+    server, upstream = gateway
+    models = len(SCRIPTS) + len(STREAMS)
+    before = upstream.probes
+    chat = asyncio.ensure_future(relay.post(f"{server.url}/v1/chat/completions", json=chat_body(model="ok")))
+    answers = await asyncio.gather(*[relay.get(f"{server.url}/health/ready") for _ in range(100)])
+    assert {(a.status, tuple((await a.json())["models"])) for a in answers} == {(503, ("down",))}
+    assert (await chat).status == 200
+    assert upstream.probes - before <= 2 * models, f"{upstream.probes - before} probes for {models} models"
+
+
 # ---- a grammar past the engine's parser ------------------------------------------------------------------------
 
 

@@ -31,6 +31,7 @@ _MESSAGE_LIMIT = 500
 # Readiness is asked of the upstream at most this often; probes in between get the last answer.
 _READY_CACHE_S = 1.0
 _READY_TIMEOUT_S = 2.0
+_PROBE_CONNECTIONS = 2
 
 
 class TrackedResponse(aiohttp.ClientResponse):
@@ -57,7 +58,11 @@ class UpstreamClient:
         self._headers = headers or {}
         self._probe_path = probe_path
         self._session: aiohttp.ClientSession | None = None
+        # Probes have a small pool of their own: a flood of readiness checks must not take real traffic's
+        # connections (a chat went from 4 ms to 2 s), nor real traffic delay the probe.
+        self._probe_session: aiohttp.ClientSession | None = None
         self._ready: tuple[float, bool] = (float("-inf"), False)
+        self._probing: asyncio.Task[bool] | None = None
 
     async def start(self) -> None:
         """Open the session (no connection is made until the first request). Bodies are asked for and taken as
@@ -69,27 +74,41 @@ class UpstreamClient:
             response_class=TrackedResponse,
             auto_decompress=False,
         )
+        self._probe_session = aiohttp.ClientSession(
+            headers={"Accept-Encoding": "identity", **self._headers},
+            connector=aiohttp.TCPConnector(limit=_PROBE_CONNECTIONS),
+            auto_decompress=False,
+        )
 
     async def close(self) -> None:
-        """Close the session: relayed streams still open lose their upstream and end with an error."""
-        if self._session is not None:
-            await self._session.close()
+        """Close the sessions: relayed streams still open lose their upstream and end with an error."""
+        for session in (self._session, self._probe_session):
+            if session is not None:
+                await session.close()
 
     async def ready(self) -> bool:
-        """Whether the upstream answers (any status below 500) on its probe path; cached for a second."""
+        """Whether the upstream answers (any status below 500) on its probe path; cached for a second, and asked
+        once however many ask at the same time (each public /health/ready used to start a probe of its own)."""
         checked_at, answer = self._ready
         if time.monotonic() - checked_at < _READY_CACHE_S:
             return answer
+        if self._probing is None or self._probing.done():
+            self._probing = asyncio.ensure_future(self._probe_and_keep())
+        # Shielded: a caller that leaves (its client gone) must not cancel the probe the others wait for.
+        return await asyncio.shield(self._probing)
+
+    async def _probe_and_keep(self) -> bool:
         answer = await self.probe()
         self._ready = (time.monotonic(), answer)
         return answer
 
     async def probe(self) -> bool:
         """Ask the upstream now whether it answers (any status below 500) on its probe path."""
-        if self._session is None or self._session.closed:
+        session = self._probe_session
+        if session is None or session.closed:
             return False
         try:
-            async with self._session.get(
+            async with session.get(
                 self.base_url + self._probe_path,
                 allow_redirects=False,
                 timeout=aiohttp.ClientTimeout(total=_READY_TIMEOUT_S),

@@ -231,7 +231,8 @@ class ScriptedUpstream(AppInThread):
     default, so a probe there gets a 404).
 
     ``bodies`` and ``headers`` are what each request came with; ``started`` counts the endless streams begun and
-    ``disconnects`` those whose client left, which a test polls to see a relay start and end."""
+    ``disconnects`` those whose client left, which a test polls to see a relay start and end; ``probes`` counts the
+    ``GET /v1/models`` asked."""
 
     def __init__(
         self,
@@ -247,6 +248,7 @@ class ScriptedUpstream(AppInThread):
         self.headers: list[dict[str, str]] = []
         self.started = 0
         self.disconnects = 0
+        self.probes = 0
 
     def routes(self, app: web.Application) -> None:
         app.router.add_post("/v1/chat/completions", self._chat)
@@ -254,6 +256,7 @@ class ScriptedUpstream(AppInThread):
             app.router.add_get("/v1/models", self._models)
 
     async def _models(self, request: web.Request) -> web.Response:
+        self.probes += 1
         return web.json_response(self.listing)
 
     async def _chat(self, request: web.Request) -> web.StreamResponse:
