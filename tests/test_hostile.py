@@ -25,7 +25,7 @@ from tests.harness.bodies import LONG_PROMPT, MODEL_ID, chat_body
 from tests.harness.liveness import LIVENESS_BOUND_S, Liveness
 from tests.harness.process import ServerProcess, free_port
 from tests.harness.responses import sse_events
-from tests.harness.upstream import USAGE, Endless, Reply, ScriptedUpstream, chunk, sse
+from tests.harness.upstream import USAGE, Endless, Reply, ScriptedUpstream, StaleKeepAlive, chunk, sse
 from tests.harness.waiting import eventually_async
 
 KEY = "hostile-test-key"
@@ -620,6 +620,23 @@ async def test_readiness_tells_the_truth_about_upstreams(
     async with relay.get(f"{server.url}/health/ready") as resp:
         assert resp.status == 503
         assert await resp.json() == {"status": "unavailable", "models": ["down"]}
+
+
+async def test_a_kept_alive_connection_the_upstream_closed_is_posted_again(tmp_path: Path) -> None:
+    """The upstream closes a kept-alive connection as the gateway reuses it (no byte of an answer): the request is
+    posted once more on a fresh connection, and every client gets its answer (2 of 40 were 502 in front of
+    llama-server)."""
+    with StaleKeepAlive(sse(chunk("Hel"), chunk("lo", "stop"), USAGE)) as upstream:
+        url = f"{upstream.url}/v1"
+        with ServerProcess(tmp_path / "server.log", BACKEND="openai", UPSTREAM_URL=url, MODEL_ID="m") as server:
+            server.wait_healthy()
+            async with aiohttp.ClientSession() as session:
+                for stream in (False, True, False):
+                    body = chat_body(model="m", stream=stream)
+                    async with session.post(f"{server.url}/v1/chat/completions", json=body) as resp:
+                        assert resp.status == 200, await resp.text()
+                        assert "lo" in await resp.text()
+            assert upstream.requests >= 5  # each reuse met a closed connection and went again
 
 
 async def test_a_flood_of_readiness_probes_asks_each_upstream_once(

@@ -32,6 +32,9 @@ _MESSAGE_LIMIT = 500
 _READY_CACHE_S = 1.0
 _READY_TIMEOUT_S = 2.0
 _PROBE_CONNECTIONS = 2
+# Idle upstream connections are closed after this long: shorter than upstreams keep them (llama-server 5 s, uvicorn
+# under vLLM 5 s), so that the gateway rarely reuses one the upstream is closing.
+UPSTREAM_KEEPALIVE_S = 4.0
 
 
 class TrackedResponse(aiohttp.ClientResponse):
@@ -73,6 +76,7 @@ class UpstreamClient:
             headers={"Accept-Encoding": "identity", **self._headers},
             response_class=TrackedResponse,
             auto_decompress=False,
+            connector=aiohttp.TCPConnector(keepalive_timeout=UPSTREAM_KEEPALIVE_S),
         )
         self._probe_session = aiohttp.ClientSession(
             headers={"Accept-Encoding": "identity", **self._headers},
@@ -127,7 +131,7 @@ class UpstreamClient:
         try:
             # The request's trace goes upstream with it (tracing.py), as vLLM and SGLang read it.
             headers = dict(upstream_trace_headers.get())
-            response = await self._session.post(url, json=body, allow_redirects=False, headers=headers)
+            response = await self._post_once_more_if_stale(url, body, headers)
         except aiohttp.ClientConnectorError as exc:
             cause = {"upstream_url": url, "cause": str(exc.os_error)}
             raise UpstreamUnavailable("The upstream engine cannot be reached", detail=cause) from None
@@ -148,6 +152,21 @@ class UpstreamClient:
                 detail=cause,
             )
         return response
+
+    async def _post_once_more_if_stale(
+        self, url: str, body: dict[str, Any], headers: dict[str, str]
+    ) -> aiohttp.ClientResponse:
+        """Post; if the connection was closed under the request before any byte of an answer (an upstream that
+        closed an idle keep-alive connection just as it was reused: 2 of 40 requests in front of llama-server), post
+        once more, on a fresh connection (the pool dropped the closed one)."""
+        assert self._session is not None
+        try:
+            return await self._session.post(url, json=body, allow_redirects=False, headers=headers)
+        except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
+            if isinstance(exc, aiohttp.ClientConnectorError):  # it never connected: nothing was stale
+                raise
+            log.info("a kept-alive upstream connection was closed under a request: posted again", exc_info=False)
+            return await self._session.post(url, json=body, allow_redirects=False, headers=headers)
 
 
 async def _rejection(response: aiohttp.ClientResponse, url: str) -> Exception:

@@ -225,6 +225,28 @@ class AppInThread:
         self._loop.run_until_complete(runner.cleanup())
 
 
+class StaleKeepAlive(AppInThread):
+    """An upstream that answers the first request of each connection (``reply``) and keeps the connection open,
+    then closes it, without an answer, when a second request comes on it: an upstream that closed an idle
+    keep-alive connection just as the gateway reused it. ``requests`` counts the requests that reached it."""
+
+    def __init__(self, reply: bytes) -> None:
+        self.reply = reply
+        self.requests = 0
+        self._per_connection: dict[int, int] = {}
+
+    def routes(self, app: web.Application) -> None:
+        app.router.add_post("/v1/chat/completions", self._chat)
+
+    async def _chat(self, request: web.Request) -> web.StreamResponse:
+        self.requests += 1
+        connection = id(request.transport)
+        self._per_connection[connection] = self._per_connection.get(connection, 0) + 1
+        if self._per_connection[connection] > 1 and request.transport is not None:
+            request.transport.close()
+        return web.Response(body=self.reply, content_type="text/event-stream")
+
+
 class ScriptedUpstream(AppInThread):
     """An OpenAI-style engine: ``POST /v1/chat/completions`` answers the model it is asked for with that model's
     script (``default`` for any other), and ``GET /v1/models`` answers ``listing`` when one is given (none by
