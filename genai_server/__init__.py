@@ -10,8 +10,8 @@ this rule.
 4. ``backends``: the ``Backend`` protocol and its adapters: the embedded engine, and relaying to engines elsewhere.
 3. ``telemetry``: the request's clock and record, Prometheus, traces, GPU memory; it knows nothing of the web app.
 2. ``embedded``: the ONNX Runtime GenAI engine on its owner thread, and what it needs; it knows nothing of the API.
-1. ``protocol``, ``errors``, ``settings``, ``logs``, ``exit_status``: the wire models, typed errors, settings read
-   once, logging, exit statuses.
+1. ``protocol``, ``errors``, ``settings``, ``logs``, ``exit_status``, ``shown_urls``: the wire models, typed errors,
+   settings read once, logging, exit statuses, URLs as they may be shown.
 """
 
 __version__ = "0.1.0"

@@ -26,6 +26,7 @@ from genai_server.http.request_record import setup_request_record
 from genai_server.http.routes import endpoint_table
 from genai_server.serving import RequestLimits, Serving
 from genai_server.settings import ModelEntry, Settings
+from genai_server.shown_urls import shown_url
 from genai_server.telemetry.gpu import GpuMonitor
 from genai_server.telemetry.load import BackendLoad, ReplicaLoad
 from genai_server.telemetry.prometheus import Gauges, ServerMetrics, Slo
@@ -107,7 +108,8 @@ async def _upstream_entries(settings: Settings) -> list[ModelEntry]:
         aiohttp.ClientTimeout(total=settings.upstream_connect_timeout_s + settings.upstream_read_timeout_s),
         key.get_secret_value() if key else None,
     )
-    log.info("serving the upstream's models", extra={"fields": {"upstream_url": settings.upstream_url, "models": ids}})
+    shown = shown_url(settings.upstream_url)
+    log.info("serving the upstream's models", extra={"fields": {"upstream_url": shown, "models": ids}})
     return [ModelEntry(id=i, backend="openai", url=settings.upstream_url, api_key=key) for i in ids]
 
 

@@ -27,6 +27,7 @@ from pydantic import (
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from genai_server import __version__
+from genai_server.shown_urls import shown_url
 
 BUNDLED_MODEL = Path(__file__).resolve().parent / "bundled_model" / "tiny-random-llama-int4"
 
@@ -38,10 +39,10 @@ def _http_url(url: str) -> str:
     try:
         parts = urlsplit(url)
         parts.port  # noqa: B018 - raises ValueError for a port out of range or not a number
-    except ValueError as exc:
-        raise ValueError(f"{url!r} is not a URL: {exc}") from None
+    except ValueError:
+        raise ValueError("an upstream URL's port is not a number from 0 to 65535") from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError(f"{url!r} is not an http(s) URL with a host")
+        raise ValueError(f"{shown_url(url)!r} is not an http(s) URL with a host")
     return url
 
 
@@ -79,7 +80,8 @@ class ModelEntry(BaseModel):
             raise ValueError(f"model {self.id!r}: backend {self.backend} needs a url (or urls)")
         if self.url and self.urls:
             raise ValueError(f"model {self.id!r}: url or urls, not both")
-        if self.urls is not None and len(set(self.urls)) != len(self.urls):
+        if self.urls is not None and len({shown_url(url) for url in self.urls}) != len(self.urls):
+            # Two spellings of one address (a trailing slash) would be one replica counted twice, in two series.
             raise ValueError(f"model {self.id!r}: urls names a replica twice")
         return self
 

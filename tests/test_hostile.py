@@ -428,6 +428,14 @@ SCRIPTS: dict[str, Reply] = {
     "content-not-text": Reply(sse({**chunk("a"), "choices": [{"index": 0, "delta": {"content": 5}}]})),
     "index-not-asked-for": Reply(sse({**chunk("a"), "choices": [{"index": 7, "delta": {"content": "a"}}]})),
     "usage-not-counts": Reply(sse({**USAGE, "usage": {"prompt_tokens": "3"}})),
+    # Counts no engine makes: relayed, they inflated the Prometheus token counters for good.
+    "usage-huge": Reply(
+        sse(chunk("a", "stop"), {**USAGE, "usage": {"prompt_tokens": 2**63 - 1, "completion_tokens": 1}})
+    ),
+    "usage-negative-total": Reply(sse(chunk("a", "stop"), {**USAGE, "usage": {**USAGE["usage"], "total_tokens": -5}})),
+    "usage-more-than-asked": Reply(
+        sse(chunk("a", "stop"), {**USAGE, "usage": {**USAGE["usage"], "completion_tokens": 10**6}})
+    ),
     "mid-stream-error": Reply(sse(chunk("Hel"), {"error": {"message": "engine exploded"}})),
     # 10 KB that inflate to 10 MB of blank lines: inflated and read without a yield, it froze the gateway for 16 s.
     "gzip": Reply(gzip.compress(b"\n" * 10_000_000), headers={"Content-Encoding": "gzip"}),
@@ -542,6 +550,28 @@ async def test_a_compressed_upstream_body_is_refused_without_a_stall(
     assert liveness.statuses == {200} and liveness.slowest < LIVENESS_BOUND_S
 
 
+def _tokens_counted(text: str) -> float:
+    """Prompt and generated tokens the gateway's counters hold, every model together."""
+    names = ("genai_server_prompt_tokens_total", "genai_server_generation_tokens_total")
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(names))
+
+
+@pytest.mark.parametrize("script", ["usage-huge", "usage-negative-total", "usage-more-than-asked"])
+async def test_usage_no_engine_could_report_is_refused_and_never_counted(
+    relay: aiohttp.ClientSession, gateway: tuple[ServerProcess, ScriptedUpstream], script: str
+) -> None:
+    """2^63 - 1 prompt tokens, a negative total, a million tokens for a request of 16: the upstream breaking its
+    API (a 502, or an error event once the stream is out), and nothing of it reaches the token counters."""
+    server, _ = gateway
+    before = _tokens_counted(await _metrics(relay, server.url))
+    async with relay.post(f"{server.url}/v1/chat/completions", json=chat_body(model=script, max_tokens=16)) as resp:
+        assert resp.status == 502, await resp.text()
+    body = chat_body(model=script, max_tokens=16, stream=True, stream_options={"include_usage": True})
+    async with relay.post(f"{server.url}/v1/chat/completions", json=body) as resp:
+        assert json.loads(sse_events(await resp.text())[-2])["error"]["code"] == "upstream_error"
+    assert _tokens_counted(await _metrics(relay, server.url)) - before < 100
+
+
 async def test_an_answer_is_assembled_within_a_byte_budget(
     relay: aiohttp.ClientSession, gateway: tuple[ServerProcess, ScriptedUpstream]
 ) -> None:
@@ -637,6 +667,29 @@ async def test_a_kept_alive_connection_the_upstream_closed_is_posted_again(tmp_p
                         assert resp.status == 200, await resp.text()
                         assert "lo" in await resp.text()
             assert upstream.requests >= 5  # each reuse met a closed connection and went again
+
+
+_CREDENTIALED = "http://gw-user:s3cret-pass@127.0.0.1:{port}/v1?api-key=q-secret-key"
+
+
+async def test_credentials_in_the_upstream_url_never_reach_the_log(tmp_path: Path) -> None:
+    """An upstream URL may carry a user and password, or a key in its query: every failure line used to print it
+    whole. Now a relay that fails, readiness, and a start-up that cannot list the upstream show it without them."""
+    url = _CREDENTIALED.format(port=free_port())
+    with ServerProcess(tmp_path / "relay.log", BACKEND="openai", UPSTREAM_URL=url, MODEL_ID="m") as server:
+        server.wait_healthy()
+        async with aiohttp.ClientSession() as session:
+            async with session.post(f"{server.url}/v1/chat/completions", json=chat_body(model="m")) as resp:
+                assert resp.status == 502
+            async with session.get(f"{server.url}/health/ready") as ready:
+                assert ready.status == 503
+            logged = server.log()
+    with ServerProcess(tmp_path / "start.log", BACKEND="openai", UPSTREAM_URL=url) as starting:
+        assert await asyncio.to_thread(starting.proc.wait, SETTLE_S) == ExitStatus.UNAVAILABLE
+        logged += starting.log()
+    assert "127.0.0.1" in logged  # the address is still there to read
+    for secret in ("s3cret-pass", "gw-user", "q-secret-key"):
+        assert secret not in logged
 
 
 async def test_a_flood_of_readiness_probes_asks_each_upstream_once(

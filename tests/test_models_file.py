@@ -70,6 +70,11 @@ upstream_model = "llamacpp"
     [
         ("[[models]]\nid = 'a'\n[[models]]\nid = 'a'\n", "twice"),
         ("[[models]]\nid = 'a'\nbackend = 'openai'\n", "needs a url"),
+        # One replica spelt two ways (a trailing slash) would be counted twice, in two metrics series.
+        (
+            "[[models]]\nid = 'a'\nbackend = 'openai'\nurls = ['http://h:1/v1', 'http://h:1/v1/']\n",
+            "names a replica twice",
+        ),
         ("[[models]]\nid = 'a'\nflavour = 'x'\n", "FLAVOUR"),
         ("models = 3 = 4", "cannot read"),
         ("", "no [[models]]"),

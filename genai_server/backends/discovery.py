@@ -14,6 +14,7 @@ from typing import Any
 import aiohttp
 
 from genai_server.errors import UpstreamUnavailableAtStart
+from genai_server.shown_urls import shown_url, without_secrets
 
 MAX_LISTING_BYTES = 1024 * 1024
 MAX_MODELS = 256
@@ -34,7 +35,7 @@ async def upstream_model_ids(url: str, timeout: aiohttp.ClientTimeout, api_key: 
                 raise _failed(listing_url, f"it answered HTTP {response.status}")
             body = await response.content.read(MAX_LISTING_BYTES + 1)
     except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-        raise _failed(listing_url, f"{type(exc).__name__}: {exc}") from exc
+        raise _failed(listing_url, without_secrets(f"{type(exc).__name__}: {exc}", url)) from None
     if len(body) > MAX_LISTING_BYTES:
         raise _failed(listing_url, f"its listing is larger than {MAX_LISTING_BYTES} bytes")
     return _ids(listing_url, body)
@@ -60,5 +61,5 @@ def _ids(listing_url: str, body: bytes) -> list[str]:
 
 def _failed(listing_url: str, reason: str) -> UpstreamUnavailableAtStart:
     return UpstreamUnavailableAtStart(
-        f"cannot list the upstream's models at {listing_url}: {reason} (or set MODEL_ID / UPSTREAM_MODEL)"
+        f"cannot list the upstream's models at {shown_url(listing_url)}: {reason} (or set MODEL_ID / UPSTREAM_MODEL)"
     )

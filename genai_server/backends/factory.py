@@ -17,10 +17,10 @@ from genai_server.backends.ollama import OllamaBackend
 from genai_server.backends.onnx import OnnxBackend, OnnxConfig
 from genai_server.backends.openai_upstream import OpenAIUpstream
 from genai_server.backends.relay import RelayConfig
-from genai_server.backends.replicas import replica_name
 from genai_server.embedded.engine import EmbeddedEngine, EngineConfig, OnnxEngine
 from genai_server.embedded.engine_process import EngineProcess
 from genai_server.settings import ModelEntry, Settings
+from genai_server.shown_urls import shown_url
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ def build_backend(
         extra={
             "fields": {
                 "backend": entry.backend,
-                "upstream_urls": [replica_name(url) for url in config.urls],
+                "upstream_urls": [shown_url(url) for url in config.urls],
                 "model": entry.id,
                 "upstream_model": entry.upstream_name,
             }

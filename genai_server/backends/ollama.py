@@ -210,8 +210,8 @@ class _Line(BaseModel):
     response: str | None = None
     done: bool = False
     done_reason: str | None = None
-    prompt_eval_count: int = Field(0, ge=0)
-    eval_count: int | None = Field(None, ge=0)
+    prompt_eval_count: int = Field(0, ge=0, le=2**31 - 1)  # relayed as it came, 2^63 - 1 inflated the counters
+    eval_count: int | None = Field(None, ge=0, le=2**31 - 1)
 
 
 def _checked(line: dict[str, Any]) -> dict[str, Any]:

@@ -27,6 +27,7 @@ _REPORTED = ("metrics", "timings")
 # Text chunks a choice may carry beyond the tokens asked for (role and empty chunks, engines that split tokens).
 _CHUNK_SLACK = 64
 _LINES_PER_CHUNK = 3
+_MOST_TOKENS = 2**31 - 1  # any count an upstream reports: what an int32 token counter of any engine can hold
 
 
 class _Shape(NamedTuple):
@@ -68,14 +69,14 @@ class OpenAIUpstream(RelayBackend):
         self, response: aiohttp.ClientResponse, req: SamplingRequest, stats: RequestTelemetry, choices: int
     ) -> AsyncGenerator[Response, None]:
         """The upstream's chunks with our model id; tokens timed as they arrive; usage kept where the client gets it."""
-        budget = choices * (self._max_tokens(req) + _CHUNK_SLACK)
+        budget = most_generated = choices * (self._max_tokens(req) + _CHUNK_SLACK)
         seen_choice = False
         try:
             # An event is a data line and a blank one; a keep-alive comment now and then is allowed for.
             async for chunk in _sse_json(response, _LINES_PER_CHUNK * budget):
                 if "error" in chunk:
                     raise UpstreamError(f"The upstream engine failed: {error_message(chunk['error'])}")
-                shape = _checked(chunk, choices)
+                shape = _checked(chunk, choices, most_generated=most_generated)
                 chunk["model"] = self.model_id
                 _keep_reported(chunk, stats)
                 budget -= 1  # every chunk, with choices or not: an upstream cannot hold the request with empty ones
@@ -104,7 +105,7 @@ class OpenAIUpstream(RelayBackend):
         return bool(req.include_usage or self._always_usage or not req.stream)
 
 
-def _checked(chunk: dict[str, Any], choices: int) -> _Shape:
+def _checked(chunk: dict[str, Any], choices: int, *, most_generated: int) -> _Shape:
     """The chunk's shape checked where we read it: a choice that is not an object, text that is not a string, an
     index beyond the choices asked for, usage that is not counts, are the upstream breaking its API. Written out
     rather than a pydantic model: it runs for every chunk, and this costs a fifth as much (measured: ~1 us vs ~5)."""
@@ -114,7 +115,7 @@ def _checked(chunk: dict[str, Any], choices: int) -> _Shape:
     text = False
     for item in items:
         text = bool(_choice_text(item, choices)) or text
-    return _Shape(len(items), text, _usage(chunk.get("usage")))
+    return _Shape(len(items), text, _usage(chunk.get("usage"), most_generated))
 
 
 def _choice_text(item: Any, choices: int) -> str:
@@ -135,15 +136,20 @@ def _choice_text(item: Any, choices: int) -> str:
     return content or ""
 
 
-def _usage(usage: Any) -> tuple[int, int] | None:
+def _usage(usage: Any, most_generated: int) -> tuple[int, int] | None:
+    """Usage as counts an engine could have made: every count a whole number from 0 to 2^31 - 1, and no more
+    tokens generated than the request allows (``most_generated``). Relayed as it came, 2^63 - 1 inflated the
+    Prometheus counters for good."""
     if usage is None:
         return None
     if not isinstance(usage, dict):
         raise _malformed()
-    counts = (usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0))
-    if any(type(count) is not int or count < 0 for count in counts):
+    counts = (usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0), usage.get("total_tokens", 0))
+    if any(type(count) is not int or not 0 <= count <= _MOST_TOKENS for count in counts):
         raise _malformed()
-    return counts
+    if counts[1] > most_generated:
+        raise UpstreamError("The upstream engine reported more tokens than the request allows")
+    return counts[0], counts[1]
 
 
 def _malformed() -> UpstreamError:

@@ -18,12 +18,12 @@ import random
 from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any, Literal
-from urllib.parse import urlsplit
 
 import aiohttp
 
 from genai_server.backends.upstream_client import TrackedResponse, UpstreamClient
 from genai_server.errors import UpstreamError, UpstreamUnavailable
+from genai_server.shown_urls import shown_url
 from genai_server.telemetry.load import ReplicaLoad
 
 log = logging.getLogger(__name__)
@@ -52,20 +52,12 @@ class Replica:
         )
 
 
-def replica_name(url: str) -> str:
-    """A URL as it may be shown: without user and password."""
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    port = f":{parts.port}" if parts.port else ""
-    return f"{parts.scheme}://{host}{port}{parts.path}".rstrip("/")
-
-
 class ReplicaSet:
     """The replicas of one upstream: ``pick`` chooses one, ``post`` sends to it and counts what it has in flight,
     ``failed`` counts a failure against it. Nothing here retries."""
 
     def __init__(self, clients: list[UpstreamClient], balance: Balance = "least_in_flight") -> None:
-        self.replicas = [Replica(client, replica_name(client.base_url)) for client in clients]
+        self.replicas = [Replica(client, shown_url(client.base_url)) for client in clients]
         self._balance = balance
         self._turn = itertools.count()
         self._health: asyncio.Task[None] | None = None

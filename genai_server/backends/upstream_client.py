@@ -14,12 +14,14 @@ import logging
 import time
 from collections.abc import AsyncGenerator, Callable, Iterator
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
 import orjson
 from aiohttp import http_exceptions
 
 from genai_server.errors import UpstreamError, UpstreamRejected, UpstreamTimeout, UpstreamUnavailable
+from genai_server.shown_urls import shown_url, without_secrets
 from genai_server.telemetry.trace_context import upstream_trace_headers
 
 log = logging.getLogger(__name__)
@@ -56,7 +58,11 @@ class UpstreamClient:
     def __init__(
         self, base_url: str, timeout: aiohttp.ClientTimeout, *, headers: dict[str, str] | None = None, probe_path: str
     ) -> None:
-        self.base_url = base_url.rstrip("/")
+        # A query in the address (Azure's ?api-version=) goes after each request's path, not before it.
+        parts = urlsplit(base_url)
+        self.base_url = urlunsplit(parts._replace(query="", fragment="")).rstrip("/")
+        self._query = f"?{parts.query}" if parts.query else ""
+        self.shown_url = shown_url(self.base_url)  # what logs and error details say: no credentials
         self._timeout = timeout
         self._headers = headers or {}
         self._probe_path = probe_path
@@ -113,40 +119,41 @@ class UpstreamClient:
             return False
         try:
             async with session.get(
-                self.base_url + self._probe_path,
+                self.base_url + self._probe_path + self._query,
                 allow_redirects=False,
                 timeout=aiohttp.ClientTimeout(total=_READY_TIMEOUT_S),
             ) as response:
                 return response.status < 500
         except (aiohttp.ClientError, TimeoutError) as exc:
             # Logged by the replica set when the answer changes, not at every probe.
-            log.debug("upstream not ready", extra={"fields": {"upstream_url": self.base_url, "reason": repr(exc)}})
+            reason = without_secrets(repr(exc), self.base_url + self._query)
+            log.debug("upstream not ready", extra={"fields": {"upstream_url": self.shown_url, "reason": reason}})
             return False
 
     async def post(self, path: str, body: dict[str, Any]) -> aiohttp.ClientResponse:
         """POST ``body``; refused -> 502, no answer in time -> 504, an error status -> its ``UpstreamRejected``/502."""
         if self._session is None or self._session.closed:
             raise UpstreamUnavailable("The upstream engine cannot be reached")
-        url = self.base_url + path
+        url, shown = self.base_url + path + self._query, self.shown_url + path
         try:
             # The request's trace goes upstream with it (tracing.py), as vLLM and SGLang read it.
             headers = dict(upstream_trace_headers.get())
             response = await self._post_once_more_if_stale(url, body, headers)
         except aiohttp.ClientConnectorError as exc:
-            cause = {"upstream_url": url, "cause": str(exc.os_error)}
+            cause = {"upstream_url": shown, "cause": without_secrets(str(exc.os_error), url)}
             raise UpstreamUnavailable("The upstream engine cannot be reached", detail=cause) from None
         except TimeoutError:
-            cause = {"upstream_url": url, "cause": "no answer in time"}
+            cause = {"upstream_url": shown, "cause": "no answer in time"}
             raise UpstreamTimeout("The upstream engine did not answer in time", detail=cause) from None
         except (aiohttp.ClientError, http_exceptions.HttpProcessingError, ValueError) as exc:
-            cause = {"upstream_url": url, "cause": repr(exc)}
+            cause = {"upstream_url": shown, "cause": without_secrets(repr(exc), url)}
             raise UpstreamError("The upstream engine failed", detail=cause) from None
         if response.status >= 300:
-            raise await _rejection(response, url)
+            raise await _rejection(response, shown)
         encoding = response.headers.get("Content-Encoding", "identity").strip().lower()
         if encoding not in ("", "identity"):
             response.close()
-            cause = {"upstream_url": url, "content_encoding": encoding[:50]}
+            cause = {"upstream_url": shown, "content_encoding": encoding[:50]}
             raise UpstreamError(
                 "The upstream engine sent a compressed body; the gateway asks for and reads only plain ones",
                 detail=cause,
