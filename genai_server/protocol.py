@@ -94,9 +94,10 @@ class Performance(RequestMetrics):
 
 
 class StreamOptions(BaseModel):
-    """``stream_options``: only ``include_usage`` is defined."""
+    """``stream_options``: ``include_usage`` is OpenAI's; an engine's own (vLLM's ``continuous_usage_stats``) pass
+    through a gateway to it, and the embedded engine ignores them, as it does unknown top-level fields."""
 
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = ConfigDict(extra="allow", strict=True)
     include_usage: bool = False
 
 
@@ -110,11 +111,16 @@ class JsonSchemaFormat(BaseModel):
     strict: bool | None = None
 
 
+# The types OpenAI defines; an engine behind a gateway may know others (SGLang's, vLLM's ``regex``), which pass
+# through to it with their fields, and the embedded engine refuses by name.
+OPENAI_FORMATS = ("text", "json_object", "json_schema")
+
+
 class ResponseFormat(BaseModel):
     """``response_format``: free text, any JSON object, or JSON following a schema (Structured Outputs)."""
 
-    model_config = ConfigDict(extra="forbid", strict=True)
-    type: Literal["text", "json_object", "json_schema"]
+    model_config = ConfigDict(extra="allow", strict=True)
+    type: str = Field(min_length=1, max_length=64)
     json_schema: JsonSchemaFormat | None = None
 
     @model_validator(mode="after")

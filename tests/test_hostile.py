@@ -432,9 +432,14 @@ SCRIPTS: dict[str, Reply] = {
     "usage-huge": Reply(
         sse(chunk("a", "stop"), {**USAGE, "usage": {"prompt_tokens": 2**63 - 1, "completion_tokens": 1}})
     ),
-    "usage-negative-total": Reply(sse(chunk("a", "stop"), {**USAGE, "usage": {**USAGE["usage"], "total_tokens": -5}})),
+    "usage-negative-total": Reply(
+        sse(chunk("a", "stop"), {**USAGE, "usage": {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": -5}})
+    ),
     "usage-more-than-asked": Reply(
-        sse(chunk("a", "stop"), {**USAGE, "usage": {**USAGE["usage"], "completion_tokens": 10**6}})
+        sse(
+            chunk("a", "stop"),
+            {**USAGE, "usage": {"prompt_tokens": 5, "completion_tokens": 10**6, "total_tokens": 10**6 + 5}},
+        )
     ),
     "mid-stream-error": Reply(sse(chunk("Hel"), {"error": {"message": "engine exploded"}})),
     # 10 KB that inflate to 10 MB of blank lines: inflated and read without a yield, it froze the gateway for 16 s.

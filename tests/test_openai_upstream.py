@@ -149,6 +149,21 @@ async def test_engine_shapes_become_the_same_response(
     assert all("metrics" not in c and "timings" not in c for c in chunks)  # moved out of the relayed chunks
 
 
+async def test_an_engines_own_fields_inside_openai_objects_reach_it(
+    make_client: ClientFactory, scripted: tuple[str, ScriptedUpstream]
+) -> None:
+    """vLLM's ``stream_options.continuous_usage_stats`` and a ``response_format`` type OpenAI does not define were
+    refused (400) although the gateway passes an engine's own fields through: now they reach the engine as sent."""
+    url, seen = scripted
+    proxy = await _proxy(make_client, url, upstream_model="vllm")
+    extra = {"stream_options": {"continuous_usage_stats": True}, "response_format": {"type": "regex", "regex": "H.*"}}
+    resp = await proxy.post("/v1/chat/completions", json=_chat(stream=True, **extra))
+    assert resp.status == 200, await resp.text()
+    sent = seen.bodies[-1]
+    assert sent["stream_options"] == {"continuous_usage_stats": True, "include_usage": True}
+    assert sent["response_format"] == {"type": "regex", "regex": "H.*"}
+
+
 @pytest.mark.parametrize(
     ("script", "status", "code"),
     [

@@ -26,6 +26,7 @@ from genai_server.embedded.stop_strings import StopMatcher
 from genai_server.embedded.tool_calls import CallFormat, CallReader, Choice, Function, describe_tools, detect_format
 from genai_server.errors import ContextLengthExceeded, InvalidRequest, ShuttingDown
 from genai_server.protocol import (
+    OPENAI_FORMATS,
     ChatCompletion,
     ChatCompletionChunk,
     ChatCompletionRequest,
@@ -433,6 +434,12 @@ def _format_schema(response_format: ResponseFormat | None, max_tokens: int) -> s
     bundled model wrote tabs until max_tokens)."""
     if response_format is None or response_format.type == "text":
         return None
+    if response_format.type not in OPENAI_FORMATS:
+        raise InvalidRequest(
+            f"response_format type {response_format.type!r} is not supported here: use one of "
+            f"{', '.join(OPENAI_FORMATS)}",
+            param="response_format.type",
+        )
     if response_format.type == "json_object" or response_format.json_schema is None:
         schema: dict[str, Any] = {"type": "object"}
     else:

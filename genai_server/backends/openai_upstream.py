@@ -57,7 +57,9 @@ class OpenAIUpstream(RelayBackend):
     ) -> Result:
         # What the client set, as it set it (explicit nulls too, every field we do not know): the upstream decides.
         body = req.model_dump(exclude_unset=True, by_alias=True)
-        body.update(model=self._upstream_model, stream=True, stream_options={"include_usage": True})
+        # Always streamed with usage (so that we can time and count it), the client's other stream options kept.
+        options = {**(body.get("stream_options") or {}), "include_usage": True}
+        body.update(model=self._upstream_model, stream=True, stream_options=options)
         stream = await self._relay_stream(
             path, body, stats, lambda response: self._chunks(response, req, stats, choices)
         )
