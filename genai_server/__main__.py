@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import resource
 import signal
 import sys
 
@@ -20,6 +21,7 @@ log = logging.getLogger("genai_server")
 
 # A port that cannot be bound: someone else has it, it needs privileges, or the address is not this machine's.
 _LISTEN_ERRORS = frozenset({errno.EADDRINUSE, errno.EACCES, errno.EADDRNOTAVAIL})
+_MOST_OPEN_FILES = 65536
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,6 +32,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"genai-server: {exc}", file=sys.stderr)
         return ExitStatus.BAD_SETTING
     setup_logging(settings.log_level, settings.log_format)
+    _raise_open_file_limit()
     app = create_app(settings)
     # A failed engine stops the process the way SIGTERM does (drain, then exit), with its own exit status.
     app[STATE].stop_process = lambda: signal.raise_signal(signal.SIGTERM)
@@ -49,6 +52,18 @@ def main(argv: list[str] | None = None) -> int:
         log.error("cannot listen on %s: %s", address, exc.strerror, extra={"fields": {"code": "cannot_listen"}})
         return ExitStatus.UNAVAILABLE
     return ExitStatus.ENGINE_FAILED if app[STATE].failure is not None else ExitStatus.STOPPED
+
+
+def _raise_open_file_limit() -> None:
+    """Every connection holds a file descriptor, and Linux's default soft limit is 1024 (256 on some boxes) while
+    the hard limit allows far more: with the soft one, 300 silent connections left no descriptor for the next
+    client, the probes included. The soft limit is raised to the hard one (at most ``_MOST_OPEN_FILES``), as Go's
+    runtime and nginx's worker_rlimit_nofile do; what is left then is what the administrator set."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = _MOST_OPEN_FILES if hard == resource.RLIM_INFINITY else min(hard, _MOST_OPEN_FILES)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+        log.debug("open-file limit raised from %d to %d", soft, wanted)
 
 
 def _run(app: web.Application, settings: Settings) -> None:

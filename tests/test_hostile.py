@@ -12,6 +12,7 @@ import gzip
 import io
 import json
 import signal
+import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -332,6 +333,37 @@ async def test_a_path_cannot_forge_log_lines(session: aiohttp.ClientSession, emb
 
 
 # ---- 1 (continued). an engine that fails, in the process we ship: test_engine_process.py ---------------------
+
+
+# ---- 6 (continued). connections that hold descriptors ---------------------------------------------------------
+
+# The server under a soft open-file limit of 256 (a box's default), with room above it (hard 4096).
+_LOW_FILE_LIMIT = """
+import resource, runpy, sys
+resource.setrlimit(resource.RLIMIT_NOFILE, (256, 4096))
+sys.argv = ["genai_server"]
+runpy.run_module("genai_server", run_name="__main__")
+"""
+
+
+async def test_silent_connections_do_not_lock_clients_out(tmp_path: Path) -> None:
+    """300 TCP connections that never send a request, against a server whose soft file limit is 256: they took
+    every descriptor, and liveness, chat and /metrics timed out. The server raises its soft limit to the hard
+    one at start, so a client still gets in."""
+    with ServerProcess(tmp_path / "server.log", command=(sys.executable, "-c", _LOW_FILE_LIMIT)) as server:
+        server.wait_healthy()
+        host, port = server.url.removeprefix("http://").split(":")
+        silent = [await asyncio.open_connection(host, int(port)) for _ in range(300)]
+        try:
+            timeout = aiohttp.ClientTimeout(total=SETTLE_S)
+            async with aiohttp.ClientSession(timeout=timeout) as session:
+                async with session.get(f"{server.url}/health/live") as live:
+                    assert live.status == 200
+                async with session.post(f"{server.url}/v1/chat/completions", json=chat_body(max_tokens=4)) as resp:
+                    assert resp.status == 200, await resp.text()
+        finally:
+            for _, writer in silent:
+                writer.close()
 
 
 # ---- 6. shutdown that always ends -----------------------------------------------------------------------------
