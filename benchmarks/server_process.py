@@ -64,6 +64,7 @@ SETTING_PREFIXES = (
     "API_KEYS",
     "METRICS_",
     "CORS_",
+    "ALLOWED_HOSTS",
     "SLO_",
     "OTEL_EXPORTER_OTLP_ENDPOINT",
     "LOG_",

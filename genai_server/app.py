@@ -18,6 +18,7 @@ from genai_server.http.concurrency import ConcurrencyLimiter, setup_concurrency_
 from genai_server.http.cors import setup_cors
 from genai_server.http.endpoints import add_endpoints
 from genai_server.http.error_mapping import setup_error_mapping
+from genai_server.http.host_check import setup_host_check
 from genai_server.http.lifecycle import server_failed, setup_lifecycle
 from genai_server.http.load_report import setup_load_report
 from genai_server.http.openapi import setup_openapi
@@ -50,13 +51,15 @@ def create_app(settings: Settings, *, span_exporter: SpanExporter | None = None)
     # 1. request record: sees every request and the status it really ended with, after errors were mapped; hands
     #    one record of it to the access log, Prometheus and the span (which covers everything below);
     # 2. error mapping: turns every exception below it, 401 and 429 included, into the OpenAI envelope;
-    # 3. API keys: a request without one is refused before its body is read or it can wait for a slot;
-    # 4. request body: read whole and checked before the slot, so a slow sender holds a connection, not a slot;
-    # 5. concurrency limit: innermost, so only real generation requests hold a slot.
+    # 3. Host: on loopback, a request for another name (DNS rebinding from a web page) is refused before anything;
+    # 4. API keys: a request without one is refused before its body is read or it can wait for a slot;
+    # 5. request body: read whole and checked before the slot, so a slow sender holds a connection, not a slot;
+    # 6. concurrency limit: innermost, so only real generation requests hold a slot.
     setup_request_record(
         app, app[METRICS], default_backend=settings.backend, span_exporter=_span_exporter(settings, span_exporter)
     )
     setup_error_mapping(app)
+    setup_host_check(app, settings.server_host, settings.allowed_hosts)
     setup_api_keys(app, settings.all_api_keys)
     setup_request_body(app, settings.request_read_timeout)
     setup_concurrency_limit(app, app[LIMITER])

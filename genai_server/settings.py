@@ -245,6 +245,11 @@ class Settings(BaseSettings):
     cors_origins: Annotated[list[str], NoDecode] = Field(
         default_factory=lambda: ["*"], description="comma-separated origins allowed by CORS; * for any"
     )
+    allowed_hosts: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="comma-separated host names a server bound to loopback also answers to (a proxy's); other "
+        "names are refused with 403, so that a web page cannot reach it through DNS rebinding",
+    )
     slo_ttft_ms: float | None = Field(
         None, gt=0, description="goodput: a request meets its time-to-first-token objective within this many ms"
     )
@@ -264,7 +269,7 @@ class Settings(BaseSettings):
     )
     log_format: Literal["json", "text"] = Field("text", description="json (one object per line) or text")
 
-    @field_validator("cors_origins", "api_keys", mode="before")
+    @field_validator("cors_origins", "api_keys", "allowed_hosts", mode="before")
     @classmethod
     def _split_commas(cls, value: Any) -> Any:
         if isinstance(value, str):

@@ -127,7 +127,7 @@ async def test_a_client_that_leaves_a_non_streaming_request_frees_everything(mak
     _, writer = await asyncio.open_connection(client.server.host, client.server.port)
     body = json.dumps(chat_body(content=LONG_PROMPT, max_tokens=1900)).encode()
     writer.write(
-        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
         b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
     )
     await writer.drain()

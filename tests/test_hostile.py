@@ -48,6 +48,7 @@ def embedded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess
         ENGINE_MEMORY_BUDGET_MB="4",
         LOG_FORMAT="text",
         QUEUE_TIMEOUT="60",
+        ALLOWED_HOSTS="proxy.internal",
     ) as server:
         yield server.wait_healthy()
 
@@ -121,7 +122,7 @@ async def _raw(url: str, request: bytes, *, read: bool = True) -> bytes:
 def _post(path: str, body: bytes, *headers: bytes) -> bytes:
     head = [
         b"POST " + path.encode() + b" HTTP/1.1",
-        b"Host: x",
+        b"Host: localhost",
         b"Content-Type: application/json",
         b"Connection: close",
         b"Content-Length: " + str(len(body)).encode(),
@@ -322,7 +323,7 @@ async def test_a_text_that_cannot_fit_is_refused_without_tokenising(
 async def test_a_path_cannot_forge_log_lines(session: aiohttp.ClientSession, embedded: ServerProcess) -> None:
     await _raw(
         embedded.url,
-        b"GET /v1/x%0d%0a2026-01-01%20INFO%20forged:%20entry HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        b"GET /v1/x%0d%0a2026-01-01%20INFO%20forged:%20entry HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
     )
     # The access line is written after the response: polled for, then read.
     escaped = "\\x0d\\x0a2026-01-01 INFO forged"
@@ -333,6 +334,33 @@ async def test_a_path_cannot_forge_log_lines(session: aiohttp.ClientSession, emb
 
 
 # ---- 1 (continued). an engine that fails, in the process we ship: test_engine_process.py ---------------------
+
+
+# ---- 7. a web page on another origin ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("host", "status"),
+    [
+        ("rebound.attacker.example:8000", 403),  # a name the page pointed at 127.0.0.1: DNS rebinding
+        ("127.0.0.1.nip.io", 403),
+        ("localhost:1234", 200),
+        ("[::1]:1", 200),
+        ("127.0.0.1", 200),
+        ("proxy.internal", 200),  # named in ALLOWED_HOSTS
+    ],
+)
+async def test_a_server_on_loopback_answers_only_its_own_names(
+    session: aiohttp.ClientSession, embedded: ServerProcess, host: str, status: int
+) -> None:
+    """No keys and CORS * let any page read completions; a page reaches a loopback server through DNS rebinding,
+    its requests carrying the page's own name as Host. On loopback, only loopback names (and ALLOWED_HOSTS) are
+    answered."""
+    body = chat_body(max_tokens=2)
+    async with session.post(f"{embedded.url}/v1/chat/completions", json=body, headers={"Host": host}) as resp:
+        assert resp.status == status, await resp.text()
+        if status == 403:
+            assert (await _error(resp))["code"] == "forbidden"
 
 
 # ---- 6 (continued). connections that hold descriptors ---------------------------------------------------------

@@ -49,7 +49,7 @@ async def test_a_client_that_stops_sending_its_body_gets_408(make_client: Client
     host, port = client.server.host, client.server.port
     reader, writer = await asyncio.open_connection(host, port)
     writer.write(
-        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
         b'Content-Length: 500\r\n\r\n{"model": '
     )
     await writer.drain()
@@ -71,7 +71,7 @@ async def test_a_client_that_stops_reading_is_dropped_and_frees_its_slot(make_cl
     # 16 choices of ~1900 tokens: megabytes of events, far more than the socket buffers hold.
     body = json.dumps({**long_stream(1900), "n": 16}).encode()
     writer.write(
-        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
         b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
     )
     await writer.drain()
