@@ -368,6 +368,8 @@ def _read_models_file(path: Path) -> list[ModelEntry]:
         data = tomllib.loads(path.read_text())
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise ValueError(f"cannot read MODELS_FILE {path}: {exc}") from None
+    except RecursionError:  # arrays nested thousands deep: a bad setting (2), not a crash with a traceback (1)
+        raise ValueError(f"cannot read MODELS_FILE {path}: it is nested too deeply") from None
     try:
         entries = [ModelEntry.model_validate(item) for item in data.get("models", [])]
     except ValidationError as exc:

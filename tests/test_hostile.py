@@ -336,6 +336,84 @@ async def test_a_path_cannot_forge_log_lines(session: aiohttp.ClientSession, emb
 # ---- 1 (continued). an engine that fails, in the process we ship: test_engine_process.py ---------------------
 
 
+# ---- 8. smaller holes ---------------------------------------------------------------------------------------
+
+
+async def _head(url: str, request: bytes) -> bytes:
+    """The first line the server answers a request's head with (the body is never sent)."""
+    host, port = url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        writer.write(request)
+        await writer.drain()
+        return await asyncio.wait_for(reader.readline(), SETTLE_S)
+    finally:
+        writer.close()
+
+
+@pytest.mark.parametrize(
+    ("headers", "status"),
+    [
+        (b"", b"401"),  # no key: refused before the body is asked for
+        (f"Authorization: Bearer {KEY}\r\n".encode(), b"413"),  # a declared 100 MB: past MAX_BODY_BYTES
+    ],
+    ids=["no-key", "too-large"],
+)
+async def test_expect_100_continue_is_not_answered_before_the_checks(
+    session: aiohttp.ClientSession, embedded: ServerProcess, headers: bytes, status: bytes
+) -> None:
+    """aiohttp answered 100 Continue at once, inviting a 100 MB body from a client without a key."""
+    head = (
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+        b"Content-Length: 100000000\r\nExpect: 100-continue\r\n" + headers + b"\r\n"
+    )
+    first = await _head(embedded.url, head)
+    assert first.split(b" ")[1] == status, first
+
+
+async def test_expect_100_continue_is_answered_once_the_checks_pass(
+    session: aiohttp.ClientSession, embedded: ServerProcess
+) -> None:
+    body = json.dumps(chat_body(max_tokens=2)).encode()
+    head = (
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+        + f"Authorization: Bearer {KEY}\r\nContent-Length: {len(body)}\r\nExpect: 100-continue\r\n\r\n".encode()
+    )
+    host, port = embedded.url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        writer.write(head)
+        assert (await asyncio.wait_for(reader.readline(), SETTLE_S)).startswith(b"HTTP/1.1 100")
+        await reader.readline()  # the blank line after it
+        writer.write(body)
+        assert (await asyncio.wait_for(reader.readline(), SETTLE_S)).startswith(b"HTTP/1.1 200")
+    finally:
+        writer.close()
+
+
+def _history_call(arguments: str) -> dict[str, Any]:
+    call = {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": arguments}}
+    return {"role": "assistant", "content": None, "tool_calls": [call]}
+
+
+async def test_history_tool_calls_count_and_cannot_break_the_template(
+    session: aiohttp.ClientSession, embedded: ServerProcess
+) -> None:
+    """A history call's arguments nested 5000 deep was a 500 with a traceback (parsed, it raised RecursionError);
+    3.8 MB of arguments were tokenised before the 400, the size check counting message text only."""
+    deep = chat_body(max_tokens=2)
+    deep["messages"] = [{"role": "user", "content": "hi"}, _history_call("[" * 5000 + "]" * 5000)]
+    async with session.post(f"{embedded.url}/v1/chat/completions", json=deep) as resp:
+        assert resp.status in (200, 400), await resp.text()
+    huge = chat_body(max_tokens=2)
+    huge["messages"] = [{"role": "user", "content": "hi"}, _history_call(json.dumps({"a": "x" * 3_800_000}))]
+    data = io.BytesIO(json.dumps(huge).encode())
+    headers = {"Content-Type": "application/json"}
+    async with session.post(f"{embedded.url}/v1/chat/completions", data=data, headers=headers) as resp:
+        assert resp.status == 400
+        assert (await _error(resp))["message"].startswith("The prompt has at least")  # refused before tokenising
+
+
 # ---- 7. a web page on another origin ---------------------------------------------------------------------------
 
 

@@ -69,7 +69,7 @@ async def test_error_mapping_keeps_allow(aiohttp_client: Any) -> None:
 
 async def test_request_body_reads_generation_bodies_only(aiohttp_client: Any) -> None:
     app = _app(GENERATE, OPEN)
-    setup_request_body(app, read_timeout_s=5)
+    setup_request_body(app, read_timeout_s=5, max_body_bytes=1 << 20)
     client = await aiohttp_client(app)
     ok = await client.post("/gen", json={"model": "m"})
     assert (await ok.json())["body"] == {"model": "m"}, "read and checked before the handler"

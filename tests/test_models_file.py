@@ -77,6 +77,7 @@ upstream_model = "llamacpp"
         ),
         ("[[models]]\nid = 'a'\nflavour = 'x'\n", "FLAVOUR"),
         ("models = 3 = 4", "cannot read"),
+        ("models = " + "[" * 5000 + "]" * 5000, "nested too deeply"),  # was exit 1 with a traceback
         ("", "no [[models]]"),
     ],
 )

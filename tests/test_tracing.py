@@ -111,6 +111,9 @@ async def test_the_gateway_passes_the_trace_upstream(recording_upstream: Any, tr
     ("parent", "state", "relayed"),
     [
         ("00-not-a-trace", "vendor=1", []),  # a traceparent that is not one: neither goes on
+        ("00-" + "0" * 32 + "-b7ad6b7169203331-01", "vendor=1", []),  # a trace id of zeros: invalid, the spec says
+        ("00-0af7651916cd43dd8448eb211c80319c-" + "0" * 16 + "-01", "", []),  # a parent id of zeros
+        ("ff-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01", "", []),  # version ff
         (CLIENT_PARENT, "v=" + "x" * 600, ["traceparent"]),  # a tracestate beyond the spec's 512 characters
         (CLIENT_PARENT, "v=caf\u00e9", ["traceparent"]),  # not printable ASCII
     ],

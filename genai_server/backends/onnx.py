@@ -139,11 +139,12 @@ class OnnxBackend:
         check_supported(req)
         check_text_messages(req.messages)
         fmt, knows_tools = self._calls, self._knows_tools
+        # Every character the prompt will hold, history tool calls included, is checked before any of it is parsed or
+        # tokenised (3.8 MB of call arguments were tokenised before the 400).
+        self._check_text_size(_text_size(req), param="messages")
         tools = _tool_use(req, fmt, req.limit or self._max_tokens_limit or self.engine.facts.context_length)
         messages = _template_messages(req, fmt, knows_tools)
         rendered = [t.model_dump(exclude_none=True) for t in req.tools or []] if knows_tools else None
-        size = sum(len(m["content"]) for m in messages) + len(json.dumps(rendered or []))
-        self._check_text_size(size, param="messages")
         prompt = await self.engine.chat_prompt(messages, rendered)
         seqs = self._plan(req, [prompt], param="messages", tools=tools, cache_scope=cache_scope)
         stats.prompt_tokens = len(prompt)
@@ -552,11 +553,19 @@ def _template_message(message: ChatMessage, fmt: CallFormat, knows_tools: bool) 
     return rendered
 
 
+def _text_size(req: ChatCompletionRequest) -> int:
+    """Characters of the messages, their tool calls and the tools: at least what the template will render."""
+    calls = sum(len(c.function.arguments) + len(c.function.name) for m in req.messages for c in m.tool_calls or [])
+    tools = len(json.dumps([t.model_dump(exclude_none=True) for t in req.tools or []]))
+    return sum(len(m.text()) for m in req.messages) + calls + tools
+
+
 def _arguments(text: str) -> Any:
-    """A call's arguments as an object when they are JSON (they are, when the model wrote them), else as sent."""
+    """A call's arguments as an object when they are JSON (they are, when the model wrote them), else as sent
+    (JSON nested thousands deep too: parsed, it raised RecursionError, a 500)."""
     try:
         return json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):
         return text
 
 

@@ -47,9 +47,15 @@ def add_endpoints(app: web.Application, endpoints: Iterable[Endpoint]) -> None:
     table = app[ROUTE_ENDPOINTS] = {}
     for endpoint in endpoints:
         resource = app.router.add_resource(endpoint.path)
-        table[resource.add_route(endpoint.method, endpoint.handler)] = endpoint
+        table[resource.add_route(endpoint.method, endpoint.handler, expect_handler=_no_early_continue)] = endpoint
         if endpoint.method == hdrs.METH_GET:
-            table[resource.add_route(hdrs.METH_HEAD, endpoint.handler)] = endpoint
+            table[resource.add_route(hdrs.METH_HEAD, endpoint.handler, expect_handler=_no_early_continue)] = endpoint
+
+
+async def _no_early_continue(request: web.Request) -> None:
+    """``Expect: 100-continue`` is not answered before the request's checks: aiohttp's default handler sent 100
+    Continue at once, inviting a 100 MB body from a client without a key. The request-body middleware sends it,
+    after the host, the key and the declared size have passed (``request_body.py``)."""
 
 
 def endpoint_of(request: web.Request) -> Endpoint | None:

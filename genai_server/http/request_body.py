@@ -15,7 +15,7 @@ import json
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from aiohttp import web
+from aiohttp import hdrs, web
 
 from genai_server.errors import InvalidRequest, RequestTimeout, UnsupportedMediaType
 from genai_server.http.endpoints import generates
@@ -73,7 +73,7 @@ def _check_text(text: str, path: str) -> None:
         ) from None
 
 
-def setup_request_body(app: web.Application, read_timeout_s: float) -> None:
+def setup_request_body(app: web.Application, read_timeout_s: float, max_body_bytes: int) -> None:
     """Add the middleware that reads and checks generation bodies (``request[BODY]``) before the slot."""
 
     @web.middleware
@@ -81,16 +81,22 @@ def setup_request_body(app: web.Application, read_timeout_s: float) -> None:
         request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
     ) -> web.StreamResponse:
         if generates(request):
-            request[BODY] = await _read(request, read_timeout_s)
+            request[BODY] = await _read(request, read_timeout_s, max_body_bytes)
         return await handler(request)
 
     app.middlewares.append(request_body)
 
 
-async def _read(request: web.Request, read_timeout_s: float) -> dict[str, Any]:
-    """Not JSON -> 415; slower than the timeout -> 408; larger than MAX_BODY_BYTES -> 413 (aiohttp's own)."""
+async def _read(request: web.Request, read_timeout_s: float, max_body_bytes: int) -> dict[str, Any]:
+    """Not JSON -> 415; slower than the timeout -> 408; larger than MAX_BODY_BYTES -> 413 (declared: before a byte
+    is read; sent: aiohttp's own)."""
     if request.content_type != "application/json":
         raise UnsupportedMediaType(f"Content-Type must be application/json, not '{request.content_type}'"[:200])
+    if request.content_length is not None and request.content_length > max_body_bytes:
+        raise web.HTTPRequestEntityTooLarge(max_size=max_body_bytes, actual_size=request.content_length)
+    if request.headers.get(hdrs.EXPECT, "").lower() == "100-continue" and request.version >= (1, 1):
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        request.writer.output_size = 0  # the answer's own size starts after it
     try:
         async with asyncio.timeout(read_timeout_s):
             raw = await request.read()

@@ -83,10 +83,16 @@ def generation_span(
 def _client_trace(headers: Mapping[str, str]) -> tuple[tuple[str, str], ...]:
     """The client's own trace headers, if well formed (tracestate only with a traceparent, as the spec has it)."""
     parent = headers.get("traceparent", "")
-    if not _TRACEPARENT.fullmatch(parent):
+    if not _TRACEPARENT.fullmatch(parent) or not _valid_ids(parent):
         return ()
     state = headers.get("tracestate", "")
     return (("traceparent", parent),) + ((("tracestate", state),) if _TRACESTATE.fullmatch(state) else ())
+
+
+def _valid_ids(parent: str) -> bool:
+    """The spec's other rules: version ff is invalid, and so is a trace id or parent id of all zeros."""
+    version, trace_id, parent_id, _ = parent.split("-")
+    return version != "ff" and trace_id != "0" * 32 and parent_id != "0" * 16
 
 
 def finish_span(span: trace.Span, record: RequestRecord) -> None:
