@@ -5,17 +5,19 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-from collections.abc import AsyncGenerator, Awaitable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from genai_server.backends import Backend, Response, Result
-from genai_server.errors import InvalidRequest, ModelNotFound, ShuttingDown
+from genai_server.errors import APIError, InvalidRequest, ModelNotFound, ShuttingDown
 from genai_server.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, SamplingRequest
 from genai_server.telemetry.clock import RequestTelemetry
 from genai_server.telemetry.gpu import GpuMonitor
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -95,14 +97,14 @@ class Serving:
         self._check_max_tokens(req)
         self._check_sequences(req.n)
         backend = self._start(req.model, stats)
-        return await _timed(backend.chat(req, stats, cache_scope(owner, req.cache_salt)), stats)
+        return await _timed(backend.chat(req, stats, cache_scope(owner, req.cache_salt)), stats, self._stopping)
 
     async def complete(self, req: CompletionRequest, stats: RequestTelemetry, owner: str = "") -> Result:
         """Route a text completion; ``owner`` as for ``chat``."""
         self._check_max_tokens(req)
         self._check_sequences(req.n * len(req.prompts()))
         backend = self._start(req.model, stats)
-        return await _timed(backend.complete(req, stats, cache_scope(owner, req.cache_salt)), stats)
+        return await _timed(backend.complete(req, stats, cache_scope(owner, req.cache_salt)), stats, self._stopping)
 
     def _check_max_tokens(self, req: SamplingRequest) -> None:
         most = self._limits.max_tokens_limit
@@ -117,6 +119,9 @@ class Serving:
                 f"{self._limits.max_sequences} are allowed (MAX_SEQUENCES_PER_REQUEST)",
                 param="n",
             )
+
+    def _stopping(self) -> bool:
+        return self._stopped
 
     def _start(self, model_id: str, stats: RequestTelemetry) -> Backend:
         if self._stopped:
@@ -143,17 +148,19 @@ def cache_scope(owner: str, salt: str | None) -> str:
     return hashlib.sha256(f"{owner}\0{salt or ''}".encode()).hexdigest()
 
 
-async def _timed(pending: Awaitable[Result], stats: RequestTelemetry) -> Result:
+async def _timed(pending: Awaitable[Result], stats: RequestTelemetry, stopping: Callable[[], bool]) -> Result:
     """The backend's answer with the request's clock stopped where its generation ends, once, here: after a whole
     response, at a stream's usage chunk (its figures go out with it) or at the stream's end, or when the backend
-    fails or the client leaves. The figures go on the answer where its usage does."""
+    fails or the client leaves. The figures go on the answer where its usage does. A backend that fails because
+    the server is stopping it (``stopping``: an upstream session closed under a relayed request) is the server
+    shutting down, not the upstream failing: 503 ``shutting_down`` (it was a 500, or a dropped connection)."""
     try:
-        result = await pending
+        result = await _shut_down_if_stopping(pending, stopping)
     except BaseException:
         stats.finish()  # refused or failed before any answer: stop watching the GPU for it
         raise
     if isinstance(result, AsyncGenerator):
-        return _TimedStream(result, stats)
+        return _TimedStream(result, stats, stopping)
     stats.finish()
     return _with_figures(result, stats)
 
@@ -163,13 +170,16 @@ class _TimedStream(AsyncGenerator[Response, None]):
     cancellation; closing it closes the backend's stream and stops the clock even if it never started (an async
     generator that never started would skip its ``finally``: a client gone before the first chunk)."""
 
-    def __init__(self, chunks: AsyncGenerator[Response, None], stats: RequestTelemetry) -> None:
+    def __init__(
+        self, chunks: AsyncGenerator[Response, None], stats: RequestTelemetry, stopping: Callable[[], bool]
+    ) -> None:
         self._chunks = chunks
         self._stats = stats
+        self._stopping = stopping
 
     async def asend(self, value: None) -> Response:
         try:
-            chunk = await self._chunks.asend(value)
+            chunk = await _shut_down_if_stopping(self._chunks.asend(value), self._stopping)
         except BaseException:  # its end, its failure, or the client leaving: generation is over
             self._stats.finish()
             raise
@@ -190,6 +200,15 @@ class _TimedStream(AsyncGenerator[Response, None]):
             await self._chunks.aclose()  # a client that left: its generation is cancelled now
         finally:
             self._stats.finish()
+
+
+async def _shut_down_if_stopping(pending: Awaitable[T], stopping: Callable[[], bool]) -> T:
+    try:
+        return await pending
+    except APIError as exc:
+        if stopping() and not isinstance(exc, ShuttingDown):
+            raise ShuttingDown("The server is shutting down; this generation was not finished") from exc
+        raise
 
 
 def _usage(response: Response) -> object:

@@ -26,7 +26,7 @@ from tests.harness.bodies import LONG_PROMPT, MODEL_ID, chat_body
 from tests.harness.liveness import LIVENESS_BOUND_S, Liveness
 from tests.harness.process import ServerProcess, free_port
 from tests.harness.responses import sse_events
-from tests.harness.upstream import USAGE, Endless, Reply, ScriptedUpstream, StaleKeepAlive, chunk, sse
+from tests.harness.upstream import USAGE, Endless, Reply, ScriptedUpstream, StaleKeepAlive, Stall, chunk, sse
 from tests.harness.waiting import eventually_async
 
 KEY = "hostile-test-key"
@@ -511,6 +511,63 @@ async def test_a_drain_tells_every_client_and_ends_in_time(tmp_path: Path) -> No
             assert events[-1] == "[DONE]" and json.loads(events[-2])["error"]["code"] == "shutting_down"
         assert await asyncio.to_thread(server.proc.wait, 30) == 0
         assert time.monotonic() - stopped_at < 1 + 10  # SHUTDOWN_TIMEOUT plus the stop margin, generously
+
+
+async def test_a_gateway_drain_answers_running_and_queued_requests_in_time(tmp_path: Path) -> None:
+    """A gateway with two non-streamed requests running on an upstream that never answers and three queued,
+    SIGTERM with SHUTDOWN_TIMEOUT=1: every client gets a 503 shutting_down envelope (the running two got a dropped
+    connection), and the process exits 0 within the timeout and its margins (it took 10.2 s)."""
+    with (
+        ScriptedUpstream({}, default=Stall(60.0)) as upstream,
+        ServerProcess(
+            tmp_path / "server.log",
+            BACKEND="openai",
+            UPSTREAM_URL=f"{upstream.url}/v1",
+            MODEL_ID="m",
+            MAX_CONCURRENT_REQUESTS="2",
+            MAX_QUEUED_REQUESTS="4",
+            SHUTDOWN_TIMEOUT="1",
+        ) as server,
+    ):
+        server.wait_healthy()
+        async with aiohttp.ClientSession() as session:
+            url = f"{server.url}/v1/chat/completions"
+            requests = [asyncio.ensure_future(session.post(url, json=chat_body(model="m"))) for _ in range(5)]
+
+            async def all_admitted() -> bool:
+                gauges = _gauges(await _metrics(session, server.url))
+                return gauges.get("genai_server_num_requests_waiting", 0) >= 3
+
+            await eventually_async(all_admitted, timeout=SETTLE_S, what="two running and three queued")
+            stopped_at = time.monotonic()
+            server.proc.send_signal(signal.SIGTERM)
+            for task in requests:
+                resp = await task
+                assert resp.status == 503, await resp.text()
+                assert (await resp.json())["error"]["code"] == "shutting_down"
+        assert await asyncio.to_thread(server.proc.wait, 30) == 0
+        assert time.monotonic() - stopped_at < 1 + 6  # SHUTDOWN_TIMEOUT, the stop margin and aiohttp's
+
+
+@pytest.mark.parametrize("second", [signal.SIGTERM, signal.SIGINT])
+async def test_a_second_stop_signal_during_the_drain_stops_at_once(tmp_path: Path, second: signal.Signals) -> None:
+    """SIGTERM starts the drain (a stream runs, SHUTDOWN_TIMEOUT is 60 s); a second SIGTERM or SIGINT means stop
+    now: the process exits at once with 128 + the signal (it ended with 143, 130, or now and then 1 and a
+    traceback)."""
+    with ServerProcess(tmp_path / "server.log", SHUTDOWN_TIMEOUT="60") as server:
+        server.wait_healthy()
+        async with aiohttp.ClientSession() as session:
+            body = chat_body(content=LONG_PROMPT, max_tokens=1900, min_tokens=1900, stream=True)
+            running = await session.post(f"{server.url}/v1/chat/completions", json=body)
+            await running.content.readline()
+            server.proc.send_signal(signal.SIGTERM)
+            await eventually_async(
+                lambda: "draining" in server.log(), timeout=SETTLE_S, what="the drain to start", interval=0.05
+            )
+            server.proc.send_signal(second)
+            assert await asyncio.to_thread(server.proc.wait, SETTLE_S) == 128 + second.value
+            running.close()
+        assert "again: stopping now" in server.log()
 
 
 class _StartedChoices:

@@ -170,7 +170,7 @@ class UpstreamClient:
         try:
             return await self._session.post(url, json=body, allow_redirects=False, headers=headers)
         except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
-            if isinstance(exc, aiohttp.ClientConnectorError):  # it never connected: nothing was stale
+            if isinstance(exc, aiohttp.ClientConnectorError) or self._session.closed:  # never connected, or closing
                 raise
             log.info("a kept-alive upstream connection was closed under a request: posted again", exc_info=False)
             return await self._session.post(url, json=body, allow_redirects=False, headers=headers)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -42,6 +43,7 @@ class ServerState:
     listening: bool = False
     # How to end the process once it has failed; ``__main__`` sets it (an embedding test leaves it unset).
     stop_process: Callable[[], None] | None = None
+    stopping: bool = False  # a stop signal came: a second one stops the process at once
 
 
 STATE = web.AppKey("state", ServerState)
@@ -54,7 +56,7 @@ def server_failed(app: web.Application, reason: str) -> None:
         return
     state.failure = reason
     log.critical("the server cannot serve any more and stops: %s", reason, extra={"fields": {"code": "engine_failed"}})
-    if state.stop_process is not None:
+    if state.stop_process is not None and not state.stopping:  # already draining: it will exit with our status
         state.stop_process()
 
 
@@ -105,13 +107,21 @@ def announce_listening(app: web.Application, host: str, port: int) -> None:
 
 async def log_stop_signals(app: web.Application) -> None:
     """On start-up of the real process: say which signal stopped it, then stop as aiohttp does (its handlers are
-    installed before start-up, so these replace them)."""
+    installed before start-up, so these replace them). A second SIGTERM or SIGINT while the server drains means
+    "stop now": the process exits at once with 128 + the signal's number (143, 130), as a shell reports a process
+    a signal ended; before, it ended with 143, 130, or now and then 1 and a traceback."""
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, _stop, sig)
+        loop.add_signal_handler(sig, _stop, app[STATE], sig)
 
 
-def _stop(sig: signal.Signals) -> None:
+def _stop(state: ServerState, sig: signal.Signals) -> None:
+    if state.stopping:
+        log.warning("received %s again: stopping now", sig.name, extra={"fields": {"signal": sig.name}})
+        for handler in logging.getLogger().handlers:
+            handler.flush()
+        os._exit(128 + sig.value)
+    state.stopping = True
     log.info("received %s: stopping", sig.name, extra={"fields": {"signal": sig.name}})
     raise web.GracefulExit()
 
