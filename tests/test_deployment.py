@@ -162,6 +162,21 @@ def test_the_manifest_names_what_it_needs_and_drains_before_it_stops() -> None:
     assert pause >= 5 and pod["terminationGracePeriodSeconds"] > pause + drain + 6
 
 
+def test_the_autoscaler_owns_the_count_and_every_pod_can_mount_the_model() -> None:
+    """replicas: 2 on a ReadWriteOnce claim (a second node cannot mount it), and a replica count beside an
+    autoscaler that owns it (every apply reset it)."""
+    (hpa,) = yaml.safe_load_all(AUTOSCALER.read_text())
+    deployment = _one("Deployment")
+    assert "replicas" not in deployment["spec"]
+    if hpa["spec"]["maxReplicas"] > 1:
+        modes = set(_one("PersistentVolumeClaim")["spec"]["accessModes"])
+        assert modes & {"ReadWriteMany", "ReadOnlyMany"}, modes
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    threads = next(e["value"] for e in container["env"] if e["name"] == "ENGINE_THREADS")
+    assert threads == container["resources"]["requests"]["cpu"]  # the engine computes on what the pod asked for
+    assert container["livenessProbe"]["timeoutSeconds"] >= 5
+
+
 def test_the_autoscaler_reads_a_gauge_the_server_exports_through_the_adapters_rule(tmp_path: Path) -> None:
     """Deployment -> scrape annotations -> adapter rule -> HPA metric: each link names the next one right, and the
     gauge is one a real server exports."""

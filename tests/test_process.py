@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 from genai_server import __version__
+from genai_server.embedded.engine import usable_cpus
 from genai_server.exit_status import ExitStatus
 from genai_server.settings import load_settings
 from tests.harness.bodies import MODEL_ID
@@ -145,6 +146,15 @@ def _os_threads(server: ServerProcess) -> int:
         pid = server.wait_healthy().proc.pid
         (engine,) = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
         return len(os.listdir(f"/proc/{engine}/task"))
+
+
+@pytest.mark.parametrize(("cpu_max", "expected"), [("200000 100000", 2), ("150000 100000", 2), ("max 100000", None)])
+def test_the_default_threads_respect_the_cgroups_cpu_quota(tmp_path: Path, cpu_max: str, expected: int | None) -> None:
+    """In a pod or under docker run --cpus the affinity mask is every core of the node; the quota (cpu.max) is
+    what the container may use: a quota of 2 CPUs is 2 threads (1.5 rounds up), none is the affinity mask."""
+    (tmp_path / "cpu.max").write_text(cpu_max + "\n")
+    affinity = len(os.sched_getaffinity(0))
+    assert usable_cpus(tmp_path) == (min(expected, affinity) if expected else affinity)
 
 
 def test_engine_threads_size_the_engines_thread_pool(tmp_path: Path) -> None:

@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import os
 import queue
 import threading
@@ -337,7 +338,7 @@ class OnnxEngine:
         # that length (not the model's 128k, say) is what a sequence costs in memory.
         # Unless told, the session runs one intra-op thread: on a 2-core box the second core idled (the bare Engine
         # decoded at 37.8 tok/s with one thread, 67.1 with two). The overlay sets it without touching the folder.
-        threads = self.config.threads or len(os.sched_getaffinity(0))
+        threads = self.config.threads or usable_cpus()
         config.overlay(
             json.dumps(
                 {
@@ -427,6 +428,18 @@ def _kv_budget(genai_config: dict[str, Any], context_length: int, budget_mb: flo
             f"{budget // per_token}) or raise ENGINE_MEMORY_BUDGET_MB"
         )
     return KvBudget(budget, per_token, context_length)
+
+
+def usable_cpus(cgroup: Path = Path("/sys/fs/cgroup")) -> int:
+    """The CPUs this process may use: those its affinity allows, at most its cgroup's CPU quota (``cpu.max``,
+    rounded up). In a pod or under ``docker run --cpus 8`` the affinity mask is every core of the node: a quota of
+    8 on a 64-core node ran 64 threads, each throttled."""
+    cpus = len(os.sched_getaffinity(0))
+    with contextlib.suppress(OSError, ValueError):
+        quota, period = (cgroup / "cpu.max").read_text().split()[:2]
+        if quota != "max":
+            cpus = min(cpus, max(1, math.ceil(int(quota) / int(period))))
+    return cpus
 
 
 def default_memory_budget_bytes() -> int:
