@@ -157,7 +157,12 @@ class Settings(BaseSettings):
     client_write_timeout: float = Field(
         60.0, gt=0, description="seconds a stream may wait on a client that does not read before it is dropped"
     )
-    keepalive_timeout: float = Field(75.0, ge=0, description="seconds an idle keep-alive connection stays open")
+    keepalive_timeout: float = Field(
+        15.0,
+        ge=0,
+        description="seconds a connection may stay idle, before its first request too: a silent connection holds a "
+        "file descriptor (clients reuse theirs within 5 s: httpx, the OpenAI SDK)",
+    )
     log_prompts: bool = Field(False, description="log prompts and completions (off: they are never logged)")
     shutdown_timeout: float = Field(
         30.0,

@@ -472,6 +472,19 @@ async def test_silent_connections_do_not_lock_clients_out(tmp_path: Path) -> Non
                 writer.close()
 
 
+async def test_a_connection_that_sends_nothing_is_closed_after_the_keepalive_timeout(tmp_path: Path) -> None:
+    """A connection that never sends a request holds a descriptor only until KEEPALIVE_TIMEOUT (now 15 s by
+    default; 1 s here), as an idle one between requests does."""
+    with ServerProcess(tmp_path / "server.log", KEEPALIVE_TIMEOUT="1") as server:
+        server.wait_healthy()
+        host, port = server.url.removeprefix("http://").split(":")
+        reader, writer = await asyncio.open_connection(host, int(port))
+        try:
+            assert await asyncio.wait_for(reader.read(), SETTLE_S) == b""  # closed by the server, unanswered
+        finally:
+            writer.close()
+
+
 # ---- 6. shutdown that always ends -----------------------------------------------------------------------------
 
 
