@@ -27,6 +27,7 @@ from typing import Any, Protocol
 import numpy as np
 import onnxruntime_genai as og
 
+from genai_server.embedded.chat_text import control_texts, encode_contents_as_text
 from genai_server.embedded.detokenize import byte_table
 from genai_server.embedded.scheduler import (
     BatchScheduler,
@@ -39,7 +40,7 @@ from genai_server.embedded.scheduler import (
     SamplingOptions,
 )
 from genai_server.embedded.vendor_telemetry import turn_off as turn_off_vendor_telemetry
-from genai_server.errors import EngineFailure, ModelLoadingFailed, ShuttingDown
+from genai_server.errors import EngineFailure, InvalidRequest, ModelLoadingFailed, ShuttingDown
 
 __all__ = [
     "FALLBACK_CHAT_TEMPLATE",
@@ -161,6 +162,7 @@ class OnnxEngine:
         self._tokenizer: Any = None
         # Tokenising runs in worker threads (off the event loop); the library does not promise it is thread-safe.
         self._tokenizer_lock = threading.Lock()
+        self._control_texts: tuple[str, ...] = ()  # the special tokens' texts (tokenizer.json), read at load
         self._model: Any = None
         self._closed = False
         self._loop: DeliveryLoop | None = None
@@ -226,7 +228,25 @@ class OnnxEngine:
 
     async def chat_prompt(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None) -> list[int]:
         """The conversation's prompt tokens, rendered and tokenised off the event loop."""
-        return await asyncio.to_thread(lambda: self.encode(self.apply_chat_template(messages, tools)))
+        return await asyncio.to_thread(self.encode_chat, messages, tools)
+
+    def encode_chat(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None) -> list[int]:
+        """The conversation rendered with the model's template and tokenised, each message's text taken as text:
+        a client that types a control token (``<|im_end|>``) gets the characters, not the token, so it cannot fake
+        a turn boundary (``chat_text.py``)."""
+        contents = [str(m.get("content") or "") for m in messages]
+        controls = self._control_texts
+        if controls and any(c in json.dumps(tools or [], ensure_ascii=False) for c in controls):
+            raise InvalidRequest("A control token's text may not appear in tools", param="tools")
+        if not controls or not any(c in text for text in contents for c in controls):
+            return self.encode(self.apply_chat_template(messages, tools))
+        return encode_contents_as_text(
+            messages,
+            contents,
+            self._control_texts,
+            render=lambda ms: self.apply_chat_template(ms, tools),
+            encode=self.encode,
+        )
 
     def encode(self, text: str) -> list[int]:
         """Token ids of ``text`` as the model's tokenizer counts them (from any thread; calls take turns)."""
@@ -350,6 +370,7 @@ class OnnxEngine:
         )
         self._model = og.Model(config)
         self._tokenizer = og.Tokenizer(self._model)
+        self._control_texts = control_texts(self.model_path)
         template = _chat_template(self.model_path)
         self.facts = EngineFacts(
             context_length=context_length,

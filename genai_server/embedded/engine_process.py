@@ -38,7 +38,7 @@ from typing import Any
 from genai_server.embedded import frames
 from genai_server.embedded.engine import EngineConfig, EngineFacts, default_memory_budget_bytes, read_deltas
 from genai_server.embedded.scheduler import Delta, GuidanceRejected, SamplingOptions, guidance_fingerprint
-from genai_server.errors import EngineFailure, ModelLoadingFailed, ShuttingDown
+from genai_server.errors import EngineFailure, InvalidRequest, ModelLoadingFailed, ShuttingDown
 
 log = logging.getLogger(__name__)
 
@@ -482,11 +482,14 @@ def _forget(live: dict[int, Any], key: int) -> None:
     live.pop(key, None)
 
 
-def _raised(kind: str, text: str) -> BaseException:
-    """The error a call the engine process could not answer raises here: shutting down stays itself; anything
-    else is the engine's failure, its text for the log only (a template's own error may quote the prompt)."""
+def _raised(kind: str, text: str, param: str | None = None) -> BaseException:
+    """The error a call the engine process could not answer raises here: shutting down and a client's error stay
+    themselves; anything else is the engine's failure, its text for the log only (a template's own error may quote
+    the prompt)."""
     if kind == "ShuttingDown":
         return ShuttingDown("The server is shutting down; no new generation starts")
+    if kind == "InvalidRequest":
+        return InvalidRequest(text, param=param)
     log.warning("the engine process could not tokenise a prompt: %s: %s", kind, text)
     return EngineFailure("the engine failed to tokenise the prompt")
 

@@ -34,7 +34,7 @@ import numpy as np
 from genai_server.embedded import frames
 from genai_server.embedded.engine import OnnxEngine
 from genai_server.embedded.scheduler import Delta, Job, guidance_fingerprint
-from genai_server.errors import ModelLoadingFailed, ShuttingDown
+from genai_server.errors import InvalidRequest, ModelLoadingFailed, ShuttingDown
 from genai_server.exit_status import ExitStatus
 from genai_server.logs import setup_logging
 
@@ -139,9 +139,7 @@ class Worker:
             self._tokenizers.submit(self._answer, key, lambda: [self.engine.encode(t) for t in args[0]])
         elif kind == "chat_prompt":
             messages, tools = args
-            self._tokenizers.submit(
-                self._answer, key, lambda: self.engine.encode(self.engine.apply_chat_template(messages, tools))
-            )
+            self._tokenizers.submit(self._answer, key, lambda: self.engine.encode_chat(messages, tools))
         else:
             log.error("unknown command from the server: %r", kind)
 
@@ -152,15 +150,15 @@ class Worker:
             failed = ("", 0, None, "the engine could not take the sequence", None, 0, None, ())
             self.writer.send(("delta", key, failed))
         elif kind in ("tokenize", "chat_prompt"):
-            self.writer.send(("raised", key, "RuntimeError", "the command failed"))
+            self.writer.send(("raised", key, "RuntimeError", "the command failed", None))
 
     def _answer(self, key: int, work: Callable[[], Any]) -> None:
         try:
             value = work()
         except Exception as exc:  # the server raises it for the request that asked
-            if not isinstance(exc, ShuttingDown):
+            if not isinstance(exc, ShuttingDown | InvalidRequest):
                 log.exception("tokenising failed")
-            self.writer.send(("raised", key, type(exc).__name__, str(exc)))
+            self.writer.send(("raised", key, type(exc).__name__, str(exc), getattr(exc, "param", None)))
             return
         self.writer.send(("result", key, value))
 
