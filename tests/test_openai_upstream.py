@@ -143,10 +143,16 @@ async def test_engine_shapes_become_the_same_response(
     assert body["metrics"]["backend_reported"] == reported
     assert seen.bodies[0]["stream"] is True  # always streamed upstream, so we can time it
     assert seen.bodies[0]["stream_options"] == {"include_usage": True}
-    stream = await proxy.post("/v1/chat/completions", json=_chat(stream=True))
+    stream = await proxy.post("/v1/chat/completions", json=_chat(stream=True, stream_options={"include_usage": True}))
     chunks = stream_chunks(await stream.text())
-    assert "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks) == "Hello"
-    assert all("metrics" not in c and "timings" not in c for c in chunks)  # moved out of the relayed chunks
+    assert "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"]) == "Hello"
+    assert chunks[-1]["metrics"]["backend_reported"] == reported  # moved beside our figures, once
+    assert all("timings" not in c for c in chunks) and all("metrics" not in c for c in chunks[:-1])
+    # A client that gets no figures of ours (no usage asked) keeps the engine's own where the engine put them: on
+    # a chunk it gets (llama-server's last one). Those an engine sends only on a usage chunk it would not have sent.
+    bare = stream_chunks(await (await proxy.post("/v1/chat/completions", json=_chat(stream=True))).text())
+    kept = {name: c[name] for c in bare for name in ("timings", "metrics") if name in c}
+    assert kept == (reported if shape == "llamacpp-usage-on-last" else {})
 
 
 async def test_an_engines_own_fields_inside_openai_objects_reach_it(

@@ -80,7 +80,9 @@ class OpenAIUpstream(RelayBackend):
                     raise UpstreamError(f"The upstream engine failed: {error_message(chunk['error'])}")
                 shape = _checked(chunk, choices, most_generated=most_generated)
                 chunk["model"] = self.model_id
-                _keep_reported(chunk, stats)
+                # The engine's own figures go beside ours under metrics.backend_reported when the client gets our
+                # figures; when it does not (a stream without usage), they stay where the engine put them.
+                _keep_reported(chunk, stats, move=bool(req.include_usage or self._always_usage or not req.stream))
                 budget -= 1  # every chunk, with choices or not: an upstream cannot hold the request with empty ones
                 if budget < 0:
                     raise UpstreamError("The upstream engine sent more than the tokens asked for")
@@ -174,11 +176,14 @@ async def _sse_json(response: aiohttp.ClientResponse, max_lines: int) -> AsyncGe
     raise UpstreamError("The upstream stream ended before [DONE]")
 
 
-def _keep_reported(chunk: dict[str, Any], stats: RequestTelemetry) -> None:
-    """Move the upstream's own timing fields out of the chunk into ``backend_reported``."""
+def _keep_reported(chunk: dict[str, Any], stats: RequestTelemetry, *, move: bool) -> None:
+    """Keep the upstream's own timing fields in ``backend_reported`` (logs, spans, our figures), and take them out
+    of the chunk when ``move``: a client that gets our figures gets them there, once; one that does not keeps them
+    where the engine sent them (the gateway never makes the engine's API narrower)."""
     for name in _REPORTED:
         if name in chunk:
-            stats.backend_reported = {**(stats.backend_reported or {}), name: chunk.pop(name)}
+            value = chunk.pop(name) if move else chunk[name]
+            stats.backend_reported = {**(stats.backend_reported or {}), name: value}
 
 
 async def _aggregate(chunks: AsyncGenerator[Response, None], kind: str) -> dict[str, Any]:
