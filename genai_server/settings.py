@@ -154,6 +154,13 @@ class Settings(BaseSettings):
         4096, ge=1, description="most tokens one choice may ask for (max_tokens); also the cap when it is unset"
     )
     request_read_timeout: float = Field(30.0, gt=0, description="seconds a client may take to send its body -> 408")
+    stream_keepalive_interval: float = Field(
+        15.0,
+        ge=0,
+        le=3600,
+        description="seconds a stream may go without an event before an SSE comment (': keep-alive') is sent, so "
+        "that an idle proxy does not cut it during a long prefill or an upstream's silence; 0 = never",
+    )
     client_write_timeout: float = Field(
         60.0, gt=0, description="seconds a stream may wait on a client that does not read before it is dropped"
     )

@@ -931,6 +931,33 @@ async def test_credentials_in_the_upstream_url_never_reach_the_log(tmp_path: Pat
         assert secret not in logged
 
 
+async def test_a_silent_stream_sends_keep_alive_comments(tmp_path: Path) -> None:
+    """An upstream that sends a chunk a second (a long prefill elsewhere looks the same): after
+    STREAM_KEEPALIVE_INTERVAL without an event the client gets an SSE comment, so that an idle proxy does not cut
+    the stream; the events themselves are untouched (issue 21)."""
+    scripts = {"slow": Endless(sse(chunk("x"), done=False), interval=1.0)}
+    with ScriptedUpstream(scripts) as upstream:
+        with ServerProcess(
+            tmp_path / "server.log",
+            STREAM_KEEPALIVE_INTERVAL="0.2",
+            BACKEND="openai",
+            UPSTREAM_URL=f"{upstream.url}/v1",
+            MODEL_ID="slow",
+        ) as server:
+            server.wait_healthy()
+            async with aiohttp.ClientSession() as session:
+                body = chat_body(model="slow", stream=True)
+                async with session.post(f"{server.url}/v1/chat/completions", json=body) as resp:
+                    lines: list[bytes] = []
+
+                    async def comment_seen() -> bool:
+                        lines.append(await resp.content.readline())
+                        return lines[-1] == b": keep-alive\n"
+
+                    await eventually_async(comment_seen, timeout=SETTLE_S, interval=0, what="a keep-alive comment")
+                    assert lines[0].startswith(b"data: {")  # the events as before
+
+
 async def test_a_flood_of_readiness_probes_asks_each_upstream_once(
     relay: aiohttp.ClientSession, gateway: tuple[ServerProcess, ScriptedUpstream]
 ) -> None:

@@ -108,8 +108,9 @@ async def _respond(
         whole = json_response(result)
         whole.headers.update(timing_headers(stats))
         return whole
+    settings = request.app[SETTINGS]
     stream, request[STREAM_OUTCOME] = await write_sse(
-        request, result, write_timeout=request.app[SETTINGS].client_write_timeout
+        request, result, write_timeout=settings.client_write_timeout, keep_alive_s=settings.stream_keepalive_interval
     )
     return stream
 

@@ -23,6 +23,8 @@ _HEADERS = {
     "X-Accel-Buffering": "no",  # nginx would otherwise buffer the stream
 }
 _DONE = b"data: [DONE]\n\n"
+# An SSE comment: clients skip it, idle proxies see bytes (nginx's proxy_read_timeout is 60 s, many LBs' 60 s).
+_KEEP_ALIVE = b": keep-alive\n\n"
 
 
 def _event(payload: bytes) -> bytes:
@@ -30,10 +32,15 @@ def _event(payload: bytes) -> bytes:
 
 
 async def write_sse(
-    request: web.Request, chunks: AsyncGenerator[BaseModel | dict[str, Any], None], write_timeout: float | None = None
+    request: web.Request,
+    chunks: AsyncGenerator[BaseModel | dict[str, Any], None],
+    write_timeout: float | None = None,
+    keep_alive_s: float = 0.0,
 ) -> tuple[web.StreamResponse, StreamOutcome]:
     """Stream ``chunks``; an error after the stream started is sent as an error event, then ``[DONE]`` (the
-    response's own status, 200, left with the headers). Returns the response and how the stream ended.
+    response's own status, 200, left with the headers). Returns the response and how the stream ended. After
+    ``keep_alive_s`` seconds without an event (a long prefill on a CPU, an upstream's silence) an SSE comment goes
+    out, so that an idle proxy does not cut the stream (0: never).
 
     A client that disconnects ends the loop with ``ConnectionResetError``; closing ``chunks`` then cancels its
     generation at once. One that disconnects while a write waits cancels the handler (aiohttp), which the
@@ -41,10 +48,17 @@ async def write_sse(
     """
     response = web.StreamResponse(headers=_HEADERS)
     outcome = StreamOutcome()
+    written = _LastWrite()
+    keep_alive: asyncio.Task[None] | None = None
     try:
         await response.prepare(request)  # inside: a client gone already still has its generation closed below
+        if keep_alive_s > 0:
+            keep_alive = asyncio.create_task(_keep_alive(response, written, keep_alive_s))
         async for chunk in chunks:
             await _write(request, response, _event(json_bytes(chunk)), write_timeout)
+            written.at = written.clock()
+        if keep_alive is not None:
+            keep_alive.cancel()
         await response.write(_DONE)
     except (ConnectionResetError, TimeoutError) as exc:
         # Gone, or not reading: a client that stalls its socket must not hold a slot forever.
@@ -58,10 +72,32 @@ async def write_sse(
         outcome = StreamOutcome(error=error)
         await _write_error(response, error.envelope())
     finally:
+        if keep_alive is not None:
+            keep_alive.cancel()
         await chunks.aclose()
     with contextlib.suppress(ConnectionResetError):  # a client gone after an error event: the error stands
         await response.write_eof()
     return response, outcome
+
+
+class _LastWrite:
+    """When the stream last sent an event: set per event (a float, nothing more on the hot path), read by the
+    keep-alive task."""
+
+    def __init__(self) -> None:
+        self.clock = asyncio.get_running_loop().time
+        self.at = self.clock()
+
+
+async def _keep_alive(response: web.StreamResponse, written: _LastWrite, interval: float) -> None:
+    """Send a comment whenever ``interval`` seconds have passed without an event; a client gone ends it quietly
+    (the stream's own write finds out and ends the generation)."""
+    with contextlib.suppress(ConnectionResetError, RuntimeError):  # gone, or the stream ended under it
+        while True:
+            await asyncio.sleep(max(0.0, written.at + interval - written.clock()))
+            if written.clock() - written.at >= interval:
+                await response.write(_KEEP_ALIVE)
+                written.at = written.clock()
 
 
 async def _write(request: web.Request, response: web.StreamResponse, data: bytes, timeout: float | None) -> None:
