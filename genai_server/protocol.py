@@ -572,6 +572,9 @@ class ModelCard(BaseModel):
     max_model_len: int | None = Field(
         None, exclude_if=_is_none, description="tokens per sequence, prompt included (vLLM's field)"
     )
+    context_length: int | None = Field(
+        None, exclude_if=_is_none, description="the same, under the name other servers and clients read"
+    )
 
 
 class ModelList(BaseModel):

@@ -48,7 +48,7 @@ async def test_model_id_setting_renames_the_model(make_client: Any) -> None:
 async def test_max_model_len_caps_the_context(make_client: Any) -> None:
     client = await make_client(max_model_len=64)
     card = await (await client.get(f"/v1/models/{MODEL_ID}")).json()
-    assert card["max_model_len"] == 64
+    assert card["max_model_len"] == card["context_length"] == 64
     body = {"model": MODEL_ID, "prompt": "hello", "temperature": 0}
     resp = await client.post("/v1/completions", json={**body, "max_tokens": 64})
     assert resp.status == 400

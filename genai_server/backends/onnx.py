@@ -128,7 +128,8 @@ class OnnxBackend:
 
     def model_cards(self) -> list[ModelCard]:
         """The one model this backend serves."""
-        return [ModelCard(id=self.model_id, created=self.created, max_model_len=self.engine.facts.context_length)]
+        length = self.engine.facts.context_length
+        return [ModelCard(id=self.model_id, created=self.created, max_model_len=length, context_length=length)]
 
     # ---- chat --------------------------------------------------------------------------
 
