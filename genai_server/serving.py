@@ -183,7 +183,7 @@ class _TimedStream(AsyncGenerator[Response, None]):
         except BaseException:  # its end, its failure, or the client leaving: generation is over
             self._stats.finish()
             raise
-        if _usage(chunk) is None:
+        if not _final_usage(chunk):
             return chunk
         self._stats.finish()
         return _with_figures(chunk, self._stats)
@@ -206,9 +206,24 @@ async def _shut_down_if_stopping(pending: Awaitable[T], stopping: Callable[[], b
     try:
         return await pending
     except APIError as exc:
-        if stopping() and not isinstance(exc, ShuttingDown):
+        # Only a failure of the server's side (an upstream cut, an engine stopped): a client's own error stays its.
+        if stopping() and exc.status >= 500 and not isinstance(exc, ShuttingDown):
             raise ShuttingDown("The server is shutting down; this generation was not finished") from exc
         raise
+
+
+def _final_usage(chunk: Response) -> bool:
+    """A chunk with the answer's usage: one with usage and no choice still generating (the usage-only last chunk,
+    or llama-server's last chunk with its finish reason). vLLM's continuous usage puts usage on every chunk: the
+    clock must not stop at the first."""
+    if _usage(chunk) is None:
+        return False
+    choices = chunk.get("choices") if isinstance(chunk, dict) else getattr(chunk, "choices", None)
+    return all(_finish(choice) for choice in choices or [])
+
+
+def _finish(choice: object) -> object:
+    return choice.get("finish_reason") if isinstance(choice, dict) else getattr(choice, "finish_reason", None)
 
 
 def _usage(response: Response) -> object:

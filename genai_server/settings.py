@@ -165,10 +165,10 @@ class Settings(BaseSettings):
         60.0, gt=0, description="seconds a stream may wait on a client that does not read before it is dropped"
     )
     keepalive_timeout: float = Field(
-        15.0,
+        75.0,
         ge=0,
-        description="seconds a connection may stay idle, before its first request too: a silent connection holds a "
-        "file descriptor (clients reuse theirs within 5 s: httpx, the OpenAI SDK)",
+        description="seconds a connection may stay idle, before its first request too; longer than a load "
+        "balancer's idle timeout (AWS ALB, nginx: 60 s), or it may reuse a connection just closed here",
     )
     log_prompts: bool = Field(False, description="log prompts and completions (off: they are never logged)")
     shutdown_timeout: float = Field(

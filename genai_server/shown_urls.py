@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from urllib.parse import unquote, urlsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 
 def shown_url(url: str) -> str:
@@ -26,3 +26,9 @@ def without_secrets(text: str, url: str) -> str:
             for form in {secret, unquote(secret)}:
                 text = text.replace(form, "***")
     return text
+
+
+def with_path(base: str, path: str) -> str:
+    """``base`` with ``path`` appended to its path and its query kept after it (Azure's ``?api-version=``)."""
+    parts = urlsplit(base)
+    return urlunsplit(parts._replace(path=parts.path.rstrip("/") + path, fragment=""))

@@ -19,8 +19,23 @@ from genai_server.protocol import now
 
 # Refused past this many bytes of choices in all (text, tool calls, logprobs, every field a choice carries, as the
 # upstream sent them): an upstream that never stops must not grow it until the OOM killer comes. Counting only text
-# let logprob lists and tool calls of distinct indices grow one answer by a gigabyte.
+# let logprob lists and tool calls of distinct indices grow one answer by a gigabyte. A request that asks for
+# logprobs may need more: ``assembly_budget``.
 MAX_ASSEMBLED_BYTES = 16 * 1024 * 1024
+# What one token may take in a chunk with its logprob entries: the entry itself and each alternative (~70 bytes
+# each as vLLM writes them), generously.
+_BYTES_PER_LOGPROB_ENTRY = 256
+
+
+def assembly_budget(choices: int, max_tokens: int, top_logprobs: int | None) -> int:
+    """The bytes one answer may hold: 16 MiB, or what its tokens' logprob entries can take if more (``n`` x
+    ``max_tokens`` x (``top_logprobs`` + 1) entries): a legitimate answer with 20 alternatives per token is
+    ~1.5 KB a token."""
+    if top_logprobs is None:
+        return MAX_ASSEMBLED_BYTES
+    return max(MAX_ASSEMBLED_BYTES, choices * max_tokens * (top_logprobs + 1) * _BYTES_PER_LOGPROB_ENTRY)
+
+
 # Delta fields joined as text; everything else a choice carries is kept as last sent.
 _TEXT_FIELDS = ("content", "reasoning_content", "reasoning", "refusal")
 _CHOICE_FIELDS = frozenset({"index", "delta", "text", "finish_reason", "logprobs"})
@@ -40,8 +55,9 @@ class _Choice:
 class Assembler:
     """Feed it the relayed chunks in order; ``response`` is the whole answer."""
 
-    def __init__(self, kind: str) -> None:
+    def __init__(self, kind: str, budget: int = MAX_ASSEMBLED_BYTES) -> None:
         self.kind = kind  # "chat.completion" or "text_completion"
+        self._budget = budget
         self._choices: dict[int, _Choice] = {}
         self._head: dict[str, Any] = {}
         self._size = 0
@@ -119,7 +135,7 @@ class Assembler:
 
     def _count(self, size: int) -> None:
         self._size += size
-        if self._size > MAX_ASSEMBLED_BYTES:
+        if self._size > self._budget:
             raise UpstreamError("The upstream engine's answer is too large to assemble")
 
 

@@ -14,7 +14,7 @@ from typing import Any
 import aiohttp
 
 from genai_server.errors import UpstreamUnavailableAtStart
-from genai_server.shown_urls import shown_url, without_secrets
+from genai_server.shown_urls import shown_url, with_path, without_secrets
 
 MAX_LISTING_BYTES = 1024 * 1024
 MAX_MODELS = 256
@@ -24,11 +24,11 @@ MAX_ID_CHARS = 256
 async def upstream_model_ids(url: str, timeout: aiohttp.ClientTimeout, api_key: str | None = None) -> list[str]:
     """The ids the upstream at ``url`` (its ``/v1`` base) lists, in its order; ``UpstreamUnavailableAtStart`` if it
     cannot be listed."""
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    listing_url = url.rstrip("/") + "/models"
+    headers = {"Accept-Encoding": "identity", **({"Authorization": f"Bearer {api_key}"} if api_key else {})}
+    listing_url = with_path(url, "/models")
     try:
         async with (
-            aiohttp.ClientSession(timeout=timeout, headers=headers) as session,
+            aiohttp.ClientSession(timeout=timeout, headers=headers, auto_decompress=False) as session,
             session.get(listing_url, allow_redirects=False) as response,
         ):
             if response.status != 200:

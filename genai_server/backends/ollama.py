@@ -7,6 +7,7 @@ Ollama's own durations (nanoseconds) are kept under ``backend_reported``; its ``
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncGenerator
 from typing import Any
 
@@ -37,6 +38,8 @@ from genai_server.protocol import (
     now,
 )
 from genai_server.telemetry.clock import RequestTelemetry
+
+log = logging.getLogger(__name__)
 
 # Lines a response may carry beyond the tokens asked for.
 _LINE_SLACK = 64
@@ -189,7 +192,7 @@ async def _ndjson(
                 max_lines -= 1
                 if max_lines < 0:
                     raise UpstreamError("The upstream engine sent more than the tokens asked for")
-                yield _checked(line)
+                yield _bounded(_checked(line), max_lines)
                 if line.get("done"):
                     return
         raise UpstreamError("The upstream stream ended before done")
@@ -214,6 +217,15 @@ class _Line(BaseModel):
     eval_count: int | None = Field(None, ge=0, le=2**31 - 1)
 
 
+def _bounded(line: dict[str, Any], most_generated: int) -> dict[str, Any]:
+    """At most the tokens the request could generate reach our counters (an upstream cannot inflate them)."""
+    counted = line.get("eval_count")
+    if isinstance(counted, int) and counted > most_generated:
+        log.warning("the upstream reported %d generated tokens, more than the request allows", counted)
+        line["eval_count"] = most_generated
+    return line
+
+
 def _checked(line: dict[str, Any]) -> dict[str, Any]:
     """A line whose fields have the wrong types is Ollama breaking its API: 502."""
     try:
@@ -236,7 +248,9 @@ async def _pieces(
                 stats.backend_reported = {name: line[name] for name in _REPORTED if name in line}
                 if text:
                     stats.on_tokens(1)
-                stats.completion_tokens = int(line.get("eval_count", stats.completion_tokens))
+                counted = line.get("eval_count")  # a null count is no count (it was int(None): a 500)
+                if isinstance(counted, int):
+                    stats.completion_tokens = counted
                 yield text, "length" if line.get("done_reason") == "length" else "stop"
                 return
             if text:

@@ -8,6 +8,7 @@ when the client asked for one JSON answer; chunks are relayed as they arrive. Th
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncGenerator
 from contextlib import aclosing
 from typing import Any, NamedTuple
@@ -15,12 +16,14 @@ from typing import Any, NamedTuple
 import aiohttp
 
 from genai_server.backends import Response, Result
-from genai_server.backends.assemble import Assembler
+from genai_server.backends.assemble import Assembler, assembly_budget
 from genai_server.backends.relay import RelayBackend
 from genai_server.backends.upstream_client import error_message, lines_within, parse_event, stream_faults
 from genai_server.errors import UpstreamError
 from genai_server.protocol import ChatCompletionRequest, CompletionRequest, SamplingRequest
 from genai_server.telemetry.clock import RequestTelemetry
+
+log = logging.getLogger(__name__)
 
 # Fields upstreams put in their chunks with their own timings.
 _REPORTED = ("metrics", "timings")
@@ -65,7 +68,7 @@ class OpenAIUpstream(RelayBackend):
         )
         if req.stream:
             return stream
-        return await _aggregate(stream, kind)
+        return await _aggregate(stream, kind, assembly_budget(choices, self._max_tokens(req), req.top_logprobs_asked))
 
     async def _chunks(
         self, response: aiohttp.ClientResponse, req: SamplingRequest, stats: RequestTelemetry, choices: int
@@ -152,8 +155,14 @@ def _usage(usage: Any, most_generated: int) -> tuple[int, int] | None:
     if any(type(count) is not int or not 0 <= count <= _MOST_TOKENS for count in counts):
         raise _malformed()
     if counts[1] > most_generated:
-        raise UpstreamError("The upstream engine reported more tokens than the request allows")
-    return counts[0], counts[1]
+        # Relayed as sent (a reasoning model counts hidden reasoning tokens there), but no more than the request
+        # could generate is added to our counters: an upstream cannot inflate them for good.
+        log.warning(
+            "the upstream reported %d generated tokens, more than the request allows: %d counted",
+            counts[1],
+            most_generated,
+        )
+    return counts[0], min(counts[1], most_generated)
 
 
 def _malformed() -> UpstreamError:
@@ -186,9 +195,9 @@ def _keep_reported(chunk: dict[str, Any], stats: RequestTelemetry, *, move: bool
             stats.backend_reported = {**(stats.backend_reported or {}), name: value}
 
 
-async def _aggregate(chunks: AsyncGenerator[Response, None], kind: str) -> dict[str, Any]:
+async def _aggregate(chunks: AsyncGenerator[Response, None], kind: str, budget: int) -> dict[str, Any]:
     """A whole response from the stream, for a client that asked for one JSON answer (``assemble.py``)."""
-    assembler = Assembler(kind)
+    assembler = Assembler(kind, budget)
     async with aclosing(chunks):
         async for item in chunks:
             assembler.add(item if isinstance(item, dict) else item.model_dump())

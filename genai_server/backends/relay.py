@@ -4,7 +4,9 @@ A request is posted to the replica the replica set picks (attempt 1) and the fir
 the post fails, or the stream fails before that first item, nothing has reached the client; when the failure is one
 another replica may not repeat (``_retryable``), the request is posted once more, to a replica it has not tried
 (attempt 2). That is all: at most ``MAX_ATTEMPTS`` posts per request, never two to the same replica, and with one
-replica no second attempt. Once the first item is out, nothing is retried: the client would see it twice.
+replica no second attempt. Once the first item is out, nothing is retried: the client would see it twice. (Below
+this, the upstream client posts once more on a fresh connection when a kept-alive one turns out closed before any
+answer: that request never reached the upstream's engine, ``upstream_client.py``.)
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ import orjson
 from aiohttp import http_exceptions
 
 from genai_server.errors import UpstreamError, UpstreamRejected, UpstreamTimeout, UpstreamUnavailable
-from genai_server.shown_urls import shown_url, without_secrets
+from genai_server.shown_urls import shown_url, with_path, without_secrets
 from genai_server.telemetry.trace_context import upstream_trace_headers
 
 log = logging.getLogger(__name__)
@@ -59,9 +59,9 @@ class UpstreamClient:
         self, base_url: str, timeout: aiohttp.ClientTimeout, *, headers: dict[str, str] | None = None, probe_path: str
     ) -> None:
         # A query in the address (Azure's ?api-version=) goes after each request's path, not before it.
+        self._address = base_url
         parts = urlsplit(base_url)
         self.base_url = urlunsplit(parts._replace(query="", fragment="")).rstrip("/")
-        self._query = f"?{parts.query}" if parts.query else ""
         self.shown_url = shown_url(self.base_url)  # what logs and error details say: no credentials
         self._timeout = timeout
         self._headers = headers or {}
@@ -83,6 +83,7 @@ class UpstreamClient:
             response_class=TrackedResponse,
             auto_decompress=False,
             connector=aiohttp.TCPConnector(keepalive_timeout=UPSTREAM_KEEPALIVE_S),
+            trace_configs=[_reuse_tracing()],
         )
         self._probe_session = aiohttp.ClientSession(
             headers={"Accept-Encoding": "identity", **self._headers},
@@ -92,6 +93,8 @@ class UpstreamClient:
 
     async def close(self) -> None:
         """Close the sessions: relayed streams still open lose their upstream and end with an error."""
+        if self._probing is not None:
+            self._probing.cancel()
         for session in (self._session, self._probe_session):
             if session is not None:
                 await session.close()
@@ -104,8 +107,14 @@ class UpstreamClient:
             return answer
         if self._probing is None or self._probing.done():
             self._probing = asyncio.ensure_future(self._probe_and_keep())
-        # Shielded: a caller that leaves (its client gone) must not cancel the probe the others wait for.
-        return await asyncio.shield(self._probing)
+        probing = self._probing
+        try:
+            # Shielded: a caller that leaves (its client gone) must not cancel the probe the others wait for.
+            return await asyncio.shield(probing)
+        except asyncio.CancelledError:
+            if probing.cancelled():  # the probe itself was stopped (the client closing), not this caller
+                return False
+            raise
 
     async def _probe_and_keep(self) -> bool:
         answer = await self.probe()
@@ -119,14 +128,14 @@ class UpstreamClient:
             return False
         try:
             async with session.get(
-                self.base_url + self._probe_path + self._query,
+                with_path(self._address, self._probe_path),
                 allow_redirects=False,
                 timeout=aiohttp.ClientTimeout(total=_READY_TIMEOUT_S),
             ) as response:
                 return response.status < 500
         except (aiohttp.ClientError, TimeoutError) as exc:
             # Logged by the replica set when the answer changes, not at every probe.
-            reason = without_secrets(repr(exc), self.base_url + self._query)
+            reason = without_secrets(repr(exc), self._address)
             log.debug("upstream not ready", extra={"fields": {"upstream_url": self.shown_url, "reason": reason}})
             return False
 
@@ -134,7 +143,7 @@ class UpstreamClient:
         """POST ``body``; refused -> 502, no answer in time -> 504, an error status -> its ``UpstreamRejected``/502."""
         if self._session is None or self._session.closed:
             raise UpstreamUnavailable("The upstream engine cannot be reached")
-        url, shown = self.base_url + path + self._query, self.shown_url + path
+        url, shown = with_path(self._address, path), self.shown_url + path
         try:
             # The request's trace goes upstream with it (tracing.py), as vLLM and SGLang read it.
             headers = dict(upstream_trace_headers.get())
@@ -163,17 +172,34 @@ class UpstreamClient:
     async def _post_once_more_if_stale(
         self, url: str, body: dict[str, Any], headers: dict[str, str]
     ) -> aiohttp.ClientResponse:
-        """Post; if the connection was closed under the request before any byte of an answer (an upstream that
-        closed an idle keep-alive connection just as it was reused: 2 of 40 requests in front of llama-server), post
-        once more, on a fresh connection (the pool dropped the closed one)."""
+        """Post; if the request went out on a kept-alive connection that turned out closed (an upstream that closed
+        it just as it was reused: 2 of 40 requests in front of llama-server) and no byte of an answer came, post
+        once more, which takes a fresh connection. Only then: on a fresh connection a disconnect may be the
+        upstream dying of this very request (an engine's crash or OOM), which must not be sent twice."""
         assert self._session is not None
+        reuse: dict[str, bool] = {}
         try:
-            return await self._session.post(url, json=body, allow_redirects=False, headers=headers)
+            return await self._session.post(
+                url, json=body, allow_redirects=False, headers=headers, trace_request_ctx=reuse
+            )
         except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
-            if isinstance(exc, aiohttp.ClientConnectorError) or self._session.closed:  # never connected, or closing
+            stale = reuse.get("reused", False) and not isinstance(exc, aiohttp.ClientConnectorError)
+            if not stale or self._session.closed:
                 raise
-            log.info("a kept-alive upstream connection was closed under a request: posted again", exc_info=False)
+            log.info("a kept-alive upstream connection was closed under a request: posted again on a fresh one")
             return await self._session.post(url, json=body, allow_redirects=False, headers=headers)
+
+
+async def _mark_reused(_session: Any, context: Any, _params: Any) -> None:
+    """aiohttp's trace hook: the request's connection came from the pool (it had served a request before)."""
+    if isinstance(context.trace_request_ctx, dict):
+        context.trace_request_ctx["reused"] = True
+
+
+def _reuse_tracing() -> aiohttp.TraceConfig:
+    trace = aiohttp.TraceConfig()
+    trace.on_connection_reuseconn.append(_mark_reused)
+    return trace
 
 
 async def _rejection(response: aiohttp.ClientResponse, url: str) -> Exception:

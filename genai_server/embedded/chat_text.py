@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,63 +24,81 @@ from genai_server.errors import InvalidRequest
 _MARK = "\ue000{}\ue001"
 
 
-def control_texts(model_path: Path) -> tuple[str, ...]:
-    """The texts of the tokenizer's special tokens (``tokenizer.json``'s added tokens marked special), longest
-    first; none if the folder does not say."""
+def control_texts(model_path: Path) -> re.Pattern[str] | None:
+    """One pattern matching the texts of the tokenizer's special tokens (``tokenizer.json``'s added tokens marked
+    special), longest first; None if the folder names none. Compiled once: a model may have hundreds (Llama 3: 256),
+    and every request's text is searched for them."""
     try:
         added = json.loads((model_path / "tokenizer.json").read_text()).get("added_tokens", [])
     except (OSError, ValueError, AttributeError):
-        return ()
+        return None
     texts = {t["content"] for t in added if isinstance(t, dict) and t.get("special") and len(t.get("content", "")) > 1}
-    return tuple(sorted(texts, key=len, reverse=True))
+    if not texts:
+        return None
+    return re.compile("|".join(re.escape(text) for text in sorted(texts, key=len, reverse=True)))
 
 
-def encode_contents_as_text(
-    messages: list[dict[str, Any]],
-    contents: Sequence[str],
-    controls: Sequence[str],
-    *,
-    render: Callable[[list[dict[str, Any]]], str],
-    encode: Callable[[str], list[int]],
-) -> list[int]:
-    """The template's parts tokenised as they are, each message's text (``contents``) as text. A control token's
-    text anywhere else a client writes (a tool call's name or arguments, a tool's description) is refused: it
-    would reach the template as a token."""
+def refuse_controls_outside_text(
+    messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None, controls: re.Pattern[str]
+) -> None:
+    """A control token's text anywhere a client writes but a message's text (a tool call's name or arguments, a
+    tool call id, a tool's description) reaches the template as a token: a 400, whatever the messages' text."""
     elsewhere = json.dumps([{k: v for k, v in m.items() if k != "content"} for m in messages], ensure_ascii=False)
-    if any(c in elsewhere for c in controls):
+    if controls.search(elsewhere):
         raise InvalidRequest(
             "A control token's text may appear in a message's text only, not in its tool calls or name",
             param="messages",
         )
+    if tools and controls.search(json.dumps(tools, ensure_ascii=False)):
+        raise InvalidRequest("A control token's text may not appear in tools", param="tools")
+
+
+def encode_contents_as_text(
+    messages: list[dict[str, Any]],
+    controls: re.Pattern[str],
+    *,
+    render: Callable[[list[dict[str, Any]]], str],
+    encode: Callable[[str], list[int]],
+) -> list[int]:
+    """The template's parts tokenised as they are; the text of each message holding a control token's text
+    tokenised as text (the other messages are rendered with their own text, so the template sees them as ever)."""
+    contents = [str(m.get("content") or "") for m in messages]
     if any("\ue000" in text or "\ue001" in text for text in contents):
         raise InvalidRequest("messages must not contain the characters U+E000 or U+E001", param="messages")
-    marks = [_MARK.format(i) for i in range(len(messages))]
-    rendered = render([{**m, "content": mark} for m, mark in zip(messages, marks, strict=True)])
+    marked = {i: _MARK.format(i) for i, text in enumerate(contents) if controls.search(text)}
+    rendered = render([{**m, "content": marked[i]} if i in marked else m for i, m in enumerate(messages)])
     lead = encode("")  # what the tokenizer puts before any text (a BOS): kept once, at the very start
     tokens: list[int] = []
     at = 0
-    for mark, text in zip(marks, contents, strict=True):
+    for i, mark in marked.items():
         found = rendered.find(mark, at)
-        if found < 0:  # the template left a message out or changed it: its text cannot be placed safely
+        if found < 0:  # the template left the message out, moved or changed it: its text cannot be placed safely
             raise InvalidRequest(
                 "A message holds a control token's text, which this model's template cannot take as text",
-                param="messages",
+                param=f"messages.{i}.content",
             )
         tokens += _without_lead(encode(rendered[at:found]), lead, keep=not tokens)
-        tokens += _as_text(text, controls, encode, lead)
+        tokens += _as_text(contents[i], controls, encode, lead)
         at = found + len(mark)
-    return tokens + _without_lead(encode(rendered[at:]), lead, keep=not tokens)
+    rest = rendered[at:]
+    if "\ue000" in rest:  # the template rendered a text twice: the mark would reach the model as characters
+        raise InvalidRequest(
+            "A message holds a control token's text, which this model's template cannot take as text", param="messages"
+        )
+    return tokens + _without_lead(encode(rest), lead, keep=not tokens)
 
 
-def _as_text(text: str, controls: Sequence[str], encode: Callable[[str], list[int]], lead: list[int]) -> list[int]:
+def _as_text(text: str, controls: re.Pattern[str], encode: Callable[[str], list[int]], lead: list[int]) -> list[int]:
     """``text`` tokenised with every control token's text split after its first character."""
-    pattern = "(" + "|".join(re.escape(c) for c in controls) + ")"
     tokens: list[int] = []
-    for piece in re.split(pattern, text):
-        parts = [piece[:1], piece[1:]] if piece in controls else [piece]
-        for part in parts:
+    at = 0
+    for match in controls.finditer(text):
+        for part in (text[at : match.start()], match.group()[:1], match.group()[1:]):
             if part:
                 tokens += _without_lead(encode(part), lead, keep=False)
+        at = match.end()
+    if text[at:]:
+        tokens += _without_lead(encode(text[at:]), lead, keep=False)
     return tokens
 
 

@@ -18,6 +18,7 @@ import logging
 import math
 import os
 import queue
+import re
 import threading
 from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
@@ -27,7 +28,7 @@ from typing import Any, Protocol
 import numpy as np
 import onnxruntime_genai as og
 
-from genai_server.embedded.chat_text import control_texts, encode_contents_as_text
+from genai_server.embedded.chat_text import control_texts, encode_contents_as_text, refuse_controls_outside_text
 from genai_server.embedded.detokenize import byte_table
 from genai_server.embedded.scheduler import (
     BatchScheduler,
@@ -40,7 +41,7 @@ from genai_server.embedded.scheduler import (
     SamplingOptions,
 )
 from genai_server.embedded.vendor_telemetry import turn_off as turn_off_vendor_telemetry
-from genai_server.errors import EngineFailure, InvalidRequest, ModelLoadingFailed, ShuttingDown
+from genai_server.errors import EngineFailure, ModelLoadingFailed, ShuttingDown
 
 __all__ = [
     "FALLBACK_CHAT_TEMPLATE",
@@ -162,7 +163,7 @@ class OnnxEngine:
         self._tokenizer: Any = None
         # Tokenising runs in worker threads (off the event loop); the library does not promise it is thread-safe.
         self._tokenizer_lock = threading.Lock()
-        self._control_texts: tuple[str, ...] = ()  # the special tokens' texts (tokenizer.json), read at load
+        self._control_texts: re.Pattern[str] | None = None  # the special tokens' texts (tokenizer.json), at load
         self._model: Any = None
         self._closed = False
         self._loop: DeliveryLoop | None = None
@@ -234,18 +235,14 @@ class OnnxEngine:
         """The conversation rendered with the model's template and tokenised, each message's text taken as text:
         a client that types a control token (``<|im_end|>``) gets the characters, not the token, so it cannot fake
         a turn boundary (``chat_text.py``)."""
-        contents = [str(m.get("content") or "") for m in messages]
         controls = self._control_texts
-        if controls and any(c in json.dumps(tools or [], ensure_ascii=False) for c in controls):
-            raise InvalidRequest("A control token's text may not appear in tools", param="tools")
-        if not controls or not any(c in text for text in contents for c in controls):
+        if controls is None:
+            return self.encode(self.apply_chat_template(messages, tools))
+        refuse_controls_outside_text(messages, tools, controls)
+        if not any(controls.search(str(m.get("content") or "")) for m in messages):
             return self.encode(self.apply_chat_template(messages, tools))
         return encode_contents_as_text(
-            messages,
-            contents,
-            self._control_texts,
-            render=lambda ms: self.apply_chat_template(ms, tools),
-            encode=self.encode,
+            messages, controls, render=lambda ms: self.apply_chat_template(ms, tools), encode=self.encode
         )
 
     def encode(self, text: str) -> list[int]:
@@ -451,16 +448,26 @@ def _kv_budget(genai_config: dict[str, Any], context_length: int, budget_mb: flo
     return KvBudget(budget, per_token, context_length)
 
 
-def usable_cpus(cgroup: Path = Path("/sys/fs/cgroup")) -> int:
+def usable_cpus(cgroup: Path | None = None) -> int:
     """The CPUs this process may use: those its affinity allows, at most its cgroup's CPU quota (``cpu.max``,
     rounded up). In a pod or under ``docker run --cpus 8`` the affinity mask is every core of the node: a quota of
-    8 on a 64-core node ran 64 threads, each throttled."""
+    8 on a 64-core node ran 64 threads, each throttled. The cgroup is this process's own (cgroup v2: a systemd
+    unit's ``CPUQuota=`` too)."""
     cpus = len(os.sched_getaffinity(0))
     with contextlib.suppress(OSError, ValueError):
-        quota, period = (cgroup / "cpu.max").read_text().split()[:2]
+        folder = cgroup if cgroup is not None else _own_cgroup()
+        quota, period = (folder / "cpu.max").read_text().split()[:2]
         if quota != "max":
             cpus = min(cpus, max(1, math.ceil(int(quota) / int(period))))
     return cpus
+
+
+def _own_cgroup() -> Path:
+    """This process's cgroup v2 folder (``0::/path`` in /proc/self/cgroup); the root in a container's namespace."""
+    for line in Path("/proc/self/cgroup").read_text().splitlines():
+        if line.startswith("0::"):
+            return Path("/sys/fs/cgroup") / line[3:].lstrip("/")
+    return Path("/sys/fs/cgroup")
 
 
 def default_memory_budget_bytes() -> int:

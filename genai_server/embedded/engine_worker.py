@@ -11,7 +11,7 @@ Commands: ``("start", model_path, EngineConfig, log_level, log_format, memory_li
 ``("generate", key, prompt, options, scope)``, ``("cancel", key)``, ``("tokenize", key, texts)``,
 ``("chat_prompt", key, messages, tools)``, ``("stop",)``.
 Events: ``("ready", facts)`` or ``("load_failed", reason)``, ``("delta", key, delta)``, ``("result", key, value)``,
-``("raised", key, error class, text)``, ``("compiling", fingerprint or None)``,
+``("raised", key, error class, text, param)``, ``("compiling", fingerprint or None)``,
 ``("gauges", active, waiting, kv_usage)``, ``("failed", reason)`` (the owner thread died; the process exits 3).
 """
 

@@ -21,12 +21,15 @@ def setup_host_check(app: web.Application, server_host: str, allowed: Iterable[s
     """Refuse (403) a request whose ``Host`` is not a loopback name or in ``allowed``, when bound to loopback."""
     if not is_loopback(server_host):
         return
-    names = frozenset(name.lower().rstrip(".") for name in allowed)
+    # Written as a Host header may be: "proxy.example:8443" and "[fe80::1]" name the hosts they hold.
+    names = frozenset(_host_name(name.strip()).lower() for name in allowed)
 
     @web.middleware
     async def host_check(request: web.Request, handler: Handler) -> web.StreamResponse:
-        host = _host_name(request.headers.get(hdrs.HOST, ""))
-        if not is_loopback(host) and host not in names:
+        header = request.headers.get(hdrs.HOST, "")
+        host = _host_name(header).lower()
+        # No Host at all (an HTTP/1.0 health check) cannot come from a browser, which always sends one.
+        if header and not is_loopback(host) and host not in names:
             shown = host[:100].encode("ascii", "backslashreplace").decode()
             raise Forbidden(
                 f"Host '{shown}' is not this server's name: a server on loopback answers localhost only "
