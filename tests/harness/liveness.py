@@ -22,6 +22,7 @@ class Liveness:
     def __init__(self, session: aiohttp.ClientSession, url: str) -> None:
         self.slowest = 0.0
         self.statuses: set[int] = set()
+        self._answered = asyncio.Event()  # one probe at least has come back: the figures say something
         self._task = asyncio.create_task(self._poll(session, url))
 
     async def _poll(self, session: aiohttp.ClientSession, url: str) -> None:
@@ -30,7 +31,10 @@ class Liveness:
             async with session.get(f"{url}/health/live") as resp:
                 self.statuses.add(resp.status)
             self.slowest = max(self.slowest, time.monotonic() - started)
+            self._answered.set()
 
     async def stop(self) -> None:
+        """Stop polling, once at least one probe has answered (a hostile request may end before the first did)."""
+        await asyncio.wait_for(self._answered.wait(), LIVENESS_BOUND_S * 30)
         self._task.cancel()
         await asyncio.gather(self._task, return_exceptions=True)
