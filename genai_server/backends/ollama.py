@@ -7,7 +7,6 @@ Ollama's own durations (nanoseconds) are kept under ``backend_reported``; its ``
 
 from __future__ import annotations
 
-import logging
 from collections.abc import AsyncGenerator
 from typing import Any
 
@@ -18,7 +17,13 @@ from genai_server.backends import Response, Result, usage
 from genai_server.backends.assemble import MAX_ASSEMBLED_BYTES
 from genai_server.backends.choices import ChoiceWriter, Piece
 from genai_server.backends.relay import RelayBackend
-from genai_server.backends.upstream_client import error_message, lines_within, parse_event, stream_faults
+from genai_server.backends.upstream_client import (
+    counted_tokens,
+    error_message,
+    lines_within,
+    parse_event,
+    stream_faults,
+)
 from genai_server.errors import InvalidRequest, UpstreamError
 from genai_server.protocol import (
     AssistantMessage,
@@ -38,8 +43,6 @@ from genai_server.protocol import (
     now,
 )
 from genai_server.telemetry.clock import RequestTelemetry
-
-log = logging.getLogger(__name__)
 
 # Lines a response may carry beyond the tokens asked for.
 _LINE_SLACK = 64
@@ -218,11 +221,10 @@ class _Line(BaseModel):
 
 
 def _bounded(line: dict[str, Any], most_generated: int) -> dict[str, Any]:
-    """At most the tokens the request could generate reach our counters (an upstream cannot inflate them)."""
+    """The line with its generated count as our counters take it (``counted_tokens``)."""
     counted = line.get("eval_count")
-    if isinstance(counted, int) and counted > most_generated:
-        log.warning("the upstream reported %d generated tokens, more than the request allows", counted)
-        line["eval_count"] = most_generated
+    if isinstance(counted, int):
+        line["eval_count"] = counted_tokens(counted, most_generated)
     return line
 
 

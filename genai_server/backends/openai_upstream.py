@@ -8,7 +8,6 @@ when the client asked for one JSON answer; chunks are relayed as they arrive. Th
 
 from __future__ import annotations
 
-import logging
 from collections.abc import AsyncGenerator
 from contextlib import aclosing
 from typing import Any, NamedTuple
@@ -18,12 +17,16 @@ import aiohttp
 from genai_server.backends import Response, Result
 from genai_server.backends.assemble import Assembler, assembly_budget
 from genai_server.backends.relay import RelayBackend
-from genai_server.backends.upstream_client import error_message, lines_within, parse_event, stream_faults
+from genai_server.backends.upstream_client import (
+    counted_tokens,
+    error_message,
+    lines_within,
+    parse_event,
+    stream_faults,
+)
 from genai_server.errors import UpstreamError
 from genai_server.protocol import ChatCompletionRequest, CompletionRequest, SamplingRequest
 from genai_server.telemetry.clock import RequestTelemetry
-
-log = logging.getLogger(__name__)
 
 # Fields upstreams put in their chunks with their own timings.
 _REPORTED = ("metrics", "timings")
@@ -154,15 +157,7 @@ def _usage(usage: Any, most_generated: int) -> tuple[int, int] | None:
     counts = (usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0), usage.get("total_tokens", 0))
     if any(type(count) is not int or not 0 <= count <= _MOST_TOKENS for count in counts):
         raise _malformed()
-    if counts[1] > most_generated:
-        # Relayed as sent (a reasoning model counts hidden reasoning tokens there), but no more than the request
-        # could generate is added to our counters: an upstream cannot inflate them for good.
-        log.warning(
-            "the upstream reported %d generated tokens, more than the request allows: %d counted",
-            counts[1],
-            most_generated,
-        )
-    return counts[0], min(counts[1], most_generated)
+    return counts[0], counted_tokens(counts[1], most_generated)
 
 
 def _malformed() -> UpstreamError:

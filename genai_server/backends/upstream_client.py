@@ -270,6 +270,18 @@ async def lines_within(response: aiohttp.ClientResponse, max_lines: int) -> Asyn
         yield line
 
 
+def counted_tokens(reported: int, most: int) -> int:
+    """Generated tokens as our counters take them: what the upstream reported, at most what the request could
+    generate (``most``). The answer still carries the upstream's own count (a reasoning model counts its hidden
+    tokens there); only our counters are bounded, so that an upstream cannot inflate them for good."""
+    if reported > most:
+        log.warning(
+            "the upstream reported %d generated tokens, more than the request allows: %d counted", reported, most
+        )
+        return most
+    return reported
+
+
 def parse_event(data: bytes) -> dict[str, Any]:
     """One JSON event of an upstream stream; anything but a JSON object is the upstream breaking its API."""
     try:

@@ -134,7 +134,6 @@ class EngineProcess:
         self.facts = EngineFacts()
         self.failure: BaseException | None = None
         self.on_failure: Callable[[BaseException], None] | None = None
-        self.restarts = 0
         self._child: _Child | None = None
         self._available = asyncio.Event()  # set while a child serves, or once none ever will (failed, closed)
         self._closing = False
@@ -173,11 +172,6 @@ class EngineProcess:
     def ready(self) -> bool:
         """An engine process is serving (False while one restarts, and for good once the engine failed)."""
         return self.failure is None and self._child is not None and self._child.alive and not self._closing
-
-    @property
-    def pid(self) -> int | None:
-        """The engine process's id, while one runs."""
-        return self._child.proc.pid if self._child is not None and self._child.alive else None
 
     def active_sequences(self) -> int:
         """Sequences waiting or generating in the engine process (as it last said)."""
@@ -316,9 +310,7 @@ class EngineProcess:
         if messages and messages[0][0] == "ready":
             facts: EngineFacts = messages[0][1]
             return facts
-        child.alive = False
-        child.close_pipes()
-        status = await child.proc.wait()
+        status = await child.proc.wait()  # it ends by itself: its pipes are closed by _spawn's cleanup
         if messages and messages[0][0] == "load_failed":
             raise ModelLoadingFailed(str(messages[0][1]))
         raise ModelLoadingFailed(f"cannot load model from {self.model_path}: the engine process {_exit_reason(status)}")
@@ -445,7 +437,6 @@ class EngineProcess:
             if self.on_failure is not None:
                 self.on_failure(exc)
             return
-        self.restarts += 1
 
     async def _watch(self, child: _Child) -> None:
         """Every ``WATCH_INTERVAL_S``: kill the process when its resident memory passes the cap (its data limit

@@ -24,6 +24,7 @@ import resource
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -179,7 +180,7 @@ class Worker:
             if now != last or quiet >= HEARTBEAT_S:
                 self.writer.send_current(lambda: [self._gauge_message()])
                 last, quiet = now, 0.0
-            threading.Event().wait(GAUGE_INTERVAL_S)
+            time.sleep(GAUGE_INTERVAL_S)
             quiet += GAUGE_INTERVAL_S
 
 
