@@ -61,6 +61,7 @@ SETTING_PREFIXES = (
     "ENGINE_",
     "PREFIX_CACHE_",
     "STREAM_",
+    "RESPONSES_",
     "API_KEYS",
     "METRICS_",
     "CORS_",

@@ -6,7 +6,8 @@ this rule.
 
 7. ``__main__``, ``app``: start-up, and the one place that puts the floors together (``create_app``).
 6. ``http``: the endpoint table, the handlers, the middlewares, SSE, the lifecycle (probes, drain), OpenAPI.
-5. ``serving``: the serving layer, which knows nothing of HTTP: model ids to backends, limits, the request's clock.
+5. ``serving``: the serving layer, which knows nothing of HTTP: model ids to backends, limits, the request's clock;
+   ``apis``: the other wire APIs (Responses, Anthropic Messages) translated to and from chat, with the responses kept.
 4. ``backends``: the ``Backend`` protocol and its adapters: the embedded engine, and relaying to engines elsewhere.
 3. ``telemetry``: the request's clock and record, Prometheus, traces, GPU memory; it knows nothing of the web app.
 2. ``embedded``: the ONNX Runtime GenAI engine on its owner thread, and what it needs; it knows nothing of the API.

@@ -9,10 +9,11 @@ import aiohttp
 from aiohttp import web
 from opentelemetry.sdk.trace.export import SpanExporter
 
+from genai_server.apis.response_store import ResponseStore
 from genai_server.backends import Backend
 from genai_server.backends.discovery import upstream_model_ids
 from genai_server.backends.factory import build_backend
-from genai_server.http.app_keys import GPU, LIMITER, METRICS, SERVING, SETTINGS
+from genai_server.http.app_keys import GPU, LIMITER, METRICS, RESPONSE_STORE, SERVING, SETTINGS
 from genai_server.http.auth import setup_api_keys
 from genai_server.http.concurrency import ConcurrencyLimiter, setup_concurrency_limit
 from genai_server.http.cors import setup_cors
@@ -43,6 +44,9 @@ def create_app(settings: Settings, *, span_exporter: SpanExporter | None = None)
     app[SETTINGS] = settings
     app[LIMITER] = ConcurrencyLimiter(
         settings.max_concurrent_requests, settings.max_queued_requests, settings.queue_timeout
+    )
+    app[RESPONSE_STORE] = ResponseStore(
+        settings.responses_store_max_items, int(settings.responses_store_max_mb * 1024 * 1024)
     )
     slo = Slo(settings.slo_ttft_ms, settings.slo_tpot_ms, settings.slo_e2e_ms)
     app[METRICS] = ServerMetrics(lambda: _gauges(app), slo, lambda: _replicas(app))

@@ -470,6 +470,9 @@ class AssistantMessage(BaseModel):
     content: str | None
     refusal: None = None
     tool_calls: list[ToolCallOut] | None = Field(None, exclude_if=_is_none)
+    # A reasoning model's thinking, under the name vLLM and DeepSeek gave it and the one vLLM and Ollama use now.
+    reasoning_content: str | None = Field(None, exclude_if=_is_none)
+    reasoning: str | None = Field(None, exclude_if=_is_none)
 
 
 class ChatChoice(BaseModel):
@@ -516,6 +519,8 @@ class ChatDelta(BaseModel):
     role: Literal["assistant"] | None = Field(None, exclude_if=_is_none)
     content: str | None = Field(None, exclude_if=_is_none)
     tool_calls: list[ToolCallDelta] | None = Field(None, exclude_if=_is_none)
+    reasoning_content: str | None = Field(None, exclude_if=_is_none)  # as on the message, under both names
+    reasoning: str | None = Field(None, exclude_if=_is_none)
 
 
 class ChatChunkChoice(BaseModel):
@@ -582,3 +587,84 @@ class ModelList(BaseModel):
 
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+class EmbeddingsRequest(BaseModel):
+    """``POST /v1/embeddings``: relayed as sent to an engine that serves embeddings."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+    model: str = Field(min_length=1)
+    input: str | list[str] | list[int] | list[list[int]]
+    encoding_format: Literal["float", "base64"] | None = None
+    dimensions: int | None = Field(None, ge=1, le=INT32_MAX)
+    user: str | None = None
+
+
+# ---- tokenizing ----------------------------------------------------------------------------------------------
+
+
+class TokenizeRequest(BaseModel):
+    """``POST /tokenize``: vLLM's shape (``prompt``, or ``messages`` through the chat template) and llama-server's
+    (``content``, ``add_special``, ``with_pieces``). Without ``model``, the first model's tokenizer."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+    model: str | None = Field(None, min_length=1)
+    prompt: str | None = None
+    content: str | None = None
+    messages: list[ChatMessage] | None = Field(None, min_length=1)
+    tools: list[Tool] | None = Field(None, max_length=128)
+    add_special_tokens: bool | None = None
+    add_special: bool | None = None
+    add_generation_prompt: bool = True
+    chat_template_kwargs: dict[str, Any] | None = None
+    return_token_strs: bool = False
+    with_pieces: bool = False
+
+    @model_validator(mode="after")
+    def _one_input(self) -> TokenizeRequest:
+        given = [name for name in ("prompt", "content", "messages") if getattr(self, name) is not None]
+        if len(given) != 1:
+            raise InvalidRequest("Give exactly one of prompt, content (a text) or messages", param="prompt")
+        return self
+
+    @property
+    def text(self) -> str | None:
+        """The text to tokenise (``prompt`` or ``content``); None when it is ``messages``."""
+        return self.prompt if self.prompt is not None else self.content
+
+    @property
+    def special_tokens(self) -> bool:
+        """Whether the tokenizer's special tokens (BOS) are added to a text: vLLM's and llama-server's default for
+        a prompt, yes; a chat template writes its own."""
+        asked = self.add_special_tokens if self.add_special_tokens is not None else self.add_special
+        return asked if asked is not None else self.messages is None
+
+    @property
+    def pieces(self) -> bool:
+        """Whether each token's text is asked for too."""
+        return self.return_token_strs or self.with_pieces
+
+
+class TokenizeResponse(BaseModel):
+    """vLLM's answer (``count``, ``max_model_len``, ``tokens``, ``token_strs``), which llama-server's clients read
+    too (``tokens``)."""
+
+    count: int
+    max_model_len: int | None = None
+    tokens: list[int]
+    token_strs: list[str] | None = Field(None, exclude_if=_is_none)
+
+
+class DetokenizeRequest(BaseModel):
+    """``POST /detokenize``: token ids back to text."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+    model: str | None = Field(None, min_length=1)
+    tokens: list[int] = Field(max_length=1_000_000)
+
+
+class DetokenizeResponse(BaseModel):
+    """The text, under vLLM's name (``prompt``) and llama-server's (``content``)."""
+
+    prompt: str
+    content: str

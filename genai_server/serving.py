@@ -11,7 +11,17 @@ from typing import Any, TypeVar
 
 from genai_server.backends import Backend, Response, Result
 from genai_server.errors import APIError, InvalidRequest, ModelNotFound, ShuttingDown
-from genai_server.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, SamplingRequest
+from genai_server.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    DetokenizeResponse,
+    ModelCard,
+    ModelList,
+    SamplingRequest,
+    TokenizeRequest,
+    TokenizeResponse,
+)
 from genai_server.telemetry.clock import RequestTelemetry
 from genai_server.telemetry.gpu import GpuMonitor
 
@@ -105,6 +115,24 @@ class Serving:
         self._check_sequences(req.n * len(req.prompts()))
         backend = self._start(req.model, stats)
         return await _timed(backend.complete(req, stats, cache_scope(owner, req.cache_salt)), stats, self._stopping)
+
+    async def tokenize(self, req: TokenizeRequest) -> TokenizeResponse:
+        """A text's or a conversation's tokens, by the tokenizer of the model named (the first without one)."""
+        return await self._backend(req.model or self.default_model).tokenize(req)
+
+    async def detokenize(self, req: DetokenizeRequest) -> DetokenizeResponse:
+        """Token ids as text, by the tokenizer of the model named (the first without one)."""
+        return await self._backend(req.model or self.default_model).detokenize(req)
+
+    async def embeddings(self, body: dict[str, Any], stats: RequestTelemetry) -> dict[str, Any]:
+        """``/v1/embeddings`` to the backend of the model named, timed as a request is."""
+        model = body.get("model")
+        if not isinstance(model, str) or not model:
+            raise InvalidRequest("model is required", param="model", code="missing_parameter")
+        backend = self._start(model, stats)
+        result = await _timed(backend.embeddings(body, stats), stats, self._stopping)
+        assert isinstance(result, dict)
+        return result
 
     def _check_max_tokens(self, req: SamplingRequest) -> None:
         most = self._limits.max_tokens_limit

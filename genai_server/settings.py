@@ -161,6 +161,16 @@ class Settings(BaseSettings):
         description="seconds a stream may go without an event before an SSE comment (': keep-alive') is sent, so "
         "that an idle proxy does not cut it during a long prefill or an upstream's silence; 0 = never",
     )
+    responses_store_max_items: int = Field(
+        1000,
+        ge=0,
+        le=1_000_000,
+        description="responses kept in memory for previous_response_id and GET /v1/responses/{id}, least recently "
+        "used dropped first; 0 = none kept",
+    )
+    responses_store_max_mb: float = Field(
+        64.0, gt=0, le=1_000_000, description="most memory (as JSON) the kept responses may hold together"
+    )
     client_write_timeout: float = Field(
         60.0, gt=0, description="seconds a stream may wait on a client that does not read before it is dropped"
     )

@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import onnxruntime_genai as og
+import openai
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
@@ -33,6 +34,21 @@ async def make_client(aiohttp_client: Any) -> ClientFactory:
 async def client(make_client: ClientFactory) -> TestClient[web.Request, web.Application]:
     """A client of the server on the bundled model with default settings."""
     return await make_client()
+
+
+@pytest.fixture
+async def base_url(aiohttp_server: Any) -> str:
+    """The OpenAI base URL (``…/v1``) of the server on the bundled model with default settings, for the clients
+    that take one (the ``openai`` SDK, LangChain)."""
+    server: TestServer = await aiohttp_server(create_app(make_settings()))
+    return str(server.make_url("/v1"))
+
+
+@pytest.fixture
+async def oai(base_url: str) -> AsyncIterator[openai.AsyncOpenAI]:
+    """The official ``openai`` client of that server."""
+    async with openai.AsyncOpenAI(base_url=base_url, api_key="unused", max_retries=0) as client:
+        yield client
 
 
 @pytest.fixture(scope="session")

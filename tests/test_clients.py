@@ -8,20 +8,16 @@ ends each answer on its own; what is asserted is what the client hands its user:
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from typing import Any, Literal
 
 import openai
 import pytest
-from aiohttp.test_utils import TestServer
 from langchain_core.messages import AIMessageChunk, HumanMessage, ToolMessage
 from langchain_core.tools import tool
 from langchain_openai import ChatOpenAI
 from pydantic import BaseModel
 
-from genai_server.app import create_app
 from tests.harness.bodies import MODEL_ID
-from tests.harness.in_process import make_settings
 
 
 class Weather(BaseModel):
@@ -35,18 +31,6 @@ class Weather(BaseModel):
 def get_weather(city: Literal["Paris", "Oslo", "Lima"]) -> str:
     """The weather now in a city."""
     return f"21 C and sunny in {city}"
-
-
-@pytest.fixture
-async def base_url(aiohttp_server: Any) -> str:
-    server: TestServer = await aiohttp_server(create_app(make_settings()))
-    return str(server.make_url("/v1"))
-
-
-@pytest.fixture
-async def oai(base_url: str) -> AsyncIterator[openai.AsyncOpenAI]:
-    async with openai.AsyncOpenAI(base_url=base_url, api_key="unused", max_retries=0) as client:
-        yield client
 
 
 def _chat_model(base_url: str) -> ChatOpenAI:

@@ -38,10 +38,10 @@ async def test_a_method_the_route_lacks_is_405_with_allow(client: Any) -> None:
 
 
 async def test_an_unknown_route_is_named_in_its_404(client: Any) -> None:
-    resp = await client.post("/v1/responses", json={"model": MODEL_ID, "input": "hi"})
+    resp = await client.post("/v1/assistants", json={"model": MODEL_ID, "name": "hi"})
     assert resp.status == 404
     error = (await resp.json())["error"]
-    assert error["message"] == "Invalid URL (POST /v1/responses)"
+    assert error["message"] == "Invalid URL (POST /v1/assistants)"
     assert error["code"] == "not_found" and error["param"] is None
     assert "Allow" not in resp.headers
 

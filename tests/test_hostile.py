@@ -240,6 +240,99 @@ async def test_a_client_that_leaves_frees_its_slot_and_its_sequences(
     assert await _requests_with_status(session, embedded.url, "499") == before + 1
 
 
+# The translated APIs' streams of a long answer: what a client leaving one must free.
+TRANSLATED_STREAMS = {
+    "/v1/responses": {"model": MODEL_ID, "input": LONG_PROMPT, "max_output_tokens": 1900, "stream": True},
+    "/v1/messages": {
+        "model": MODEL_ID,
+        "max_tokens": 1900,
+        "stream": True,
+        "messages": [{"role": "user", "content": LONG_PROMPT}],
+    },
+}
+
+
+@pytest.mark.parametrize("path", sorted(TRANSLATED_STREAMS))
+async def test_a_client_that_leaves_a_translated_stream_frees_its_slot(
+    session: aiohttp.ClientSession, embedded: ServerProcess, path: str
+) -> None:
+    before = await _requests_with_status(session, embedded.url, "499")
+    async with session.post(f"{embedded.url}{path}", json=TRANSLATED_STREAMS[path]) as resp:
+        assert resp.status == 200
+        while b"delta" not in await resp.content.readline():
+            pass  # read on until the first generated text: the answer is being generated
+    # Left: the session's teardown checks that every gauge returns to 0 and the server still serves.
+    await _settled(session, embedded.url)
+    assert await _requests_with_status(session, embedded.url, "499") == before + 1
+
+
+async def test_a_full_server_refuses_each_api_in_its_own_envelope(
+    session: aiohttp.ClientSession, embedded: ServerProcess
+) -> None:
+    """2 slots and 2 queue places taken by long streams: a Messages request gets Anthropic's 429, a Responses
+    request OpenAI's, both with Retry-After."""
+    holders = [
+        await session.post(
+            f"{embedded.url}/v1/chat/completions", json=chat_body(content=LONG_PROMPT, max_tokens=1900, stream=True)
+        )
+        for _ in range(2)
+    ]
+    queued = [
+        asyncio.create_task(session.post(f"{embedded.url}/v1/chat/completions", json=chat_body(max_tokens=2)))
+        for _ in range(2)
+    ]
+    await eventually_async(
+        lambda: _gauges_at(session, embedded.url, "genai_server_num_requests_waiting", 2),
+        timeout=SETTLE_S,
+        what="two requests queued",
+    )
+    try:
+        for path, body in TRANSLATED_STREAMS.items():
+            async with session.post(f"{embedded.url}{path}", json=body) as resp:
+                assert resp.status == 429 and int(resp.headers["Retry-After"]) >= 1
+                refusal = await resp.json()
+                if path == "/v1/messages":
+                    assert refusal["type"] == "error" and refusal["error"]["type"] == "rate_limit_error"
+                else:
+                    assert refusal["error"]["code"] == "rate_limit_exceeded"
+    finally:
+        for holder in holders:
+            holder.close()
+        for waiter in queued:
+            (await waiter).close()
+
+
+async def _gauges_at(session: aiohttp.ClientSession, url: str, name: str, value: float) -> bool:
+    return _gauges(await _metrics(session, url)).get(name) == value
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "param"),
+    [
+        ("/v1/responses", {"model": MODEL_ID, "input": [{"role": "user", "content": "a"}] * 300}, "input"),
+        (
+            "/v1/messages",
+            {"model": MODEL_ID, "max_tokens": 2, "messages": [{"role": "user", "content": "a"}] * 300},
+            None,
+        ),
+        ("/v1/responses", {"model": MODEL_ID, "input": "a", "max_output_tokens": 2**63}, "max_output_tokens"),
+        ("/tokenize", {"prompt": "a" * 3_000_000}, "prompt"),
+        ("/detokenize", {"tokens": [2**31 - 1, 2**40]}, "tokens"),
+    ],
+)
+async def test_the_new_routes_bound_what_reaches_the_engine(
+    session: aiohttp.ClientSession, embedded: ServerProcess, path: str, body: dict[str, Any], param: str | None
+) -> None:
+    sent = io.BytesIO(json.dumps(body).encode())  # a stream: aiohttp warns of a large body given as bytes
+    async with session.post(f"{embedded.url}{path}", data=sent, headers={"Content-Type": "application/json"}) as resp:
+        assert resp.status == 400, await resp.text()
+        refusal = await resp.json()
+        if path == "/v1/messages":
+            assert refusal["error"]["type"] == "invalid_request_error" and "messages" in refusal["error"]["message"]
+        else:
+            assert refusal["error"]["param"] == param
+
+
 # ---- 4. slow and malformed clients ----------------------------------------------------------------------------
 
 

@@ -17,6 +17,7 @@ FLOORS = {
     "genai_server.app": 7,
     "genai_server.http": 6,
     "genai_server.serving": 5,
+    "genai_server.apis": 5,
     "genai_server.backends": 4,
     "genai_server.telemetry": 3,
     "genai_server.embedded": 2,

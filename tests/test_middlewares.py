@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 from aiohttp import web
+from pydantic import BaseModel
 
 from genai_server.http.auth import setup_api_keys
 from genai_server.http.concurrency import ConcurrencyLimiter, setup_concurrency_limit
@@ -67,8 +68,9 @@ async def test_error_mapping_keeps_allow(aiohttp_client: Any) -> None:
     assert (await wrong.json())["error"]["code"] == "method_not_allowed"
 
 
-async def test_request_body_reads_generation_bodies_only(aiohttp_client: Any) -> None:
-    app = _app(GENERATE, OPEN)
+async def test_request_body_reads_the_bodies_of_routes_that_take_one_only(aiohttp_client: Any) -> None:
+    declared = Endpoint("POST", "/count", _ok, "takes a body", request_model=BaseModel)
+    app = _app(GENERATE, OPEN, declared)
     setup_request_body(app, read_timeout_s=5, max_body_bytes=1 << 20)
     client = await aiohttp_client(app)
     ok = await client.post("/gen", json={"model": "m"})
@@ -78,6 +80,8 @@ async def test_request_body_reads_generation_bodies_only(aiohttp_client: Any) ->
     nan = await client.post("/gen", data=b'{"temperature": NaN}', headers={"Content-Type": "application/json"})
     assert nan.status == 400 and (await nan.json())["error"]["code"] == "invalid_json"
     assert (await (await client.get("/open")).json())["body"] is None, "other routes are left alone"
+    counted = await client.post("/count", json={"model": "m"})
+    assert (await counted.json())["body"] == {"model": "m"}, "a route that declares its body, generating or not"
 
 
 async def test_the_concurrency_limit_holds_generation_routes_only(aiohttp_client: Any) -> None:

@@ -12,7 +12,17 @@ from typing import Any, Protocol
 
 from pydantic import BaseModel
 
-from genai_server.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, PromptTokensDetails, Usage
+from genai_server.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    DetokenizeResponse,
+    ModelCard,
+    PromptTokensDetails,
+    TokenizeRequest,
+    TokenizeResponse,
+    Usage,
+)
 from genai_server.telemetry.clock import RequestTelemetry
 from genai_server.telemetry.load import BackendLoad
 
@@ -65,4 +75,16 @@ class Backend(Protocol):
 
     async def complete(self, req: CompletionRequest, stats: RequestTelemetry, cache_scope: str = "") -> Result:
         """A text completion, or its chunk stream when ``req.stream``; ``cache_scope`` as for ``chat``."""
+        ...
+
+    async def tokenize(self, req: TokenizeRequest) -> TokenizeResponse:
+        """A text's or a conversation's tokens, as the model's tokenizer counts them."""
+        ...
+
+    async def detokenize(self, req: DetokenizeRequest) -> DetokenizeResponse:
+        """Token ids as text."""
+        ...
+
+    async def embeddings(self, body: dict[str, Any], stats: RequestTelemetry) -> dict[str, Any]:
+        """``/v1/embeddings``, relayed where an engine serves it; a clear refusal where none does."""
         ...

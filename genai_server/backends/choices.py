@@ -35,6 +35,7 @@ class Piece:
     tokens: int
     finish: FinishReason | None = None
     logprobs: tuple[TokenLogprob, ...] = ()  # the piece's tokens', when the request asked for them
+    reasoning: str = ""  # new thinking of a reasoning model (``reasoning.py``), before its answer
 
 
 class ChoiceWriter:
@@ -53,7 +54,8 @@ class ChoiceWriter:
     def choices(self, piece: Piece) -> list[ChatChunkChoice]:
         """The chunk choices one piece of generated text makes (none while a call is still being written)."""
         text, calls = _read(self._reader, piece)
-        deltas = [ChatDelta(content=text)] if text else []
+        deltas = [ChatDelta(reasoning_content=piece.reasoning, reasoning=piece.reasoning)] if piece.reasoning else []
+        deltas += [ChatDelta(content=text)] if text else []
         for call in calls:
             deltas.append(self._call_header(call))
             deltas.append(
@@ -99,10 +101,14 @@ def chat_choice(
     finish: FinishReason,
     reader: CallReader | None,
     logprobs: Sequence[TokenLogprob] | None = None,
+    reasoning: str = "",
 ) -> ChatChoice:
-    """A whole chat choice: its text, and the calls read out of it (content is null when there is only calls)."""
+    """A whole chat choice: its text, and the calls read out of it (content is null when there is only calls), and
+    a reasoning model's thinking under both its names."""
     content, calls = _read(reader, Piece(index, text, 0, finish))
     message = AssistantMessage(
+        reasoning_content=reasoning or None,
+        reasoning=reasoning or None,
         content=content if content or not calls else None,
         tool_calls=[ToolCallOut(id=c.id, function=FunctionCall(name=c.name, arguments=c.arguments)) for c in calls]
         or None,

@@ -18,6 +18,7 @@ from typing import Any
 
 from genai_server.backends import usage
 from genai_server.backends.choices import ChoiceWriter, Piece, chat_choice, completion_logprobs
+from genai_server.backends.reasoning import EMPTY_SECTION, ReasoningSplitter, opens_thinking, prompt_opens_section
 from genai_server.embedded.call_arguments import ArgumentCheck
 from genai_server.embedded.engine import EmbeddedEngine, GuidanceRejected, SamplingOptions
 from genai_server.embedded.logprobs import TokenLogprob
@@ -34,11 +35,15 @@ from genai_server.protocol import (
     Completion,
     CompletionChoice,
     CompletionRequest,
+    DetokenizeRequest,
+    DetokenizeResponse,
     FinishReason,
     ModelCard,
     NamedToolChoice,
     ResponseFormat,
     SamplingRequest,
+    TokenizeRequest,
+    TokenizeResponse,
     Tool,
     as_float32,
     check_supported,
@@ -63,6 +68,8 @@ class _Sequence:
     stops: list[str]
     guided: str = "response_format"  # the parameter whose grammar it follows: what a refused grammar is blamed on
     cache_scope: str = ""  # whose conversation it continues or leaves kept (see ``serving.cache_scope``)
+    # A reasoning model's answer: None, no thinking read out; else whether the prompt already opened the section.
+    thinking: bool | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -94,6 +101,7 @@ class OnnxBackend:
         self.created = config.created
         self.always_usage = config.always_usage
         self._calls, self._knows_tools = detect_format(engine.facts.chat_template)  # the fallback's until start()
+        self._reasons = opens_thinking(engine.facts.chat_template)
 
     async def start(self) -> None:
         """Load the model (``ModelLoadingFailed`` with the reason if it cannot be)."""
@@ -101,6 +109,7 @@ class OnnxBackend:
         await self.engine.start()
         # The template decides how the model writes tool calls: read once, not per request.
         self._calls, self._knows_tools = detect_format(self.engine.facts.chat_template)
+        self._reasons = opens_thinking(self.engine.facts.chat_template)  # its answers may begin with thinking
         log.info(
             "model loaded",
             extra={
@@ -139,27 +148,48 @@ class OnnxBackend:
         """A chat completion, or its chunk stream when ``req.stream``."""
         check_supported(req)
         check_text_messages(req.messages)
-        fmt, knows_tools = self._calls, self._knows_tools
         # Every character the prompt will hold, history tool calls included, is checked before any of it is parsed or
         # tokenised (3.8 MB of call arguments were tokenised before the 400).
         self._check_text_size(_text_size(req), param="messages")
-        tools = _tool_use(req, fmt, req.limit or self._max_tokens_limit or self.engine.facts.context_length)
-        messages = _template_messages(req, fmt, knows_tools)
-        rendered = [t.model_dump(exclude_none=True) for t in req.tools or []] if knows_tools else None
-        prompt = await self.engine.chat_prompt(messages, rendered)
-        seqs = self._plan(req, [prompt], param="messages", tools=tools, cache_scope=cache_scope)
+        tools = _tool_use(req, self._calls, req.limit or self._max_tokens_limit or self.engine.facts.context_length)
+        prompt, thinking = await self._thinking(req, await self._chat_prompt(req), tools)
+        seqs = self._plan(req, [prompt], param="messages", tools=tools, cache_scope=cache_scope, thinking=thinking)
         stats.prompt_tokens = len(prompt)
-        readers = {s.index: CallReader(fmt, tools.functions) if tools and tools.parse else None for s in seqs}
+        readers = {s.index: CallReader(self._calls, tools.functions) if tools and tools.parse else None for s in seqs}
         if req.stream:
             return self._chat_stream(req, seqs, stats, readers)
         asked = req.top_logprobs_asked is not None
         choices = [
-            chat_choice(i, text, finish, readers[i], logprobs if asked else None)
-            for i, (text, finish, logprobs) in enumerate(await self._collect(seqs, stats))
+            chat_choice(i, text, finish, readers[i], logprobs if asked else None, reasoning)
+            for i, (text, finish, logprobs, reasoning) in enumerate(await self._collect(seqs, stats))
         ]
         return ChatCompletion(
             id=new_id("chatcmpl"), created=now(), model=self.model_id, choices=choices, usage=usage(stats)
         )
+
+    async def _thinking(
+        self, req: ChatCompletionRequest, prompt: list[int], tools: _ToolUse | None
+    ) -> tuple[list[int], bool | None]:
+        """A reasoning model's prompt, and whether its thinking is read out of the answer (None: not), opened by the
+        prompt already. Not under a grammar (tools, a response format): the grammar leaves no room for a section.
+        ``chat_template_kwargs.enable_thinking: false`` on a template that reads it closes the section empty, as
+        Qwen3's template does (the runtime renders templates without extra variables)."""
+        formatted = req.response_format is not None and req.response_format.type != "text"
+        if not self._reasons or formatted or (tools is not None and tools.guidance is not None):
+            return prompt, None
+        kwargs = (req.model_extra or {}).get("chat_template_kwargs")
+        disabled = isinstance(kwargs, dict) and kwargs.get("enable_thinking") is False
+        if disabled and "enable_thinking" in self.engine.facts.chat_template:
+            [empty] = await self.engine.tokenize([EMPTY_SECTION])
+            return prompt + empty, None
+        [tail] = await self.engine.detokenize([prompt[-16:]])
+        return prompt, prompt_opens_section(tail)
+
+    async def _chat_prompt(self, req: ChatCompletionRequest) -> list[int]:
+        """The conversation (its size checked) rendered with the model's template and tokenised."""
+        messages = _template_messages(req, self._calls, self._knows_tools)
+        rendered = [t.model_dump(exclude_none=True) for t in req.tools or []] if self._knows_tools else None
+        return await self.engine.chat_prompt(messages, rendered)
 
     async def _chat_stream(
         self,
@@ -184,6 +214,48 @@ class OnnxBackend:
                 choices=[],
                 usage=usage(stats),
             )
+
+    # ---- tokenizing ----------------------------------------------------------------------
+
+    async def tokenize(self, req: TokenizeRequest) -> TokenizeResponse:
+        """A text's tokens, or a conversation's through the chat template (with the generation prompt, as a chat
+        request's prompt is: the template is always rendered with it here)."""
+        if req.messages is not None:
+            if not req.add_generation_prompt:
+                raise InvalidRequest(
+                    "add_generation_prompt: false is not supported by the embedded engine",
+                    param="add_generation_prompt",
+                    code="unsupported_parameter",
+                )
+            chat = ChatCompletionRequest(model=self.model_id, messages=req.messages, tools=req.tools)
+            check_text_messages(chat.messages)
+            self._check_text_size(_text_size(chat), param="messages")
+            ids = await self._chat_prompt(chat)
+        else:
+            text = req.text or ""
+            self._check_text_size(len(text), param="prompt")
+            [ids] = await self.engine.tokenize([text]) if text else [[]]
+            bos = self.engine.facts.bos_token_id
+            if not req.special_tokens and ids and ids[0] == bos:
+                ids = ids[1:]
+        pieces = await self.engine.detokenize([[token] for token in ids]) if req.pieces else None
+        length = self.engine.facts.context_length
+        return TokenizeResponse(count=len(ids), max_model_len=length, tokens=ids, token_strs=pieces)
+
+    async def detokenize(self, req: DetokenizeRequest) -> DetokenizeResponse:
+        """Token ids (each checked against the vocabulary: the tokenizer is native code) as text."""
+        self._check_token_ids(req.tokens, param="tokens")
+        [text] = await self.engine.detokenize([req.tokens])
+        return DetokenizeResponse(prompt=text, content=text)
+
+    async def embeddings(self, body: dict[str, Any], stats: RequestTelemetry) -> dict[str, Any]:
+        """A generative model has no embeddings to give."""
+        raise InvalidRequest(
+            f"The model '{self.model_id}' is a generative ONNX Runtime GenAI model and serves no embeddings; "
+            "serve an embedding model through a gateway backend (BACKEND=openai) for /v1/embeddings",
+            param="model",
+            code="model_not_supported",
+        )
 
     # ---- completions -------------------------------------------------------------------
 
@@ -210,7 +282,7 @@ class OnnxBackend:
             CompletionChoice(
                 index=i, text=text, finish_reason=finish, logprobs=completion_logprobs(lps, 0) if asked else None
             )
-            for i, (text, finish, lps) in enumerate(await self._collect(seqs, stats))
+            for i, (text, finish, lps, _) in enumerate(await self._collect(seqs, stats))
         ]
         return Completion(
             id=new_id("cmpl"),
@@ -260,11 +332,11 @@ class OnnxBackend:
                 code=code,
             )
 
-    def _check_token_ids(self, ids: list[int]) -> None:
-        """A prompt given as token ids, each checked against the vocabulary: the engine would fail on it."""
+    def _check_token_ids(self, ids: list[int], param: str = "prompt") -> None:
+        """Token ids, each checked against the vocabulary: the engine would fail on it."""
         vocab = self.engine.facts.vocab_size
         if vocab and any(not 0 <= token < vocab for token in ids):
-            raise InvalidRequest(f"Token ids must be between 0 and {vocab - 1}", param="prompt")
+            raise InvalidRequest(f"Token ids must be between 0 and {vocab - 1}", param=param)
 
     def _plan(
         self,
@@ -274,6 +346,7 @@ class OnnxBackend:
         param: str,
         tools: _ToolUse | None = None,
         cache_scope: str = "",
+        thinking: bool | None = None,
     ) -> list[_Sequence]:
         """Check the prompts against the context and make ``n`` sequences per prompt."""
         context = self.engine.facts.context_length
@@ -307,23 +380,27 @@ class OnnxBackend:
             for j in range(req.n):
                 seed = None if req.seed is None else engine_seed(req.seed + j)
                 options_j = replace(options, seed=seed)
-                sequences.append(_Sequence(p * req.n + j, prompt, options_j, req.stop_list, guided, cache_scope))
+                sequences.append(
+                    _Sequence(p * req.n + j, prompt, options_j, req.stop_list, guided, cache_scope, thinking)
+                )
         return sequences
 
     async def _collect(
         self, seqs: list[_Sequence], stats: RequestTelemetry
-    ) -> list[tuple[str, FinishReason, list[TokenLogprob]]]:
-        """Run every sequence to its end; returns (text, finish, logprobs) per choice index."""
+    ) -> list[tuple[str, FinishReason, list[TokenLogprob], str]]:
+        """Run every sequence to its end; returns (text, finish, logprobs, reasoning) per choice index."""
         texts: dict[int, list[str]] = {s.index: [] for s in seqs}
+        thoughts: dict[int, list[str]] = {s.index: [] for s in seqs}
         logprobs: dict[int, list[TokenLogprob]] = {s.index: [] for s in seqs}
         finishes: dict[int, FinishReason] = {}
         async with aclosing(self._run(seqs, stats)) as pieces:
             async for piece in pieces:
                 texts[piece.index].append(piece.text)
+                thoughts[piece.index].append(piece.reasoning)
                 logprobs[piece.index].extend(piece.logprobs)
                 if piece.finish:
                     finishes[piece.index] = piece.finish
-        return [("".join(texts[i]), finishes[i], logprobs[i]) for i in sorted(texts)]
+        return [("".join(texts[i]), finishes[i], logprobs[i], "".join(thoughts[i])) for i in sorted(texts)]
 
     async def _run(self, seqs: list[_Sequence], stats: RequestTelemetry) -> AsyncGenerator[Piece, None]:
         """Pieces of all sequences as they arrive, with their tokens and times recorded in ``stats``."""
@@ -341,8 +418,9 @@ class OnnxBackend:
     async def _sequence(
         self, seq: _Sequence, stats: RequestTelemetry, cached: dict[int, int]
     ) -> AsyncGenerator[Piece, None]:
-        """One choice's pieces, with stop sequences applied."""
+        """One choice's pieces, with stop sequences applied and a reasoning model's thinking read out."""
         matcher = StopMatcher(seq.stops)
+        piece = _PieceMaker(seq)
         stream = self.engine.generate(seq.prompt, seq.options, seq.cache_scope)
         try:
             async for delta in stream:
@@ -353,18 +431,37 @@ class OnnxBackend:
                     stats.cached_prompt_tokens = sum(cached.values())
                 text, stopped = matcher.feed(delta.text)
                 if stopped:
-                    yield Piece(seq.index, text, delta.tokens, "stop", delta.logprobs)
+                    yield piece(text, delta.tokens, "stop", delta.logprobs)
                     return
                 if delta.finish == "cancelled":
                     raise ShuttingDown("The server is shutting down; this generation was not finished")
                 if delta.finish is not None:
-                    yield Piece(seq.index, text + matcher.flush(), delta.tokens, delta.finish, delta.logprobs)
+                    yield piece(text + matcher.flush(), delta.tokens, delta.finish, delta.logprobs)
                     return
-                yield Piece(seq.index, text, delta.tokens, logprobs=delta.logprobs)
+                yield piece(text, delta.tokens, None, delta.logprobs)
         except GuidanceRejected as exc:  # a schema the engine cannot compile is the client's error
             raise InvalidRequest(f"{seq.guided} cannot be followed: {exc}", param=seq.guided) from None
         finally:
             await stream.aclose()
+
+
+class _PieceMaker:
+    """A sequence's pieces, its text split into thinking and answer when it is a reasoning model's."""
+
+    def __init__(self, seq: _Sequence) -> None:
+        self._index = seq.index
+        self._splitter = None if seq.thinking is None else ReasoningSplitter(opened=seq.thinking)
+
+    def __call__(
+        self, text: str, tokens: int, finish: FinishReason | None, logprobs: tuple[TokenLogprob, ...]
+    ) -> Piece:
+        if self._splitter is None:
+            return Piece(self._index, text, tokens, finish, logprobs)
+        reasoning, answer = self._splitter.feed(text)
+        if finish is not None:
+            more_reasoning, more_answer = self._splitter.flush()
+            reasoning, answer = reasoning + more_reasoning, answer + more_answer
+        return Piece(self._index, answer, tokens, finish, logprobs, reasoning)
 
 
 async def _merge(streams: list[AsyncGenerator[Piece, None]]) -> AsyncGenerator[Piece, None]:

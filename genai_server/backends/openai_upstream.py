@@ -13,6 +13,7 @@ from contextlib import aclosing
 from typing import Any, NamedTuple
 
 import aiohttp
+from pydantic import BaseModel
 
 from genai_server.backends import Response, Result
 from genai_server.backends.assemble import Assembler, assembly_budget
@@ -25,7 +26,15 @@ from genai_server.backends.upstream_client import (
     stream_faults,
 )
 from genai_server.errors import UpstreamError
-from genai_server.protocol import ChatCompletionRequest, CompletionRequest, SamplingRequest
+from genai_server.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    DetokenizeResponse,
+    SamplingRequest,
+    TokenizeRequest,
+    TokenizeResponse,
+)
 from genai_server.telemetry.clock import RequestTelemetry
 
 # Fields upstreams put in their chunks with their own timings.
@@ -37,7 +46,8 @@ _MOST_TOKENS = 2**31 - 1  # any count an upstream reports: what an int32 token c
 
 
 class _Shape(NamedTuple):
-    """What a relayed chunk carries that we read: its choices, whether they add text, and its usage."""
+    """What a relayed chunk carries that we read: its choices, whether they add output (text, reasoning, a tool
+    call), and its usage."""
 
     choices: int
     text: bool
@@ -57,6 +67,34 @@ class OpenAIUpstream(RelayBackend):
     async def complete(self, req: CompletionRequest, stats: RequestTelemetry, cache_scope: str = "") -> Result:
         """Relay a text completion."""
         return await self._relay("/completions", req, stats, "text_completion", choices=req.n * len(req.prompts()))
+
+    async def tokenize(self, req: TokenizeRequest) -> TokenizeResponse:
+        """vLLM's (and llama-server's) ``/tokenize``, beside the upstream's ``/v1``."""
+        data = await self._post_json("/tokenize", self._body(req), at_root=True)
+        return _tokens(data)
+
+    async def detokenize(self, req: DetokenizeRequest) -> DetokenizeResponse:
+        """vLLM's (and llama-server's) ``/detokenize``."""
+        data = await self._post_json("/detokenize", self._body(req), at_root=True)
+        text = data.get("prompt", data.get("content")) if isinstance(data, dict) else None
+        if not isinstance(text, str):
+            raise _malformed()
+        return DetokenizeResponse(prompt=text, content=text)
+
+    async def embeddings(self, body: dict[str, Any], stats: RequestTelemetry) -> dict[str, Any]:
+        """``/v1/embeddings`` relayed as it came, under our model id; its prompt tokens counted."""
+        data = await self._post_json("/embeddings", {**body, "model": self._upstream_model})
+        if not isinstance(data, dict):
+            raise _malformed()
+        data["model"] = self.model_id
+        counted = _usage(data.get("usage"), 0)
+        if counted is not None:
+            stats.prompt_tokens = counted[0]
+        return data
+
+    def _body(self, req: BaseModel) -> dict[str, Any]:
+        """A request as the client set it, the upstream's name for the model in it."""
+        return {**req.model_dump(exclude_unset=True, by_alias=True), "model": self._upstream_model}
 
     async def _relay(
         self, path: str, req: SamplingRequest, stats: RequestTelemetry, kind: str, *, choices: int
@@ -124,12 +162,13 @@ def _checked(chunk: dict[str, Any], choices: int, *, most_generated: int) -> _Sh
         raise _malformed()
     text = False
     for item in items:
-        text = bool(_choice_text(item, choices)) or text
+        text = _choice_adds(item, choices) or text
     return _Shape(len(items), text, _usage(chunk.get("usage"), most_generated))
 
 
-def _choice_text(item: Any, choices: int) -> str:
-    """The text one streamed choice adds (chat delta or completion text), its shape checked."""
+def _choice_adds(item: Any, choices: int) -> bool:
+    """Whether one streamed choice adds generated output, its shape checked: text (chat delta or completion text),
+    reasoning, or a tool call's piece (each is output; the first of them is the first token)."""
     if not isinstance(item, dict):
         raise _malformed()
     index = item.get("index", 0)
@@ -143,7 +182,11 @@ def _choice_text(item: Any, choices: int) -> str:
     content = delta.get("content") if delta is not None else item.get("text")
     if content is not None and not isinstance(content, str):
         raise _malformed()
-    return content or ""
+    if content:
+        return True
+    return delta is not None and bool(
+        delta.get("reasoning_content") or delta.get("reasoning") or delta.get("tool_calls")
+    )
 
 
 def _usage(usage: Any, most_generated: int) -> tuple[int, int] | None:
@@ -158,6 +201,27 @@ def _usage(usage: Any, most_generated: int) -> tuple[int, int] | None:
     if any(type(count) is not int or not 0 <= count <= _MOST_TOKENS for count in counts):
         raise _malformed()
     return counts[0], counted_tokens(counts[1], most_generated)
+
+
+def _tokens(data: Any) -> TokenizeResponse:
+    """An upstream's tokenize answer: vLLM's (``count``, ``tokens``, ``token_strs``) or llama-server's (``tokens``,
+    as ids or, with pieces, as ``{"id", "piece"}`` objects)."""
+    items = data.get("tokens") if isinstance(data, dict) else None
+    if not isinstance(items, list):
+        raise _malformed()
+    ids = [item.get("id") if isinstance(item, dict) else item for item in items]
+    if not all(type(i) is int and 0 <= i <= _MOST_TOKENS for i in ids):
+        raise _malformed()
+    pieces = data.get("token_strs")
+    if pieces is None and items and all(isinstance(item, dict) for item in items):
+        pieces = [str(item.get("piece", "")) for item in items]
+    limit = data.get("max_model_len")
+    return TokenizeResponse(
+        count=len(ids),
+        max_model_len=limit if type(limit) is int else None,
+        tokens=ids,
+        token_strs=pieces if isinstance(pieces, list) and all(isinstance(p, str) for p in pieces) else None,
+    )
 
 
 def _malformed() -> UpstreamError:

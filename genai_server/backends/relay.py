@@ -20,9 +20,17 @@ from typing import Any, ClassVar, TypeVar
 import aiohttp
 
 from genai_server.backends.replicas import Balance, Replica, ReplicaSet
-from genai_server.backends.upstream_client import UpstreamClient
-from genai_server.errors import UpstreamError, UpstreamTimeout
-from genai_server.protocol import ModelCard, SamplingRequest, now
+from genai_server.backends.upstream_client import UpstreamClient, json_within
+from genai_server.errors import InvalidRequest, UpstreamError, UpstreamTimeout
+from genai_server.protocol import (
+    DetokenizeRequest,
+    DetokenizeResponse,
+    ModelCard,
+    SamplingRequest,
+    TokenizeRequest,
+    TokenizeResponse,
+    now,
+)
 from genai_server.telemetry.clock import RequestTelemetry
 from genai_server.telemetry.load import BackendLoad
 
@@ -32,6 +40,8 @@ T = TypeVar("T")
 
 # Posts one request may make: the first, and one more on another replica if that failed before the client saw any.
 MAX_ATTEMPTS = 2
+# A whole JSON answer (embeddings, tokens) may be this large: 2048 inputs of 4096 dimensions as JSON fit.
+MAX_JSON_BYTES = 256 * 1024 * 1024
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -52,6 +62,7 @@ class RelayBackend:
     """What every backend relaying to an engine elsewhere shares: the one model it serves under our id, the
     upstream's name for it, the upstream replicas it owns from ``start`` to ``close``, and the relay loop."""
 
+    name: str
     # Where a replica is asked whether it answers (any status below 500 is yes).
     probe_path: ClassVar[str]
 
@@ -86,6 +97,35 @@ class RelayBackend:
     def model_cards(self) -> list[ModelCard]:
         """The one model this backend relays to."""
         return [ModelCard(id=self.model_id, created=self._created)]
+
+    async def tokenize(self, req: TokenizeRequest) -> TokenizeResponse:
+        """Not an API this engine's adapter relays (the ``openai`` one does)."""
+        raise self._unsupported("/tokenize")
+
+    async def detokenize(self, req: DetokenizeRequest) -> DetokenizeResponse:
+        """As ``tokenize``."""
+        raise self._unsupported("/detokenize")
+
+    async def embeddings(self, body: dict[str, Any], stats: RequestTelemetry) -> dict[str, Any]:
+        """As ``tokenize``."""
+        raise self._unsupported("/v1/embeddings")
+
+    def _unsupported(self, route: str) -> InvalidRequest:
+        return InvalidRequest(
+            f"The {self.name} backend serving '{self.model_id}' does not relay {route}",
+            param="model",
+            code="unsupported_by_backend",
+        )
+
+    async def _post_json(self, path: str, body: dict[str, Any], *, at_root: bool = False) -> Any:
+        """One post and its whole JSON answer (at most ``MAX_JSON_BYTES``), to the replica the set picks."""
+        replica = self._replicas.pick()
+        try:
+            response = await self._replicas.post(replica, path, body, at_root=at_root)
+            return await json_within(response, MAX_JSON_BYTES)
+        except UpstreamError as exc:
+            self._replicas.failed(replica, exc)
+            raise
 
     def _max_tokens(self, req: SamplingRequest) -> int:
         """The tokens a choice may bring: the client's limit, else MAX_TOKENS_LIMIT; it bounds an endless upstream."""

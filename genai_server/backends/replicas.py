@@ -101,12 +101,14 @@ class ReplicaSet:
         fewest = min(r.in_flight for r in healthy)
         return random.choice([r for r in healthy if r.in_flight == fewest])
 
-    async def post(self, replica: Replica, path: str, body: dict[str, Any]) -> aiohttp.ClientResponse:
+    async def post(
+        self, replica: Replica, path: str, body: dict[str, Any], *, at_root: bool = False
+    ) -> aiohttp.ClientResponse:
         """POST to ``replica``, counted as in flight until its response closes (or the post fails)."""
         replica.in_flight += 1
         replica.requests += 1
         try:
-            response = await replica.client.post(path, body)
+            response = await replica.client.post(path, body, at_root=at_root)
         except BaseException:
             replica.in_flight -= 1
             raise

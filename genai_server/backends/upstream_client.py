@@ -61,6 +61,8 @@ class UpstreamClient:
         # A query in the address (Azure's ?api-version=) goes after each request's path, not before it.
         self._address = base_url
         parts = urlsplit(base_url)
+        # vLLM's and llama-server's /tokenize and /detokenize sit beside /v1, not under it.
+        self._root_address = urlunsplit(parts._replace(path=parts.path.rstrip("/").removesuffix("/v1")))
         self.base_url = urlunsplit(parts._replace(query="", fragment="")).rstrip("/")
         self.shown_url = shown_url(self.base_url)  # what logs and error details say: no credentials
         self._timeout = timeout
@@ -139,11 +141,13 @@ class UpstreamClient:
             log.debug("upstream not ready", extra={"fields": {"upstream_url": self.shown_url, "reason": reason}})
             return False
 
-    async def post(self, path: str, body: dict[str, Any]) -> aiohttp.ClientResponse:
-        """POST ``body``; refused -> 502, no answer in time -> 504, an error status -> its ``UpstreamRejected``/502."""
+    async def post(self, path: str, body: dict[str, Any], *, at_root: bool = False) -> aiohttp.ClientResponse:
+        """POST ``body`` to ``path`` under the base URL (``at_root``: under its root, the base without ``/v1``);
+        refused -> 502, no answer in time -> 504, an error status -> its ``UpstreamRejected``/502."""
         if self._session is None or self._session.closed:
             raise UpstreamUnavailable("The upstream engine cannot be reached")
-        url, shown = with_path(self._address, path), self.shown_url + path
+        address = self._root_address if at_root else self._address
+        url, shown = with_path(address, path), shown_url(with_path(address, path))
         try:
             # The request's trace goes upstream with it (tracing.py), as vLLM and SGLang read it.
             headers = dict(upstream_trace_headers.get())
@@ -302,6 +306,25 @@ def stream_faults() -> Iterator[None]:
         raise UpstreamTimeout("The upstream engine stopped sending mid-stream") from None
     except (aiohttp.ClientError, http_exceptions.HttpProcessingError) as exc:
         raise UpstreamError("The upstream stream broke", detail={"cause": repr(exc)}) from None
+
+
+async def json_within(response: aiohttp.ClientResponse, max_bytes: int) -> Any:
+    """A whole JSON answer of at most ``max_bytes``; more, or not JSON, is the upstream breaking its API."""
+    parts: list[bytes] = []
+    size = 0
+    try:
+        with stream_faults():
+            async for part in response.content.iter_chunked(64 * 1024):
+                size += len(part)
+                if size > max_bytes:
+                    raise UpstreamError(f"The upstream engine sent more than {max_bytes} bytes")
+                parts.append(part)
+    finally:
+        response.close()
+    try:
+        return orjson.loads(b"".join(parts))
+    except orjson.JSONDecodeError:
+        raise UpstreamError("The upstream engine sent an answer that is not JSON") from None
 
 
 def error_message(error: Any) -> str:

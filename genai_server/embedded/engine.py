@@ -119,6 +119,7 @@ class EngineFacts:
     threads: int = 0
     memory: KvBudget = field(default_factory=lambda: KvBudget(0, 0, 0))
     eos_token_ids: frozenset[int] = frozenset()
+    bos_token_id: int | None = None  # the token the tokenizer may put first
     has_chat_template: bool = False
     chat_template: str = FALLBACK_CHAT_TEMPLATE  # its source: it decides how the model writes tool calls
 
@@ -140,6 +141,7 @@ class EmbeddedEngine(Protocol):
     def kv_cache_usage(self) -> float: ...
     async def tokenize(self, texts: list[str]) -> list[list[int]]: ...
     async def chat_prompt(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None) -> list[int]: ...
+    async def detokenize(self, id_lists: list[list[int]]) -> list[str]: ...
     def generate(
         self, prompt: list[int], options: SamplingOptions, cache_scope: str = ""
     ) -> AsyncGenerator[Delta, None]: ...
@@ -244,6 +246,15 @@ class OnnxEngine:
         return encode_contents_as_text(
             messages, controls, render=lambda ms: self.apply_chat_template(ms, tools), encode=self.encode
         )
+
+    async def detokenize(self, id_lists: list[list[int]]) -> list[str]:
+        """Each list of token ids (within the vocabulary: the caller checks) as text, off the event loop."""
+        return await asyncio.to_thread(lambda: [self.decode(ids) for ids in id_lists])
+
+    def decode(self, ids: list[int]) -> str:
+        """Token ids as text (from any thread; calls take turns)."""
+        with self._tokenizer_lock:
+            return str(self._live_tokenizer().decode(np.asarray(ids, dtype=np.int32)))
 
     def encode(self, text: str) -> list[int]:
         """Token ids of ``text`` as the model's tokenizer counts them (from any thread; calls take turns)."""
@@ -376,6 +387,7 @@ class OnnxEngine:
             threads=threads,
             memory=memory,
             eos_token_ids=frozenset(int(t) for t in self._tokenizer.eos_token_ids),
+            bos_token_id=_bos(self._tokenizer),
             has_chat_template=template is not None,
             chat_template=template or FALLBACK_CHAT_TEMPLATE,
         )
@@ -479,6 +491,12 @@ def default_memory_budget_bytes() -> int:
         if limit != "max":
             total = min(total, int(limit))
     return total // 2
+
+
+def _bos(tokenizer: Any) -> int | None:
+    """The tokenizer's beginning-of-sequence token, if it has one (the runtime says -1 when not)."""
+    bos = int(getattr(tokenizer, "bos_token_id", -1))
+    return bos if bos >= 0 else None
 
 
 def _max_token_bytes(tokenizer: Any, vocab_size: int) -> int:

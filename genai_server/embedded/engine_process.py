@@ -197,6 +197,11 @@ class EngineProcess:
         result: list[int] = await self._call("chat_prompt", messages, tools)
         return result
 
+    async def detokenize(self, id_lists: list[list[int]]) -> list[str]:
+        """Each list of token ids as text, from the engine process's tokenizer."""
+        result: list[str] = await self._call("detokenize", id_lists)
+        return result
+
     async def generate(
         self, prompt: list[int], options: SamplingOptions, cache_scope: str = ""
     ) -> AsyncGenerator[Delta, None]:

@@ -9,7 +9,7 @@ status 3 if the owner thread dies.
 
 Commands: ``("start", model_path, EngineConfig, log_level, log_format, memory_limit_bytes)`` first, then
 ``("generate", key, prompt, options, scope)``, ``("cancel", key)``, ``("tokenize", key, texts)``,
-``("chat_prompt", key, messages, tools)``, ``("stop",)``.
+``("chat_prompt", key, messages, tools)``, ``("detokenize", key, id_lists)``, ``("stop",)``.
 Events: ``("ready", facts)`` or ``("load_failed", reason)``, ``("delta", key, delta)``, ``("result", key, value)``,
 ``("raised", key, error class, text, param)``, ``("compiling", fingerprint or None)``,
 ``("gauges", active, waiting, kv_usage)``, ``("failed", reason)`` (the owner thread died; the process exits 3).
@@ -141,6 +141,8 @@ class Worker:
         elif kind == "chat_prompt":
             messages, tools = args
             self._tokenizers.submit(self._answer, key, lambda: self.engine.encode_chat(messages, tools))
+        elif kind == "detokenize":
+            self._tokenizers.submit(self._answer, key, lambda: [self.engine.decode(ids) for ids in args[0]])
         else:
             log.error("unknown command from the server: %r", kind)
 
@@ -150,7 +152,7 @@ class Worker:
         if kind == "generate":
             failed = ("", 0, None, "the engine could not take the sequence", None, 0, None, ())
             self.writer.send(("delta", key, failed))
-        elif kind in ("tokenize", "chat_prompt"):
+        elif kind in ("tokenize", "chat_prompt", "detokenize"):
             self.writer.send(("raised", key, "RuntimeError", "the command failed", None))
 
     def _answer(self, key: int, work: Callable[[], Any]) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 from aiohttp import web
 from opentelemetry.trace import Tracer
 
+from genai_server.apis.response_store import ResponseStore
 from genai_server.http.concurrency import ConcurrencyLimiter
 from genai_server.serving import Serving
 from genai_server.settings import Settings
@@ -19,3 +20,4 @@ LIMITER = web.AppKey("limiter", ConcurrencyLimiter)
 GPU = web.AppKey("gpu", GpuMonitor)
 METRICS = web.AppKey("metrics", ServerMetrics)
 TRACER = web.AppKey("tracer", Tracer)  # only while tracing is on
+RESPONSE_STORE = web.AppKey("response_store", ResponseStore)

@@ -1,5 +1,6 @@
-"""API keys: ``Authorization: Bearer <key>`` on every route the endpoint table does not call public (health, the
-OpenAPI document, and metrics unless METRICS_REQUIRE_KEY); an unknown route needs a key too.
+"""API keys: ``Authorization: Bearer <key>`` (or ``x-api-key: <key>``, as Anthropic's clients send it) on every route
+the endpoint table does not call public (health, the OpenAPI document, and metrics unless METRICS_REQUIRE_KEY); an
+unknown route needs a key too.
 
 Keys come from API_KEYS and API_KEYS_FILE; none configured means the server is open. Each presented key is
 compared with every configured one in constant time, so neither a match's position nor a prefix leaks
@@ -18,6 +19,8 @@ from genai_server.errors import InvalidApiKey
 from genai_server.http.endpoints import public
 from genai_server.http.request_state import KEY_OWNER
 
+_X_API_KEY = "x-api-key"
+
 
 def setup_api_keys(app: web.Application, keys: list[str]) -> None:
     """Add the middleware that requires one of ``keys`` (no-op when there are none)."""
@@ -32,10 +35,10 @@ def setup_api_keys(app: web.Application, keys: list[str]) -> None:
         # CORS preflights carry no credentials by design; aiohttp-cors answers them.
         if public(request) or request.method == hdrs.METH_OPTIONS:
             return await handler(request)
-        presented = _presented(request.headers.get(hdrs.AUTHORIZATION, ""))
+        presented = _presented(request.headers.get(hdrs.AUTHORIZATION, ""), request.headers.get(_X_API_KEY, ""))
         if presented is None or not _valid(presented, encoded):
             raise InvalidApiKey(
-                "Incorrect or missing API key: send 'Authorization: Bearer <key>'",
+                "Incorrect or missing API key: send 'Authorization: Bearer <key>' (or 'x-api-key: <key>')",
                 headers={"WWW-Authenticate": "Bearer"},
             )
         # Whose caches its generations may continue: a fingerprint, never the key itself.
@@ -45,11 +48,14 @@ def setup_api_keys(app: web.Application, keys: list[str]) -> None:
     app.middlewares.append(api_keys)
 
 
-def _presented(header: str) -> bytes | None:
-    """The key an ``Authorization: Bearer <key>`` header presents, as bytes; None if it presents none. Header bytes
-    that are not UTF-8 arrive as surrogate escapes: encoded as they are (they match no key), never a 500."""
-    scheme, _, presented = header.partition(" ")
+def _presented(authorization: str, x_api_key: str) -> bytes | None:
+    """The key an ``Authorization: Bearer <key>`` header presents, else an ``x-api-key`` header, as bytes; None if
+    neither presents one. Header bytes that are not UTF-8 arrive as surrogate escapes: encoded as they are (they
+    match no key), never a 500."""
+    scheme, _, presented = authorization.partition(" ")
     if scheme.lower() != "bearer" or not presented.strip():
+        presented = x_api_key
+    if not presented.strip():
         return None
     return presented.strip().encode("utf-8", "surrogatepass")
 

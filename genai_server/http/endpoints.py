@@ -9,9 +9,12 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from aiohttp import hdrs, web
 from pydantic import BaseModel
+
+from genai_server.errors import APIError
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -31,6 +34,8 @@ class Endpoint:
     response_model: type[BaseModel] | None = None  # the JSON it answers with (OpenAPI)
     unavailable: bool = False  # may answer 503 with a status object (a readiness probe)
     documented: bool = True  # part of the JSON API that /openapi.json describes (not /metrics, nor itself)
+    # The body of an error on this route: None for OpenAI's envelope; Anthropic's routes give theirs.
+    error_body: Callable[[APIError], dict[str, Any]] | None = None
 
     @property
     def generates(self) -> bool:
@@ -79,3 +84,12 @@ def generates(request: web.Request) -> bool:
     """Whether the request is a generation request: a generation route, with its method."""
     endpoint = endpoint_of(request)
     return endpoint is not None and endpoint.generates
+
+
+def takes_json(request: web.Request) -> bool:
+    """Whether the request's route takes a JSON body (read and checked before anything else, ``request_body.py``): a
+    generation route, or another that declares its body (``/tokenize``)."""
+    endpoint = endpoint_of(request)
+    if endpoint is None:
+        return False
+    return endpoint.generates or (endpoint.request_model is not None and endpoint.method == hdrs.METH_POST)

@@ -1,4 +1,5 @@
-"""Error mapping: every error a client sees is the OpenAI envelope, mapped here and nowhere else."""
+"""Error mapping: every error a client sees is the OpenAI envelope (Anthropic's on the routes that speak its API),
+mapped here and nowhere else."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from genai_server.errors import (
     UnsupportedMediaType,
     from_validation_error,
 )
+from genai_server.http.endpoints import endpoint_of
 from genai_server.http.request_state import ERROR
 
 log = logging.getLogger(__name__)
@@ -35,9 +37,12 @@ _HTTP_ERRORS: dict[int, type[APIError]] = {
 }
 
 
-def error_response(error: APIError) -> web.Response:
-    """The JSON response for ``error``."""
-    return web.json_response(error.envelope(), status=error.status, headers=error.headers)
+def error_response(error: APIError, request: web.Request) -> web.Response:
+    """The JSON response for ``error``, in the envelope of the API the request's route speaks."""
+    endpoint = endpoint_of(request)
+    shape = endpoint.error_body if endpoint is not None else None
+    body = shape(error) if shape is not None else error.envelope()
+    return web.json_response(body, status=error.status, headers=error.headers)
 
 
 def to_api_error(exc: BaseException) -> APIError:
@@ -98,6 +103,6 @@ def setup_error_mapping(app: web.Application) -> None:
             error = to_api_error(exc)
             log_server_error(exc, error, f"while handling {request.method} {request.path}")
         request[ERROR] = error  # for the request's record: its code and param
-        return error_response(error)
+        return error_response(error, request)
 
     app.middlewares.append(error_mapping)

@@ -1,5 +1,5 @@
-"""Middleware: a generation request's JSON body, read whole and checked before the request may take or wait for a
-concurrency slot.
+"""Middleware: a request's JSON body (generation routes, and the others that take one), read whole and checked before
+the request may take or wait for a concurrency slot.
 
 Why before the slot: a client that trickles its body one byte at a time must not hold a slot (or a place in the
 queue) while it does; it holds a connection only, until REQUEST_READ_TIMEOUT. Why checked here: whatever JSON
@@ -18,7 +18,7 @@ from typing import Any
 from aiohttp import hdrs, web
 
 from genai_server.errors import InvalidRequest, RequestTimeout, UnsupportedMediaType
-from genai_server.http.endpoints import generates
+from genai_server.http.endpoints import takes_json
 from genai_server.http.request_state import BODY
 
 # Deeper than any real request (a tool's JSON schema included), far below Python's recursion limit.
@@ -74,13 +74,13 @@ def _check_text(text: str, path: str) -> None:
 
 
 def setup_request_body(app: web.Application, read_timeout_s: float, max_body_bytes: int) -> None:
-    """Add the middleware that reads and checks generation bodies (``request[BODY]``) before the slot."""
+    """Add the middleware that reads and checks JSON bodies (``request[BODY]``) before the slot."""
 
     @web.middleware
     async def request_body(
         request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
     ) -> web.StreamResponse:
-        if generates(request):
+        if takes_json(request):
             request[BODY] = await _read(request, read_timeout_s, max_body_bytes)
         return await handler(request)
 

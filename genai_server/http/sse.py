@@ -1,16 +1,19 @@
-"""Server-sent events: write a chunk stream as ``data: {json}`` events ending with ``data: [DONE]``."""
+"""Server-sent events: write a chunk stream as ``data: {json}`` events ending with ``data: [DONE]`` (chat and
+completions), or as named events (``event: <type>``), as the Responses and Anthropic Messages APIs write them."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
+from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
 from pydantic import BaseModel
 
+from genai_server.errors import APIError
 from genai_server.http.error_mapping import log_server_error, to_api_error
 from genai_server.http.request_state import StreamOutcome
 from genai_server.protocol import json_bytes
@@ -27,8 +30,29 @@ _DONE = b"data: [DONE]\n\n"
 _KEEP_ALIVE = b": keep-alive\n\n"
 
 
-def _event(payload: bytes) -> bytes:
-    return b"data: " + payload + b"\n\n"
+def _envelope(error: APIError) -> list[dict[str, Any]]:
+    return [error.envelope()]
+
+
+@dataclass(frozen=True)
+class SseDialect:
+    """How an API writes its stream: whether each event is named (``event: <its type>``), what ends a stream, and
+    the events an error after the start becomes."""
+
+    named: bool = False
+    done: bytes = _DONE
+    error_events: Callable[[APIError], list[dict[str, Any]]] = _envelope
+
+    def event(self, chunk: BaseModel | dict[str, Any]) -> bytes:
+        """One event's bytes."""
+        data = b"data: " + json_bytes(chunk) + b"\n\n"
+        if self.named and isinstance(chunk, dict):
+            return f"event: {chunk['type']}\n".encode() + data
+        return data
+
+
+# Chat and completions: unnamed events, then ``data: [DONE]``; an error is the OpenAI envelope.
+CHAT_SSE = SseDialect()
 
 
 async def write_sse(
@@ -36,11 +60,12 @@ async def write_sse(
     chunks: AsyncGenerator[BaseModel | dict[str, Any], None],
     write_timeout: float | None = None,
     keep_alive_s: float = 0.0,
+    dialect: SseDialect = CHAT_SSE,
 ) -> tuple[web.StreamResponse, StreamOutcome]:
-    """Stream ``chunks``; an error after the stream started is sent as an error event, then ``[DONE]`` (the
-    response's own status, 200, left with the headers). Returns the response and how the stream ended. After
-    ``keep_alive_s`` seconds without an event (a long prefill on a CPU, an upstream's silence) an SSE comment goes
-    out, so that an idle proxy does not cut the stream (0: never).
+    """Stream ``chunks`` as ``dialect`` writes them; an error after the stream started is sent as its error events,
+    then its end (the response's own status, 200, left with the headers). Returns the response and how the stream
+    ended. After ``keep_alive_s`` seconds without an event (a long prefill on a CPU, an upstream's silence) an SSE
+    comment goes out, so that an idle proxy does not cut the stream (0: never).
 
     A client that disconnects ends the loop with ``ConnectionResetError``; closing ``chunks`` then cancels its
     generation at once. One that disconnects while a write waits cancels the handler (aiohttp), which the
@@ -55,11 +80,12 @@ async def write_sse(
         if keep_alive_s > 0:
             keep_alive = asyncio.create_task(_keep_alive(response, written, keep_alive_s))
         async for chunk in chunks:
-            await _write(request, response, _event(json_bytes(chunk)), write_timeout)
+            await _write(request, response, dialect.event(chunk), write_timeout)
             written.at = written.clock()
         if keep_alive is not None:
             keep_alive.cancel()
-        await response.write(_DONE)
+        if dialect.done:
+            await response.write(dialect.done)
     except (ConnectionResetError, TimeoutError) as exc:
         # Gone, or not reading: a client that stalls its socket must not hold a slot forever.
         log.info("client %s mid-stream", "stopped reading" if isinstance(exc, TimeoutError) else "disconnected")
@@ -70,7 +96,7 @@ async def write_sse(
         error = to_api_error(exc)
         log_server_error(exc, error, "during a stream")
         outcome = StreamOutcome(error=error)
-        await _write_error(response, error.envelope())
+        await _write_error(response, b"".join(map(dialect.event, dialect.error_events(error))) + dialect.done)
     finally:
         if keep_alive is not None:
             keep_alive.cancel()
@@ -112,6 +138,6 @@ async def _write(request: web.Request, response: web.StreamResponse, data: bytes
         await response.write(data)
 
 
-async def _write_error(response: web.StreamResponse, envelope: dict[str, object]) -> None:
+async def _write_error(response: web.StreamResponse, events: bytes) -> None:
     with contextlib.suppress(ConnectionResetError):
-        await response.write(_event(json_bytes(envelope)) + _DONE)
+        await response.write(events)

@@ -11,11 +11,13 @@ import jsonschema
 
 # Kept in the repository (MIT, licence beside it) so the suite needs nothing outside the checkout.
 SPEC = Path(__file__).resolve().parents[1] / "openai-spec" / "openai-schemas-subset.json"
+# The Responses API's schemas, from a newer description (JSON Schema already: no ``nullable``).
+RESPONSES_SPEC = SPEC.with_name("openai-responses-subset.json")
 
 
-def schema_validator() -> Callable[[str, Any], None]:
+def schema_validator(spec: Path = SPEC) -> Callable[[str, Any], None]:
     """Validate a payload against a schema of the official OpenAI API description (by the schema's name)."""
-    document = _nullable_to_json_schema(json.loads(SPEC.read_text()))
+    document = _nullable_to_json_schema(json.loads(spec.read_text()))
 
     def validate(name: str, payload: Any) -> None:
         schema = {"$ref": f"#/components/schemas/{name}", "components": document["components"]}

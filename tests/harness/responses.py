@@ -21,6 +21,21 @@ def stream_chunks(raw: str) -> list[dict[str, Any]]:
     return [json.loads(e) for e in events[:-1]]
 
 
+def named_events(raw: str) -> list[dict[str, Any]]:
+    """The JSON events of a stream of named events (the Responses and Messages APIs): each an ``event:`` line naming
+    its payload's ``type``, then one ``data:`` line; keep-alive comments skipped; no ``[DONE]``."""
+    events = []
+    for block in (b.strip() for b in raw.split("\n\n")):
+        if not block or block.startswith(":"):
+            continue
+        name, data = block.split("\n")
+        assert name.startswith("event: ") and data.startswith("data: "), block
+        event = json.loads(data[len("data: ") :])
+        assert event["type"] == name[len("event: ") :], block
+        events.append(event)
+    return events
+
+
 def metric_sample(text: str, name: str, **labels: str) -> float:
     """The value of one sample in the exposition text."""
     wanted = ",".join(f'{k}="{v}"' for k, v in labels.items())

@@ -122,6 +122,17 @@ class Drop:
 Script = Reply | Endless | Stall | Drop
 
 
+def _delta(**delta: Any) -> dict[str, Any]:
+    """A chat chunk whose delta is ``delta`` (reasoning, tool calls) and no finish."""
+    return {**chunk(""), "choices": [{"index": 0, "delta": delta, "finish_reason": None}]}
+
+
+def _call(*, id: str | None = None, name: str | None = None, arguments: str) -> dict[str, Any]:
+    """A streamed tool call's piece: the first with its id and name."""
+    function = {"arguments": arguments, **({"name": name} if name else {})}
+    return {"index": 0, **({"id": id, "type": "function"} if id else {}), "function": function}
+
+
 def _vllm(text: str, finish: str | None = None) -> dict[str, Any]:
     piece = chunk(text, finish)
     piece["choices"][0].update(logprobs=None, stop_reason=None)  # vLLM's extra field
@@ -157,6 +168,28 @@ ENGINE_SCRIPTS: dict[str, Script] = {
     # llama-server (b5000+): usage and timings on the last chunk, the one with choices and the finish reason.
     "llamacpp-usage-on-last": Reply(
         sse(chunk("Hel"), {**chunk("lo", "stop"), "usage": USAGE["usage"], "timings": {"predicted_n": 2}})
+    ),
+    # A reasoning engine (vLLM's reasoning parser): its thinking under ``reasoning_content``, then the answer.
+    "reasoning": Reply(
+        sse(
+            _delta(reasoning_content="Think"),
+            _delta(reasoning_content="ing."),
+            chunk("Hel"),
+            chunk("lo", "stop"),
+            USAGE,
+        )
+    ),
+    # vLLM and Ollama's /v1 now name it ``reasoning``.
+    "reasoning-named": Reply(sse(_delta(reasoning="Thinking."), chunk("Hello", "stop"), USAGE)),
+    # A call of get_weather, its arguments in two pieces, the call's id and name in the first.
+    "tool-call": Reply(
+        sse(
+            _delta(tool_calls=[_call(id="call_up1", name="get_weather", arguments="")]),
+            _delta(tool_calls=[_call(arguments='{"city": ')]),
+            _delta(tool_calls=[_call(arguments='"Paris"}')]),
+            {**_delta(), "choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]},
+            USAGE,
+        )
     ),
     "malformed": Reply(sse(chunk("Hel"), b"{not json")),
     "truncated": Reply(sse(chunk("Hel"), done=False)),
@@ -247,6 +280,18 @@ class StaleKeepAlive(AppInThread):
         return web.Response(body=self.reply, content_type="text/event-stream")
 
 
+# What vLLM answers on its routes besides chat (the same for any request).
+VLLM_ROUTES: dict[str, dict[str, Any]] = {
+    "/tokenize": {"count": 3, "max_model_len": 4096, "tokens": [11, 12, 13], "token_strs": ["He", "l", "lo"]},
+    "/detokenize": {"prompt": "Hello"},
+    "/v1/embeddings": {
+        "object": "list",
+        "data": [{"object": "embedding", "index": 0, "embedding": [0.25, -0.5]}],
+        "usage": {"prompt_tokens": 2, "total_tokens": 2},
+    },
+}
+
+
 class ScriptedUpstream(AppInThread):
     """An OpenAI-style engine: ``POST /v1/chat/completions`` answers the model it is asked for with that model's
     script (``default`` for any other), and ``GET /v1/models`` answers ``listing`` when one is given (none by
@@ -274,8 +319,19 @@ class ScriptedUpstream(AppInThread):
 
     def routes(self, app: web.Application) -> None:
         app.router.add_post("/v1/chat/completions", self._chat)
+        # vLLM's other routes, answered alike for every model: /tokenize and /detokenize beside /v1.
+        for path, answer in VLLM_ROUTES.items():
+            app.router.add_post(path, self._answerer(answer))
         if self.listing is not None:
             app.router.add_get("/v1/models", self._models)
+
+    def _answerer(self, answer: dict[str, Any]) -> Any:
+        async def handle(request: web.Request) -> web.Response:
+            body = await request.json()
+            self.bodies.append(body)
+            return web.json_response({**answer, **({"model": body["model"]} if "data" in answer else {})})
+
+        return handle
 
     async def _models(self, request: web.Request) -> web.Response:
         self.probes += 1
