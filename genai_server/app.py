@@ -117,7 +117,8 @@ async def _upstream_entries(settings: Settings) -> list[ModelEntry]:
     )
     shown = shown_url(settings.upstream_url)
     log.info("serving the upstream's models", extra={"fields": {"upstream_url": shown, "models": ids}})
-    return [ModelEntry(id=i, backend="openai", url=settings.upstream_url, api_key=key) for i in ids]
+    native = settings.upstream_native_apis
+    return [ModelEntry(id=i, backend="openai", url=settings.upstream_url, api_key=key, native_apis=native) for i in ids]
 
 
 def _backend(app: web.Application, settings: Settings, entry: ModelEntry) -> Backend:

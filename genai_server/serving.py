@@ -134,6 +134,26 @@ class Serving:
         assert isinstance(result, dict)
         return result
 
+    def natively(self, model_id: str, api: str) -> bool:
+        """Whether the model's backend relays ``api`` (responses, messages) as it is; False for an unknown model (its
+        request is translated, and refused as unknown there)."""
+        backend = self._backends.get(model_id)
+        return backend is not None and backend.serves_natively(api)
+
+    async def relay_native(
+        self, api: str, model_id: str, body: dict[str, Any], stats: RequestTelemetry, answer: AnswerShape
+    ) -> Result:
+        """``api``'s request relayed as it came to the model's engine, timed as chat is; ``answer`` says which of
+        its stream's events carries the usage (where the clock stops) and how our figures go on it."""
+        if self._stopped:
+            raise ShuttingDown("The server is shutting down; no new generation starts")
+        backend = self._start(model_id, stats)
+        return await _timed(backend.relay_native(api, body, stats), stats, self._stopping, answer)
+
+    async def native_request(self, model_id: str, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+        """Another route of a natively relayed API, to the model's engine."""
+        return await self._backend(model_id).native_request(method, path, body)
+
     def _check_max_tokens(self, req: SamplingRequest) -> None:
         most = self._limits.max_tokens_limit
         if req.limit is not None and req.limit > most:
@@ -176,21 +196,34 @@ def cache_scope(owner: str, salt: str | None) -> str:
     return hashlib.sha256(f"{owner}\0{salt or ''}".encode()).hexdigest()
 
 
-async def _timed(pending: Awaitable[Result], stats: RequestTelemetry, stopping: Callable[[], bool]) -> Result:
+@dataclass(frozen=True)
+class AnswerShape:
+    """Where an API's answer takes our figures: which streamed item carries the final usage (the clock stops
+    there, and the figures go out with it), and how the figures (``metrics``, ``performance``) are put on an item
+    or a whole answer. Chat's and completions' by default."""
+
+    final: Callable[[Response], bool]
+    attach: Callable[[Response, dict[str, Any]], Response]
+
+
+async def _timed(
+    pending: Awaitable[Result], stats: RequestTelemetry, stopping: Callable[[], bool], shape: AnswerShape | None = None
+) -> Result:
     """The backend's answer with the request's clock stopped where its generation ends, once, here: after a whole
     response, at a stream's usage chunk (its figures go out with it) or at the stream's end, or when the backend
     fails or the client leaves. The figures go on the answer where its usage does. A backend that fails because
     the server is stopping it (``stopping``: an upstream session closed under a relayed request) is the server
     shutting down, not the upstream failing: 503 ``shutting_down`` (it was a 500, or a dropped connection)."""
+    shape = shape or CHAT_SHAPE
     try:
         result = await _shut_down_if_stopping(pending, stopping)
     except BaseException:
         stats.finish()  # refused or failed before any answer: stop watching the GPU for it
         raise
     if isinstance(result, AsyncGenerator):
-        return _TimedStream(result, stats, stopping)
+        return _TimedStream(result, stats, stopping, shape)
     stats.finish()
-    return _with_figures(result, stats)
+    return shape.attach(result, _figures(stats))
 
 
 class _TimedStream(AsyncGenerator[Response, None]):
@@ -199,11 +232,16 @@ class _TimedStream(AsyncGenerator[Response, None]):
     generator that never started would skip its ``finally``: a client gone before the first chunk)."""
 
     def __init__(
-        self, chunks: AsyncGenerator[Response, None], stats: RequestTelemetry, stopping: Callable[[], bool]
+        self,
+        chunks: AsyncGenerator[Response, None],
+        stats: RequestTelemetry,
+        stopping: Callable[[], bool],
+        shape: AnswerShape,
     ) -> None:
         self._chunks = chunks
         self._stats = stats
         self._stopping = stopping
+        self._shape = shape
 
     async def asend(self, value: None) -> Response:
         try:
@@ -211,10 +249,10 @@ class _TimedStream(AsyncGenerator[Response, None]):
         except BaseException:  # its end, its failure, or the client leaving: generation is over
             self._stats.finish()
             raise
-        if not _final_usage(chunk):
+        if not self._shape.final(chunk):
             return chunk
         self._stats.finish()
-        return _with_figures(chunk, self._stats)
+        return self._shape.attach(chunk, _figures(self._stats))
 
     async def athrow(self, typ: Any, val: Any = None, tb: Any = None, /) -> Response:
         try:
@@ -258,12 +296,20 @@ def _usage(response: Response) -> object:
     return response.get("usage") if isinstance(response, dict) else getattr(response, "usage", None)
 
 
-def _with_figures(response: Response, stats: RequestTelemetry) -> Response:
-    """Our figures beside the usage: ``metrics``, and ``performance`` as the original design called them."""
+def _figures(stats: RequestTelemetry) -> dict[str, Any]:
+    """Our figures: ``metrics``, and ``performance`` as the original design called them."""
+    return {"metrics": stats.metrics(), "performance": stats.performance()}
+
+
+def _with_figures(response: Response, figures: dict[str, Any]) -> Response:
+    """Our figures beside the usage, at the top of a response or chunk (ours, or relayed JSON)."""
     if isinstance(response, dict):
-        response.update(metrics=stats.metrics().model_dump(), performance=stats.performance().model_dump())
+        response.update((name, value.model_dump()) for name, value in figures.items())
         return response
-    return response.model_copy(update={"metrics": stats.metrics(), "performance": stats.performance()})
+    return response.model_copy(update=figures)
+
+
+CHAT_SHAPE = AnswerShape(final=_final_usage, attach=_with_figures)
 
 
 async def _close(backend: Backend) -> None:

@@ -32,6 +32,8 @@ from genai_server.shown_urls import shown_url
 BUNDLED_MODEL = Path(__file__).resolve().parent / "bundled_model" / "tiny-random-llama-int4"
 
 BackendName = Literal["onnx", "openai", "ollama"]
+# The APIs besides chat an upstream may serve itself (relayed as they are) rather than have translated to chat.
+NativeApi = Literal["responses", "messages"]
 
 
 def _http_url(url: str) -> str:
@@ -63,6 +65,11 @@ class ModelEntry(BaseModel):
     )
     upstream_model: str | None = Field(None, description="openai/ollama: the upstream's name for it (default: id)")
     api_key: SecretStr | None = Field(None, description="openai: bearer key for the upstream")
+    native_apis: list[NativeApi] = Field(
+        default_factory=list,
+        description="openai: the APIs the upstream serves itself (responses, messages), relayed as they are "
+        "instead of translated to chat completions",
+    )
 
     @field_validator("url")
     @classmethod
@@ -80,6 +87,8 @@ class ModelEntry(BaseModel):
             raise ValueError(f"model {self.id!r}: backend {self.backend} needs a url (or urls)")
         if self.url and self.urls:
             raise ValueError(f"model {self.id!r}: url or urls, not both")
+        if self.native_apis and self.backend != "openai":
+            raise ValueError(f"model {self.id!r}: native_apis is for the openai backend")
         if self.urls is not None and len({shown_url(url) for url in self.urls}) != len(self.urls):
             # Two spellings of one address (a trailing slash) would be one replica counted twice, in two series.
             raise ValueError(f"model {self.id!r}: urls names a replica twice")
@@ -124,6 +133,11 @@ class Settings(BaseSettings):
     upstream_api_key: SecretStr | None = Field(None, description="bearer key for the upstream, if it wants one")
     upstream_model: str | None = Field(
         None, description="model name the upstream knows (default: MODEL_ID); clients see MODEL_ID"
+    )
+    upstream_native_apis: Annotated[list[NativeApi], NoDecode] = Field(
+        default_factory=list,
+        description="comma-separated APIs the upstream serves itself (responses, messages), relayed as they are "
+        "instead of translated to chat completions",
     )
     upstream_connect_timeout_s: float = Field(5.0, gt=0, description="seconds to connect to the upstream")
     upstream_read_timeout_s: float = Field(
@@ -291,7 +305,7 @@ class Settings(BaseSettings):
     )
     log_format: Literal["json", "text"] = Field("text", description="json (one object per line) or text")
 
-    @field_validator("cors_origins", "api_keys", "allowed_hosts", mode="before")
+    @field_validator("cors_origins", "api_keys", "allowed_hosts", "upstream_native_apis", mode="before")
     @classmethod
     def _split_commas(cls, value: Any) -> Any:
         if isinstance(value, str):
@@ -344,6 +358,7 @@ class Settings(BaseSettings):
             url=self.upstream_url,
             upstream_model=self.resolved_upstream_model,
             api_key=key,
+            native_apis=self.upstream_native_apis,
         )
 
     @property

@@ -21,7 +21,7 @@ from genai_server.app import create_app
 from tests.harness.bodies import MODEL_ID
 from tests.harness.in_process import ClientFactory, make_settings
 from tests.harness.responses import named_events
-from tests.harness.upstream import ScriptedUpstream
+from tests.harness.upstream import NATIVE_MESSAGE, NATIVE_MESSAGE_EVENTS, ScriptedUpstream
 
 KEY = "k1"
 GREEDY = {"temperature": 0}
@@ -297,3 +297,28 @@ async def test_count_tokens_through_the_gateway_asks_the_engines_tokenizer(
     counted = await proxy.post("/v1/messages/count_tokens", json=body)
     assert await counted.json() == {"input_tokens": 3}
     assert seen.bodies[-1]["messages"] == [{"role": "user", "content": "Hello"}] and seen.bodies[-1]["model"] == "vllm"
+
+
+async def test_an_engine_that_serves_messages_itself_gets_the_request_as_it_came(
+    make_client: ClientFactory, scripted: tuple[str, ScriptedUpstream]
+) -> None:
+    url, seen = scripted
+    proxy = await make_client(
+        backend="openai",
+        upstream_url=url + "/v1",
+        model_id=PROXIED,
+        upstream_model="vllm",
+        upstream_native_apis="messages",
+    )
+    sent = _small(container="c1", cache_control={"type": "ephemeral"})
+    whole = await (await proxy.post("/v1/messages", json=sent)).json()
+    assert seen.bodies[-1] == {**sent, "model": "vllm"}
+    assert whole["model"] == PROXIED and whole["content"] == NATIVE_MESSAGE["content"]
+    assert (whole["metrics"]["prompt_tokens"], whole["metrics"]["completion_tokens"]) == (5, 2)
+    events = named_events(await (await proxy.post("/v1/messages", json=_small(stream=True))).text())
+    assert [e["type"] for e in events] == [e["type"] for e in NATIVE_MESSAGE_EVENTS]
+    assert events[0]["message"]["model"] == PROXIED
+    figures = events[-2]["metrics"]
+    assert figures["time_to_first_token_ms"] is not None and figures["cached_prompt_tokens"] == 1
+    counted = await proxy.post("/v1/messages/count_tokens", json={"model": PROXIED, "messages": sent["messages"]})
+    assert await counted.json() == {"input_tokens": 5} and seen.bodies[-1]["model"] == "vllm"

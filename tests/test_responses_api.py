@@ -22,7 +22,7 @@ from tests.harness.bodies import MODEL_ID
 from tests.harness.in_process import ClientFactory
 from tests.harness.openai_spec import RESPONSES_SPEC, schema_validator
 from tests.harness.responses import named_events
-from tests.harness.upstream import ScriptedUpstream
+from tests.harness.upstream import NATIVE_RESPONSE, NATIVE_RESPONSE_EVENTS, ScriptedUpstream
 
 # A short answer the model ends on its own (the schema admits nothing else).
 WEATHER_SCHEMA = {
@@ -188,6 +188,20 @@ async def test_a_continued_conversation_reuses_the_kept_kv_cache(oai: openai.Asy
         if cached:
             return
     raise AssertionError("no continued response reused the kept conversation")
+
+
+async def test_top_logprobs_come_back_on_the_output_text(make_client: ClientFactory, responses_schema: Any) -> None:
+    client = await make_client()
+    whole = await (await client.post("/v1/responses", json=_small(top_logprobs=2))).json()
+    part = whole["output"][0]["content"][0]
+    assert len(part["logprobs"]) == whole["usage"]["output_tokens"] == 6
+    assert all(len(entry["top_logprobs"]) == 2 for entry in part["logprobs"])
+    raw = bytes(byte for entry in part["logprobs"] for byte in entry["bytes"])
+    assert raw.decode("utf-8", "replace") == part["text"]  # the tokens' bytes rebuild the answer
+    events = named_events(await (await client.post("/v1/responses", json=_small(top_logprobs=2, stream=True))).text())
+    _check_events(events, responses_schema)
+    streamed = [entry for e in events if e["type"] == "response.output_text.delta" for entry in e["logprobs"]]
+    assert [entry["token"] for entry in streamed] == [entry["token"] for entry in part["logprobs"]]
 
 
 # ---- the store ---------------------------------------------------------------------------------------------------
@@ -414,3 +428,52 @@ async def test_a_failure_mid_stream_ends_with_response_failed(
 def _small(**change: Any) -> dict[str, Any]:
     body = {"model": MODEL_ID, "input": "Hello", "max_output_tokens": 6, "temperature": 0, **change}
     return {k: v for k, v in body.items() if v is not None}
+
+
+# ---- relayed as it is, to an engine that serves the Responses API itself ----------------------------------------
+
+
+async def test_an_engine_that_serves_responses_itself_gets_the_request_as_it_came(
+    make_client: ClientFactory, scripted: tuple[str, ScriptedUpstream], responses_schema: Any
+) -> None:
+    url, seen = scripted
+    proxy = await make_client(
+        backend="openai",
+        upstream_url=url + "/v1",
+        model_id=PROXIED,
+        upstream_model="vllm",
+        upstream_native_apis="responses",
+        api_keys="key-a,key-b",
+    )
+    a, b = ({"Authorization": f"Bearer {key}"} for key in ("key-a", "key-b"))
+    # What the translation would refuse or not know goes to the engine untouched: it decides.
+    sent = _small(model=PROXIED, tools=[{"type": "web_search"}], include=["reasoning.encrypted_content"])
+    whole = await proxy.post("/v1/responses", json=sent, headers=a)
+    answer = await whole.json()
+    assert seen.bodies[-1] == {**sent, "model": "vllm"}
+    assert answer["model"] == PROXIED and answer["output"] == NATIVE_RESPONSE["output"]
+    assert answer["metrics"]["prompt_tokens"] == 5 and answer["metrics"]["completion_tokens"] == 2
+    assert "x-total-time" in whole.headers
+
+    streamed = await proxy.post("/v1/responses", json=_small(model=PROXIED, stream=True), headers=a)
+    events = named_events(await streamed.text())
+    assert [e["type"] for e in events] == [e["type"] for e in NATIVE_RESPONSE_EVENTS]
+    assert events[0]["response"]["model"] == PROXIED
+    figures = events[-1]["response"]["metrics"]
+    assert figures["time_to_first_token_ms"] is not None and figures["cached_prompt_tokens"] == 1
+    assert (figures["prompt_tokens"], figures["completion_tokens"]) == (5, 2)
+
+    # The engine keeps the response; this server keeps whose it is.
+    kept = f"/v1/responses/{NATIVE_RESPONSE['id']}"
+    assert (await proxy.get(kept, headers=b)).status == 404 and seen.kept == []
+    refused = await proxy.post("/v1/responses", json=_small(model=PROXIED, previous_response_id="resp_up1"), headers=b)
+    assert refused.status == 400
+    continued = await proxy.post(
+        "/v1/responses", json=_small(model=PROXIED, previous_response_id="resp_up1"), headers=a
+    )
+    assert continued.status == 200 and seen.bodies[-1]["previous_response_id"] == "resp_up1"
+    got = await proxy.get(kept, headers=a)
+    assert got.status == 200 and (await got.json())["model"] == PROXIED
+    assert (await proxy.delete(kept, headers=a)).status == 200
+    assert seen.kept == [("GET", kept), ("DELETE", kept)]
+    assert (await proxy.get(kept, headers=a)).status == 404

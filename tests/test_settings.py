@@ -47,6 +47,8 @@ def test_model_id_defaults_to_the_folder_name(monkeypatch: pytest.MonkeyPatch, t
         (["--server-port", "0"], "SERVER_PORT"),
         (["--max-concurrent-requests", "0"], "MAX_CONCURRENT_REQUESTS"),
         (["--log-level", "loud"], "LOG_LEVEL"),
+        (["--upstream-native-apis", "responses,assistants"], "UPSTREAM_NATIVE_APIS"),
+        (["--upstream-native-apis", "messages", "--env-file", "/nonexistent"], "native_apis is for the openai backend"),
     ],
 )
 def test_bad_values_name_the_setting(args: list[str], named: str) -> None:

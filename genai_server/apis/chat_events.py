@@ -18,9 +18,10 @@ from pydantic import BaseModel
 
 @dataclass(frozen=True)
 class Text:
-    """Answer text."""
+    """Answer text, and its tokens' log probabilities when they were asked for (each as chat writes one)."""
 
     text: str
+    logprobs: tuple[dict[str, Any], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -86,8 +87,8 @@ class Builder(ABC):
     def feed(self, event: ChatEvent) -> list[dict[str, Any]]:
         """The events one piece of the chat answer makes."""
         match event:
-            case Text(text):
-                return self.text(text)
+            case Text(text, logprobs):
+                return self.text(text, logprobs)
             case Reasoning(text):
                 return self.reasoning(text)
             case CallStart(index, call_id, name):
@@ -101,8 +102,8 @@ class Builder(ABC):
         return []
 
     @abstractmethod
-    def text(self, text: str) -> list[dict[str, Any]]:
-        """Answer text."""
+    def text(self, text: str, logprobs: tuple[dict[str, Any], ...]) -> list[dict[str, Any]]:
+        """Answer text, and its tokens' log probabilities if asked for."""
 
     @abstractmethod
     def reasoning(self, text: str) -> list[dict[str, Any]]:
@@ -157,7 +158,7 @@ def chunk_events(chunk: BaseModel | dict[str, Any]) -> list[ChatEvent]:
         delta = choice.get("delta") or {}
         events.extend(_reasoning(delta))
         if isinstance(delta.get("content"), str) and delta["content"]:
-            events.append(Text(delta["content"]))
+            events.append(Text(delta["content"], _logprobs(choice)))
         for position, call in enumerate(delta.get("tool_calls") or []):
             events.extend(_call_pieces(call, position))
         events.extend(_finish(choice))
@@ -173,7 +174,7 @@ def whole_events(completion: BaseModel | dict[str, Any]) -> list[ChatEvent]:
         message = choice.get("message") or {}
         events.extend(_reasoning(message))
         if isinstance(message.get("content"), str) and message["content"]:
-            events.append(Text(message["content"]))
+            events.append(Text(message["content"], _logprobs(choice)))
         for position, call in enumerate(message.get("tool_calls") or []):
             function = call.get("function") or {}
             events.append(CallStart(position, str(call.get("id") or ""), str(function.get("name") or "")))
@@ -185,6 +186,30 @@ def whole_events(completion: BaseModel | dict[str, Any]) -> list[ChatEvent]:
 
 def _first_choice(data: dict[str, Any]) -> list[dict[str, Any]]:
     return [c for c in data.get("choices") or [] if isinstance(c, dict) and c.get("index", 0) == 0]
+
+
+def _logprobs(choice: dict[str, Any]) -> tuple[dict[str, Any], ...]:
+    """A choice's tokens' log probabilities, each with its alternatives, ``bytes`` always a list."""
+    given = choice.get("logprobs")
+    items = given.get("content") if isinstance(given, dict) else None
+    return tuple(
+        {
+            "token": str(item.get("token", "")),
+            "logprob": item.get("logprob", 0.0),
+            "bytes": item.get("bytes") or [],
+            "top_logprobs": [
+                {
+                    "token": str(top.get("token", "")),
+                    "logprob": top.get("logprob", 0.0),
+                    "bytes": top.get("bytes") or [],
+                }
+                for top in item.get("top_logprobs") or []
+                if isinstance(top, dict)
+            ],
+        }
+        for item in items or []
+        if isinstance(item, dict)
+    )
 
 
 def _reasoning(part: dict[str, Any]) -> list[ChatEvent]:

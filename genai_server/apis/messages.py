@@ -299,8 +299,8 @@ class MessageBuilder(Builder):
         start = {"type": "message_start", "message": json.loads(json.dumps(self.message))}
         return [start, {"type": "ping"}]
 
-    def text(self, text: str) -> list[dict[str, Any]]:
-        """Answer text: into the open text block (opened if need be)."""
+    def text(self, text: str, logprobs: tuple[dict[str, Any], ...] = ()) -> list[dict[str, Any]]:
+        """Answer text: into the open text block (opened if need be); Messages has no log probabilities."""
         return [*self._open_block("text"), self._delta({"type": "text_delta", "text": text}, "text", text)]
 
     def reasoning(self, text: str) -> list[dict[str, Any]]:
@@ -398,3 +398,15 @@ def whole_message(builder: MessageBuilder, completion: BaseModel | dict[str, Any
 def stream_error(error: APIError) -> list[dict[str, Any]]:
     """An error after the stream began: Anthropic's ``error`` event."""
     return [error_body(error)]
+
+
+def last_event(item: BaseModel | dict[str, Any]) -> bool:
+    """Whether an engine's own Messages event is the one with the final usage (``message_delta``)."""
+    return isinstance(item, dict) and item.get("type") == "message_delta"
+
+
+def with_figures(item: BaseModel | dict[str, Any], figures: dict[str, Any]) -> BaseModel | dict[str, Any]:
+    """Our figures on an engine's message or its ``message_delta``, beside the usage."""
+    if isinstance(item, dict):
+        item.update((name, value.model_dump()) for name, value in figures.items())
+    return item

@@ -21,6 +21,9 @@ class StoredResponse:
     response: dict[str, Any]
     conversation: list[dict[str, Any]]
     size: int
+    # A response an engine made and keeps itself (relayed as it is): the model whose engine has it; this store
+    # keeps only that it exists and whose it is.
+    relayed_to: str | None = None
 
 
 class ResponseStore:
@@ -36,14 +39,23 @@ class ResponseStore:
         """Keep a response, making room by dropping the least recently used; False when it cannot be kept at all
         (the store is off, or it alone is larger than the store)."""
         size = len(orjson.dumps(response)) + len(orjson.dumps(conversation))
-        if self._max_items == 0 or size > self._max_bytes:
+        return self._keep(StoredResponse(owner, response, conversation, size))
+
+    def _keep(self, stored: StoredResponse) -> bool:
+        if self._max_items == 0 or stored.size > self._max_bytes:
             return False
-        self._drop(response["id"])
-        while self._items and (len(self._items) >= self._max_items or self._bytes + size > self._max_bytes):
+        response_id = stored.response["id"]
+        self._drop(response_id)
+        while self._items and (len(self._items) >= self._max_items or self._bytes + stored.size > self._max_bytes):
             self._drop(next(iter(self._items)))
-        self._items[response["id"]] = StoredResponse(owner, response, conversation, size)
-        self._bytes += size
+        self._items[response_id] = stored
+        self._bytes += stored.size
         return True
+
+    def remember(self, owner: str, response_id: str, model: str) -> None:
+        """Note a response an engine keeps (``relayed_to``): whose it is, for its ``GET``, ``DELETE`` and
+        ``previous_response_id``; bounded with the rest."""
+        self._keep(StoredResponse(owner, {"id": response_id}, [], len(response_id) + len(model), model))
 
     def get(self, response_id: str, owner: str) -> StoredResponse | None:
         """The response, if it is kept and ``owner``'s; reading it makes it the most recently used."""

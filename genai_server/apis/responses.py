@@ -296,9 +296,9 @@ class ResponseBuilder(Builder):
         created = self._event("response.created", response=copy.deepcopy(self.response))
         return [created, self._event("response.in_progress", response=copy.deepcopy(self.response))]
 
-    def text(self, text: str) -> list[dict[str, Any]]:
-        """Answer text: into the open message (opened if need be)."""
-        return [*self._open_item("message"), self._delta("response.output_text.delta", text)]
+    def text(self, text: str, logprobs: tuple[dict[str, Any], ...] = ()) -> list[dict[str, Any]]:
+        """Answer text, and its tokens' log probabilities: into the open message (opened if need be)."""
+        return [*self._open_item("message"), self._delta("response.output_text.delta", text, logprobs)]
 
     def reasoning(self, text: str) -> list[dict[str, Any]]:
         """Reasoning text: into the open reasoning item."""
@@ -391,12 +391,14 @@ class ResponseBuilder(Builder):
             "response.output_item.added", output_index=len(self.response["output"]) - 1, item=copy.deepcopy(item)
         )
 
-    def _delta(self, kind: str, text: str) -> dict[str, Any]:
+    def _delta(self, kind: str, text: str, logprobs: tuple[dict[str, Any], ...] = ()) -> dict[str, Any]:
         assert self._open is not None
-        self._open["content"][0]["text"] += text
+        part = self._open["content"][0]
+        part["text"] += text
         event = self._item_event(kind, content_index=0, delta=text)
         if kind == "response.output_text.delta":
-            event["logprobs"] = []
+            part["logprobs"].extend(logprobs)
+            event["logprobs"] = list(logprobs)
         return event
 
     def _close(self) -> list[dict[str, Any]]:
@@ -416,7 +418,7 @@ class ResponseBuilder(Builder):
             part = item["content"][0]
             if item["type"] == "message":
                 done = self._item_event("response.output_text.done", item=item, content_index=0, text=part["text"])
-                done["logprobs"] = []
+                done["logprobs"] = part["logprobs"]
             else:
                 done = self._item_event("response.reasoning_text.done", item=item, content_index=0, text=part["text"])
             events.append(done)
@@ -475,3 +477,28 @@ async def response_events(
         async for event in events:
             yield event
     on_end(builder)
+
+
+# ---- relayed as the engine wrote it ------------------------------------------------------------------------------
+
+_LAST_EVENTS = ("response.completed", "response.incomplete", "response.failed")
+
+
+def last_event(item: BaseModel | dict[str, Any]) -> bool:
+    """Whether an engine's own Responses event is the one with the usage (the stream's last)."""
+    return isinstance(item, dict) and item.get("type") in _LAST_EVENTS
+
+
+def with_figures(item: BaseModel | dict[str, Any], figures: dict[str, Any]) -> BaseModel | dict[str, Any]:
+    """Our figures on an engine's response: beside its usage, on the response itself or the one its last event
+    carries (where the openai SDK keeps them in ``model_extra``)."""
+    if isinstance(item, dict):
+        inner = item.get("response")
+        holder: dict[str, Any] = inner if isinstance(inner, dict) else item
+        holder.update((name, value.model_dump()) for name, value in figures.items())
+    return item
+
+
+def relayed_failure(error: APIError) -> list[dict[str, Any]]:
+    """An error after an engine's own stream began: the ``error`` event (its place in the sequence unknown here)."""
+    return [{"type": "error", "code": error.code, "message": error.message, "param": error.param, "sequence_number": 0}]

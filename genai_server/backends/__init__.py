@@ -88,3 +88,17 @@ class Backend(Protocol):
     async def embeddings(self, body: dict[str, Any], stats: RequestTelemetry) -> dict[str, Any]:
         """``/v1/embeddings``, relayed where an engine serves it; a clear refusal where none does."""
         ...
+
+    def serves_natively(self, api: str) -> bool:
+        """Whether another API (``responses``, ``messages``) goes to the engine as it is, rather than translated to
+        chat (``apis/``): only where an upstream serves it itself and the configuration says so."""
+        ...
+
+    async def relay_native(self, api: str, body: dict[str, Any], stats: RequestTelemetry) -> Result:
+        """That API's request relayed as it came (our model id swapped for the upstream's), its answer or events
+        back as the engine sent them, timed and counted."""
+        ...
+
+    async def native_request(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+        """Another of that API's routes (a kept response's ``GET``, say), relayed; its JSON answer."""
+        ...

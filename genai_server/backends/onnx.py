@@ -16,7 +16,7 @@ from contextlib import aclosing
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from genai_server.backends import usage
+from genai_server.backends import Result, usage
 from genai_server.backends.choices import ChoiceWriter, Piece, chat_choice, completion_logprobs
 from genai_server.backends.reasoning import EMPTY_SECTION, ReasoningSplitter, opens_thinking, prompt_opens_section
 from genai_server.embedded.call_arguments import ArgumentCheck
@@ -256,6 +256,20 @@ class OnnxBackend:
             param="model",
             code="model_not_supported",
         )
+
+    # ---- other APIs ----------------------------------------------------------------------
+
+    def serves_natively(self, api: str) -> bool:
+        """The engine speaks chat only: every other API is translated (``apis/``)."""
+        return False
+
+    async def relay_native(self, api: str, body: dict[str, Any], stats: RequestTelemetry) -> Result:
+        """Never asked: ``serves_natively`` says no."""
+        raise InvalidRequest(f"/v1/{api} is translated for the embedded engine", param="model")
+
+    async def native_request(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+        """As ``relay_native``."""
+        raise InvalidRequest(f"{path} is not relayed for the embedded engine", param="model")
 
     # ---- completions -------------------------------------------------------------------
 

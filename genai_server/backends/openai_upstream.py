@@ -92,6 +92,55 @@ class OpenAIUpstream(RelayBackend):
             stats.prompt_tokens = counted[0]
         return data
 
+    async def relay_native(self, api: str, body: dict[str, Any], stats: RequestTelemetry) -> Result:
+        """``/v1/responses`` or ``/v1/messages`` relayed as it came, our model id swapped both ways. A stream's
+        events are timed as they arrive (a delta event is a token) and its usage read from its last events; a
+        whole answer is relayed as the engine wrote it, its usage read."""
+        limit = body.get("max_output_tokens") if api == "responses" else body.get("max_tokens")
+        upstream = {**body, "model": self._upstream_model}
+        if not body.get("stream"):
+            answer = await self._post_json(f"/{api}", upstream)
+            if not isinstance(answer, dict):
+                raise _malformed()
+            _native_usage(
+                api, answer if api == "messages" else {"type": "response.completed", "response": answer}, stats
+            )
+            return _our_model(answer, self.model_id)
+        most = limit if type(limit) is int and 0 < limit <= _MOST_TOKENS else self._max_tokens_limit
+        return await self._relay_stream(
+            f"/{api}", upstream, stats, lambda response: self._native_events(response, api, stats, most)
+        )
+
+    async def native_request(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+        """Another route of a natively relayed API (a kept response's ``GET`` or ``DELETE``), its JSON answer."""
+        upstream = {**body, "model": self._upstream_model} if body is not None and "model" in body else body
+        answer = await self._post_json(path, upstream, method=method)
+        return _our_model(answer, self.model_id) if isinstance(answer, dict) else answer
+
+    async def _native_events(
+        self, response: aiohttp.ClientResponse, api: str, stats: RequestTelemetry, most: int
+    ) -> AsyncGenerator[Response, None]:
+        """The engine's own events, until the one that ends its stream; a token per delta, counted against the
+        tokens asked for (and every line against a budget: an engine that never ends must not hold the slot)."""
+        budget = most + _CHUNK_SLACK
+        last = _LAST_EVENTS[api]
+        try:
+            with stream_faults():
+                async for event in _named_events(response, _LINES_PER_NATIVE_EVENT * 4 * budget):
+                    kind = event.get("type")
+                    if isinstance(kind, str) and (kind.endswith(".delta") or kind == "content_block_delta"):
+                        stats.on_tokens(1)
+                        budget -= 1
+                        if budget < 0:
+                            raise UpstreamError("The upstream engine sent more than the tokens asked for")
+                    _native_usage(api, event, stats)
+                    yield _our_model(event, self.model_id)
+                    if kind in last:
+                        return
+            raise UpstreamError("The upstream stream ended before its last event")
+        finally:
+            response.close()
+
     def _body(self, req: BaseModel) -> dict[str, Any]:
         """A request as the client set it, the upstream's name for the model in it."""
         return {**req.model_dump(exclude_unset=True, by_alias=True), "model": self._upstream_model}
@@ -222,6 +271,65 @@ def _tokens(data: Any) -> TokenizeResponse:
         tokens=ids,
         token_strs=pieces if isinstance(pieces, list) and all(isinstance(p, str) for p in pieces) else None,
     )
+
+
+# The events that end a natively relayed stream, per API.
+_LAST_EVENTS = {
+    "responses": frozenset({"response.completed", "response.incomplete", "response.failed", "error"}),
+    "messages": frozenset({"message_stop", "error"}),
+}
+_LINES_PER_NATIVE_EVENT = 3  # event:, data:, and the blank line
+
+
+async def _named_events(response: aiohttp.ClientResponse, max_lines: int) -> AsyncGenerator[dict[str, Any], None]:
+    """The JSON events of a stream of named events (``event:`` lines are read from the payload's ``type``)."""
+    async for raw in lines_within(response, max_lines):
+        line = raw.strip()
+        if line.startswith(b"data:") and line[5:].strip() != b"[DONE]":
+            yield parse_event(line[5:].strip())
+
+
+def _our_model(answer: dict[str, Any], model_id: str) -> dict[str, Any]:
+    """Our id where the engine wrote its own: on a response or message, and on those an event carries."""
+    for holder in (answer, answer.get("response"), answer.get("message")):
+        if isinstance(holder, dict) and "model" in holder:
+            holder["model"] = model_id
+    return answer
+
+
+def _native_usage(api: str, event: dict[str, Any], stats: RequestTelemetry) -> None:
+    """The token counts a natively relayed answer reports, where its API puts them: a response's ``usage`` on its
+    last event; a message's input on ``message_start``, its output on ``message_delta`` (or a whole message's)."""
+    kind = event.get("type")
+    if api == "responses" and kind in _LAST_EVENTS["responses"]:
+        usage = (event.get("response") or {}).get("usage")
+        counts = _counts(usage, "input_tokens", "output_tokens")
+        if counts is not None:
+            stats.prompt_tokens, stats.completion_tokens = counts
+            details = usage.get("input_tokens_details") if isinstance(usage, dict) else None
+            cached = details.get("cached_tokens") if isinstance(details, dict) else None
+            if type(cached) is int and 0 <= cached <= _MOST_TOKENS:
+                stats.cached_prompt_tokens = cached
+        return
+    holder = event.get("message") if kind == "message_start" else event
+    usage = holder.get("usage") if isinstance(holder, dict) else None
+    if api != "messages" or not isinstance(usage, dict):
+        return
+    read = usage.get("cache_read_input_tokens") or 0
+    if type(usage.get("input_tokens")) is int and type(read) is int:
+        stats.prompt_tokens = min(usage["input_tokens"] + read, _MOST_TOKENS)
+        stats.cached_prompt_tokens = read
+    if type(usage.get("output_tokens")) is int and kind != "message_start":
+        stats.completion_tokens = min(usage["output_tokens"], _MOST_TOKENS)
+
+
+def _counts(usage: Any, prompt: str, generated: str) -> tuple[int, int] | None:
+    if not isinstance(usage, dict):
+        return None
+    counts = (usage.get(prompt), usage.get(generated))
+    if not all(type(c) is int and 0 <= c <= _MOST_TOKENS for c in counts):
+        return None
+    return counts[0], counts[1]  # type: ignore[return-value]
 
 
 def _malformed() -> UpstreamError:

@@ -19,6 +19,7 @@ from typing import Any, ClassVar, TypeVar
 
 import aiohttp
 
+from genai_server.backends import Result
 from genai_server.backends.replicas import Balance, Replica, ReplicaSet
 from genai_server.backends.upstream_client import UpstreamClient, json_within
 from genai_server.errors import InvalidRequest, UpstreamError, UpstreamTimeout
@@ -56,6 +57,7 @@ class RelayConfig:
     always_usage: bool = False  # STREAM_USAGE_ALWAYS: streams end with usage even when the client did not ask
     max_tokens_limit: int = 4096  # MAX_TOKENS_LIMIT: a choice's tokens when the client set no limit
     balance: Balance = "least_in_flight"
+    native_apis: frozenset[str] = frozenset()  # the APIs the upstream serves itself: relayed as they are
 
 
 class RelayBackend:
@@ -76,6 +78,7 @@ class RelayBackend:
         self._upstream_model = config.upstream_model
         self._always_usage = config.always_usage
         self._max_tokens_limit = config.max_tokens_limit
+        self._native_apis = config.native_apis
         self._created = now()
 
     async def start(self) -> None:
@@ -98,6 +101,18 @@ class RelayBackend:
         """The one model this backend relays to."""
         return [ModelCard(id=self.model_id, created=self._created)]
 
+    def serves_natively(self, api: str) -> bool:
+        """Whether ``api`` (responses, messages) is relayed to the upstream as it is."""
+        return api in self._native_apis
+
+    async def relay_native(self, api: str, body: dict[str, Any], stats: RequestTelemetry) -> Result:
+        """Not an API this engine's adapter relays as it is (the ``openai`` one does)."""
+        raise self._unsupported(f"/v1/{api} as it is")
+
+    async def native_request(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+        """As ``relay_native``."""
+        raise self._unsupported(path)
+
     async def tokenize(self, req: TokenizeRequest) -> TokenizeResponse:
         """Not an API this engine's adapter relays (the ``openai`` one does)."""
         raise self._unsupported("/tokenize")
@@ -117,11 +132,13 @@ class RelayBackend:
             code="unsupported_by_backend",
         )
 
-    async def _post_json(self, path: str, body: dict[str, Any], *, at_root: bool = False) -> Any:
-        """One post and its whole JSON answer (at most ``MAX_JSON_BYTES``), to the replica the set picks."""
+    async def _post_json(
+        self, path: str, body: dict[str, Any] | None, *, at_root: bool = False, method: str = "POST"
+    ) -> Any:
+        """One request and its whole JSON answer (at most ``MAX_JSON_BYTES``), to the replica the set picks."""
         replica = self._replicas.pick()
         try:
-            response = await self._replicas.post(replica, path, body, at_root=at_root)
+            response = await self._replicas.post(replica, path, body, at_root=at_root, method=method)
             return await json_within(response, MAX_JSON_BYTES)
         except UpstreamError as exc:
             self._replicas.failed(replica, exc)

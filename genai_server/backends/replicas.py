@@ -102,13 +102,19 @@ class ReplicaSet:
         return random.choice([r for r in healthy if r.in_flight == fewest])
 
     async def post(
-        self, replica: Replica, path: str, body: dict[str, Any], *, at_root: bool = False
+        self,
+        replica: Replica,
+        path: str,
+        body: dict[str, Any] | None,
+        *,
+        at_root: bool = False,
+        method: str = "POST",
     ) -> aiohttp.ClientResponse:
-        """POST to ``replica``, counted as in flight until its response closes (or the post fails)."""
+        """POST (or ``method``) to ``replica``, counted as in flight until its response closes (or the post fails)."""
         replica.in_flight += 1
         replica.requests += 1
         try:
-            response = await replica.client.post(path, body, at_root=at_root)
+            response = await replica.client.post(path, body, at_root=at_root, method=method)
         except BaseException:
             replica.in_flight -= 1
             raise

@@ -141,9 +141,12 @@ class UpstreamClient:
             log.debug("upstream not ready", extra={"fields": {"upstream_url": self.shown_url, "reason": reason}})
             return False
 
-    async def post(self, path: str, body: dict[str, Any], *, at_root: bool = False) -> aiohttp.ClientResponse:
-        """POST ``body`` to ``path`` under the base URL (``at_root``: under its root, the base without ``/v1``);
-        refused -> 502, no answer in time -> 504, an error status -> its ``UpstreamRejected``/502."""
+    async def post(
+        self, path: str, body: dict[str, Any] | None, *, at_root: bool = False, method: str = "POST"
+    ) -> aiohttp.ClientResponse:
+        """POST ``body`` (or send ``method``, GET and DELETE with no body) to ``path`` under the base URL
+        (``at_root``: under its root, the base without ``/v1``); refused -> 502, no answer in time -> 504, an
+        error status -> its ``UpstreamRejected``/502."""
         if self._session is None or self._session.closed:
             raise UpstreamUnavailable("The upstream engine cannot be reached")
         address = self._root_address if at_root else self._address
@@ -151,7 +154,7 @@ class UpstreamClient:
         try:
             # The request's trace goes upstream with it (tracing.py), as vLLM and SGLang read it.
             headers = dict(upstream_trace_headers.get())
-            response = await self._post_once_more_if_stale(url, body, headers)
+            response = await self._post_once_more_if_stale(method, url, body, headers)
         except aiohttp.ClientConnectorError as exc:
             cause = {"upstream_url": shown, "cause": without_secrets(str(exc.os_error), url)}
             raise UpstreamUnavailable("The upstream engine cannot be reached", detail=cause) from None
@@ -174,7 +177,7 @@ class UpstreamClient:
         return response
 
     async def _post_once_more_if_stale(
-        self, url: str, body: dict[str, Any], headers: dict[str, str]
+        self, method: str, url: str, body: dict[str, Any] | None, headers: dict[str, str]
     ) -> aiohttp.ClientResponse:
         """Post; if the request went out on a kept-alive connection that turned out closed (an upstream that closed
         it just as it was reused: 2 of 40 requests in front of llama-server) and no byte of an answer came, post
@@ -183,15 +186,15 @@ class UpstreamClient:
         assert self._session is not None
         reuse: dict[str, bool] = {}
         try:
-            return await self._session.post(
-                url, json=body, allow_redirects=False, headers=headers, trace_request_ctx=reuse
+            return await self._session.request(
+                method, url, json=body, allow_redirects=False, headers=headers, trace_request_ctx=reuse
             )
         except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
             stale = reuse.get("reused", False) and not isinstance(exc, aiohttp.ClientConnectorError)
             if not stale or self._session.closed:
                 raise
             log.info("a kept-alive upstream connection was closed under a request: posted again on a fresh one")
-            return await self._session.post(url, json=body, allow_redirects=False, headers=headers)
+            return await self._session.request(method, url, json=body, allow_redirects=False, headers=headers)
 
 
 async def _mark_reused(_session: Any, context: Any, _params: Any) -> None:

@@ -47,13 +47,13 @@ def start_clock(request: web.Request) -> RequestTelemetry:
 async def respond(
     request: web.Request,
     stats: RequestTelemetry,
-    body: SamplingRequest,
+    body: SamplingRequest | None,
     result: Result,
     dialect: SseDialect = CHAT_SSE,
 ) -> web.StreamResponse:
     """Write the serving layer's answer: a whole response as JSON with timing headers, a stream as SSE written as
-    ``dialect`` says."""
-    if request.app[SETTINGS].log_prompts:
+    ``dialect`` says. ``body``: the request as chat, for LOG_PROMPTS (None: relayed as it came, not logged)."""
+    if request.app[SETTINGS].log_prompts and body is not None:
         log_exchange(request.get(REQUEST_ID), body, result if isinstance(result, BaseModel | dict) else None)
     if isinstance(result, BaseModel | dict):
         whole = json_response(result)

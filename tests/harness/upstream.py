@@ -292,6 +292,85 @@ VLLM_ROUTES: dict[str, dict[str, Any]] = {
 }
 
 
+# An engine's own Responses answer ("Hello") and its stream, as vLLM writes them.
+NATIVE_RESPONSE: dict[str, Any] = {
+    "id": "resp_up1",
+    "object": "response",
+    "created_at": 1,
+    "status": "completed",
+    "model": "up",
+    "output": [
+        {
+            "id": "msg_up1",
+            "type": "message",
+            "role": "assistant",
+            "status": "completed",
+            "content": [{"type": "output_text", "text": "Hello", "annotations": []}],
+        }
+    ],
+    "usage": {
+        "input_tokens": 5,
+        "input_tokens_details": {"cached_tokens": 1},
+        "output_tokens": 2,
+        "output_tokens_details": {"reasoning_tokens": 0},
+        "total_tokens": 7,
+    },
+}
+NATIVE_RESPONSE_EVENTS: list[dict[str, Any]] = [
+    {
+        "type": "response.created",
+        "sequence_number": 0,
+        "response": {**NATIVE_RESPONSE, "status": "in_progress", "output": []},
+    },
+    *(
+        {
+            "type": "response.output_text.delta",
+            "sequence_number": i,
+            "item_id": "msg_up1",
+            "output_index": 0,
+            "content_index": 0,
+            "delta": piece,
+        }
+        for i, piece in ((1, "Hel"), (2, "lo"))
+    ),
+    {"type": "response.completed", "sequence_number": 3, "response": NATIVE_RESPONSE},
+]
+# An engine's own Messages answer and its stream.
+NATIVE_MESSAGE: dict[str, Any] = {
+    "id": "msg_up1",
+    "type": "message",
+    "role": "assistant",
+    "model": "up",
+    "content": [{"type": "text", "text": "Hello"}],
+    "stop_reason": "end_turn",
+    "stop_sequence": None,
+    "usage": {"input_tokens": 4, "cache_read_input_tokens": 1, "output_tokens": 2},
+}
+NATIVE_MESSAGE_EVENTS: list[dict[str, Any]] = [
+    {
+        "type": "message_start",
+        "message": {
+            **NATIVE_MESSAGE,
+            "content": [],
+            "stop_reason": None,
+            "usage": {"input_tokens": 4, "cache_read_input_tokens": 1, "output_tokens": 1},
+        },
+    },
+    {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
+    *(
+        {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": piece}}
+        for piece in ("Hel", "lo")
+    ),
+    {"type": "content_block_stop", "index": 0},
+    {
+        "type": "message_delta",
+        "delta": {"stop_reason": "end_turn", "stop_sequence": None},
+        "usage": {"output_tokens": 2},
+    },
+    {"type": "message_stop"},
+]
+
+
 class ScriptedUpstream(AppInThread):
     """An OpenAI-style engine: ``POST /v1/chat/completions`` answers the model it is asked for with that model's
     script (``default`` for any other), and ``GET /v1/models`` answers ``listing`` when one is given (none by
@@ -313,6 +392,7 @@ class ScriptedUpstream(AppInThread):
         self.listing = listing
         self.bodies: list[dict[str, Any]] = []
         self.headers: list[dict[str, str]] = []
+        self.kept: list[tuple[str, str]] = []  # the GETs and DELETEs of a kept response it was sent
         self.started = 0
         self.disconnects = 0
         self.probes = 0
@@ -322,8 +402,34 @@ class ScriptedUpstream(AppInThread):
         # vLLM's other routes, answered alike for every model: /tokenize and /detokenize beside /v1.
         for path, answer in VLLM_ROUTES.items():
             app.router.add_post(path, self._answerer(answer))
+        # The Responses and Messages APIs as an engine serves them itself (vLLM, llama-server): the same answer,
+        # "Hello", for every model; streamed when asked.
+        app.router.add_post("/v1/responses", self._native(NATIVE_RESPONSE, NATIVE_RESPONSE_EVENTS))
+        app.router.add_post("/v1/messages", self._native(NATIVE_MESSAGE, NATIVE_MESSAGE_EVENTS))
+        app.router.add_post("/v1/messages/count_tokens", self._answerer({"input_tokens": 5}))
+        app.router.add_get("/v1/responses/{id}", self._kept)
+        app.router.add_delete("/v1/responses/{id}", self._kept)
         if self.listing is not None:
             app.router.add_get("/v1/models", self._models)
+
+    def _native(self, whole: dict[str, Any], events: list[dict[str, Any]]) -> Any:
+        async def handle(request: web.Request) -> web.Response:
+            body = await request.json()
+            self.bodies.append(body)
+            if not body.get("stream"):
+                return web.json_response({**whole, "model": body["model"]})
+            stream = b"".join(f"event: {event['type']}\ndata: {json.dumps(event)}\n\n".encode() for event in events)
+            return web.Response(body=stream, content_type="text/event-stream")
+
+        return handle
+
+    async def _kept(self, request: web.Request) -> web.Response:
+        self.kept.append((request.method, request.path))
+        if request.match_info["id"] != NATIVE_RESPONSE["id"]:
+            return web.json_response({"error": {"message": "No response found", "code": "not_found"}}, status=404)
+        if request.method == "DELETE":
+            return web.json_response({"id": NATIVE_RESPONSE["id"], "object": "response", "deleted": True})
+        return web.json_response(NATIVE_RESPONSE)
 
     def _answerer(self, answer: dict[str, Any]) -> Any:
         async def handle(request: web.Request) -> web.Response:
