@@ -13,7 +13,8 @@ from genai_server.apis.response_store import ResponseStore
 from genai_server.backends import Backend
 from genai_server.backends.discovery import upstream_model_ids
 from genai_server.backends.factory import build_backend
-from genai_server.http.app_keys import GPU, LIMITER, METRICS, RESPONSE_STORE, SERVING, SETTINGS
+from genai_server.embedded.engine import TOKENIZER_THREADS
+from genai_server.http.app_keys import GPU, LIMITER, METRICS, RESPONSE_STORE, SERVING, SETTINGS, TOKENIZING_LIMITER
 from genai_server.http.auth import setup_api_keys
 from genai_server.http.concurrency import ConcurrencyLimiter, setup_concurrency_limit
 from genai_server.http.cors import setup_cors
@@ -45,6 +46,9 @@ def create_app(settings: Settings, *, span_exporter: SpanExporter | None = None)
     app[LIMITER] = ConcurrencyLimiter(
         settings.max_concurrent_requests, settings.max_queued_requests, settings.queue_timeout
     )
+    app[TOKENIZING_LIMITER] = ConcurrencyLimiter(
+        TOKENIZER_THREADS, settings.max_queued_requests, settings.queue_timeout
+    )
     app[RESPONSE_STORE] = ResponseStore(
         settings.responses_store_max_items, int(settings.responses_store_max_mb * 1024 * 1024)
     )
@@ -66,7 +70,7 @@ def create_app(settings: Settings, *, span_exporter: SpanExporter | None = None)
     setup_host_check(app, settings.server_host, settings.allowed_hosts)
     setup_api_keys(app, settings.all_api_keys)
     setup_request_body(app, settings.request_read_timeout, settings.max_body_bytes)
-    setup_concurrency_limit(app, app[LIMITER])
+    setup_concurrency_limit(app, app[LIMITER], app[TOKENIZING_LIMITER])
     add_endpoints(app, endpoints)
     setup_openapi(app, endpoints)
     setup_lifecycle(app, settings.shutdown_timeout)

@@ -143,16 +143,27 @@ class Serving:
     async def relay_native(
         self, api: str, model_id: str, body: dict[str, Any], stats: RequestTelemetry, answer: AnswerShape
     ) -> Result:
-        """``api``'s request relayed as it came to the model's engine, timed as chat is; ``answer`` says which of
-        its stream's events carries the usage (where the clock stops) and how our figures go on it."""
-        if self._stopped:
-            raise ShuttingDown("The server is shutting down; no new generation starts")
+        """``api``'s request relayed as it came to the model's engine, timed as chat is, within the same limits
+        (turns, tokens per answer); ``answer`` says which of its stream's events carries the usage (where the clock
+        stops) and how our figures go on it."""
+        self._check_native(api, body)
         backend = self._start(model_id, stats)
         return await _timed(backend.relay_native(api, body, stats), stats, self._stopping, answer)
 
     async def native_request(self, model_id: str, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
         """Another route of a natively relayed API, to the model's engine."""
         return await self._backend(model_id).native_request(method, path, body)
+
+    def _check_native(self, api: str, body: dict[str, Any]) -> None:
+        """MAX_MESSAGES and MAX_TOKENS_LIMIT for a request relayed as it came (its shape is the engine's to check)."""
+        turns_param, limit_param = ("input", "max_output_tokens") if api == "responses" else ("messages", "max_tokens")
+        turns = body.get(turns_param)
+        if isinstance(turns, list) and len(turns) > self._limits.max_messages:
+            raise InvalidRequest(f"At most {self._limits.max_messages} messages per request", param=turns_param)
+        limit = body.get(limit_param)
+        most = self._limits.max_tokens_limit
+        if isinstance(limit, int) and limit > most:
+            raise InvalidRequest(f"At most {most} tokens per choice (MAX_TOKENS_LIMIT)", param=limit_param)
 
     def _check_max_tokens(self, req: SamplingRequest) -> None:
         most = self._limits.max_tokens_limit

@@ -260,6 +260,10 @@ async def test_a_response_larger_than_the_store_is_not_kept(make_client: ClientF
         ({"tools": [{"type": "function"}]}, "tools.0.name"),
         ({"previous_response_id": "resp_nonesuch"}, "previous_response_id"),
         ({"temperature": 9}, "temperature"),
+        (
+            {"tools": [{**WEATHER_TOOL, "parameters": {"type": "integer", "maximum": 2**70}}]},
+            "tools.0.parameters.maximum",
+        ),
     ],
 )
 async def test_bad_input_is_a_400_naming_the_responses_parameter(
@@ -477,3 +481,8 @@ async def test_an_engine_that_serves_responses_itself_gets_the_request_as_it_cam
     assert (await proxy.delete(kept, headers=a)).status == 200
     assert seen.kept == [("GET", kept), ("DELETE", kept)]
     assert (await proxy.get(kept, headers=a)).status == 404
+    # Relayed as it came, still within the server's limits: refused before the engine sees it.
+    sent_before = len(seen.bodies)
+    too_long = await proxy.post("/v1/responses", json=_small(model=PROXIED, max_output_tokens=10**6), headers=a)
+    assert too_long.status == 400 and (await too_long.json())["error"]["param"] == "max_output_tokens"
+    assert len(seen.bodies) == sent_before

@@ -4,6 +4,7 @@ embedded engine, which has none to give."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pytest
@@ -52,6 +53,7 @@ async def test_messages_are_counted_as_the_chat_prompt_is(client: TestClient[Any
         ("/detokenize", {"tokens": [-1]}, "tokens"),
         ("/detokenize", {"tokens": [2**31]}, "tokens"),
         ("/detokenize", {"tokens": "abc"}, "tokens"),
+        ("/detokenize", {"tokens": [1] * 100_000}, "tokens"),  # more than the context holds
     ],
 )
 async def test_bad_input_is_a_4xx_naming_the_parameter(
@@ -85,3 +87,16 @@ async def test_the_gateway_relays_tokenize_detokenize_and_embeddings(
     assert embedded["data"] == VLLM_ROUTES["/v1/embeddings"]["data"] and embedded["model"] == PROXIED
     assert seen.bodies[-1] == {"model": "vllm", "input": ["Hello"], "dimensions": 2}
     assert embedded["metrics"]["prompt_tokens"] == 2 and "x-total-time" in resp.headers
+
+
+async def test_routes_that_only_tokenize_have_a_limit_of_their_own(make_client: ClientFactory) -> None:
+    """As many at once as the engine's tokenizer threads, no queue here: a flood is refused with 429 rather than
+    queued ahead of prompts on the tokenizer; generation slots are not theirs to take."""
+    client = await make_client(max_queued_requests=0)
+    text = "a long text to tokenize " * 600
+    answers = await asyncio.gather(*(client.post("/tokenize", json={"prompt": text}) for _ in range(12)))
+    statuses = sorted(answer.status for answer in answers)
+    assert statuses.count(200) >= 2 and 429 in statuses, statuses
+    refused = next(answer for answer in answers if answer.status == 429)
+    assert int(refused.headers["Retry-After"]) >= 1
+    assert (await client.post("/tokenize", json={"prompt": "and then"})).status == 200

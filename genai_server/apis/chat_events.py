@@ -65,6 +65,7 @@ class Usage:
     completion_tokens: int
     cached_tokens: int | None = None
     figures: dict[str, Any] = field(default_factory=dict)
+    reasoning_tokens: int = 0  # where the engine says (``completion_tokens_details``)
 
 
 ChatEvent = Text | Reasoning | CallStart | CallArguments | Finish | Usage
@@ -134,9 +135,9 @@ async def built_events(
 ) -> AsyncGenerator[dict[str, Any], None]:
     """The events ``builder`` makes of a streamed chat completion; closing it closes the chat stream, and so the
     generation."""
-    for event in builder.start():
-        yield event
-    async with aclosing(chunks):
+    async with aclosing(chunks):  # entered first: a client gone at the first event still closes the generation
+        for event in builder.start():
+            yield event
         async for chunk in chunks:
             for piece in chunk_events(chunk):
                 for event in builder.feed(piece):
@@ -247,6 +248,8 @@ def _usage(data: dict[str, Any]) -> list[ChatEvent]:
         return []
     details = usage.get("prompt_tokens_details") or {}
     cached = details.get("cached_tokens") if isinstance(details, dict) else None
+    generated = usage.get("completion_tokens_details") or {}
+    reasoning = generated.get("reasoning_tokens") if isinstance(generated, dict) else None
     figures = {name: data[name] for name in _FIGURES if isinstance(data.get(name), dict)}
     return [
         Usage(
@@ -254,5 +257,6 @@ def _usage(data: dict[str, Any]) -> list[ChatEvent]:
             int(usage.get("completion_tokens") or 0),
             cached if isinstance(cached, int) else None,
             figures,
+            reasoning if isinstance(reasoning, int) and reasoning >= 0 else 0,
         )
     ]

@@ -7,10 +7,12 @@ Messages parameter, never dropped.
 
 from __future__ import annotations
 
+import copy
 import json
 import uuid
-from typing import Any
+from typing import Any, NoReturn
 
+import orjson
 from pydantic import BaseModel, ConfigDict, Field
 
 from genai_server.apis.chat_events import Builder, Usage, build_whole
@@ -106,8 +108,10 @@ def chat_request(req: MessagesRequest | CountTokensRequest) -> ChatCompletionReq
     if req.tool_choice is not None:
         body.update(_chat_tool_choice(req.tool_choice))
     if req.thinking is not None:
-        enabled = req.thinking.get("type") == "enabled"
-        body["chat_template_kwargs"] = {**(body.get("chat_template_kwargs") or {}), "enable_thinking": enabled}
+        kwargs = body.get("chat_template_kwargs") or {}
+        if not isinstance(kwargs, dict):
+            raise InvalidRequest("chat_template_kwargs must be an object", param="chat_template_kwargs")
+        body["chat_template_kwargs"] = {**kwargs, "enable_thinking": req.thinking.get("type") == "enabled"}
     if isinstance(req, MessagesRequest):
         _sampling(req, body)
         _output(req.output_config or {}, body)
@@ -171,7 +175,7 @@ def _messages(given: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return messages
 
 
-def _no_content(i: int) -> dict[str, Any]:
+def _no_content(i: int) -> NoReturn:
     raise InvalidRequest("content must be a string or a list of blocks", param=f"messages.{i}.content")
 
 
@@ -206,7 +210,9 @@ def _blocks(i: int, role: str, blocks: list[Any]) -> list[dict[str, Any]]:
 
 def _image(block: dict[str, Any], param: str) -> dict[str, Any]:
     """An image as chat's ``image_url`` part (an engine behind a gateway may see it; the embedded one refuses it)."""
-    source = block.get("source") or {}
+    source = block.get("source")
+    if not isinstance(source, dict):
+        raise InvalidRequest("an image needs a base64 or url source", param=f"{param}.source")
     if source.get("type") == "base64":
         url = f"data:{source.get('media_type')};base64,{source.get('data')}"
     elif source.get("type") == "url" and isinstance(source.get("url"), str):
@@ -259,6 +265,8 @@ def _chat_tool(i: int, tool: dict[str, Any]) -> dict[str, Any]:
 def _chat_tool_choice(choice: dict[str, Any]) -> dict[str, Any]:
     kinds: dict[str, Any] = {"auto": "auto", "any": "required", "none": "none"}
     kind = choice.get("type")
+    if not isinstance(kind, str):
+        raise InvalidRequest("tool_choice type must be auto, any, tool or none", param="tool_choice.type")
     if kind == "tool":
         picked: Any = {"type": "function", "function": {"name": choice.get("name")}}
     elif kind in kinds:
@@ -296,7 +304,7 @@ class MessageBuilder(Builder):
 
     def start(self) -> list[dict[str, Any]]:
         """``message_start`` (its usage is known at the end, on ``message_delta``), then a ``ping``."""
-        start = {"type": "message_start", "message": json.loads(json.dumps(self.message))}
+        start = {"type": "message_start", "message": copy.deepcopy(self.message)}
         return [start, {"type": "ping"}]
 
     def text(self, text: str, logprobs: tuple[dict[str, Any], ...] = ()) -> list[dict[str, Any]]:
@@ -311,6 +319,8 @@ class MessageBuilder(Builder):
     def end(self) -> list[dict[str, Any]]:
         """The open block stopped, then ``message_delta`` (stop reason, usage, our figures) and ``message_stop``."""
         events = self._close()
+        for index, block in self._calls.items():  # every call's input whole, arguments that came late included
+            block["input"] = _object(self._arguments[index])
         reason = self.finish.reason if self.finish is not None else "stop"
         stop_sequence = self.finish.stop_sequence if self.finish is not None else None
         self.message["stop_reason"] = "stop_sequence" if stop_sequence else _STOP_REASONS.get(reason, "end_turn")
@@ -372,19 +382,15 @@ class MessageBuilder(Builder):
         block, self._open = self._open, None
         if block is None:
             return []
-        index = self.message["content"].index(block)
-        if block["type"] == "tool_use":
-            key = next(k for k, b in self._calls.items() if b is block)
-            block["input"] = _object(self._arguments[key])
-        return [{"type": "content_block_stop", "index": index}]
+        return [{"type": "content_block_stop", "index": self.message["content"].index(block)}]
 
 
 def _object(arguments: str) -> dict[str, Any]:
     """A call's arguments as the object ``input`` is; arguments that are not a JSON object (cut by the token limit)
     are kept whole under ``_raw`` rather than lost."""
-    try:
-        value = json.loads(arguments or "{}")
-    except (ValueError, RecursionError):
+    try:  # orjson: a value the answer's own serializer refuses (an integer beyond 64 bits) is refused here
+        value = orjson.loads(arguments or "{}")
+    except orjson.JSONDecodeError:
         return {"_raw": arguments}
     return value if isinstance(value, dict) else {"_raw": arguments}
 

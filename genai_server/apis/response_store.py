@@ -38,13 +38,19 @@ class ResponseStore:
     def put(self, owner: str, response: dict[str, Any], conversation: list[dict[str, Any]]) -> bool:
         """Keep a response, making room by dropping the least recently used; False when it cannot be kept at all
         (the store is off, or it alone is larger than the store)."""
-        size = len(orjson.dumps(response)) + len(orjson.dumps(conversation))
+        try:
+            size = len(orjson.dumps(response)) + len(orjson.dumps(conversation))
+        except orjson.JSONEncodeError:  # not JSON this store could write back: not kept (GET would fail)
+            return False
         return self._keep(StoredResponse(owner, response, conversation, size))
 
     def _keep(self, stored: StoredResponse) -> bool:
         if self._max_items == 0 or stored.size > self._max_bytes:
             return False
         response_id = stored.response["id"]
+        held = self._items.get(response_id)
+        if held is not None and held.owner != stored.owner:
+            return False  # an engine's id that another key's response has: never taken over
         self._drop(response_id)
         while self._items and (len(self._items) >= self._max_items or self._bytes + stored.size > self._max_bytes):
             self._drop(next(iter(self._items)))

@@ -18,7 +18,13 @@ from typing import Any
 
 from genai_server.backends import Result, usage
 from genai_server.backends.choices import ChoiceWriter, Piece, chat_choice, completion_logprobs
-from genai_server.backends.reasoning import EMPTY_SECTION, ReasoningSplitter, opens_thinking, prompt_opens_section
+from genai_server.backends.reasoning import (
+    EMPTY_SECTION,
+    OPEN,
+    ReasoningSplitter,
+    opens_thinking,
+    prompt_opens_section,
+)
 from genai_server.embedded.call_arguments import ArgumentCheck
 from genai_server.embedded.engine import EmbeddedEngine, GuidanceRejected, SamplingOptions
 from genai_server.embedded.logprobs import TokenLogprob
@@ -27,6 +33,7 @@ from genai_server.embedded.stop_strings import StopMatcher
 from genai_server.embedded.tool_calls import CallFormat, CallReader, Choice, Function, describe_tools, detect_format
 from genai_server.errors import ContextLengthExceeded, InvalidRequest, ShuttingDown
 from genai_server.protocol import (
+    INT32_MAX,
     OPENAI_FORMATS,
     ChatCompletion,
     ChatCompletionChunk,
@@ -180,10 +187,18 @@ class OnnxBackend:
         kwargs = (req.model_extra or {}).get("chat_template_kwargs")
         disabled = isinstance(kwargs, dict) and kwargs.get("enable_thinking") is False
         if disabled and "enable_thinking" in self.engine.facts.chat_template:
-            [empty] = await self.engine.tokenize([EMPTY_SECTION])
-            return prompt + empty, None
+            return prompt + await self._tokens_of(EMPTY_SECTION), None
+        # Text, or the tag's own ids: a tokenizer whose decoder skips special tokens would hide a special <think>.
         [tail] = await self.engine.detokenize([prompt[-16:]])
-        return prompt, prompt_opens_section(tail)
+        tag = await self._tokens_of(OPEN)
+        return prompt, prompt_opens_section(tail) or _ends_with(prompt, tag)
+
+    async def _tokens_of(self, text: str) -> list[int]:
+        """A text of the server's own (a tag) as tokens, without the beginning-of-sequence token a tokenizer may
+        put first."""
+        [ids] = await self.engine.tokenize([text])
+        bos = self.engine.facts.bos_token_id
+        return ids[1:] if ids and ids[0] == bos else ids
 
     async def _chat_prompt(self, req: ChatCompletionRequest) -> list[int]:
         """The conversation (its size checked) rendered with the model's template and tokenised."""
@@ -243,7 +258,12 @@ class OnnxBackend:
         return TokenizeResponse(count=len(ids), max_model_len=length, tokens=ids, token_strs=pieces)
 
     async def detokenize(self, req: DetokenizeRequest) -> DetokenizeResponse:
-        """Token ids (each checked against the vocabulary: the tokenizer is native code) as text."""
+        """Token ids (each checked against the vocabulary, and no more than a sequence holds: the tokenizer is native
+        code) as text."""
+        if len(req.tokens) > self.engine.facts.context_length:
+            raise InvalidRequest(
+                f"At most {self.engine.facts.context_length} tokens (the model's context)", param="tokens"
+            )
         self._check_token_ids(req.tokens, param="tokens")
         [text] = await self.engine.detokenize([req.tokens])
         return DetokenizeResponse(prompt=text, content=text)
@@ -347,10 +367,11 @@ class OnnxBackend:
             )
 
     def _check_token_ids(self, ids: list[int], param: str = "prompt") -> None:
-        """Token ids, each checked against the vocabulary: the engine would fail on it."""
-        vocab = self.engine.facts.vocab_size
-        if vocab and any(not 0 <= token < vocab for token in ids):
-            raise InvalidRequest(f"Token ids must be between 0 and {vocab - 1}", param=param)
+        """Token ids, each checked against the vocabulary (or the engine's int32 when it is unknown): the engine
+        would fail on it."""
+        upper = self.engine.facts.vocab_size or INT32_MAX + 1
+        if any(not 0 <= token < upper for token in ids):
+            raise InvalidRequest(f"Token ids must be between 0 and {upper - 1}", param=param)
 
     def _plan(
         self,
@@ -633,6 +654,15 @@ def _choice(choice: str | NamedToolChoice | None, names: set[str]) -> Choice:
     if name not in names:
         raise InvalidRequest(f"tool_choice names '{name}', which is not in tools", param="tool_choice")
     return ("function", name)
+
+
+def _ends_with(prompt: list[int], tag: list[int], slack: int = 2) -> bool:
+    """Whether ``tag``'s tokens stand at the end of ``prompt``, give or take ``slack`` tokens after it (a line
+    break)."""
+    if not tag:
+        return False
+    tail = prompt[-(len(tag) + slack) :]
+    return any(tail[i : i + len(tag)] == tag for i in range(len(tail) - len(tag) + 1))
 
 
 def _template_messages(req: ChatCompletionRequest, fmt: CallFormat, knows_tools: bool) -> list[dict[str, Any]]:

@@ -8,6 +8,7 @@ when the client asked for one JSON answer; chunks are relayed as they arrive. Th
 
 from __future__ import annotations
 
+import re
 from collections.abc import AsyncGenerator
 from contextlib import aclosing
 from typing import Any, NamedTuple
@@ -17,7 +18,7 @@ from pydantic import BaseModel
 
 from genai_server.backends import Response, Result
 from genai_server.backends.assemble import Assembler, assembly_budget
-from genai_server.backends.relay import RelayBackend
+from genai_server.backends.relay import MAX_JSON_BYTES, RelayBackend
 from genai_server.backends.upstream_client import (
     counted_tokens,
     error_message,
@@ -83,7 +84,7 @@ class OpenAIUpstream(RelayBackend):
 
     async def embeddings(self, body: dict[str, Any], stats: RequestTelemetry) -> dict[str, Any]:
         """``/v1/embeddings`` relayed as it came, under our model id; its prompt tokens counted."""
-        data = await self._post_json("/embeddings", {**body, "model": self._upstream_model})
+        data = await self._post_json("/embeddings", {**body, "model": self._upstream_model}, max_bytes=MAX_JSON_BYTES)
         if not isinstance(data, dict):
             raise _malformed()
         data["model"] = self.model_id
@@ -99,7 +100,7 @@ class OpenAIUpstream(RelayBackend):
         limit = body.get("max_output_tokens") if api == "responses" else body.get("max_tokens")
         upstream = {**body, "model": self._upstream_model}
         if not body.get("stream"):
-            answer = await self._post_json(f"/{api}", upstream)
+            answer = await self._post_json(f"/{api}", upstream, max_bytes=MAX_JSON_BYTES)
             if not isinstance(answer, dict):
                 raise _malformed()
             _native_usage(
@@ -128,6 +129,8 @@ class OpenAIUpstream(RelayBackend):
             with stream_faults():
                 async for event in _named_events(response, _LINES_PER_NATIVE_EVENT * 4 * budget):
                     kind = event.get("type")
+                    if not isinstance(kind, str) or not _EVENT_TYPE.fullmatch(kind):
+                        raise _malformed()  # it names the SSE event we write: no line breaks, nothing unknown
                     if isinstance(kind, str) and (kind.endswith(".delta") or kind == "content_block_delta"):
                         stats.on_tokens(1)
                         budget -= 1
@@ -279,6 +282,7 @@ _LAST_EVENTS = {
     "messages": frozenset({"message_stop", "error"}),
 }
 _LINES_PER_NATIVE_EVENT = 3  # event:, data:, and the blank line
+_EVENT_TYPE = re.compile(r"[a-z_.]{1,128}")
 
 
 async def _named_events(response: aiohttp.ClientResponse, max_lines: int) -> AsyncGenerator[dict[str, Any], None]:

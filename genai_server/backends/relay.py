@@ -41,8 +41,10 @@ T = TypeVar("T")
 
 # Posts one request may make: the first, and one more on another replica if that failed before the client saw any.
 MAX_ATTEMPTS = 2
-# A whole JSON answer (embeddings, tokens) may be this large: 2048 inputs of 4096 dimensions as JSON fit.
+# A whole JSON answer may be this large: embeddings (a slot each), 2048 inputs of 4096 dimensions as JSON fit; the
+# answers of routes that take no slot (tokens, a kept response) far less.
 MAX_JSON_BYTES = 256 * 1024 * 1024
+SMALL_JSON_BYTES = 16 * 1024 * 1024
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -133,13 +135,19 @@ class RelayBackend:
         )
 
     async def _post_json(
-        self, path: str, body: dict[str, Any] | None, *, at_root: bool = False, method: str = "POST"
+        self,
+        path: str,
+        body: dict[str, Any] | None,
+        *,
+        at_root: bool = False,
+        method: str = "POST",
+        max_bytes: int = SMALL_JSON_BYTES,
     ) -> Any:
-        """One request and its whole JSON answer (at most ``MAX_JSON_BYTES``), to the replica the set picks."""
+        """One request and its whole JSON answer (at most ``max_bytes``), to the replica the set picks."""
         replica = self._replicas.pick()
         try:
             response = await self._replicas.post(replica, path, body, at_root=at_root, method=method)
-            return await json_within(response, MAX_JSON_BYTES)
+            return await json_within(response, max_bytes)
         except UpstreamError as exc:
             self._replicas.failed(replica, exc)
             raise

@@ -109,6 +109,11 @@ async def read_deltas(
             abandoned()
 
 
+# Tokenizing and templates run on this many threads beside generation (the engine process's pool): what the routes
+# that only tokenize are allowed at once.
+TOKENIZER_THREADS = 2
+
+
 @dataclass(frozen=True)
 class EngineFacts:
     """What the loaded model is, as the backend needs it: read once when the engine starts."""

@@ -33,7 +33,7 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from genai_server.embedded import frames
-from genai_server.embedded.engine import OnnxEngine
+from genai_server.embedded.engine import TOKENIZER_THREADS, OnnxEngine
 from genai_server.embedded.scheduler import Delta, Job, guidance_fingerprint
 from genai_server.errors import InvalidRequest, ModelLoadingFailed, ShuttingDown
 from genai_server.exit_status import ExitStatus
@@ -101,7 +101,7 @@ class Worker:
         self.writer = outbox.writer
         self.jobs: dict[int, Job] = {}
         self._jobs_lock = threading.Lock()  # the reader adds, the owner thread removes
-        self._tokenizers = ThreadPoolExecutor(2, thread_name_prefix="tokenize")
+        self._tokenizers = ThreadPoolExecutor(TOKENIZER_THREADS, thread_name_prefix="tokenize")
         outbox.on_finished = self._forget
         outbox.gauges = self._gauge_message
 

@@ -17,6 +17,8 @@ from genai_server.telemetry.prometheus import ServerMetrics
 SETTINGS = web.AppKey("settings", Settings)
 SERVING = web.AppKey("serving", Serving)
 LIMITER = web.AppKey("limiter", ConcurrencyLimiter)
+# The routes that only tokenize: as many at once as the engine's tokenizer threads, the same queue bounds.
+TOKENIZING_LIMITER = web.AppKey("tokenizing_limiter", ConcurrencyLimiter)
 GPU = web.AppKey("gpu", GpuMonitor)
 METRICS = web.AppKey("metrics", ServerMetrics)
 TRACER = web.AppKey("tracer", Tracer)  # only while tracing is on

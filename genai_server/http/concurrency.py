@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 
 from genai_server.errors import RateLimited, ShuttingDown
-from genai_server.http.endpoints import generates
+from genai_server.http.endpoints import generates, tokenizes
 
 # How much the running estimate of a request's duration moves with each finished one.
 _EWMA_WEIGHT = 0.2
@@ -113,22 +113,27 @@ class ConcurrencyLimiter:
             self.release(self._mean_hold_s)
 
 
-def setup_concurrency_limit(app: web.Application, limiter: ConcurrencyLimiter) -> None:
+def setup_concurrency_limit(
+    app: web.Application, limiter: ConcurrencyLimiter, tokenizing: ConcurrencyLimiter | None = None
+) -> None:
     """Add the middleware that enforces ``limiter`` on generation routes (listing models, health and metrics never
-    wait or count), and its headers on their responses."""
+    wait or count), and its headers on their responses; and ``tokenizing`` on the routes that only tokenize
+    (``/tokenize``, ``count_tokens``): a flood of them must not queue ahead of prompts on the engine's tokenizer,
+    nor wait behind generations for a slot."""
 
     @web.middleware
     async def concurrency_limit(
         request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
     ) -> web.StreamResponse:
-        if not generates(request):
+        gate = limiter if generates(request) else tokenizing if tokenizes(request) else None
+        if gate is None:
             return await handler(request)
-        await limiter.acquire()
+        await gate.acquire()
         started = asyncio.get_running_loop().time()
         try:
             return await handler(request)
         finally:
-            limiter.release(asyncio.get_running_loop().time() - started)
+            gate.release(asyncio.get_running_loop().time() - started)
 
     async def add_headers(request: web.Request, response: web.StreamResponse) -> None:
         if generates(request) and response.status != 429:

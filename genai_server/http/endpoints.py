@@ -34,6 +34,7 @@ class Endpoint:
     response_model: type[BaseModel] | None = None  # the JSON it answers with (OpenAPI)
     unavailable: bool = False  # may answer 503 with a status object (a readiness probe)
     documented: bool = True  # part of the JSON API that /openapi.json describes (not /metrics, nor itself)
+    tokenizes: bool = False  # only tokenizes (no generation): held by the tokenizer's small limit, not a slot
     # The body of an error on this route: None for OpenAI's envelope; Anthropic's routes give theirs.
     error_body: Callable[[APIError], dict[str, Any]] | None = None
 
@@ -93,3 +94,9 @@ def takes_json(request: web.Request) -> bool:
     if endpoint is None:
         return False
     return endpoint.generates or (endpoint.request_model is not None and endpoint.method == hdrs.METH_POST)
+
+
+def tokenizes(request: web.Request) -> bool:
+    """Whether the request only tokenizes (``/tokenize``, ``/detokenize``, ``count_tokens``)."""
+    endpoint = endpoint_of(request)
+    return endpoint is not None and endpoint.tokenizes

@@ -23,6 +23,7 @@ from genai_server.http.request_state import BODY
 
 # Deeper than any real request (a tool's JSON schema included), far below Python's recursion limit.
 MAX_JSON_DEPTH = 64
+_INT64_MIN, _INT64_MAX = -(2**63), 2**64 - 1  # what a JSON writer of 64-bit integers can write back (orjson)
 
 
 def _reject_constant(name: str) -> Any:
@@ -54,6 +55,10 @@ def _check_values(body: dict[str, Any]) -> None:
             )
         if isinstance(value, str):
             _check_text(value, path)
+        elif isinstance(value, int) and not _INT64_MIN <= value <= _INT64_MAX:
+            # Python's parser takes any integer; the JSON writers downstream (orjson) and every engine stop at 64 bits:
+            # an echoed or kept value past them failed after the generation had run.
+            raise InvalidRequest("Integers must fit in 64 bits", param=path or None)
         elif isinstance(value, dict):
             for key, item in value.items():
                 _check_text(key, path)

@@ -4,6 +4,7 @@ for a model whose engine serves the API itself (``native_apis``), relayed to it 
 
 from __future__ import annotations
 
+import re
 from collections.abc import AsyncGenerator, Callable
 from contextlib import aclosing
 from typing import Any
@@ -38,6 +39,7 @@ from genai_server.telemetry.clock import RequestTelemetry
 # An engine's own Responses stream: its last event carries the usage and our figures; an error after the start is
 # the ``error`` event.
 RELAYED = AnswerShape(final=last_event, attach=with_figures)
+_RESPONSE_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
 RELAYED_SSE = SseDialect(named=True, done=b"", error_events=relayed_failure)
 
 
@@ -83,8 +85,9 @@ async def _relay(
             raise _previous_not_found(previous)
 
     def keep(response_id: object) -> None:
-        if req.stored and isinstance(response_id, str) and response_id:
-            store.remember(owner, response_id[:256], req.model)
+        # Only an id that is safe in a path (it goes back to the engine in GET and DELETE) is remembered.
+        if req.stored and isinstance(response_id, str) and _RESPONSE_ID.fullmatch(response_id):
+            store.remember(owner, response_id, req.model)
 
     result = await request.app[SERVING].relay_native("responses", req.model, request[BODY], stats, RELAYED)
     if isinstance(result, BaseModel | dict):

@@ -131,6 +131,7 @@ def endpoint_table(*, metrics_public: bool) -> tuple[Endpoint, ...]:
             count_tokens,
             "the tokens a Messages request's prompt holds",
             request_model=CountTokensRequest,
+            tokenizes=True,
             error_body=error_body,
         ),
         Endpoint(
@@ -142,7 +143,13 @@ def endpoint_table(*, metrics_public: bool) -> tuple[Endpoint, ...]:
             request_model=EmbeddingsRequest,
         ),
         Endpoint(
-            "POST", "/tokenize", tokenize, "token ids", request_model=TokenizeRequest, response_model=TokenizeResponse
+            "POST",
+            "/tokenize",
+            tokenize,
+            "token ids",
+            request_model=TokenizeRequest,
+            response_model=TokenizeResponse,
+            tokenizes=True,
         ),
         Endpoint(
             "POST",
@@ -151,6 +158,7 @@ def endpoint_table(*, metrics_public: bool) -> tuple[Endpoint, ...]:
             "text",
             request_model=DetokenizeRequest,
             response_model=DetokenizeResponse,
+            tokenizes=True,
         ),
         Endpoint("GET", "/v1/models", list_models, "every model", response_model=ModelList),
         Endpoint("GET", "/v1/models/{model_id:.+}", get_model, "one model", response_model=ModelCard),
