@@ -62,6 +62,7 @@ SETTING_PREFIXES = (
     "PREFIX_CACHE_",
     "STREAM_",
     "RESPONSES_",
+    "UI",
     "API_KEYS",
     "METRICS_",
     "CORS_",

@@ -54,7 +54,7 @@ def create_app(settings: Settings, *, span_exporter: SpanExporter | None = None)
     )
     slo = Slo(settings.slo_ttft_ms, settings.slo_tpot_ms, settings.slo_e2e_ms)
     app[METRICS] = ServerMetrics(lambda: _gauges(app), slo, lambda: _replicas(app))
-    endpoints = endpoint_table(metrics_public=not settings.metrics_require_key)
+    endpoints = endpoint_table(metrics_public=not settings.metrics_require_key, ui=settings.ui)
     # The order is written once, outermost first:
     # 1. request record: sees every request and the status it really ended with, after errors were mapped; hands
     #    one record of it to the access log, Prometheus and the span (which covers everything below);

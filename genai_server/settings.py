@@ -194,6 +194,7 @@ class Settings(BaseSettings):
         description="seconds a connection may stay idle, before its first request too; longer than a load "
         "balancer's idle timeout (AWS ALB, nginx: 60 s), or it may reuse a connection just closed here",
     )
+    ui: bool = Field(True, description="serve the playground, a chat page, at / (--no-ui: no page)")
     log_prompts: bool = Field(False, description="log prompts and completions (off: they are never logged)")
     shutdown_timeout: float = Field(
         30.0,

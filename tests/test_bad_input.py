@@ -231,7 +231,7 @@ async def test_features_left_off_are_accepted(client: Any) -> None:
     ("method", "path", "status", "code"),
     [
         ("GET", "/v1/nothing-here", 404, "not_found"),
-        ("GET", "/", 404, "not_found"),
+        ("GET", "/ui/secret.txt", 404, "not_found"),  # only the playground's own files are served
         ("POST", "/v1/models", 405, "method_not_allowed"),
         ("GET", "/v1/chat/completions", 405, "method_not_allowed"),
         ("DELETE", "/v1/completions", 405, "method_not_allowed"),

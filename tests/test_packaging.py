@@ -98,6 +98,9 @@ def test_the_installed_console_script_serves_the_bundled_model(
     with urllib.request.urlopen(request, timeout=30) as resp:
         answer = json.loads(resp.read())
     assert answer["choices"][0]["message"]["role"] == "assistant" and answer["usage"]["completion_tokens"] > 0
+    for page in ("/", "/ui/playground.js", "/ui/playground.css"):  # the playground came with the package too
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{page}", timeout=10) as resp:
+            assert resp.status == 200 and resp.read()
     proc.terminate()
     proc.wait(timeout=60)
     log = installed_server.log()

@@ -7,8 +7,23 @@ from collections.abc import Awaitable, Callable
 import aiohttp_cors
 from aiohttp import hdrs, web
 
-# Browsers hide response headers from scripts unless they are exposed.
-_EXPOSED = ("X-Request-Id", "Retry-After")
+# Browsers hide response headers from scripts unless they are exposed: a page reads the request id, the 429 advice,
+# the rate-limit headers and the timing headers of a whole answer (a stream's figures are in its last chunk).
+_EXPOSED = (
+    "X-Request-Id",
+    "Retry-After",
+    "x-ratelimit-limit-requests",
+    "x-ratelimit-remaining-requests",
+    "x-ratelimit-reset-requests",
+    "x-queue-time",
+    "x-inference-time",
+    "x-time-per-token",
+    "x-total-time",
+    "x-time-to-first-token",
+    "x-prompt-tokens",
+    "x-cached-prompt-tokens",
+    "x-generated-tokens",
+)
 
 
 def setup_cors(app: web.Application, origins: list[str]) -> None:

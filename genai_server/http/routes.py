@@ -17,6 +17,7 @@ from genai_server.http.handling import json_response, parse_body, respond, start
 from genai_server.http.lifecycle import health, live, ready
 from genai_server.http.messages_api import count_tokens, create_message
 from genai_server.http.openapi import openapi
+from genai_server.http.playground import asset, load, page
 from genai_server.http.request_state import BODY, KEY_OWNER
 from genai_server.http.responses_api import create_response, delete_response, get_response
 from genai_server.protocol import (
@@ -84,9 +85,12 @@ async def metrics(request: web.Request) -> web.Response:
     return web.Response(body=request.app[METRICS].exposition(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
-def endpoint_table(*, metrics_public: bool) -> tuple[Endpoint, ...]:
-    """Every route of the server, once. ``metrics_public``: whether /metrics is answered without an API key."""
+def endpoint_table(*, metrics_public: bool, ui: bool = True) -> tuple[Endpoint, ...]:
+    """Every route of the server, once. ``metrics_public``: whether /metrics (and /load, the same gauges) is answered
+    without an API key; ``ui``: whether the playground is served."""
     return (
+        *_playground(ui),
+        Endpoint("GET", "/load", load, "the gauges, as JSON", public=metrics_public, documented=False),
         Endpoint(
             "POST",
             "/v1/chat/completions",
@@ -167,4 +171,15 @@ def endpoint_table(*, metrics_public: bool) -> tuple[Endpoint, ...]:
         Endpoint("GET", "/health/ready", ready, "serving", public=True, unavailable=True),
         Endpoint("GET", "/openapi.json", openapi, "this description", public=True, documented=False),
         Endpoint("GET", "/metrics", metrics, "Prometheus metrics", public=metrics_public, documented=False),
+    )
+
+
+def _playground(ui: bool) -> tuple[Endpoint, ...]:
+    """The page and its files: public (they hold no data; every call the page makes needs the key the server
+    wants), and absent with ``--no-ui``."""
+    if not ui:
+        return ()
+    return (
+        Endpoint("GET", "/", page, "the playground", public=True, documented=False),
+        Endpoint("GET", "/ui/{name}", asset, "the playground's script and style", public=True, documented=False),
     )

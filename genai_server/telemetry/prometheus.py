@@ -265,6 +265,10 @@ class ServerMetrics:
             if value is not None:
                 histogram.labels(*labels).observe(value / 1000)
 
+    def gauges(self) -> Gauges:
+        """The gauges now (what a scrape reads), for another reader (the playground's ``/load``)."""
+        return self._gauges()
+
     def exposition(self) -> bytes:
         """The text format, with the gauges read now."""
         gauges = self._gauges()
