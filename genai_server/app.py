@@ -13,6 +13,7 @@ from genai_server.apis.response_store import ResponseStore
 from genai_server.backends import Backend
 from genai_server.backends.discovery import upstream_model_ids
 from genai_server.backends.factory import build_backend
+from genai_server.backends.model_pool import ModelPool
 from genai_server.embedded.engine import TOKENIZER_THREADS
 from genai_server.http.app_keys import GPU, LIMITER, METRICS, RESPONSE_STORE, SERVING, SETTINGS, TOKENIZING_LIMITER
 from genai_server.http.auth import setup_api_keys
@@ -31,7 +32,7 @@ from genai_server.serving import RequestLimits, Serving
 from genai_server.settings import ModelEntry, Settings
 from genai_server.shown_urls import shown_url
 from genai_server.telemetry.gpu import GpuMonitor
-from genai_server.telemetry.load import BackendLoad, ReplicaLoad
+from genai_server.telemetry.load import BackendLoad, ReplicaLoad, Residency
 from genai_server.telemetry.prometheus import Gauges, ServerMetrics, Slo
 from genai_server.telemetry.tracing import otlp_exporter
 
@@ -53,7 +54,7 @@ def create_app(settings: Settings, *, span_exporter: SpanExporter | None = None)
         settings.responses_store_max_items, int(settings.responses_store_max_mb * 1024 * 1024)
     )
     slo = Slo(settings.slo_ttft_ms, settings.slo_tpot_ms, settings.slo_e2e_ms)
-    app[METRICS] = ServerMetrics(lambda: _gauges(app), slo, lambda: _replicas(app))
+    app[METRICS] = ServerMetrics(lambda: _gauges(app), slo, lambda: _replicas(app), lambda: _residency(app))
     endpoints = endpoint_table(metrics_public=not settings.metrics_require_key, ui=settings.ui)
     # The order is written once, outermost first:
     # 1. request record: sees every request and the status it really ended with, after errors were mapped; hands
@@ -94,7 +95,8 @@ async def backends_context(app: web.Application) -> AsyncIterator[None]:
     gpu = app[GPU] = GpuMonitor()
     await gpu.start()
     entries = settings.models or await _upstream_entries(settings)
-    backends = {entry.id: _backend(app, settings, entry) for entry in entries}
+    pool = ModelPool(settings.max_loaded_models, settings.model_ttl_s, settings.model_load_timeout_s)
+    backends = {entry.id: _backend(app, settings, entry, pool) for entry in entries}
     limits = RequestLimits(
         max_messages=settings.max_messages,
         max_tokens_limit=settings.max_tokens_limit,
@@ -125,14 +127,14 @@ async def _upstream_entries(settings: Settings) -> list[ModelEntry]:
     return [ModelEntry(id=i, backend="openai", url=settings.upstream_url, api_key=key, native_apis=native) for i in ids]
 
 
-def _backend(app: web.Application, settings: Settings, entry: ModelEntry) -> Backend:
-    """The backend serving one model, not yet started; if an embedded engine's thread ever dies, the server stops
-    with an error."""
+def _backend(app: web.Application, settings: Settings, entry: ModelEntry, pool: ModelPool) -> Backend:
+    """The backend serving one model, not yet started; if an embedded engine loaded at start-up ever dies, the
+    server stops with an error (one loaded on demand, into ``pool``, fails alone)."""
 
     def engine_failed(exc: BaseException) -> None:
         server_failed(app, f"the {entry.id} engine failed: {exc!r}")
 
-    return build_backend(entry, settings, on_engine_failure=engine_failed)
+    return build_backend(entry, settings, on_engine_failure=engine_failed, pool=pool)
 
 
 def _loads(app: web.Application) -> dict[str, BackendLoad]:
@@ -153,6 +155,11 @@ def _gauges(app: web.Application) -> Gauges:
         kv_cache_usage=kv_cache_usage,
         gpu_used_mb=app[GPU].used_mb() if GPU in app else None,
     )
+
+
+def _residency(app: web.Application) -> dict[str, Residency]:
+    """Per model loaded on demand (MODELS_DIR), whether it is in memory and its loads and unloads."""
+    return {model: load.residency for model, load in _loads(app).items() if load.residency is not None}
 
 
 def _replicas(app: web.Application) -> dict[str, tuple[ReplicaLoad, ...]]:

@@ -88,6 +88,13 @@ class MethodNotAllowed(APIError):
     default_code = "method_not_allowed"
 
 
+class Conflict(APIError):
+    """409: the request conflicts with what the server is doing (unloading a model that is generating)."""
+
+    status = 409
+    default_code = "conflict"
+
+
 class PayloadTooLarge(APIError):
     """413: the body is larger than the server accepts."""
 
@@ -131,6 +138,20 @@ class ShuttingDown(APIError):
     status = 503
     error_type = "server_error"
     default_code = "shutting_down"
+
+
+class ModelLoadFailed(ServerError):
+    """500: the model named could not be loaded (its folder is broken, or its engine would not start)."""
+
+    default_code = "model_loading_failed"
+
+
+class ModelsBusy(APIError):
+    """503: loading the model needs room, and every loaded model is generating."""
+
+    status = 503
+    error_type = "server_error"
+    default_code = "models_busy"
 
 
 class EngineFailure(ServerError):

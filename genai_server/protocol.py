@@ -580,6 +580,16 @@ class ModelCard(BaseModel):
     context_length: int | None = Field(
         None, exclude_if=_is_none, description="the same, under the name other servers and clients read"
     )
+    status: Literal["loaded", "loading", "unloaded", "failed"] | None = Field(
+        None, exclude_if=_is_none, description="a model loaded on demand (MODELS_DIR): whether it is in memory now"
+    )
+
+
+class ModelAction(BaseModel):
+    """``POST /models/load`` and ``/models/unload``: the model (llama-server's router shape)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    model: str = Field(min_length=1)
 
 
 class ModelList(BaseModel):

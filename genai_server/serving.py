@@ -10,7 +10,8 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from genai_server.backends import Backend, Response, Result
-from genai_server.errors import APIError, InvalidRequest, ModelNotFound, ShuttingDown
+from genai_server.backends.model_pool import OnDemandBackend
+from genai_server.errors import APIError, Conflict, InvalidRequest, ModelNotFound, ShuttingDown
 from genai_server.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -133,6 +134,20 @@ class Serving:
         result = await _timed(backend.embeddings(body, stats), stats, self._stopping)
         assert isinstance(result, dict)
         return result
+
+    async def load_model(self, model_id: str) -> None:
+        """Load a model of MODELS_DIR now (again, after a failure); one loaded at start-up is always loaded."""
+        backend = self._backend(model_id)
+        if isinstance(backend, OnDemandBackend):
+            await backend.pool.load(backend)
+
+    async def unload_model(self, model_id: str) -> None:
+        """Unload a model of MODELS_DIR now; one that is generating stays (409), one loaded at start-up too (400)."""
+        backend = self._backend(model_id)
+        if not isinstance(backend, OnDemandBackend):
+            raise InvalidRequest(f"The model '{model_id}' is loaded at start-up, not on demand", param="model")
+        if not await backend.pool.unload(backend):
+            raise Conflict(f"The model '{model_id}' is generating; it was not unloaded", param="model")
 
     def natively(self, model_id: str, api: str) -> bool:
         """Whether the model's backend relays ``api`` (responses, messages) as it is; False for an unknown model (its

@@ -70,6 +70,9 @@ class ModelEntry(BaseModel):
         description="openai: the APIs the upstream serves itself (responses, messages), relayed as they are "
         "instead of translated to chat completions",
     )
+    on_demand: bool = Field(
+        False, description="onnx: loaded on its first request and unloaded when idle (every MODELS_DIR model is)"
+    )
 
     @field_validator("url")
     @classmethod
@@ -145,6 +148,18 @@ class Settings(BaseSettings):
     )
     model_path: Path | None = Field(
         None, description="ONNX Runtime GenAI model folder; unset = the bundled demo model (noise)"
+    )
+    models_dir: Path | None = Field(
+        None,
+        description="a folder of ONNX Runtime GenAI model folders, each served under its folder's name, loaded on "
+        "its first request and unloaded when idle or to make room (beside MODELS_FILE's models, if any)",
+    )
+    max_loaded_models: int = Field(2, ge=1, le=64, description="MODELS_DIR models in memory at once")
+    model_ttl_s: float = Field(
+        0.0, ge=0, description="seconds a MODELS_DIR model may stay idle before it is unloaded; 0 = until evicted"
+    )
+    model_load_timeout_s: float = Field(
+        120.0, gt=0, description="seconds a MODELS_DIR model may take to load; a request waits at most that"
     )
     model_id: str | None = Field(None, description="model id clients send; default: the model folder's name")
     server_host: str = Field("127.0.0.1", description="address to listen on (0.0.0.0 for all interfaces)")
@@ -341,8 +356,12 @@ class Settings(BaseSettings):
     def _read_models(self) -> Settings:
         if self.models_file:
             self._entries = _read_models_file(self.models_file)
-        elif not self.discover_upstream_models:
+        elif not self.discover_upstream_models and self.models_dir is None:
             self._entries = [self._single_entry()]
+        if self.models_dir is not None:
+            self._entries = self._entries + _models_in(self.models_dir)
+            if len({entry.id for entry in self._entries}) != len(self._entries):
+                raise ValueError("MODELS_DIR: a model folder has the id of another model")
         return self
 
     @property
@@ -398,6 +417,16 @@ class Settings(BaseSettings):
         if self.backend != "onnx":
             return self.model_id or self.upstream_model or ""
         return self.model_id or self.resolved_model_path.resolve().name
+
+
+def _models_in(folder: Path) -> list[ModelEntry]:
+    """Every ONNX Runtime GenAI model folder (one holding genai_config.json) directly under ``folder``, by name."""
+    if not folder.is_dir():
+        raise ValueError(f"MODELS_DIR {folder} is not a folder")
+    found = sorted(path for path in folder.iterdir() if (path / "genai_config.json").is_file())
+    if not found:
+        raise ValueError(f"MODELS_DIR {folder} holds no model folder (one with genai_config.json)")
+    return [ModelEntry(id=path.name, backend="onnx", path=path, on_demand=True) for path in found]
 
 
 def _read_models_file(path: Path) -> list[ModelEntry]:

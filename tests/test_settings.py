@@ -48,6 +48,7 @@ def test_model_id_defaults_to_the_folder_name(monkeypatch: pytest.MonkeyPatch, t
         (["--max-concurrent-requests", "0"], "MAX_CONCURRENT_REQUESTS"),
         (["--log-level", "loud"], "LOG_LEVEL"),
         (["--upstream-native-apis", "responses,assistants"], "UPSTREAM_NATIVE_APIS"),
+        (["--models-dir", "/nonexistent", "--env-file", "/nonexistent"], "MODELS_DIR /nonexistent is not a folder"),
         (["--upstream-native-apis", "messages", "--env-file", "/nonexistent"], "native_apis is for the openai backend"),
     ],
 )

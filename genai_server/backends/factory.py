@@ -6,13 +6,16 @@ needs from the web app (the embedded engine's failure callback) is passed in: ba
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import aiohttp
 
 from genai_server.backends import Backend
+from genai_server.backends.model_pool import ModelPool, OnDemandBackend
 from genai_server.backends.ollama import OllamaBackend
 from genai_server.backends.onnx import OnnxBackend, OnnxConfig
 from genai_server.backends.openai_upstream import OpenAIUpstream
@@ -26,9 +29,16 @@ log = logging.getLogger(__name__)
 
 
 def build_backend(
-    entry: ModelEntry, settings: Settings, *, on_engine_failure: Callable[[BaseException], None]
+    entry: ModelEntry,
+    settings: Settings,
+    *,
+    on_engine_failure: Callable[[BaseException], None],
+    pool: ModelPool | None = None,
 ) -> Backend:
-    """The backend serving ``entry``; ``on_engine_failure`` is called if an embedded engine's thread dies."""
+    """The backend serving ``entry``; ``on_engine_failure`` is called if an embedded engine's thread dies (a model
+    loaded on demand, into ``pool``, only fails itself)."""
+    if entry.backend == "onnx" and entry.on_demand and pool is not None:
+        return on_demand_backend(entry, settings, pool)
     if entry.backend == "onnx":
         return embedded_backend(entry, settings, on_engine_failure=on_engine_failure)
     config = relay_config(entry, settings)
@@ -63,6 +73,28 @@ def relay_config(entry: ModelEntry, settings: Settings) -> RelayConfig:
         balance=entry.balance,
         native_apis=frozenset(entry.native_apis),
     )
+
+
+def on_demand_backend(entry: ModelEntry, settings: Settings, pool: ModelPool) -> OnDemandBackend:
+    """A model folder loaded when asked, into ``pool``; its engine's death unloads it and fails it alone."""
+    made: list[OnDemandBackend] = []
+
+    def build() -> Backend:
+        return embedded_backend(entry, settings, on_engine_failure=lambda exc: made[0].engine_failed(exc))
+
+    backend = OnDemandBackend(entry.id, context_length(entry.model_path), build, pool)
+    made.append(backend)
+    return backend
+
+
+def context_length(model_path: Path) -> int | None:
+    """A model folder's context as its genai_config.json gives it (before it is loaded); None if it cannot say."""
+    try:
+        config = json.loads((model_path / "genai_config.json").read_text())
+        length = config["model"]["context_length"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return length if isinstance(length, int) else None
 
 
 def embedded_backend(

@@ -28,6 +28,7 @@ from genai_server.protocol import (
     DetokenizeRequest,
     DetokenizeResponse,
     EmbeddingsRequest,
+    ModelAction,
     ModelCard,
     ModelList,
     TokenizeRequest,
@@ -59,6 +60,18 @@ async def completions(request: web.Request) -> web.StreamResponse:
     body = parse_body(request, CompletionRequest)
     owner = request.get(KEY_OWNER, "")
     return await respond(request, stats, body, await request.app[SERVING].complete(body, stats, owner))
+
+
+async def load_model(request: web.Request) -> web.Response:
+    """``POST /models/load``: a MODELS_DIR model loaded now (waits for the load)."""
+    await request.app[SERVING].load_model(ModelAction.model_validate(request[BODY]).model)
+    return json_response({"success": True})
+
+
+async def unload_model(request: web.Request) -> web.Response:
+    """``POST /models/unload``: a MODELS_DIR model unloaded now, unless it is generating."""
+    await request.app[SERVING].unload_model(ModelAction.model_validate(request[BODY]).model)
+    return json_response({"success": True})
 
 
 async def tokenize(request: web.Request) -> web.Response:
@@ -164,6 +177,8 @@ def endpoint_table(*, metrics_public: bool, ui: bool = True) -> tuple[Endpoint, 
             response_model=DetokenizeResponse,
             tokenizes=True,
         ),
+        Endpoint("POST", "/models/load", load_model, "load a MODELS_DIR model now", request_model=ModelAction),
+        Endpoint("POST", "/models/unload", unload_model, "unload a MODELS_DIR model now", request_model=ModelAction),
         Endpoint("GET", "/v1/models", list_models, "every model", response_model=ModelList),
         Endpoint("GET", "/v1/models/{model_id:.+}", get_model, "one model", response_model=ModelCard),
         Endpoint("GET", "/health", health, "the model is loaded", public=True),

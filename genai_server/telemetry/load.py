@@ -21,9 +21,20 @@ class ReplicaLoad:
 
 
 @dataclass(frozen=True, kw_only=True)
+class Residency:
+    """A model loaded on demand (MODELS_DIR): whether it is in memory now, and its loads and unloads so far."""
+
+    loaded: bool
+    loads: int
+    unloads: int
+    load_seconds: float | None  # how long its last load took
+
+
+@dataclass(frozen=True, kw_only=True)
 class BackendLoad:
     """One backend's load now."""
 
     waiting: int = 0  # sequences accepted and not yet generating (vLLM's meaning of "waiting")
     kv_cache_usage: float | None = None  # the share of its KV-cache budget in use; None where it holds none here
     replicas: tuple[ReplicaLoad, ...] = ()  # the upstream replicas it relays to; none for an embedded engine
+    residency: Residency | None = None  # a model loaded on demand; None for one loaded at start-up

@@ -17,7 +17,7 @@ from prometheus_client.registry import Collector
 
 from genai_server.protocol import RequestMetrics
 from genai_server.telemetry.genai import error_type, provider_name
-from genai_server.telemetry.load import ReplicaLoad
+from genai_server.telemetry.load import ReplicaLoad, Residency
 from genai_server.telemetry.record import RequestRecord
 
 _LATENCY_BUCKETS = (
@@ -136,6 +136,38 @@ class ReplicaCollector(Collector):
             yield family
 
 
+class ResidencyCollector(Collector):
+    """Per model loaded on demand (MODELS_DIR), read at scrape time: loaded or not, loads, unloads, last load time.
+    The series are bounded by the models folder."""
+
+    _FAMILIES: tuple[
+        tuple[type[GaugeMetricFamily | CounterMetricFamily], str, str, Callable[[Residency], float | None]], ...
+    ] = (
+        (GaugeMetricFamily, "model_loaded", "1 while the model is in memory, 0 while it is not.", lambda r: r.loaded),
+        (CounterMetricFamily, "model_loads", "Times the model was loaded.", lambda r: r.loads),
+        (
+            CounterMetricFamily,
+            "model_unloads",
+            "Times the model was unloaded (idle, evicted, asked).",
+            lambda r: r.unloads,
+        ),
+        (GaugeMetricFamily, "model_load_seconds", "How long the model's last load took.", lambda r: r.load_seconds),
+    )
+
+    def __init__(self, residency: Callable[[], dict[str, Residency]]) -> None:
+        self._residency = residency
+
+    def collect(self) -> Iterator[Metric]:
+        models = self._residency()
+        for kind, name, doc, read in self._FAMILIES:
+            family = kind(f"genai_server_{name}", doc, labels=["model"])
+            for model, residency in models.items():
+                value = read(residency)
+                if value is not None:
+                    family.add_metric([model], float(value))
+            yield family
+
+
 class ServerMetrics:
     """The Prometheus collectors of one server."""
 
@@ -144,6 +176,7 @@ class ServerMetrics:
         gauges: Callable[[], Gauges],
         slo: Slo | None = None,
         replicas: Callable[[], dict[str, tuple[ReplicaLoad, ...]]] = dict,
+        residency: Callable[[], dict[str, Residency]] = dict,
     ) -> None:
         self._gauges = gauges
         self._slo = slo or Slo()
@@ -151,6 +184,7 @@ class ServerMetrics:
         ProcessCollector(registry=self.registry)
         self._semconv_histograms()
         self.registry.register(ReplicaCollector(replicas))
+        self.registry.register(ResidencyCollector(residency))
         self.replica_ttft = Histogram(
             "genai_server_upstream_replica_time_to_first_token_seconds",
             "Arrival to first token, by the upstream replica that served the request.",
