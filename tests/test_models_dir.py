@@ -147,6 +147,7 @@ async def test_a_broken_folder_fails_its_own_requests_only(
     assert (await _statuses(session, server.url))["broken"] == "failed"
     assert (await _chat(session, server.url, "alpha"))[0] == 200
     assert "model could not be loaded" in server.log()
+    assert "genai_config.json cannot be read" in server.log()  # said at start-up already
 
 
 async def test_load_and_unload_need_the_key(server: ServerProcess) -> None:

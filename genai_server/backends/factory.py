@@ -82,7 +82,13 @@ def on_demand_backend(entry: ModelEntry, settings: Settings, pool: ModelPool) ->
     def build() -> Backend:
         return embedded_backend(entry, settings, on_engine_failure=lambda exc: made[0].engine_failed(exc))
 
-    backend = OnDemandBackend(entry.id, context_length(entry.model_path), build, pool)
+    length = context_length(entry.model_path)
+    if length is None:  # said at start-up; its requests will say why it cannot load
+        log.warning(
+            "model folder's genai_config.json cannot be read: its requests will fail",
+            extra={"fields": {"model": entry.id, "model_path": str(entry.model_path)}},
+        )
+    backend = OnDemandBackend(entry.id, length, build, pool)
     made.append(backend)
     return backend
 
