@@ -119,6 +119,8 @@ class Serving:
 
     async def tokenize(self, req: TokenizeRequest) -> TokenizeResponse:
         """A text's or a conversation's tokens, by the tokenizer of the model named (the first without one)."""
+        if self._stopped:
+            raise ShuttingDown("The server is shutting down")
         return await self._backend(req.model or self.default_model).tokenize(req)
 
     async def detokenize(self, req: DetokenizeRequest) -> DetokenizeResponse:
@@ -137,6 +139,8 @@ class Serving:
 
     async def load_model(self, model_id: str) -> None:
         """Load a model of MODELS_DIR now (again, after a failure); one loaded at start-up is always loaded."""
+        if self._stopped:
+            raise ShuttingDown("The server is shutting down; no model is loaded now")
         backend = self._backend(model_id)
         if isinstance(backend, OnDemandBackend):
             await backend.pool.load(backend)
@@ -147,7 +151,7 @@ class Serving:
         if not isinstance(backend, OnDemandBackend):
             raise InvalidRequest(f"The model '{model_id}' is loaded at start-up, not on demand", param="model")
         if not await backend.pool.unload(backend):
-            raise Conflict(f"The model '{model_id}' is generating; it was not unloaded", param="model")
+            raise Conflict(f"The model '{model_id}' is generating or loading; it was not unloaded", param="model")
 
     def natively(self, model_id: str, api: str) -> bool:
         """Whether the model's backend relays ``api`` (responses, messages) as it is; False for an unknown model (its

@@ -7,6 +7,7 @@ the broken folder fails only its own requests."""
 from __future__ import annotations
 
 import asyncio
+import json
 import shutil
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -174,3 +175,33 @@ async def test_an_idle_model_is_unloaded_after_its_ttl(models_dir: Path, tmp_pat
 
 async def _is_unloaded(session: aiohttp.ClientSession, url: str, model: str) -> bool:
     return (await _statuses(session, url))[model] == "unloaded"
+
+
+async def test_clients_that_leave_at_once_give_their_model_back(
+    server: ServerProcess, session: aiohttp.ClientSession
+) -> None:
+    """Each sends a streamed request and goes before any answer (while the model loads, or before its first
+    chunk): the model is held by none of them afterwards, so it can be unloaded."""
+    body = json.dumps(
+        {"model": "gamma", "messages": [{"role": "user", "content": LONG_PROMPT}], "max_tokens": 50, "stream": True}
+    ).encode()
+    host, port = server.url.removeprefix("http://").split(":")
+    request = (
+        f"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {KEY}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode() + body
+    for _ in range(5):
+        _, writer = await asyncio.open_connection(host, int(port))
+        writer.write(request)
+        await writer.drain()
+        writer.close()
+    await eventually_async(
+        lambda: _unloads(session, server.url, "gamma"), timeout=30, what="gamma unloadable: no request holds it"
+    )
+    # They did reach it: it was loaded for them (and is now unloaded, not held by a request that left).
+    assert metric_sample(await _metrics(session, server.url), "genai_server_model_loads_total", model="gamma") >= 1
+
+
+async def _unloads(session: aiohttp.ClientSession, url: str, model: str) -> bool:
+    async with session.post(f"{url}/models/unload", json={"model": model}) as resp:
+        return resp.status == 200

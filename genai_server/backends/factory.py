@@ -80,7 +80,11 @@ def on_demand_backend(entry: ModelEntry, settings: Settings, pool: ModelPool) ->
     made: list[OnDemandBackend] = []
 
     def build() -> Backend:
-        return embedded_backend(entry, settings, on_engine_failure=lambda exc: made[0].engine_failed(exc))
+        # Its death concerns the model only while it is the model's engine (not after a reload replaced it).
+        own: list[Backend] = []
+        engine = embedded_backend(entry, settings, on_engine_failure=lambda exc: made[0].engine_failed(exc, own[0]))
+        own.append(engine)
+        return engine
 
     length = context_length(entry.model_path)
     if length is None:  # said at start-up; its requests will say why it cannot load

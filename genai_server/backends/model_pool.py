@@ -50,6 +50,7 @@ class OnDemandBackend:
         self.pool = pool
         self.inner: Backend | None = None
         self.loading: asyncio.Task[None] | None = None
+        self.closing: asyncio.Task[None] | None = None  # an engine being closed still holds its memory
         self.failure: str | None = None
         self.in_flight = 0  # requests using it now, or waiting for it to load
         self.last_used = time.monotonic()
@@ -73,8 +74,9 @@ class OnDemandBackend:
         self.pool.start()
 
     async def close(self) -> None:
-        """Unload (what still runs there ends with ``ShuttingDown``)."""
+        """Stop a load under way and unload (what still runs there ends with ``ShuttingDown``)."""
         await self.pool.stop()
+        await self.cancel_load()
         await self.unload()
 
     async def ready(self) -> bool:
@@ -93,8 +95,10 @@ class OnDemandBackend:
         return BackendLoad(waiting=inner.waiting, kv_cache_usage=inner.kv_cache_usage, residency=residency)
 
     def model_cards(self) -> list[ModelCard]:
-        """Its card, with its status and its context (from its config while it is not loaded)."""
+        """Its card, with its status and its context (the engine's once loaded, its config's until then)."""
         length = self._context_length
+        if self.inner is not None:
+            length = self.inner.model_cards()[0].context_length or length
         return [
             ModelCard(
                 id=self.model_id, created=self._created, max_model_len=length, context_length=length, status=self.status
@@ -151,14 +155,16 @@ class OnDemandBackend:
 
     async def load_now(self, timeout_s: float) -> None:
         """Load the engine (the pool made room first); a failure is kept and answers the model's requests."""
+        if self.closing is not None:  # its previous engine still holds memory: gone first
+            await asyncio.shield(self.closing)
         started = time.perf_counter()
         backend = self._build()
         try:
             async with asyncio.timeout(timeout_s):
                 await backend.start()
         except BaseException as exc:
-            with contextlib.suppress(Exception):
-                await backend.close()
+            # Closed aside: an engine that would not start may take its time to go (a thread to join).
+            self._close_aside(backend)
             self.failure = _reason(exc)
             log.error("model could not be loaded", extra={"fields": {"model": self.model_id, "reason": self.failure}})
             raise
@@ -168,31 +174,56 @@ class OnDemandBackend:
         self.last_used = time.monotonic()
 
     async def unload(self) -> None:
-        """Close the engine, freeing its memory and its kept conversations; a request that comes meanwhile loads it
-        anew."""
+        """Close the engine, freeing its memory and its kept conversations; until it is closed it counts as loaded
+        (``closing``), and a request that comes meanwhile loads it anew once it is."""
         inner, self.inner = self.inner, None
         if inner is None:
             return
         self._unloads += 1
-        await inner.close()
+        self._close_aside(inner)
+        if self.closing is not None:
+            await asyncio.shield(self.closing)
         log.info("model unloaded", extra={"fields": {"model": self.model_id}})
 
-    def engine_failed(self, exc: BaseException) -> None:
-        """Its engine died and could not be restarted: the model is unloaded and says why until loaded again."""
+    def engine_failed(self, exc: BaseException, engine: Backend) -> None:
+        """``engine`` died and could not be restarted: if it is the model's engine now (not one since replaced),
+        the model is unloaded and says why until it is loaded again."""
+        if self.inner is not engine:
+            return
         self.failure = _reason(exc)
-        inner, self.inner = self.inner, None
-        if inner is not None:
-            self._unloads += 1
-            asyncio.get_running_loop().create_task(inner.close())
+        self.inner = None
+        self._unloads += 1
+        self._close_aside(engine)
+
+    async def cancel_load(self) -> None:
+        """Shutting down: a load under way is cancelled (its engine closed)."""
+        loading = self.loading
+        if loading is not None:
+            loading.cancel()
+            with contextlib.suppress(BaseException):
+                await loading
+
+    def _close_aside(self, backend: Backend) -> None:
+        """Close ``backend`` in a task of its own, kept as ``closing`` until it is done."""
+        self.closing = asyncio.get_running_loop().create_task(self._close(backend))
+
+    async def _close(self, backend: Backend) -> None:
+        try:
+            await backend.close()
+        except Exception:
+            log.exception("closing a model failed", extra={"fields": {"model": self.model_id}})
+        finally:
+            self.closing = None
 
     async def _acquire(self) -> Backend:
         self.in_flight += 1  # from here it cannot be chosen to make room
         try:
             await self.pool.ensure_loaded(self)
+            if self.inner is None:  # unloaded between its load and this request's turn (its engine died)
+                raise ModelLoadFailed(f"The model '{self.model_id}' was unloaded: {self.failure or 'its engine ended'}")
         except BaseException:
             self._release()
             raise
-        assert self.inner is not None
         return self.inner
 
     def _release(self) -> None:
@@ -207,16 +238,43 @@ class OnDemandBackend:
             self._release()
             raise
         if isinstance(result, AsyncGenerator):
-            return self._released_at_end(result)
+            return _HeldStream(result, self._release)
         self._release()
         return result
 
-    async def _released_at_end(self, stream: AsyncGenerator[Any, None]) -> AsyncGenerator[Any, None]:
+
+class _HeldStream(AsyncGenerator[Any, None]):
+    """A stream that holds its model until it ends, fails or is closed, once; closed before its first item too (an
+    async generator that never started would skip its ``finally``: a client gone before the first chunk)."""
+
+    def __init__(self, stream: AsyncGenerator[Any, None], release: Callable[[], None]) -> None:
+        self._stream = stream
+        self._release = release
+        self._held = True
+
+    async def asend(self, value: None) -> Any:
         try:
-            async for item in stream:
-                yield item
+            return await self._stream.asend(value)
+        except BaseException:
+            self._let_go()
+            raise
+
+    async def athrow(self, typ: Any, val: Any = None, tb: Any = None, /) -> Any:
+        try:
+            return await self._stream.athrow(typ, val, tb)
+        except BaseException:
+            self._let_go()
+            raise
+
+    async def aclose(self) -> None:
+        try:
+            await self._stream.aclose()
         finally:
-            await stream.aclose()
+            self._let_go()
+
+    def _let_go(self) -> None:
+        if self._held:
+            self._held = False
             self._release()
 
 
@@ -229,6 +287,7 @@ class ModelPool:
         self._ttl_s = ttl_s
         self._load_timeout_s = load_timeout_s
         self._room = asyncio.Lock()  # one load makes room at a time: two must not both count the same free place
+        self._reserved: set[OnDemandBackend] = set()  # loads under way: their room is taken
         self._idle_timer: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -259,32 +318,54 @@ class ModelPool:
         if model.loading is None:
             model.failure = None
             model.loading = asyncio.get_running_loop().create_task(self._load(model))
+        loading = model.loading
         try:
-            await asyncio.shield(model.loading)
+            # The request's own wait is bounded too: room may take a while to free (engines closing).
+            async with asyncio.timeout(self._load_timeout_s * 2):
+                await asyncio.shield(loading)
         except APIError:
             raise
+        except TimeoutError:
+            raise ModelLoadFailed(
+                f"The model '{model.model_id}' did not load in time (MODEL_LOAD_TIMEOUT_S)",
+                headers={"Retry-After": "5"},
+            ) from None
         except Exception:  # noqa: BLE001 - any failure to load is this model's, said to its request
             raise ModelLoadFailed(f"The model '{model.model_id}' could not be loaded: {model.failure}") from None
+        except asyncio.CancelledError:
+            if not loading.cancelled():
+                raise  # this request was cancelled (its client left): the load goes on for the others
+            raise ModelLoadFailed(f"The model '{model.model_id}' was not loaded: the server is stopping") from None
 
     async def unload(self, model: OnDemandBackend) -> bool:
-        """Unload ``model`` now, unless it is generating (False)."""
-        if model.in_flight:
+        """Unload ``model`` now, unless it is generating or loading (False)."""
+        if model.in_flight or model.loading is not None:
             return False
         await model.unload()
         return True
 
     async def _load(self, model: OnDemandBackend) -> None:
         try:
-            async with self._room:
+            async with self._room:  # held while room is made, not while the engine loads
                 await self._make_room(model)
-                await model.load_now(self._load_timeout_s)
+                self._reserved.add(model)
+            await model.load_now(self._load_timeout_s)
         finally:
+            self._reserved.discard(model)
             model.loading = None
 
+    def _occupied(self, model: OnDemandBackend) -> list[OnDemandBackend]:
+        """The other models holding memory: loaded, loading, or still closing."""
+        return [m for m in self.models if m is not model and (m.inner is not None or m in self._reserved or m.closing)]
+
     async def _make_room(self, model: OnDemandBackend) -> None:
-        """Unload the least recently used idle models until one more fits."""
-        while len([m for m in self.models if m.inner is not None and m is not model]) >= self._max_loaded:
-            idle = [m for m in self.models if m.inner is not None and m.in_flight == 0]
+        """Unload the least recently used idle models until one more fits; an engine still closing is waited for."""
+        while len(self._occupied(model)) >= self._max_loaded:
+            closing = [m.closing for m in self._occupied(model) if m.closing is not None]
+            if closing:
+                await asyncio.wait(closing)
+                continue
+            idle = [m for m in self.models if m.inner is not None and m.in_flight == 0 and m is not model]
             if not idle:
                 raise ModelsBusy(
                     f"Every loaded model is generating (MAX_LOADED_MODELS={self._max_loaded}); "
@@ -302,7 +383,10 @@ class ModelPool:
             for model in self.models:
                 if model.inner is not None and model.in_flight == 0 and now - model.last_used > self._ttl_s:
                     log.info("unloading an idle model", extra={"fields": {"model": model.model_id}})
-                    await model.unload()
+                    try:
+                        await model.unload()
+                    except Exception:
+                        log.exception("unloading an idle model failed", extra={"fields": {"model": model.model_id}})
 
 
 def _reason(exc: BaseException) -> str:
