@@ -95,7 +95,9 @@ async def backends_context(app: web.Application) -> AsyncIterator[None]:
     gpu = app[GPU] = GpuMonitor()
     await gpu.start()
     entries = settings.models or await _upstream_entries(settings)
-    pool = ModelPool(settings.max_loaded_models, settings.model_ttl_s, settings.model_load_timeout_s)
+    pool = ModelPool(
+        settings.max_loaded_models, settings.model_ttl_s, settings.model_load_timeout_s, settings.models_memory_mb
+    )
     backends = {entry.id: _backend(app, settings, entry, pool) for entry in entries}
     limits = RequestLimits(
         max_messages=settings.max_messages,

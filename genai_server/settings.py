@@ -73,6 +73,9 @@ class ModelEntry(BaseModel):
     on_demand: bool = Field(
         False, description="onnx: loaded on its first request and unloaded when idle (every MODELS_DIR model is)"
     )
+    ttl_s: float | None = Field(
+        None, ge=0, description="on_demand: seconds it may stay idle before it is unloaded (default: MODEL_TTL_S)"
+    )
 
     @field_validator("url")
     @classmethod
@@ -155,6 +158,12 @@ class Settings(BaseSettings):
         "its first request and unloaded when idle or to make room (beside MODELS_FILE's models, if any)",
     )
     max_loaded_models: int = Field(2, ge=1, le=64, description="MODELS_DIR models in memory at once")
+    models_memory_mb: float | None = Field(
+        None,
+        gt=0,
+        description="memory the MODELS_DIR models may take together, each counted as its files plus 80 MB for its "
+        "engine process (measured); loading one past it unloads idle ones first (default: MAX_LOADED_MODELS only)",
+    )
     model_ttl_s: float = Field(
         0.0, ge=0, description="seconds a MODELS_DIR model may stay idle before it is unloaded; 0 = until evicted"
     )

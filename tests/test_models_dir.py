@@ -205,3 +205,39 @@ async def test_clients_that_leave_at_once_give_their_model_back(
 async def _unloads(session: aiohttp.ClientSession, url: str, model: str) -> bool:
     async with session.post(f"{url}/models/unload", json={"model": model}) as resp:
         return resp.status == 200
+
+
+async def test_the_memory_budget_makes_room_too(models_dir: Path, tmp_path: Path) -> None:
+    """Each bundled copy counts as its files plus 80 MB: 170 MB holds two of them, whatever MAX_LOADED_MODELS
+    allows; one that alone exceeds the budget is refused by name."""
+    with ServerProcess(
+        tmp_path / "server.log", MODELS_DIR=str(models_dir), MAX_LOADED_MODELS="3", MODELS_MEMORY_MB="170"
+    ) as server:
+        server.wait_healthy()
+        async with aiohttp.ClientSession() as session:
+            for model in ("alpha", "beta", "gamma"):
+                assert (await _chat(session, server.url, model))[0] == 200
+            statuses = await _statuses(session, server.url)
+            assert (statuses["alpha"], statuses["beta"], statuses["gamma"]) == ("unloaded", "loaded", "loaded")
+    with ServerProcess(tmp_path / "small.log", MODELS_DIR=str(models_dir), MODELS_MEMORY_MB="50") as server:
+        server.wait_healthy()
+        async with aiohttp.ClientSession() as session:
+            status, refused = await _chat(session, server.url, "alpha")
+            assert status == 500 and "MODELS_MEMORY_MB" in refused["error"]["message"]
+
+
+async def test_a_models_file_entry_may_be_loaded_on_demand_with_its_own_ttl(models_dir: Path, tmp_path: Path) -> None:
+    models = tmp_path / "models.toml"
+    models.write_text(
+        f"[[models]]\nid = 'delta'\nbackend = 'onnx'\npath = '{models_dir / 'alpha'}'\non_demand = true\nttl_s = 1\n"
+    )
+    with ServerProcess(tmp_path / "server.log", MODELS_FILE=str(models), MODELS_DIR=str(models_dir)) as server:
+        server.wait_healthy()
+        async with aiohttp.ClientSession() as session:
+            assert (await _statuses(session, server.url))["delta"] == "unloaded"
+            for model in ("delta", "beta"):
+                assert (await _chat(session, server.url, model))[0] == 200
+            await eventually_async(
+                lambda: _is_unloaded(session, server.url, "delta"), timeout=30, what="delta unloaded after its ttl"
+            )
+            assert (await _statuses(session, server.url))["beta"] == "loaded"  # MODEL_TTL_S 0: kept

@@ -92,9 +92,21 @@ def on_demand_backend(entry: ModelEntry, settings: Settings, pool: ModelPool) ->
             "model folder's genai_config.json cannot be read: its requests will fail",
             extra={"fields": {"model": entry.id, "model_path": str(entry.model_path)}},
         )
-    backend = OnDemandBackend(entry.id, length, build, pool)
+    backend = OnDemandBackend(
+        entry.id, length, build, pool, footprint_mb=footprint_mb(entry.model_path), ttl_s=entry.ttl_s
+    )
     made.append(backend)
     return backend
+
+
+# What an engine process takes beyond its model's files (the bundled model's: 73 MB, measured), rounded up.
+ENGINE_OVERHEAD_MB = 80.0
+
+
+def footprint_mb(model_path: Path) -> float:
+    """What a model is counted as taking once loaded: its files, plus its engine process."""
+    files = sum(path.stat().st_size for path in model_path.rglob("*") if path.is_file())
+    return files / 2**20 + ENGINE_OVERHEAD_MB
 
 
 def context_length(model_path: Path) -> int | None:

@@ -42,9 +42,17 @@ class OnDemandBackend:
     name = "onnx"
 
     def __init__(
-        self, model_id: str, context_length: int | None, build: Callable[[], Backend], pool: ModelPool
+        self,
+        model_id: str,
+        context_length: int | None,
+        build: Callable[[], Backend],
+        pool: ModelPool,
+        footprint_mb: float = 0.0,
+        ttl_s: float | None = None,
     ) -> None:
         self.model_id = model_id
+        self.ttl_s = ttl_s  # its own idle time before unloading; None: the pool's
+        self.footprint_mb = footprint_mb  # what it is counted as taking when loaded (MODELS_MEMORY_MB)
         self._context_length = context_length
         self._build = build
         self.pool = pool
@@ -281,9 +289,10 @@ class _HeldStream(AsyncGenerator[Any, None]):
 class ModelPool:
     """At most ``max_loaded`` of its models in memory; idle ones unloaded after ``ttl_s`` (0: never)."""
 
-    def __init__(self, max_loaded: int, ttl_s: float, load_timeout_s: float) -> None:
+    def __init__(self, max_loaded: int, ttl_s: float, load_timeout_s: float, memory_mb: float | None = None) -> None:
         self.models: list[OnDemandBackend] = []
         self._max_loaded = max_loaded
+        self._memory_mb = memory_mb
         self._ttl_s = ttl_s
         self._load_timeout_s = load_timeout_s
         self._room = asyncio.Lock()  # one load makes room at a time: two must not both count the same free place
@@ -291,8 +300,8 @@ class ModelPool:
         self._idle_timer: asyncio.Task[None] | None = None
 
     def start(self) -> None:
-        """Start the idle timer (once)."""
-        if self._ttl_s > 0 and self._idle_timer is None:
+        """Start the idle timer (once), if any model may be unloaded for idleness."""
+        if self._idle_timer is None and any(self._ttl(model) > 0 for model in self.models):
             self._idle_timer = asyncio.get_running_loop().create_task(self._unload_idle())
 
     async def stop(self) -> None:
@@ -354,13 +363,26 @@ class ModelPool:
             self._reserved.discard(model)
             model.loading = None
 
+    def _fits(self, model: OnDemandBackend) -> bool:
+        occupied = self._occupied(model)
+        if len(occupied) >= self._max_loaded:
+            return False
+        used = sum(m.footprint_mb for m in occupied)
+        return self._memory_mb is None or used + model.footprint_mb <= self._memory_mb
+
     def _occupied(self, model: OnDemandBackend) -> list[OnDemandBackend]:
         """The other models holding memory: loaded, loading, or still closing."""
         return [m for m in self.models if m is not model and (m.inner is not None or m in self._reserved or m.closing)]
 
     async def _make_room(self, model: OnDemandBackend) -> None:
-        """Unload the least recently used idle models until one more fits; an engine still closing is waited for."""
-        while len(self._occupied(model)) >= self._max_loaded:
+        """Unload the least recently used idle models until one more fits, in count and in memory; an engine still
+        closing is waited for."""
+        if self._memory_mb is not None and model.footprint_mb > self._memory_mb:
+            raise ModelLoadFailed(
+                f"The model '{model.model_id}' needs about {model.footprint_mb:.0f} MB; MODELS_MEMORY_MB is "
+                f"{self._memory_mb:.0f}"
+            )
+        while not self._fits(model):
             closing = [m.closing for m in self._occupied(model) if m.closing is not None]
             if closing:
                 await asyncio.wait(closing)
@@ -376,12 +398,16 @@ class ModelPool:
             log.info("unloading the least recently used model", extra={"fields": {"model": victim.model_id}})
             await victim.unload()
 
+    def _ttl(self, model: OnDemandBackend) -> float:
+        return self._ttl_s if model.ttl_s is None else model.ttl_s
+
     async def _unload_idle(self) -> None:
         while True:
-            await asyncio.sleep(min(self._ttl_s / 2, 1.0))
+            await asyncio.sleep(min([self._ttl(model) / 2 for model in self.models if self._ttl(model) > 0] + [1.0]))
             now = time.monotonic()
             for model in self.models:
-                if model.inner is not None and model.in_flight == 0 and now - model.last_used > self._ttl_s:
+                ttl = self._ttl(model)
+                if ttl > 0 and model.inner is not None and model.in_flight == 0 and now - model.last_used > ttl:
                     log.info("unloading an idle model", extra={"fields": {"model": model.model_id}})
                     try:
                         await model.unload()
