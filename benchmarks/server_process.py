@@ -64,6 +64,7 @@ SETTING_PREFIXES = (
     "RESPONSES_",
     "UI",
     "API_KEYS",
+    "ADMIN_API_KEYS",
     "METRICS_",
     "CORS_",
     "ALLOWED_HOSTS",

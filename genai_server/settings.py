@@ -302,6 +302,11 @@ class Settings(BaseSettings):
         default_factory=list, description="comma-separated bearer keys clients must send; none = open server"
     )
     api_keys_file: Path | None = Field(None, description="file of bearer keys, one per line (# comments)")
+    admin_api_keys: Annotated[list[SecretStr], NoDecode] = Field(
+        default_factory=list,
+        description="comma-separated keys that alone may load and unload models (POST /models/load, "
+        "/models/unload); each is an API key too, so setting one turns keys on",
+    )
     metrics_require_key: bool = Field(False, description="require an API key for /metrics too (health stays public)")
     cors_origins: Annotated[list[str], NoDecode] = Field(
         default_factory=lambda: ["*"], description="comma-separated origins allowed by CORS; * for any"
@@ -330,7 +335,9 @@ class Settings(BaseSettings):
     )
     log_format: Literal["json", "text"] = Field("text", description="json (one object per line) or text")
 
-    @field_validator("cors_origins", "api_keys", "allowed_hosts", "upstream_native_apis", mode="before")
+    @field_validator(
+        "cors_origins", "api_keys", "admin_api_keys", "allowed_hosts", "upstream_native_apis", mode="before"
+    )
     @classmethod
     def _split_commas(cls, value: Any) -> Any:
         if isinstance(value, str):
@@ -393,7 +400,7 @@ class Settings(BaseSettings):
     @property
     def all_api_keys(self) -> list[str]:
         """API_KEYS and the keys of API_KEYS_FILE together."""
-        keys = [key.get_secret_value() for key in self.api_keys]
+        keys = [key.get_secret_value() for key in [*self.api_keys, *self.admin_api_keys]]
         if self.api_keys_file is not None:
             lines = self.api_keys_file.read_text().splitlines()
             keys += [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]

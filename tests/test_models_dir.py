@@ -241,3 +241,22 @@ async def test_a_models_file_entry_may_be_loaded_on_demand_with_its_own_ttl(mode
                 lambda: _is_unloaded(session, server.url, "delta"), timeout=30, what="delta unloaded after its ttl"
             )
             assert (await _statuses(session, server.url))["beta"] == "loaded"  # MODEL_TTL_S 0: kept
+
+
+async def test_with_admin_keys_only_they_load_and_unload(models_dir: Path, tmp_path: Path) -> None:
+    """One tenant's key must not evict another's models: with ADMIN_API_KEYS, /models/* need one of them (403 to
+    other keys); an admin key serves the API like any key."""
+    admin = {"Authorization": "Bearer admin-key"}
+    with ServerProcess(
+        tmp_path / "server.log", MODELS_DIR=str(models_dir), API_KEYS=KEY, ADMIN_API_KEYS="admin-key"
+    ) as server:
+        server.wait_healthy()
+        async with aiohttp.ClientSession() as session:
+            for path in ("/models/load", "/models/unload"):
+                async with session.post(f"{server.url}{path}", json={"model": "alpha"}, headers=AUTH) as resp:
+                    assert resp.status == 403 and (await resp.json())["error"]["code"] == "forbidden"
+                async with session.post(f"{server.url}{path}", json={"model": "alpha"}, headers=admin) as resp:
+                    assert resp.status == 200
+            body = {"model": "beta", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
+            async with session.post(f"{server.url}/v1/chat/completions", json=body, headers=admin) as resp:
+                assert resp.status == 200

@@ -15,18 +15,20 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import hdrs, web
 
-from genai_server.errors import InvalidApiKey
-from genai_server.http.endpoints import public
+from genai_server.errors import Forbidden, InvalidApiKey
+from genai_server.http.endpoints import endpoint_of, public
 from genai_server.http.request_state import KEY_OWNER
 
 _X_API_KEY = "x-api-key"
 
 
-def setup_api_keys(app: web.Application, keys: list[str]) -> None:
-    """Add the middleware that requires one of ``keys`` (no-op when there are none)."""
+def setup_api_keys(app: web.Application, keys: list[str], admin_keys: list[str] | None = None) -> None:
+    """Add the middleware that requires one of ``keys`` (no-op when there are none), and one of ``admin_keys`` on
+    the routes that change what the server holds (loading and unloading models) when any are set."""
     if not keys:
         return
     encoded = [key.encode() for key in keys]
+    admins = [key.encode() for key in admin_keys or []]
 
     @web.middleware
     async def api_keys(
@@ -41,6 +43,9 @@ def setup_api_keys(app: web.Application, keys: list[str]) -> None:
                 "Incorrect or missing API key: send 'Authorization: Bearer <key>' (or 'x-api-key: <key>')",
                 headers={"WWW-Authenticate": "Bearer"},
             )
+        endpoint = endpoint_of(request)
+        if admins and endpoint is not None and endpoint.admin and not _valid(presented, admins):
+            raise Forbidden("This route needs an admin key (ADMIN_API_KEYS)")
         # Whose caches its generations may continue: a fingerprint, never the key itself.
         request[KEY_OWNER] = hashlib.sha256(presented).hexdigest()
         return await handler(request)

@@ -35,6 +35,7 @@ class Endpoint:
     unavailable: bool = False  # may answer 503 with a status object (a readiness probe)
     documented: bool = True  # part of the JSON API that /openapi.json describes (not /metrics, nor itself)
     tokenizes: bool = False  # only tokenizes (no generation): held by the tokenizer's small limit, not a slot
+    admin: bool = False  # changes what the server holds: an admin key's, when ADMIN_API_KEYS are set
     # The body of an error on this route: None for OpenAI's envelope; Anthropic's routes give theirs.
     error_body: Callable[[APIError], dict[str, Any]] | None = None
 
