@@ -19,7 +19,6 @@ from genai_server.protocol import (
     DetokenizeResponse,
     ModelCard,
     ModelList,
-    SamplingRequest,
     TokenizeRequest,
     TokenizeResponse,
 )
@@ -103,16 +102,15 @@ class Serving:
 
     async def chat(self, req: ChatCompletionRequest, stats: RequestTelemetry, owner: str = "") -> Result:
         """Route a chat completion; ``owner`` names who sent it (see ``cache_scope``)."""
-        if len(req.messages) > self._limits.max_messages:
-            raise InvalidRequest(f"At most {self._limits.max_messages} messages per request", param="messages")
-        self._check_max_tokens(req)
+        self._check_turns(len(req.messages), "messages")
+        self._check_limit(req.limit, req.limit_param)
         self._check_sequences(req.n)
         backend = self._start(req.model, stats)
         return await _timed(backend.chat(req, stats, cache_scope(owner, req.cache_salt)), stats, self._stopping)
 
     async def complete(self, req: CompletionRequest, stats: RequestTelemetry, owner: str = "") -> Result:
         """Route a text completion; ``owner`` as for ``chat``."""
-        self._check_max_tokens(req)
+        self._check_limit(req.limit, req.limit_param)
         self._check_sequences(req.n * len(req.prompts()))
         backend = self._start(req.model, stats)
         return await _timed(backend.complete(req, stats, cache_scope(owner, req.cache_salt)), stats, self._stopping)
@@ -176,18 +174,21 @@ class Serving:
     def _check_native(self, api: str, body: dict[str, Any]) -> None:
         """MAX_MESSAGES and MAX_TOKENS_LIMIT for a request relayed as it came (its shape is the engine's to check)."""
         turns_param, limit_param = ("input", "max_output_tokens") if api == "responses" else ("messages", "max_tokens")
-        turns = body.get(turns_param)
-        if isinstance(turns, list) and len(turns) > self._limits.max_messages:
-            raise InvalidRequest(f"At most {self._limits.max_messages} messages per request", param=turns_param)
-        limit = body.get(limit_param)
-        most = self._limits.max_tokens_limit
-        if isinstance(limit, int) and limit > most:
-            raise InvalidRequest(f"At most {most} tokens per choice (MAX_TOKENS_LIMIT)", param=limit_param)
+        turns, limit = body.get(turns_param), body.get(limit_param)
+        if isinstance(turns, list):
+            self._check_turns(len(turns), turns_param)
+        if isinstance(limit, int):
+            self._check_limit(limit, limit_param)
 
-    def _check_max_tokens(self, req: SamplingRequest) -> None:
+    def _check_turns(self, turns: int, param: str) -> None:
+        if turns > self._limits.max_messages:
+            raise InvalidRequest(f"At most {self._limits.max_messages} messages per request", param=param)
+
+    def _check_limit(self, limit: int | None, param: str) -> None:
+        """MAX_TOKENS_LIMIT, for the parameter the client named the limit with."""
         most = self._limits.max_tokens_limit
-        if req.limit is not None and req.limit > most:
-            raise InvalidRequest(f"At most {most} tokens per choice (MAX_TOKENS_LIMIT)", param=req.limit_param)
+        if limit is not None and limit > most:
+            raise InvalidRequest(f"At most {most} tokens per choice (MAX_TOKENS_LIMIT)", param=param)
 
     def _check_sequences(self, sequences: int) -> None:
         """Each sequence holds a KV cache: what one request may ask for is counted in sequences, not requests."""

@@ -195,22 +195,17 @@ def _logprobs(choice: dict[str, Any]) -> tuple[dict[str, Any], ...]:
     items = given.get("content") if isinstance(given, dict) else None
     return tuple(
         {
-            "token": str(item.get("token", "")),
-            "logprob": item.get("logprob", 0.0),
-            "bytes": item.get("bytes") or [],
-            "top_logprobs": [
-                {
-                    "token": str(top.get("token", "")),
-                    "logprob": top.get("logprob", 0.0),
-                    "bytes": top.get("bytes") or [],
-                }
-                for top in item.get("top_logprobs") or []
-                if isinstance(top, dict)
-            ],
+            **_logprob(item),
+            "top_logprobs": [_logprob(top) for top in item.get("top_logprobs") or [] if isinstance(top, dict)],
         }
         for item in items or []
         if isinstance(item, dict)
     )
+
+
+def _logprob(item: dict[str, Any]) -> dict[str, Any]:
+    """One token's entry: its text, log probability and bytes."""
+    return {"token": str(item.get("token", "")), "logprob": item.get("logprob", 0.0), "bytes": item.get("bytes") or []}
 
 
 def _reasoning(part: dict[str, Any]) -> list[ChatEvent]:

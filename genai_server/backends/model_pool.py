@@ -20,7 +20,8 @@ from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Any
 
 from genai_server.backends import Backend, Result
-from genai_server.errors import APIError, InvalidRequest, ModelLoadFailed, ModelsBusy, ServerError
+from genai_server.backends.onnx import no_embeddings
+from genai_server.errors import APIError, ModelLoadFailed, ModelsBusy, ServerError
 from genai_server.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -141,11 +142,7 @@ class OnDemandBackend:
 
     async def embeddings(self, body: dict[str, Any], stats: RequestTelemetry) -> dict[str, Any]:
         """A generative model has none to give: refused without loading it for that."""
-        raise InvalidRequest(
-            f"The model '{self.model_id}' is a generative ONNX Runtime GenAI model and serves no embeddings",
-            param="model",
-            code="model_not_supported",
-        )
+        raise no_embeddings(self.model_id)
 
     def serves_natively(self, api: str) -> bool:
         """An embedded engine speaks chat only."""

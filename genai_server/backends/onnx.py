@@ -154,10 +154,7 @@ class OnnxBackend:
     ) -> ChatCompletion | AsyncGenerator[ChatCompletionChunk, None]:
         """A chat completion, or its chunk stream when ``req.stream``."""
         check_supported(req)
-        check_text_messages(req.messages)
-        # Every character the prompt will hold, history tool calls included, is checked before any of it is parsed or
-        # tokenised (3.8 MB of call arguments were tokenised before the 400).
-        self._check_text_size(_text_size(req), param="messages")
+        self._check_conversation(req)
         tools = _tool_use(req, self._calls, req.limit or self._max_tokens_limit or self.engine.facts.context_length)
         prompt, thinking = await self._thinking(req, await self._chat_prompt(req), tools)
         seqs = self._plan(req, [prompt], param="messages", tools=tools, cache_scope=cache_scope, thinking=thinking)
@@ -199,6 +196,12 @@ class OnnxBackend:
         [ids] = await self.engine.tokenize([text])
         bos = self.engine.facts.bos_token_id
         return ids[1:] if ids and ids[0] == bos else ids
+
+    def _check_conversation(self, req: ChatCompletionRequest) -> None:
+        """Text messages only, and every character the prompt will hold (history tool calls and tools included)
+        checked before any of it is parsed or tokenised (3.8 MB of call arguments were tokenised before the 400)."""
+        check_text_messages(req.messages)
+        self._check_text_size(_text_size(req), param="messages")
 
     async def _chat_prompt(self, req: ChatCompletionRequest) -> list[int]:
         """The conversation (its size checked) rendered with the model's template and tokenised."""
@@ -243,8 +246,7 @@ class OnnxBackend:
                     code="unsupported_parameter",
                 )
             chat = ChatCompletionRequest(model=self.model_id, messages=req.messages, tools=req.tools)
-            check_text_messages(chat.messages)
-            self._check_text_size(_text_size(chat), param="messages")
+            self._check_conversation(chat)
             ids = await self._chat_prompt(chat)
         else:
             text = req.text or ""
@@ -270,12 +272,7 @@ class OnnxBackend:
 
     async def embeddings(self, body: dict[str, Any], stats: RequestTelemetry) -> dict[str, Any]:
         """A generative model has no embeddings to give."""
-        raise InvalidRequest(
-            f"The model '{self.model_id}' is a generative ONNX Runtime GenAI model and serves no embeddings; "
-            "serve an embedding model through a gateway backend (BACKEND=openai) for /v1/embeddings",
-            param="model",
-            code="model_not_supported",
-        )
+        raise no_embeddings(self.model_id)
 
     # ---- other APIs ----------------------------------------------------------------------
 
@@ -478,6 +475,16 @@ class OnnxBackend:
             raise InvalidRequest(f"{seq.guided} cannot be followed: {exc}", param=seq.guided) from None
         finally:
             await stream.aclose()
+
+
+def no_embeddings(model_id: str) -> InvalidRequest:
+    """The refusal of ``/v1/embeddings`` for an embedded (generative) model, loaded or not."""
+    return InvalidRequest(
+        f"The model '{model_id}' is a generative ONNX Runtime GenAI model and serves no embeddings; "
+        "serve an embedding model through a gateway backend (BACKEND=openai) for /v1/embeddings",
+        param="model",
+        code="model_not_supported",
+    )
 
 
 class _PieceMaker:
