@@ -199,6 +199,24 @@ async def test_work_beyond_the_memory_budget_waits_and_completes(
         assert len(choices) == 16 and all(choice["finish_reason"] for choice in choices)
 
 
+async def test_a_short_sequence_holds_a_cache_for_its_request_not_the_context(
+    session: aiohttp.ClientSession, embedded: ServerProcess
+) -> None:
+    """16 greedy sequences of under 256 tokens (prompt and max_tokens) are given 256-token caches, an eighth of the
+    whole context's: all 16 run at once (two batches of 8) in half of the 4 MiB budget. Sized for the context, four
+    would run at a time and fill it."""
+    body = chat_body(content="Hi", n=16, max_tokens=200)
+    request = asyncio.create_task(session.post(f"{embedded.url}/v1/chat/completions", json=body))
+    peak = 0.0
+    while not request.done():
+        peak = max(peak, await _kv_cache_in_use(session, embedded.url))
+        await asyncio.sleep(0.01)
+    resp = await request
+    assert resp.status == 200
+    assert (await resp.json())["usage"]["prompt_tokens"] + 200 <= 256
+    assert 0 < peak <= 0.5
+
+
 def test_a_context_the_budget_cannot_hold_is_a_start_up_error(tmp_path: Path) -> None:
     with ServerProcess(tmp_path / "server.log", ENGINE_MEMORY_BUDGET_MB="0.5") as server:
         assert server.proc.wait(60) == ExitStatus.MODEL_LOADING_FAILED

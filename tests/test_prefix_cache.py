@@ -8,6 +8,7 @@ sides: a prompt that repeats them exactly is continued, one that differs by a to
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any
 
@@ -24,6 +25,8 @@ QUESTIONS = [QUESTION, " Tell me more about it, please.", " Why?", " Write it ag
 # A turn's reply: short, because the longer a random-weight reply, the less often its text tokenises back to the
 # tokens generated (on the bundled model: 12 of 24 two-token replies do, 1 of 24 six-token ones).
 REPLY_TOKENS = 2
+# Makes a prompt long enough (over 256 tokens of the bundled tokenizer) to run alone and be kept.
+DOCUMENT = "The river runs past the old city at night and the light is green. " * 12
 
 
 async def _complete(
@@ -47,15 +50,15 @@ def _cached(body: dict[str, Any]) -> int:
 
 
 async def _turns(
-    client: TestClient[Any, Any], tokenizer: Any, count: int, key: str | None = None
+    client: TestClient[Any, Any], tokenizer: Any, count: int, key: str | None = None, document: str = ""
 ) -> list[tuple[list[int], list[int]]]:
     """``count`` (prompt, reply ids) pairs whose reply, sent back as text, is continued from the kept sequence:
     each is checked on ``client`` (a server keeping at least one conversation; with API ``key``), and left kept
-    there."""
+    there. Each prompt is ``document``, then a seed."""
     found: list[tuple[list[int], list[int]]] = []
     question = [int(t) for t in tokenizer.encode(QUESTION)]
     for seed in SEEDS:
-        prompt = [int(t) for t in tokenizer.encode(seed)]
+        prompt = [int(t) for t in tokenizer.encode(document + seed)]
         body = await _complete(client, prompt, key=key)
         reply = [int(t) for t in tokenizer.encode(body["choices"][0]["text"])]
         if len(reply) != body["usage"]["completion_tokens"]:
@@ -95,6 +98,35 @@ async def test_next_turn_prefills_only_its_new_tokens(make_client: ClientFactory
     assert metric_sample(exposition, "genai_server_prompt_tokens_cached_total", model=MODEL_ID) >= len(prompt)
 
 
+async def test_conversations_that_run_at_once_are_all_continued(make_client: ClientFactory, tokenizer: Any) -> None:
+    """Three conversations over long documents send their turns at the same time. Each runs alone on a lane of its
+    own, so each next turn continues its own kept sequence; in one batch none could be kept (the engine continues
+    only a request that was alone in its batch)."""
+    client = await make_client()
+    found = await _turns(client, tokenizer, 3, document=DOCUMENT)
+    assert min(len(prompt) for prompt, _ in found) >= 256  # long enough to be worth keeping
+    question = [int(t) for t in tokenizer.encode(QUESTION)]
+    for _ in range(2):
+        await asyncio.gather(*(_complete(client, prompt) for prompt, _ in found))  # turn 1 again, all at once
+        answers = await asyncio.gather(*(_complete(client, prompt + reply + question) for prompt, reply in found))
+        assert [_cached(answer) for answer in answers] == [len(prompt) + len(reply) for prompt, reply in found]
+
+
+async def test_a_turn_too_long_for_the_kept_cache_starts_afresh_and_is_not_cut_short(
+    make_client: ClientFactory, tokenizer: Any
+) -> None:
+    """A kept sequence's cache was sized when it began (twice its first turn, rounded up: 256 tokens here) and
+    cannot grow; a next turn that may need more is prefilled whole into a larger one, never ended early."""
+    client = await make_client()
+    [(prompt, reply)] = await _turns(client, tokenizer, 1)
+    turn2 = prompt + reply + [int(t) for t in tokenizer.encode(QUESTION)]
+    await _complete(client, prompt)
+    answer = await _complete(client, turn2, max_tokens=300)
+    assert _cached(answer) == 0
+    finish, generated = answer["choices"][0]["finish_reason"], answer["usage"]["completion_tokens"]
+    assert finish == "stop" or generated == 300, (finish, generated)
+
+
 async def test_a_prompt_that_differs_by_one_token_is_prefilled_whole(
     make_client: ClientFactory, tokenizer: Any
 ) -> None:
@@ -119,17 +151,20 @@ async def test_the_least_recently_used_conversation_is_dropped_first(
 
 
 async def test_a_kept_conversation_gives_way_to_new_work(make_client: ClientFactory, tokenizer: Any) -> None:
-    """A budget that holds one sequence: the kept one is dropped so that another conversation can run."""
+    """A budget that holds one whole-context sequence and a little more: the kept conversation (a small cache) is
+    dropped so that a request that may fill the whole context can run; without it, the kept one stays."""
     decoder = json.loads((BUNDLED_MODEL / "genai_config.json").read_text())["model"]["decoder"]
     per_token = 2 * decoder["num_hidden_layers"] * decoder["num_key_value_heads"] * decoder["head_size"] * 4
-    budget_mb = 1.5 * per_token * 1024 / 2**20
+    budget_mb = 1.2 * per_token * 1024 / 2**20
     client = await make_client(max_model_len=1024, engine_memory_budget_mb=budget_mb)
     [(a, a_reply)] = await _turns(client, tokenizer, 1)
     question = [int(t) for t in tokenizer.encode(QUESTION)]
-    await _complete(client, a)
-    other = await _complete(client, [int(t) for t in tokenizer.encode("Something else entirely")])
-    assert other["choices"][0]["finish_reason"] == "length"
-    assert _cached(await _complete(client, a + a_reply + question)) == 0
+    other = [int(t) for t in tokenizer.encode("Something else entirely")]
+    for other_max_tokens, cached in ((REPLY_TOKENS, len(a) + len(a_reply)), (1024 - len(other), 0)):
+        await _complete(client, a)
+        answer = await _complete(client, other, max_tokens=other_max_tokens)
+        assert answer["usage"]["completion_tokens"] >= 1
+        assert _cached(await _complete(client, a + a_reply + question)) == cached
 
 
 async def test_chat_usage_says_how_many_prompt_tokens_were_cached(client: Any, openai_schema: Any) -> None:

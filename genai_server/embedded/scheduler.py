@@ -10,13 +10,17 @@ dynamic batching; a minimum length and logprobs need the logits) is stepped on a
 Generator of its own, which holds the GIL while it computes (``logprobs.py``).
 
 A sequence that ran alone stays in its lane when it ends (``prefix_cache.py``): the next turn of its
-conversation, which repeats the history, continues it and prefills only what is new. Lanes are made as needed,
-at most ``lanes`` of them running at once. Kept sequences are dropped least recently used first, when there are
-more than ``prefix_cache`` of them or when running work needs their memory: they never make new work wait.
+conversation, which repeats the history, continues it and prefills only what is new. Only a sequence alone in its
+Engine can be continued, so a conversation whose prompt outweighs its reply (``_worth_keeping``) starts alone on a
+lane of its own even when others arrive with it: its next turn's saved prefill is worth more than batching its
+few decode steps. At most ``lanes`` batches and ``prefix_cache`` lone conversations run at once; lanes are made as
+needed. Kept sequences are dropped least recently used first, when there are more than ``prefix_cache`` of them or
+when running work needs their memory: they never make new work wait.
 
-Memory is admitted, not hoped for: each running sequence holds a KV cache (a lane's for the whole context, a
-Generator's for its prompt plus max_tokens), and the sum stays within the engine's memory budget. Work beyond
-it waits in line; a context whose one sequence could never fit is refused when the engine starts.
+Memory is admitted, not hoped for: each running sequence holds a KV cache sized when it starts, for its prompt
+plus ``max_tokens`` rounded up to a size class (``KvBudget.capacity``; a sequence that may be kept gets room for
+its conversation to grow), and the sum stays within the engine's memory budget. Work beyond it waits in line; a
+context whose one sequence could never fit is refused when the engine starts.
 
 Nothing here may be called from any thread but the engine's owner thread.
 """
@@ -25,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import json
 import logging
 import time
@@ -55,6 +60,18 @@ _GRAMMAR_FAILED = "the engine failed while following it (its parser allows at mo
 # The failures after which an Engine is not trusted again (the runtime may have declared it unhealthy).
 _ENGINE_FAULTS = frozenset({og.EngineErrorCode.ENGINE_EXECUTION_FAILURE, og.EngineErrorCode.ENGINE_CONTRACT_FAILURE})
 _GRAMMAR_MESSAGE_CHARS = 300
+# The smallest KV cache a sequence is given; sizes double from there up to the context. Measured (0.42B model, 8
+# sequences of 35 + 48 tokens): the cache is allocated when a batch starts, at the size the request was created with,
+# and a sequence sized 256 added 9 MB of RSS where one sized for the whole 4096-token context added 55 MB.
+_SMALLEST_CACHE = 256
+# A conversation runs alone, to be kept for its next turn, when its prompt is at least this long and at least
+# _KEEP_PROMPT_RATIO times its reply's token limit (counted at most _KEEP_REPLY_CAP: a client that sets no
+# max_tokens gets the rest of the context as its limit). Measured on the 0.42B model: prefill runs at ~230 tokens/s,
+# and a sequence decoding alone instead of in a batch costs about 1/100 s more per token, so a prompt longer than
+# about twice the reply saves more on the next turn than batching its reply saves now.
+_KEEP_MIN_PROMPT = 256
+_KEEP_PROMPT_RATIO = 2
+_KEEP_REPLY_CAP = 512
 _OUT_OF_MEMORY = "compiling it needs more memory than the engine may use"
 
 
@@ -145,6 +162,7 @@ class Job:
     turn_id: int = 0
     generator: Any = None
     kv_bytes: int = 0  # a Generator's KV cache, reserved while it runs
+    capacity: int = 0  # the tokens its lane request's KV cache is sized for (``KvBudget.capacity``)
     keep: bool = False  # runs alone: its lane keeps it when it ends, for the conversation's next turn
     tokens: list[int] = field(default_factory=list)  # a kept sequence's cache: every token fed or generated
     cached_tokens: int = 0  # prompt tokens continued from a kept sequence, not prefilled again
@@ -171,10 +189,19 @@ class KvBudget:
     bytes_per_token: int
     context_length: int
 
-    @property
-    def lane_sequence_bytes(self) -> int:
-        """A lane sequence: the Engine allocates its cache for the whole context up front."""
-        return self.bytes_per_token * self.context_length
+    def capacity(self, tokens: int, *, grows: bool = False) -> int:
+        """The cache a lane sequence that needs ``tokens`` (prompt and max_tokens) is created with: the next size
+        class, at most the context. One that may be kept (``grows``) gets twice that, so that a conversation's next
+        turns fit in it: a kept cache cannot be enlarged, and one too small is prefilled whole again, into a
+        cache twice as large."""
+        size = _SMALLEST_CACHE
+        while size < tokens * (2 if grows else 1):
+            size *= 2
+        return min(size, self.context_length)
+
+    def sequence_bytes(self, capacity: int) -> int:
+        """What a lane sequence of ``capacity`` tokens holds: the Engine allocates it when its batch starts."""
+        return self.bytes_per_token * capacity
 
     def generator_bytes(self, prompt_tokens: int, max_tokens: int) -> int:
         """A Generator: its cache holds the prompt and max_tokens."""
@@ -192,6 +219,7 @@ class Lane:
         self.kv_bytes = 0  # the batch's KV cache, reserved while it runs or is kept
         # A finished sequence whose KV cache is still resident: any other batch here would evict it.
         self.kept: Kept | None = None
+        self.solo = False  # runs (or keeps) one conversation, outside the limit on running batches
         self.failed = False  # the Engine failed a request in a way that may have left it unusable
 
     @property
@@ -381,8 +409,20 @@ class BatchScheduler:
         self._lanes[self._lanes.index(lane)] = Lane(self._model)
         log.warning("an engine lane failed and was replaced by a new one")
 
-    def _running(self) -> int:
-        return sum(not lane.idle for lane in self._lanes)
+    def _running_batches(self) -> int:
+        return sum(not lane.idle and not lane.solo for lane in self._lanes)
+
+    def _running_alone(self) -> int:
+        return sum(not lane.idle and lane.solo for lane in self._lanes)
+
+    def _capacity(self, job: Job, *, keep: bool) -> int:
+        return self._memory.capacity(len(job.prompt) + job.options.max_tokens, grows=keep)
+
+    def _worth_keeping(self, job: Job) -> bool:
+        """Whether ``job`` saves more by being kept for its conversation's next turn than by sharing a batch now."""
+        prompt = len(job.prompt)
+        reply = min(job.options.max_tokens, _KEEP_REPLY_CAP)
+        return self._max_kept > 0 and prompt >= _KEEP_MIN_PROMPT and prompt >= _KEEP_PROMPT_RATIO * reply
 
     def _free_lane(self) -> Lane:
         """An Engine with nothing resident; a new one if every lane runs or keeps a sequence."""
@@ -394,34 +434,68 @@ class BatchScheduler:
         return lane
 
     def _admit(self) -> None:
-        """Waiting sequences that continue a kept one start on its lane; the rest start as one batch per lane."""
+        """Waiting sequences that continue a kept one start on its lane, conversations worth keeping on lanes of
+        their own; the rest start as one batch per lane."""
         self._admit_continuations()
-        while self._waiting and self._running() < self._max_running:
-            size = min(self._max_batch, len(self._waiting))
-            fits = self._make_room(size * self._memory.lane_sequence_bytes) // self._memory.lane_sequence_bytes
-            size = min(size, fits)
-            if size < 1:
+        self._admit_conversations()
+        while self._waiting and self._running_batches() < self._max_running:
+            batch = self._fitting_batch()
+            if not batch:
                 return  # the budget is full: wait for a batch or a Generator to end
             lane = self._free_lane()
-            batch = [self._waiting.popleft() for _ in range(size)]
-            lane.kv_bytes = size * self._memory.lane_sequence_bytes
+            lane.solo = False
+            lane.kv_bytes = sum(self._memory.sequence_bytes(job.capacity) for job in batch)
             for job in batch:
-                job.keep = size == 1 and self._max_kept > 0
                 self._guarded(partial(self._begin, job, lane, None), [job])
+
+    def _fitting_batch(self) -> list[Job]:
+        """The longest run of waiting sequences (up to a batch) whose caches fit the budget, taken off the queue;
+        a batch of one is kept for its next turn when its larger cache fits too."""
+        costs = [
+            self._memory.sequence_bytes(self._capacity(job, keep=False))
+            for job in itertools.islice(self._waiting, self._max_batch)
+        ]
+        free = self._make_room(sum(costs))
+        size = 0
+        while size < len(costs) and sum(costs[: size + 1]) <= free:
+            size += 1
+        batch = [self._waiting.popleft() for _ in range(size)]
+        keep = size == 1 and self._max_kept > 0
+        keep = keep and self._memory.sequence_bytes(self._capacity(batch[0], keep=True)) <= free
+        for job in batch:
+            job.keep = keep
+            job.capacity = self._capacity(job, keep=keep)
+        return batch
 
     def _admit_continuations(self) -> None:
         kept = [lane.kept for lane in self._kept_lanes() if lane.kept is not None]
         for job in list(self._waiting):
-            if not kept or self._running() >= self._max_running:
+            if not kept or self._running_alone() >= self._max_kept:
                 return
-            reuse = best_reuse(job.prompt, kept, job.scope)
+            reuse = best_reuse(job.prompt, kept, job.scope, job.options.max_tokens)
             if reuse is None:
                 continue
             kept.remove(reuse)
             lane = next(lane for lane in self._lanes if lane.kept is reuse)
             self._waiting.remove(job)
-            job.keep = True
+            job.keep, job.capacity, lane.solo = True, reuse.capacity, True
             self._guarded(partial(self._begin, job, lane, reuse), [job])
+
+    def _admit_conversations(self) -> None:
+        """Waiting sequences worth keeping start alone, each on a lane of its own, while fewer than
+        ``prefix_cache`` run so and their caches fit; the rest stay in line for a batch."""
+        for job in [job for job in self._waiting if self._worth_keeping(job)]:
+            if self._running_alone() >= self._max_kept:
+                return
+            capacity = self._capacity(job, keep=True)
+            cost = self._memory.sequence_bytes(capacity)
+            if cost > self._make_room(cost):
+                return
+            self._waiting.remove(job)
+            lane = self._free_lane()
+            lane.solo, lane.kv_bytes = True, cost
+            job.keep, job.capacity = True, capacity
+            self._guarded(partial(self._begin, job, lane, None), [job])
 
     def _admit_generators(self) -> None:
         """Start waiting Generators in arrival order while their KV caches fit (the first that does not fit
@@ -441,7 +515,10 @@ class BatchScheduler:
             lane.kept = None
             request, job.tokens, job.cached_tokens = reuse.request, reuse.tokens, len(reuse.tokens)
         else:
-            request = lane.engine.create_request()
+            # Its cache is allocated at this size when the batch starts, and cannot grow (``KvBudget.capacity``).
+            sizing = og.RequestOptions()
+            sizing.set_max_session_tokens(job.capacity)
+            request = lane.engine.create_request(options=sizing)
         opts = og.TurnOptions(request)
         opts.set_max_generated_tokens(job.options.max_tokens)
         opts.set_do_sample(not job.options.greedy)
@@ -510,7 +587,7 @@ class BatchScheduler:
         if lane is not None:
             lane.jobs.pop(id(job.request), None)
         if lane is not None and job.keep:
-            lane.kept = Kept(job.request, job.tokens, used_at=time.monotonic(), scope=job.scope)
+            lane.kept = Kept(job.request, job.tokens, used_at=time.monotonic(), scope=job.scope, capacity=job.capacity)
             job.request = None
             self._limit_kept()
             return
