@@ -3,7 +3,10 @@
 Each conversation starts with a ~2000-token document in the system message and runs five turns; every turn
 sends the whole history back (the replies as the client received them), as chat clients do. Measured side by
 side, alternating per conversation: this server as shipped (PREFIX_CACHE_CONVERSATIONS=4), the same server with
-reuse off, and llama-server with its prompt cache on (when built: scripts/build_llama_server.py).
+reuse off, and llama-server with its prompt cache on (when built: scripts/build_llama_server.py). Then, on this
+server and llama-server, four conversations at once (each sends its next turn as soon as its reply is in), with
+the peak resident memory of that case (ours: the server and its engine process); and one short chat sent again and
+again (a prompt cache serves the repeats).
 
 A turn is continued only when the previous reply's text tokenises back to the tokens generated. A trained
 model's replies usually do; random weights' replies often do not, so the report gives TTFT for the turns that
@@ -32,9 +35,11 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 from build_llama_server import SERVER  # noqa: E402 - scripts/ is put on the path just above
 from llama_server import gguf_path, start_llama_server  # noqa: E402
 from make_model import PRESETS  # noqa: E402
-from server_process import start, wait_ready  # noqa: E402
+from server_process import memory_mb, reset_peak_memory, start, wait_ready  # noqa: E402
 
 TURNS = 5
+AT_ONCE = 4
+SHORT_CHAT = [{"role": "user", "content": "Hello! How are you today?"}]
 QUESTIONS = [
     "Summarise the document in one sentence.",
     "Which place does it mention most?",
@@ -99,6 +104,19 @@ async def conversation(
     return results
 
 
+async def together(
+    session: aiohttp.ClientSession, url: str, model: str, count: int, reply: int
+) -> list[list[dict[str, Any]]]:
+    """``count`` conversations at once (documents of their own), each sending its next turn when its reply is in."""
+    return list(await asyncio.gather(*(conversation(session, url, model, 100 + i, reply) for i in range(count))))
+
+
+async def repeated_prompt_ttft_ms(session: aiohttp.ClientSession, url: str, model: str, times: int = 5) -> float:
+    """Median TTFT of a short chat sent ``times`` more times after a first, one at a time."""
+    ttfts: list[float] = [(await turn(session, url, model, SHORT_CHAT, 2))["ttft_ms"] for _ in range(times + 1)]
+    return statistics.median(ttfts[1:])
+
+
 def summary(runs: list[list[dict[str, Any]]]) -> dict[str, Any]:
     """Per turn: median TTFT, and of turns after the first, TTFT of continued (hit) and prefilled (miss) ones."""
     by_turn = [[run[i] for run in runs] for i in range(TURNS)]
@@ -113,6 +131,9 @@ def summary(runs: list[list[dict[str, Any]]]) -> dict[str, Any]:
         "hit_ttft_ms": statistics.median(hits) if hits else None,
         "miss_ttft_ms": statistics.median(misses) if misses else None,
         "turn5_over_turn1": None,
+        # Turns 2-5 together against turn 1, medians: what a user of a long chat waits for, turn after turn.
+        "later_over_turn1": statistics.median(r["ttft_ms"] for r in later)
+        / statistics.median(r["ttft_ms"] for r in by_turn[0]),
     }
 
 
@@ -121,8 +142,8 @@ def markdown(model: str, figures: dict[str, dict[str, Any]], reply: int) -> str:
         f"# Chat turns on {model}: ~2000-token history, {TURNS} turns, {reply}-token replies, greedy, streamed",
         "",
         "| server | " + " | ".join(f"turn {i + 1} TTFT ms" for i in range(TURNS)) + " | hits / misses (turns 2-5) "
-        "| TTFT ms hit | TTFT ms miss | turn 5 / turn 1 |",
-        "| --- |" + " --- |" * (TURNS + 4),
+        "| TTFT ms hit | TTFT ms miss | turn 5 / turn 1 | turns 2-5 / turn 1 (p50) |",
+        "| --- |" + " --- |" * (TURNS + 5),
     ]
     for name, f in figures.items():
         cells = [f"{v:.0f}" for v in f["ttft_ms_by_turn"]]
@@ -130,10 +151,17 @@ def markdown(model: str, figures: dict[str, dict[str, Any]], reply: int) -> str:
         miss = "-" if f["miss_ttft_ms"] is None else f"{f['miss_ttft_ms']:.0f}"
         lines.append(
             f"| {name} | {' | '.join(cells)} | {f['later_turns_hit']} / {f['later_turns_miss']} | {hit} | {miss} "
-            f"| {f['turn5_over_turn1']:.2f}x |"
+            f"| {f['turn5_over_turn1']:.2f}x | {f['later_over_turn1']:.2f}x |"
         )
     lines.append("")
     lines.append(f"Prompt tokens by turn: {figures[next(iter(figures))]['prompt_tokens_by_turn']}")
+    extras = {name: f for name, f in figures.items() if "peak_rss_mb" in f or "repeated_prompt_ttft_ms" in f}
+    if extras:
+        lines += ["", "| server | peak RSS MB | TTFT of a repeated short chat, ms |", "| --- | --- | --- |"]
+        for name, f in extras.items():
+            rss = f"{f['peak_rss_mb']:.0f}" if "peak_rss_mb" in f else "-"
+            again = f"{f['repeated_prompt_ttft_ms']:.1f}" if "repeated_prompt_ttft_ms" in f else "-"
+            lines.append(f"| {name} | {rss} | {again} |")
     return "\n".join(lines) + "\n"
 
 
@@ -147,29 +175,38 @@ async def compare(model: str, conversations: int = 3, reply: int = 16) -> dict[s
     for name, flags in (("genai_server", []), ("genai_server, reuse off", ["--prefix-cache-conversations", "0"])):
         proc, url = start("--model-path", str(preset.output), *flags)
         procs.append(proc)
-        targets[name] = (url, preset.output.name)
+        targets[name] = (url, preset.output.name, proc.pid)
     gguf = gguf_path(model)
     if SERVER.exists() and gguf.exists():
         proc, url = start_llama_server(gguf, preset.context_length, cache_prompt=True)
         procs.append(proc)
-        targets["llama-server (prompt cache on)"] = (url, gguf.name)
+        targets["llama-server (prompt cache on)"] = (url, gguf.name, proc.pid)
     else:
         print(f"llama-server not built ({SERVER}, {gguf}): measuring this server only")
     runs: dict[str, list[list[dict[str, Any]]]] = {name: [] for name in targets}
+    extras: dict[str, dict[str, float]] = {}
     try:
         # A connection per request: llama-server closes kept-alive ones under the client, as vs_llama_cpp.py found.
         connector = aiohttp.TCPConnector(force_close=True)
         async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=None)) as session:
-            for url, _ in targets.values():
+            for url, _, _ in targets.values():
                 await wait_ready(session, url)
             for variant in range(conversations):
-                for name, (url, target_model) in targets.items():
+                for name, (url, target_model, _) in targets.items():
                     runs[name].append(await conversation(session, url, target_model, variant, reply))
+            for name, (url, target_model, pid) in targets.items():
+                if "reuse off" in name:
+                    continue  # it reuses nothing, at once or not
+                reset_peak_memory(pid)
+                at_once = f"{name}, {AT_ONCE} at once"
+                runs[at_once] = await together(session, url, target_model, AT_ONCE, reply)
+                extras[at_once] = {"peak_rss_mb": memory_mb(pid, "VmHWM")}
+                extras[name] = {"repeated_prompt_ttft_ms": await repeated_prompt_ttft_ms(session, url, target_model)}
     finally:
         for proc in procs:
             proc.terminate()
             proc.wait(timeout=60)
-    figures = {name: summary(r) for name, r in runs.items()}
+    figures = {name: summary(r) | extras.get(name, {}) for name, r in runs.items()}
     for f in figures.values():
         f["turn5_over_turn1"] = f["ttft_ms_by_turn"][-1] / f["ttft_ms_by_turn"][0]
     return {"model": model, "reply_tokens": reply, "figures": figures, "runs": runs}

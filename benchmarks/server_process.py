@@ -8,6 +8,7 @@ They live here, importing no benchmark, so that any script can use them and the 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 import subprocess
@@ -35,6 +36,14 @@ def memory_mb(pid: int, field: str = "VmRSS") -> float:
             own = int(line.split()[1]) / 1024
             return own + sum(memory_mb(child, field) for child in _children(pid))
     raise RuntimeError(f"no {field}")
+
+
+def reset_peak_memory(pid: int) -> None:
+    """Start the peak (VmHWM) of ``pid`` and its children afresh: writing 5 to clear_refs sets it to the current
+    resident memory, so that ``memory_mb(pid, "VmHWM")`` then says the peak of what follows."""
+    for each in (pid, *_children(pid)):
+        with contextlib.suppress(OSError):  # a child that has just ended
+            Path(f"/proc/{each}/clear_refs").write_text("5")
 
 
 def _children(pid: int) -> list[int]:

@@ -4,7 +4,8 @@ The benchmark model's Hugging Face weights become this server's INT4 folder (scr
 llama-server's Q4_0 GGUF (scripts/build_llama_server.py), so both engines run the same network. Both servers run
 at once with every core at their disposal, and each measurement alternates between them so that noise on the shared
 machine hits both alike. Reported as ratios (genai_server / llama-server): decode tokens/s at 1, 4 and 8 streams,
-time to first token of a short chat and of a ~1000-token prompt, prefill tokens/s, and resident memory.
+time to first token of a short chat and of a ~1000-token prompt, prefill tokens/s, peak resident memory at each
+concurrency (the server's with its engine process) and resident memory after the run.
 
     python scripts/make_model.py bench && python scripts/build_llama_server.py build \\
         && python scripts/build_llama_server.py gguf bench
@@ -37,19 +38,12 @@ from build_llama_server import SERVER  # noqa: E402 - scripts/ is put on the pat
 from llama_server import gguf_path, start_llama_server  # noqa: E402
 from load import run_level  # noqa: E402
 from make_model import PRESETS  # noqa: E402
-from server_process import start, wait_ready  # noqa: E402
+from server_process import memory_mb, reset_peak_memory, start, wait_ready  # noqa: E402
 
 LEVELS = (1, 4, 8)
 SHORT_CHAT = [{"role": "user", "content": "Hello! How are you today?"}]
 # ~1000 tokens for the benchmark models' tokenizers (checked against usage.prompt_tokens in the report).
 LONG_PROMPT = " ".join(["the river runs past the old city at night and the light is green"] * 70)
-
-
-def _rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS"):
-            return int(line.split()[1]) / 1024
-    return 0.0
 
 
 async def _first_token_ms(session: aiohttp.ClientSession, url: str, path: str, body: dict[str, Any]) -> float:
@@ -74,8 +68,9 @@ async def _prefill(session: aiohttp.ClientSession, url: str, model: str) -> tupl
     return time.perf_counter() - started, int(usage["prompt_tokens"])
 
 
-async def measure(targets: dict[str, tuple[str, str]], rounds: int, tokens: int) -> dict[str, dict[str, Any]]:
-    """Alternate every measurement between the targets, ``rounds`` times; medians per target."""
+async def measure(targets: dict[str, tuple[str, str, int]], rounds: int, tokens: int) -> dict[str, dict[str, Any]]:
+    """Alternate every measurement between the targets (url, model, pid), ``rounds`` times; medians per target. The
+    peak resident memory of each level is the server's with its children (our engine process), reset before it."""
     seen: dict[str, dict[str, list[float]]] = {name: {} for name in targets}
 
     def add(name: str, key: str, value: float) -> None:
@@ -84,13 +79,15 @@ async def measure(targets: dict[str, tuple[str, str]], rounds: int, tokens: int)
     # A connection per request for both: llama-server closes idle keep-alive connections that the client's pool
     # would otherwise reuse mid-close.
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0, force_close=True)) as session:
-        for url, model in targets.values():  # warm-up
+        for url, model, _ in targets.values():  # warm-up
             await run_level(session, url, model, PROMPT, 8, 2, 1)
         for _ in range(rounds):
-            for name, (url, model) in targets.items():
+            for name, (url, model, pid) in targets.items():
                 for level in LEVELS:
+                    reset_peak_memory(pid)
                     result = await run_level(session, url, model, PROMPT, tokens, level, 2)
                     add(name, f"tokens_per_s_{level}", result.tokens_per_s)
+                    add(name, f"peak_rss_mb_{level}", memory_mb(pid, "VmHWM"))
                 for _ in range(5):
                     chat = {"model": model, "messages": SHORT_CHAT, "max_tokens": 2}
                     add(name, "ttft_short_chat_ms", await _first_token_ms(session, url, "/v1/chat/completions", chat))
@@ -173,10 +170,13 @@ async def compare(model: str, rounds: int = 3, tokens: int = 64) -> dict[str, An
         async with aiohttp.ClientSession() as session:
             await wait_ready(session, our_url)
             await wait_ready(session, their_url)
-        targets = {"genai_server": (our_url, preset.output.name), "llama-server": (their_url, gguf.name)}
+        targets = {
+            "genai_server": (our_url, preset.output.name, ours.pid),
+            "llama-server": (their_url, gguf.name, theirs.pid),
+        }
         figures = await measure(targets, rounds, tokens)
-        figures["genai_server"]["rss_mb"] = _rss_mb(ours.pid)
-        figures["llama-server"]["rss_mb"] = _rss_mb(theirs.pid)
+        figures["genai_server"]["rss_mb"] = memory_mb(ours.pid)
+        figures["llama-server"]["rss_mb"] = memory_mb(theirs.pid)
     finally:
         for proc in (ours, theirs):
             proc.terminate()
