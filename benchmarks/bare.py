@@ -9,6 +9,11 @@ with runs through the server, so both are measured side by side.
 
     python benchmarks/bare.py MODEL_PATH --prompt TEXT
     python benchmarks/bare.py MODEL_PATH --prompt TEXT --figures LONG_PROMPT   # vs_llama_cpp.py's "engine alone"
+
+With ``--figures`` it loads the Engine with the server's batch size and answers lines instead: ``decode N TOKENS``
+(N streams of TOKENS tokens, two static batches back to back, as the benchmark's N clients each send two requests:
+aggregate tokens/s) and ``prefill`` (LONG_PROMPT and one token: prompt tokens/s), one JSON line each, so that
+vs_llama_cpp.py alternates them with the same figures through the servers.
 """
 
 from __future__ import annotations
@@ -67,22 +72,26 @@ def batch(engine: og.Engine, prompt: list[int], tokens: int, streams: int) -> tu
     return n, elapsed
 
 
-def engine_figures(path: Path, prompt: str, long_prompt: str, tokens: int, levels: list[int]) -> dict[str, float]:
-    """What the engine alone reaches, in the server's settings (batch 8, its threads): aggregate tokens/s for each
-    number of streams, and prefill tokens/s of ``long_prompt`` (one token generated)."""
+def serve_figures(path: Path, prompt: str, long_prompt: str) -> None:
+    """What the engine alone reaches, in the server's settings (batch 8, its threads), one figure per line asked
+    on stdin (see the module's docstring)."""
     model = load_model(path, max_batch=8)
     tokenizer = og.Tokenizer(model)
     engine = og.Engine(model)
     ids = [int(t) for t in tokenizer.encode(prompt)]
     long_ids = [int(t) for t in tokenizer.encode(long_prompt)]
     batch(engine, ids, 8, 2)  # warm-up
-    figures = {}
-    for level in levels:
-        n, seconds = min((batch(engine, ids, tokens, level) for _ in range(3)), key=lambda r: r[1])
-        figures[f"tokens_per_s_{level}"] = n / seconds
-    seconds = min(batch(engine, long_ids, 1, 1)[1] for _ in range(3))
-    figures["prefill_tokens_per_s"] = len(long_ids) / seconds
-    return figures
+    print("loaded", flush=True)
+    for line in sys.stdin:
+        match line.split():
+            case ["decode", streams, tokens]:
+                runs = [batch(engine, ids, int(tokens), int(streams)) for _ in range(2)]
+                value = sum(n for n, _ in runs) / sum(seconds for _, seconds in runs)
+            case ["prefill"]:
+                value = len(long_ids) / batch(engine, long_ids, 1, 1)[1]
+            case _:
+                raise SystemExit(f"unknown command: {line!r}")
+        print(json.dumps({"value": value}), flush=True)
 
 
 def load_model(path: Path, max_batch: int | None = None) -> og.Model:
@@ -102,11 +111,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", type=Path)
     parser.add_argument("--prompt", required=True)
-    parser.add_argument("--figures", metavar="LONG_PROMPT", help="print engine_figures as JSON and exit")
-    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--figures", metavar="LONG_PROMPT", help="answer figures asked on stdin (see above)")
     args = parser.parse_args()
     if args.figures:
-        print(json.dumps(engine_figures(args.model, args.prompt, args.figures, args.tokens, [1, 4, 8])))
+        serve_figures(args.model, args.prompt, args.figures)
         return
 
     start = time.perf_counter()

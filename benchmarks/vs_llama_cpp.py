@@ -68,10 +68,13 @@ async def _prefill(session: aiohttp.ClientSession, url: str, model: str) -> tupl
     return time.perf_counter() - started, int(usage["prompt_tokens"])
 
 
-async def measure(targets: dict[str, tuple[str, str, int]], rounds: int, tokens: int) -> dict[str, dict[str, Any]]:
-    """Alternate every measurement between the targets (url, model, pid), ``rounds`` times; medians per target. The
-    peak resident memory of each level is the server's with its children (our engine process), reset before it."""
-    seen: dict[str, dict[str, list[float]]] = {name: {} for name in targets}
+async def measure(
+    targets: dict[str, tuple[str, str, int]], alone: EngineAlone, rounds: int, tokens: int
+) -> dict[str, dict[str, Any]]:
+    """Alternate every measurement between the targets (url, model, pid) and the engine alone, ``rounds`` times;
+    medians per target. The peak resident memory of each level is the server's with its children (our engine
+    process), reset before it."""
+    seen: dict[str, dict[str, list[float]]] = {name: {} for name in [*targets, "engine alone"]}
 
     def add(name: str, key: str, value: float) -> None:
         seen[name].setdefault(key, []).append(value)
@@ -96,16 +99,40 @@ async def measure(targets: dict[str, tuple[str, str, int]], rounds: int, tokens:
                 seconds, prompt_tokens = await _prefill(session, url, model)
                 add(name, "prefill_tokens_per_s", prompt_tokens / seconds)
                 add(name, "long_prompt_tokens", prompt_tokens)
+            for level in LEVELS:
+                add("engine alone", f"tokens_per_s_{level}", alone.ask(f"decode {level} {tokens}"))
+            add("engine alone", "prefill_tokens_per_s", alone.ask("prefill"))
     return {name: {key: statistics.median(values) for key, values in keys.items()} for name, keys in seen.items()}
 
 
-def engine_alone(model_path: Path, tokens: int) -> dict[str, float]:
-    """The bare Engine in its own process with the server's settings (bare.py --figures): where the limit lies."""
-    command = [sys.executable, str(REPO / "benchmarks" / "bare.py"), str(model_path), "--prompt", PROMPT]
-    out = subprocess.run(
-        [*command, "--figures", LONG_PROMPT, "--tokens", str(tokens)], check=True, capture_output=True, text=True
-    )
-    return {key: float(value) for key, value in json.loads(out.stdout.splitlines()[-1]).items()}
+class EngineAlone:
+    """The bare Engine in its own process with the server's settings (bare.py --figures), asked for one figure at a
+    time so that it is measured in turn with the servers, in the same conditions: where the limit lies."""
+
+    def __init__(self, model_path: Path) -> None:
+        command = [sys.executable, str(REPO / "benchmarks" / "bare.py"), str(model_path), "--prompt", PROMPT]
+        self.proc = subprocess.Popen(
+            [*command, "--figures", LONG_PROMPT], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
+        self._read()  # "loaded"
+
+    def _read(self) -> str:
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError("bare.py ended")
+        return line
+
+    def ask(self, command: str) -> float:
+        """One figure (``decode N TOKENS`` or ``prefill``), measured now."""
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(command + "\n")
+        self.proc.stdin.flush()
+        return float(json.loads(self._read())["value"])
+
+    def stop(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
 
 
 def report(figures: dict[str, dict[str, Any]]) -> dict[str, float]:
@@ -166,6 +193,7 @@ async def compare(model: str, rounds: int = 3, tokens: int = 64) -> dict[str, An
         return None
     ours, our_url = start("--model-path", str(preset.output), "--max-concurrent-requests", "16")
     theirs, their_url = start_llama_server(gguf, preset.context_length)
+    alone = EngineAlone(preset.output)
     try:
         async with aiohttp.ClientSession() as session:
             await wait_ready(session, our_url)
@@ -174,14 +202,14 @@ async def compare(model: str, rounds: int = 3, tokens: int = 64) -> dict[str, An
             "genai_server": (our_url, preset.output.name, ours.pid),
             "llama-server": (their_url, gguf.name, theirs.pid),
         }
-        figures = await measure(targets, rounds, tokens)
+        figures = await measure(targets, alone, rounds, tokens)
         figures["genai_server"]["rss_mb"] = memory_mb(ours.pid)
         figures["llama-server"]["rss_mb"] = memory_mb(theirs.pid)
     finally:
+        alone.stop()
         for proc in (ours, theirs):
             proc.terminate()
             proc.wait(timeout=60)
-    figures["engine alone"] = engine_alone(preset.output, tokens)
     return {"model": model, "figures": figures, "ratios": report(figures), "limits": limits(figures)}
 
 
