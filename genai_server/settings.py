@@ -277,8 +277,9 @@ class Settings(BaseSettings):
         4,
         ge=0,
         le=64,
-        description="finished conversations whose KV cache stays in memory so that their next turn prefills only "
-        "what is new (least recently used dropped first, and whenever running work needs the memory); 0 = off",
+        description="finished sequences whose KV cache stays in memory so that a later prompt sharing a long prefix "
+        "with one (a conversation's next turn, the same prompt, a shared document) prefills only the rest (least "
+        "recently used dropped first, and whenever running work needs the memory); 0 = off",
     )
     stream_interval: int = Field(
         1,

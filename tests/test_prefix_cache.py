@@ -1,9 +1,10 @@
-"""Prefix reuse: the next turn of a conversation prefills only its new tokens, and says so in usage.
+"""Prefix reuse: a prompt prefills only what it does not share with a kept sequence, and says so in usage.
 
-A kept sequence holds its prompt and the tokens it generated; a prompt continues it only if its token ids start
-with all of them. A client sends text back, so the reply must tokenise back to the tokens generated: random
-weights' replies often do not. The tests therefore look for replies that do (prompt, reply ids) and assert both
-sides: a prompt that repeats them exactly is continued, one that differs by a token is prefilled whole.
+A kept sequence holds its prompt and the tokens it generated; a later prompt reuses the prefix their token ids
+share, except the last token sampled (never run through the model) and the prompt's own last two tokens. A client
+sends text back, so a next turn continues the reply only if it tokenises back to the tokens generated: random
+weights' replies often do not. The tests therefore look for replies that do (prompt, reply ids) and assert what a
+client sees: how many tokens were reused, and the same greedy text as without reuse.
 """
 
 from __future__ import annotations
@@ -27,6 +28,17 @@ QUESTIONS = [QUESTION, " Tell me more about it, please.", " Why?", " Write it ag
 REPLY_TOKENS = 2
 # Makes a prompt long enough (over 256 tokens of the bundled tokenizer) to run alone and be kept.
 DOCUMENT = "The river runs past the old city at night and the light is green. " * 12
+
+
+def _reused(prompt: list[int], reply: list[int]) -> int:
+    """What a next turn that repeats ``prompt`` and ``reply`` reuses: all but the reply's last token, which was
+    sampled and never run through the model."""
+    return len(prompt) + len(reply) - 1
+
+
+def _common(a: list[int], b: list[int]) -> int:
+    """How many first token ids ``a`` and ``b`` share."""
+    return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
 
 
 async def _complete(
@@ -53,8 +65,9 @@ async def _turns(
     client: TestClient[Any, Any], tokenizer: Any, count: int, key: str | None = None, document: str = ""
 ) -> list[tuple[list[int], list[int]]]:
     """``count`` (prompt, reply ids) pairs whose reply, sent back as text, is continued from the kept sequence:
-    each is checked on ``client`` (a server keeping at least one conversation; with API ``key``), and left kept
-    there. Each prompt is ``document``, then a seed."""
+    each is checked on ``client`` (a server keeping at least one conversation; with API ``key``), whose kept
+    sequences the probes leave behind: a test then uses a server of its own. Each prompt is ``document``, then a
+    seed."""
     found: list[tuple[list[int], list[int]]] = []
     question = [int(t) for t in tokenizer.encode(QUESTION)]
     for seed in SEEDS:
@@ -63,10 +76,9 @@ async def _turns(
         reply = [int(t) for t in tokenizer.encode(body["choices"][0]["text"])]
         if len(reply) != body["usage"]["completion_tokens"]:
             continue  # the text does not tokenise back to as many tokens: cannot be the same ids
-        expected = len(prompt) + len(reply)
         cached = _cached(await _complete(client, prompt + reply + question, key=key))
-        assert cached in (0, expected), (cached, expected)  # all of the kept tokens, or none
-        if cached:
+        assert cached <= _reused(prompt, reply), (cached, len(prompt), len(reply))
+        if cached == _reused(prompt, reply):
             found.append((prompt, reply))
             if len(found) == count:
                 return found
@@ -74,16 +86,16 @@ async def _turns(
 
 
 async def test_next_turn_prefills_only_its_new_tokens(make_client: ClientFactory, tokenizer: Any) -> None:
-    client = await make_client()
-    [(prompt, reply)] = await _turns(client, tokenizer, 1)
+    [(prompt, reply)] = await _turns(await make_client(), tokenizer, 1)
     fresh_client = await make_client(prefix_cache_conversations=0)
     compared = 0
     for ask in QUESTIONS:
+        client = await make_client()  # only turn 1 kept
         question = [int(t) for t in tokenizer.encode(ask)]
         await _complete(client, prompt)  # turn 1 again: kept
         turn2 = prompt + reply + question
         continued = await _complete(client, turn2, max_tokens=40)
-        assert _cached(continued) == len(prompt) + len(reply)
+        assert _cached(continued) == _reused(prompt, reply)
         assert continued["usage"]["prompt_tokens"] == len(turn2)
         # The same prompt without reuse: the same tokens counted, and the same greedy text (reused keys and values
         # were computed by decode steps, which round differently from a prefill: only the beginning is certain).
@@ -99,17 +111,17 @@ async def test_next_turn_prefills_only_its_new_tokens(make_client: ClientFactory
 
 
 async def test_conversations_that_run_at_once_are_all_continued(make_client: ClientFactory, tokenizer: Any) -> None:
-    """Three conversations over long documents send their turns at the same time. Each runs alone on a lane of its
-    own, so each next turn continues its own kept sequence; in one batch none could be kept (the engine continues
-    only a request that was alone in its batch)."""
+    """Three conversations over long documents send their turns at the same time. Each runs on a Generator of its
+    own, so each next turn continues its own kept sequence; in one batch none could be kept (the engine keeps
+    nothing it could cut or share)."""
     client = await make_client()
-    found = await _turns(client, tokenizer, 3, document=DOCUMENT)
+    found = await _turns(await make_client(), tokenizer, 3, document=DOCUMENT)
     assert min(len(prompt) for prompt, _ in found) >= 256  # long enough to be worth keeping
     question = [int(t) for t in tokenizer.encode(QUESTION)]
     for _ in range(2):
         await asyncio.gather(*(_complete(client, prompt) for prompt, _ in found))  # turn 1 again, all at once
         answers = await asyncio.gather(*(_complete(client, prompt + reply + question) for prompt, reply in found))
-        assert [_cached(answer) for answer in answers] == [len(prompt) + len(reply) for prompt, reply in found]
+        assert [_cached(answer) for answer in answers] == [_reused(prompt, reply) for prompt, reply in found]
 
 
 async def test_a_turn_too_long_for_the_kept_cache_starts_afresh_and_is_not_cut_short(
@@ -118,7 +130,7 @@ async def test_a_turn_too_long_for_the_kept_cache_starts_afresh_and_is_not_cut_s
     """A kept sequence's cache was sized when it began (twice its first turn, rounded up: 256 tokens here) and
     cannot grow; a next turn that may need more is prefilled whole into a larger one, never ended early."""
     client = await make_client()
-    [(prompt, reply)] = await _turns(client, tokenizer, 1)
+    [(prompt, reply)] = await _turns(await make_client(), tokenizer, 1)
     turn2 = prompt + reply + [int(t) for t in tokenizer.encode(QUESTION)]
     await _complete(client, prompt)
     answer = await _complete(client, turn2, max_tokens=300)
@@ -127,15 +139,50 @@ async def test_a_turn_too_long_for_the_kept_cache_starts_afresh_and_is_not_cut_s
     assert finish == "stop" or generated == 300, (finish, generated)
 
 
-async def test_a_prompt_that_differs_by_one_token_is_prefilled_whole(
+async def test_a_prompt_reuses_exactly_the_prefix_it_shares(make_client: ClientFactory, tokenizer: Any) -> None:
+    """The same prompt again, another question on the same document, an edited reply: each reuses the token ids it
+    shares with the kept sequence (less its own last two tokens) and answers with the greedy text of a server
+    without reuse. A prompt that differs from the first token, or that would keep less than two thirds of the kept
+    sequence, reuses nothing, and the kept sequence stays whole for its own next turn."""
+    client = await make_client()
+    fresh_client = await make_client(prefix_cache_conversations=0)
+    [(prompt, reply)] = await _turns(await make_client(), tokenizer, 1, document=DOCUMENT)
+    kept = prompt + reply
+    document = [int(t) for t in tokenizer.encode(DOCUMENT)]
+    question = [int(t) for t in tokenizer.encode(QUESTION)]
+    shared = {
+        "the same prompt": prompt,
+        "another question on the document": document + question,
+        "an edited reply": prompt + reply[:-1] + question,
+    }
+    for name, other in shared.items():
+        await _complete(client, prompt)  # kept again: the prompt and its (greedy, so same) reply
+        answer = await _complete(client, other, max_tokens=24)
+        expected = min(_common(kept, other), len(kept) - 1, len(other) - 2)
+        assert 3 * expected >= 2 * len(kept), name  # the case shares enough to be worth it
+        assert _cached(answer) == expected, name
+        fresh = await _complete(fresh_client, other, max_tokens=24)
+        assert_same_greedy_text(answer["choices"][0]["text"], fresh["choices"][0]["text"])
+    for name, other in {
+        "another first token": [kept[0] + 1, *kept[1:]],
+        "less than two thirds": kept[: len(kept) // 2],
+    }.items():
+        await _complete(client, prompt)
+        assert _cached(await _complete(client, other)) == 0, name
+        assert _cached(await _complete(client, kept + question)) == _reused(prompt, reply), name
+
+
+async def test_a_kept_sequence_serves_only_the_same_sampling_settings(
     make_client: ClientFactory, tokenizer: Any
 ) -> None:
+    """A Generator samples with the settings it was made with: another temperature cannot reuse it."""
     client = await make_client()
-    [(prompt, reply)] = await _turns(client, tokenizer, 1)
-    question = [int(t) for t in tokenizer.encode(QUESTION)]
-    for other in (prompt + reply[:-1] + question, prompt + question, prompt[:-1]):
-        await _complete(client, prompt)  # kept again: the prompt and its (greedy, so same) reply
-        assert _cached(await _complete(client, other)) == 0
+    [(prompt, reply)] = await _turns(await make_client(), tokenizer, 1)
+    turn2 = prompt + reply + [int(t) for t in tokenizer.encode(QUESTION)]
+    await _complete(client, prompt)
+    assert _cached(await _complete(client, turn2, temperature=0.7)) == 0
+    await _complete(client, prompt)
+    assert _cached(await _complete(client, turn2)) == _reused(prompt, reply)
 
 
 async def test_the_least_recently_used_conversation_is_dropped_first(
@@ -143,7 +190,7 @@ async def test_the_least_recently_used_conversation_is_dropped_first(
 ) -> None:
     question = [int(t) for t in tokenizer.encode(QUESTION)]
     [(a, a_reply), (b, _)] = await _turns(await make_client(), tokenizer, 2)
-    for keep, expected in ((1, 0), (2, len(a) + len(a_reply))):
+    for keep, expected in ((1, 0), (2, _reused(a, a_reply))):
         client = await make_client(prefix_cache_conversations=keep)
         await _complete(client, a)
         await _complete(client, b)
@@ -157,10 +204,10 @@ async def test_a_kept_conversation_gives_way_to_new_work(make_client: ClientFact
     per_token = 2 * decoder["num_hidden_layers"] * decoder["num_key_value_heads"] * decoder["head_size"] * 4
     budget_mb = 1.2 * per_token * 1024 / 2**20
     client = await make_client(max_model_len=1024, engine_memory_budget_mb=budget_mb)
-    [(a, a_reply)] = await _turns(client, tokenizer, 1)
+    [(a, a_reply)] = await _turns(await make_client(), tokenizer, 1)
     question = [int(t) for t in tokenizer.encode(QUESTION)]
     other = [int(t) for t in tokenizer.encode("Something else entirely")]
-    for other_max_tokens, cached in ((REPLY_TOKENS, len(a) + len(a_reply)), (1024 - len(other), 0)):
+    for other_max_tokens, cached in ((REPLY_TOKENS, _reused(a, a_reply)), (1024 - len(other), 0)):
         await _complete(client, a)
         answer = await _complete(client, other, max_tokens=other_max_tokens)
         assert answer["usage"]["completion_tokens"] >= 1
@@ -190,9 +237,9 @@ async def test_a_conversation_is_continued_only_by_its_own_key_and_salt(
     shared across API keys, one client could test guesses of another's prompt. Reuse stays within a key, and within
     a ``cache_salt`` when the client sends one (vLLM's field); the same key and salt still reuse (the control)."""
     client = await make_client(api_keys="key-a,key-b")
-    [(prompt, reply)] = await _turns(client, tokenizer, 1, key="key-a")
+    [(prompt, reply)] = await _turns(await make_client(api_keys="key-a,key-b"), tokenizer, 1, key="key-a")
     turn2 = prompt + reply + [int(t) for t in tokenizer.encode(QUESTION)]
-    kept = len(prompt) + len(reply)
+    kept = _reused(prompt, reply)
 
     await _complete(client, prompt, key="key-a")  # turn 1 again: kept, owned by key-a
     assert _cached(await _complete(client, turn2, key="key-b")) == 0, "another key's conversation"

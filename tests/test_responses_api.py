@@ -182,10 +182,12 @@ async def test_a_continued_conversation_reuses_the_kept_kv_cache(oai: openai.Asy
             model=MODEL_ID, input=" And then?", previous_response_id=first.id, max_output_tokens=2, temperature=0
         )
         assert first.usage is not None and second.usage is not None
-        kept = first.usage.input_tokens + first.usage.output_tokens
+        # All but the reply's last token, which was sampled and never run through the model; or, when the reply's
+        # text does not tokenise back to the tokens generated, the part before it or nothing.
+        reusable = first.usage.input_tokens + first.usage.output_tokens - 1
         cached = second.usage.input_tokens_details.cached_tokens
-        assert cached in (0, kept), (cached, kept)  # all of the kept tokens, or none
-        if cached:
+        assert cached <= reusable, (cached, reusable)
+        if cached == reusable:
             return
     raise AssertionError("no continued response reused the kept conversation")
 

@@ -78,7 +78,7 @@ class EngineConfig:
     max_model_len: int | None = None
     memory_budget_mb: float | None = None  # KV cache of running sequences; None: half of this machine's memory
     threads: int | None = None  # intra-op threads of the model's session; None: every CPU this process may use
-    prefix_cache: int = 4  # finished conversations kept for their next turn (``prefix_cache.py``); 0 = none
+    prefix_cache: int = 4  # finished sequences kept for prompts that share their prefix (``prefix_cache.py``); 0 = none
     stream_interval: int = 1  # tokens handed to the event loop at a time, after the first
 
 

@@ -9,17 +9,17 @@ unless every lane is busy. What the CPU Engine cannot do (seeded sampling needs
 dynamic batching; a minimum length and logprobs need the logits) is stepped on a
 Generator of its own, which holds the GIL while it computes (``logprobs.py``).
 
-A sequence that ran alone stays in its lane when it ends (``prefix_cache.py``): the next turn of its
-conversation, which repeats the history, continues it and prefills only what is new. Only a sequence alone in its
-Engine can be continued, so a conversation whose prompt outweighs its reply (``_worth_keeping``) starts alone on a
-lane of its own even when others arrive with it: its next turn's saved prefill is worth more than batching its
-few decode steps. At most ``lanes`` batches and ``prefix_cache`` lone conversations run at once; lanes are made as
-needed. Kept sequences are dropped least recently used first, when there are more than ``prefix_cache`` of them or
-when running work needs their memory: they never make new work wait.
+Prefix reuse (``prefix_cache.py``) needs a KV cache that can be cut anywhere, which only a Generator has. So a
+sequence that would run alone, and a conversation whose prompt outweighs its reply (``_worth_keeping``: its next
+turn's saved prefill is worth more than batching its few decode steps), runs on a Generator that is kept when it
+ends; a later prompt that shares a long enough prefix with a kept one (the next turn, the same prompt again, the
+same document or system prompt) rewinds it and prefills only the rest. At most ``lanes`` batches and
+``prefix_cache`` kept Generators run at once. Kept sequences are dropped least recently used first, when there are
+more than ``prefix_cache`` of them or when running work needs their memory: they never make new work wait.
 
 Memory is admitted, not hoped for: each running sequence holds a KV cache sized when it starts, for its prompt
-plus ``max_tokens`` rounded up to a size class (``KvBudget.capacity``; a sequence that may be kept gets room for
-its conversation to grow), and the sum stays within the engine's memory budget. Work beyond it waits in line; a
+plus ``max_tokens`` rounded up to a size class (``KvBudget.capacity``; a sequence that is kept gets room for its
+conversation to grow), and the sum stays within the engine's memory budget. Work beyond it waits in line; a
 context whose one sequence could never fit is refused when the engine starts.
 
 Nothing here may be called from any thread but the engine's owner thread.
@@ -44,14 +44,15 @@ import onnxruntime_genai as og
 
 from genai_server.embedded.detokenize import ByteStream, RuntimeStream, TextStream
 from genai_server.embedded.logprobs import TokenLogprob, token_logprob
-from genai_server.embedded.prefix_cache import Kept, best_reuse
+from genai_server.embedded.prefix_cache import Kept, Reuse, best_reuse
 
 log = logging.getLogger(__name__)
 
 EngineFinish = Literal["stop", "length", "cancelled"]
 
-# Prefill of a Generator sequence is fed in chunks of this many tokens:
-# each append holds the GIL, and 64 tokens keeps one stall to tens of ms.
+# Prefill of a Generator sequence is fed in chunks of this many tokens: each append holds the GIL, and 64 tokens
+# keeps one stall to tens of ms (measured on the 0.42B model: 1024 tokens in chunks of 64 took 3.52-3.58 s, in one
+# append 3.65 s). A last chunk is never a single token: that one would take the decode path (``prefix_cache.py``).
 PREFILL_CHUNK = 64
 _EVENT_BUFFER = 256
 # What the grammar parser starts its errors with, inside the engine's; and how much of one a client is shown.
@@ -93,6 +94,18 @@ class SamplingOptions:
     def greedy(self) -> bool:
         """True when no sampling is needed."""
         return self.temperature == 0.0
+
+    @property
+    def generator_settings(self) -> tuple[Any, ...]:
+        """What a Generator samples with, fixed when it is made: a kept one serves only sequences with the same."""
+        if self.greedy:
+            return (True, self.repetition_penalty)
+        return (False, self.temperature, self.top_p, self.top_k, self.repetition_penalty)
+
+    @property
+    def keepable(self) -> bool:
+        """A plain sequence (no seed, grammar, minimum length or logprobs) may run on a Generator that is kept."""
+        return not self.needs_generator and self.guidance is None
 
     @property
     def needs_generator(self) -> bool:
@@ -162,14 +175,14 @@ class Job:
     turn_id: int = 0
     generator: Any = None
     kv_bytes: int = 0  # a Generator's KV cache, reserved while it runs
-    capacity: int = 0  # the tokens its lane request's KV cache is sized for (``KvBudget.capacity``)
-    keep: bool = False  # runs alone: its lane keeps it when it ends, for the conversation's next turn
-    tokens: list[int] = field(default_factory=list)  # a kept sequence's cache: every token fed or generated
-    cached_tokens: int = 0  # prompt tokens continued from a kept sequence, not prefilled again
+    capacity: int = 0  # the tokens its KV cache is sized for (``KvBudget.capacity``)
+    keep: bool = False  # runs on a Generator that is kept when it ends, for a prompt that shares its prefix
+    cached_tokens: int = 0  # prompt tokens reused from a kept sequence, not prefilled again
     delivered: bool = False  # its first tokens have been handed over
     stream: TextStream = field(default_factory=lambda: RuntimeStream(None))  # set when queued
     fed: int = 0
-    generated: int = 0
+    generated: int = 0  # tokens not yet handed over
+    sampled: int = 0  # tokens a Generator sequence has sampled in all
     done: bool = False
     pending_text: list[str] = field(default_factory=list)
     pending_logprobs: list[TokenLogprob] = field(default_factory=list)
@@ -190,17 +203,17 @@ class KvBudget:
     context_length: int
 
     def capacity(self, tokens: int, *, grows: bool = False) -> int:
-        """The cache a lane sequence that needs ``tokens`` (prompt and max_tokens) is created with: the next size
-        class, at most the context. One that may be kept (``grows``) gets twice that, so that a conversation's next
-        turns fit in it: a kept cache cannot be enlarged, and one too small is prefilled whole again, into a
-        cache twice as large."""
+        """The cache a sequence that needs ``tokens`` (prompt and max_tokens) is created with: the next size class,
+        at most the context. One that is kept (``grows``) gets twice that, so that a conversation's next turns fit
+        in it: a kept cache cannot be enlarged, and a turn too long for it is prefilled whole again, into a cache
+        twice as large."""
         size = _SMALLEST_CACHE
         while size < tokens * (2 if grows else 1):
             size *= 2
         return min(size, self.context_length)
 
     def sequence_bytes(self, capacity: int) -> int:
-        """What a lane sequence of ``capacity`` tokens holds: the Engine allocates it when its batch starts."""
+        """What a sequence of ``capacity`` tokens holds (an Engine allocates it when its batch starts)."""
         return self.bytes_per_token * capacity
 
     def generator_bytes(self, prompt_tokens: int, max_tokens: int) -> int:
@@ -209,28 +222,20 @@ class KvBudget:
 
 
 class Lane:
-    """One og.Engine: a static batch of sequences that start together, or one kept sequence between its turns.
-    Engines are cheap (the KV cache is allocated per batch), so lanes are made as needed."""
+    """One og.Engine: a static batch of sequences that start together. Engines are cheap (the KV cache is allocated
+    per batch), so lanes are made as needed."""
 
     def __init__(self, model: Any) -> None:
         self.engine = og.Engine(model)
         self.events = self.engine.create_event_buffer(_EVENT_BUFFER)
         self.jobs: dict[int, Job] = {}  # by id() of the og.Request
-        self.kv_bytes = 0  # the batch's KV cache, reserved while it runs or is kept
-        # A finished sequence whose KV cache is still resident: any other batch here would evict it.
-        self.kept: Kept | None = None
-        self.solo = False  # runs (or keeps) one conversation, outside the limit on running batches
+        self.kv_bytes = 0  # the batch's KV cache, reserved while it runs
         self.failed = False  # the Engine failed a request in a way that may have left it unusable
 
     @property
     def idle(self) -> bool:
         """No batch is running."""
         return not self.jobs and not self.engine.has_pending_requests()
-
-    @property
-    def free(self) -> bool:
-        """A new batch may start here now."""
-        return self.idle and self.kept is None
 
 
 class BatchScheduler:
@@ -265,6 +270,7 @@ class BatchScheduler:
         self._last_arrival = 0.0
         self._generators: list[Job] = []
         self._waiting_generators: deque[Job] = deque()
+        self._kept: list[Kept] = []  # finished Generators, their caches resident
         self._memory = memory
         # The KV bytes reserved after the last round: what other threads read as a gauge.
         self.kv_bytes_reserved = 0
@@ -295,8 +301,8 @@ class BatchScheduler:
     def _kv_bytes_in_use(self) -> int:
         """KV-cache bytes reserved by running batches, kept sequences and Generators (asks the Engines: owner
         thread only)."""
-        lanes = sum(lane.kv_bytes for lane in self._lanes if not lane.free)
-        return lanes + sum(j.kv_bytes for j in self._generators)
+        lanes = sum(lane.kv_bytes for lane in self._lanes if not lane.idle)
+        return lanes + sum(j.kv_bytes for j in self._generators) + sum(kept.kv_bytes for kept in self._kept)
 
     def step(self) -> None:
         """One round: admit waiting sequences, then one step of every busy lane and Generator."""
@@ -313,7 +319,7 @@ class BatchScheduler:
         for job in list(self._generators):
             self._guarded(partial(self._step_generator, job), [job])
         # Kept sequences are left out: like vLLM's cached free blocks, they give way to any new work.
-        self.kv_bytes_reserved = self._kv_bytes_in_use() - sum(lane.kv_bytes for lane in self._kept_lanes())
+        self.kv_bytes_reserved = self._kv_bytes_in_use() - sum(kept.kv_bytes for kept in self._kept)
 
     # ---- commands ---------------------------------------------------------------------
 
@@ -341,7 +347,6 @@ class BatchScheduler:
                 job.request.cancel_turn(job.turn_id)
             except Exception:  # e.g. its turn never began; the request is closed below anyway
                 log.debug("cancel_turn failed", exc_info=True)
-                job.keep = False
             self._release(job)
         elif job in self._generators:
             self._generators.remove(job)
@@ -365,8 +370,8 @@ class BatchScheduler:
         for lane in self._lanes:
             while lane.engine.has_pending_requests():
                 lane.engine.run(lane.events)
-            self._evict(lane)
         self._lanes.clear()
+        self._kept.clear()
 
     # ---- lanes ------------------------------------------------------------------------
 
@@ -381,39 +386,30 @@ class BatchScheduler:
     def _make_room(self, needed: int) -> int:
         """Free KV bytes after dropping kept sequences, least recently used first, until ``needed`` fit."""
         free = self._free_kv_bytes()
-        for lane in self._kept_lru():
+        for kept in self._kept_lru():
             if free >= needed:
                 break
-            self._evict(lane)
+            self._kept.remove(kept)
             free = self._free_kv_bytes()
         return free
 
-    def _kept_lanes(self) -> list[Lane]:
-        return [lane for lane in self._lanes if lane.kept is not None and lane.idle]
-
-    def _kept_lru(self) -> list[Lane]:
-        """Lanes keeping a finished sequence, least recently used first: the order they are dropped in."""
-        return sorted(self._kept_lanes(), key=lambda lane: lane.kept.used_at if lane.kept else 0.0)
-
-    def _evict(self, lane: Lane) -> None:
-        if lane.kept is not None:
-            _close(lane.kept.request)
-            lane.kept = None
+    def _kept_lru(self) -> list[Kept]:
+        """Kept sequences, least recently used first: the order they are dropped in."""
+        return sorted(self._kept, key=lambda kept: kept.used_at)
 
     def _replace(self, lane: Lane) -> None:
         """An Engine whose step raised is never used again: the runtime may have declared it "no longer healthy"
         (measured: a grammar past its parser's row limit while tokens are committed), after which every request on
-        it fails. Its sequences were failed by ``_guarded``; its kept sequence goes; a fresh Engine takes its place
-        (Engines are cheap: the KV cache is allocated per batch)."""
-        self._evict(lane)
+        it fails. Its sequences were failed by ``_guarded``; a fresh Engine takes its place (Engines are cheap: the KV
+        cache is allocated per batch)."""
         self._lanes[self._lanes.index(lane)] = Lane(self._model)
         log.warning("an engine lane failed and was replaced by a new one")
 
-    def _running_batches(self) -> int:
-        return sum(not lane.idle and not lane.solo for lane in self._lanes)
+    def _running(self) -> int:
+        return sum(not lane.idle for lane in self._lanes)
 
-    def _running_alone(self) -> int:
-        return sum(not lane.idle and lane.solo for lane in self._lanes)
+    def _running_kept(self) -> int:
+        return sum(job.keep for job in self._generators)
 
     def _capacity(self, job: Job, *, keep: bool) -> int:
         return self._memory.capacity(len(job.prompt) + job.options.max_tokens, grows=keep)
@@ -422,35 +418,39 @@ class BatchScheduler:
         """Whether ``job`` saves more by being kept for its conversation's next turn than by sharing a batch now."""
         prompt = len(job.prompt)
         reply = min(job.options.max_tokens, _KEEP_REPLY_CAP)
-        return self._max_kept > 0 and prompt >= _KEEP_MIN_PROMPT and prompt >= _KEEP_PROMPT_RATIO * reply
+        return self._keepable(job) and prompt >= _KEEP_MIN_PROMPT and prompt >= _KEEP_PROMPT_RATIO * reply
+
+    def _keepable(self, job: Job) -> bool:
+        return self._max_kept > 0 and job.options.keepable
 
     def _free_lane(self) -> Lane:
-        """An Engine with nothing resident; a new one if every lane runs or keeps a sequence."""
+        """An Engine with no batch running; a new one if every lane runs."""
         for lane in self._lanes:
-            if lane.free:
+            if lane.idle:
                 return lane
         lane = Lane(self._model)
         self._lanes.append(lane)
         return lane
 
     def _admit(self) -> None:
-        """Waiting sequences that continue a kept one start on its lane, conversations worth keeping on lanes of
-        their own; the rest start as one batch per lane."""
-        self._admit_continuations()
-        self._admit_conversations()
-        while self._waiting and self._running_batches() < self._max_running:
+        """Waiting sequences that share a long enough prefix with a kept one start on its Generator; conversations
+        worth keeping, and a sequence that would be alone in its batch, on a Generator of their own that is kept
+        when they end; the rest as one batch per lane."""
+        self._admit_reuse()
+        self._start_kept([job for job in self._waiting if self._worth_keeping(job)])
+        if len(self._waiting) == 1 and self._keepable(self._waiting[0]):
+            self._start_kept([self._waiting[0]])
+        while self._waiting and self._running() < self._max_running:
             batch = self._fitting_batch()
             if not batch:
                 return  # the budget is full: wait for a batch or a Generator to end
             lane = self._free_lane()
-            lane.solo = False
             lane.kv_bytes = sum(self._memory.sequence_bytes(job.capacity) for job in batch)
             for job in batch:
-                self._guarded(partial(self._begin, job, lane, None), [job])
+                self._guarded(partial(self._begin, job, lane), [job])
 
     def _fitting_batch(self) -> list[Job]:
-        """The longest run of waiting sequences (up to a batch) whose caches fit the budget, taken off the queue;
-        a batch of one is kept for its next turn when its larger cache fits too."""
+        """The longest run of waiting sequences (up to a batch) whose caches fit the budget, taken off the queue."""
         costs = [
             self._memory.sequence_bytes(self._capacity(job, keep=False))
             for job in itertools.islice(self._waiting, self._max_batch)
@@ -460,42 +460,52 @@ class BatchScheduler:
         while size < len(costs) and sum(costs[: size + 1]) <= free:
             size += 1
         batch = [self._waiting.popleft() for _ in range(size)]
-        keep = size == 1 and self._max_kept > 0
-        keep = keep and self._memory.sequence_bytes(self._capacity(batch[0], keep=True)) <= free
         for job in batch:
-            job.keep = keep
-            job.capacity = self._capacity(job, keep=keep)
+            job.capacity = self._capacity(job, keep=False)
         return batch
 
-    def _admit_continuations(self) -> None:
-        kept = [lane.kept for lane in self._kept_lanes() if lane.kept is not None]
+    def _admit_reuse(self) -> None:
         for job in list(self._waiting):
-            if not kept or self._running_alone() >= self._max_kept:
+            if not self._kept or self._running_kept() >= self._max_kept:
                 return
-            reuse = best_reuse(job.prompt, kept, job.scope, job.options.max_tokens)
-            if reuse is None:
+            if not self._keepable(job):
                 continue
-            kept.remove(reuse)
-            lane = next(lane for lane in self._lanes if lane.kept is reuse)
-            self._waiting.remove(job)
-            job.keep, job.capacity, lane.solo = True, reuse.capacity, True
-            self._guarded(partial(self._begin, job, lane, reuse), [job])
+            options = job.options
+            reuse = best_reuse(
+                job.prompt,
+                self._kept,
+                scope=job.scope,
+                sampling=options.generator_settings,
+                max_tokens=options.max_tokens,
+            )
+            if reuse is not None:
+                self._kept.remove(reuse.kept)
+                self._waiting.remove(job)
+                self._guarded(partial(self._resume, job, reuse), [job])
 
-    def _admit_conversations(self) -> None:
-        """Waiting sequences worth keeping start alone, each on a lane of its own, while fewer than
+    def _resume(self, job: Job, reuse: Reuse) -> None:
+        """Run ``job`` on a kept Generator, cut back to the prefix they share: only the rest is prefilled."""
+        kept = reuse.kept
+        job.keep, job.capacity, job.kv_bytes = True, kept.capacity, kept.kv_bytes
+        job.generator = kept.generator
+        job.fed = job.cached_tokens = reuse.tokens
+        job.admitted_at = time.perf_counter()
+        self._generators.append(job)
+        job.generator.rewind_to(reuse.tokens)
+
+    def _start_kept(self, jobs: list[Job]) -> None:
+        """Start each of ``jobs`` on a Generator of its own that is kept when it ends, while fewer than
         ``prefix_cache`` run so and their caches fit; the rest stay in line for a batch."""
-        for job in [job for job in self._waiting if self._worth_keeping(job)]:
-            if self._running_alone() >= self._max_kept:
+        for job in jobs:
+            if self._running_kept() >= self._max_kept:
                 return
             capacity = self._capacity(job, keep=True)
             cost = self._memory.sequence_bytes(capacity)
             if cost > self._make_room(cost):
                 return
             self._waiting.remove(job)
-            lane = self._free_lane()
-            lane.solo, lane.kv_bytes = True, cost
-            job.keep, job.capacity = True, capacity
-            self._guarded(partial(self._begin, job, lane, None), [job])
+            job.keep, job.capacity, job.kv_bytes = True, capacity, cost
+            self._guarded(partial(self._start_generator, job), [job])
 
     def _admit_generators(self) -> None:
         """Start waiting Generators in arrival order while their KV caches fit (the first that does not fit
@@ -509,16 +519,12 @@ class BatchScheduler:
             job.kv_bytes = cost
             self._guarded(partial(self._start_generator, job), [job])
 
-    def _begin(self, job: Job, lane: Lane, reuse: Kept | None) -> None:
-        """Start ``job`` on ``lane``: a new request, or the kept one it continues, fed only the new tokens."""
-        if reuse is not None:
-            lane.kept = None
-            request, job.tokens, job.cached_tokens = reuse.request, reuse.tokens, len(reuse.tokens)
-        else:
-            # Its cache is allocated at this size when the batch starts, and cannot grow (``KvBudget.capacity``).
-            sizing = og.RequestOptions()
-            sizing.set_max_session_tokens(job.capacity)
-            request = lane.engine.create_request(options=sizing)
+    def _begin(self, job: Job, lane: Lane) -> None:
+        """Start ``job`` on ``lane``, in the batch that starts there now."""
+        # Its cache is allocated at this size when the batch starts, and cannot grow (``KvBudget.capacity``).
+        sizing = og.RequestOptions()
+        sizing.set_max_session_tokens(job.capacity)
+        request = lane.engine.create_request(options=sizing)
         opts = og.TurnOptions(request)
         opts.set_max_generated_tokens(job.options.max_tokens)
         opts.set_do_sample(not job.options.greedy)
@@ -532,12 +538,10 @@ class BatchScheduler:
             with self._compiling(job.options):
                 if job.options.guidance is not None:
                     opts.set_guidance(*job.options.guidance)
-                job.turn_id = request.begin_turn(job.prompt[job.cached_tokens :], opts)
+                job.turn_id = request.begin_turn(job.prompt, opts)
         except BaseException:
             _close(request)  # its turn never began: nothing to cancel, only to free
             raise
-        if job.keep:
-            job.tokens.extend(int(t) for t in job.prompt[job.cached_tokens :])
         job.lane, job.request, job.admitted_at = lane, request, time.perf_counter()
         lane.jobs[id(request)] = job
 
@@ -548,7 +552,6 @@ class BatchScheduler:
                 lane.failed = True  # replaced after this step: the runtime may call the Engine unhealthy now
             job = lane.jobs.get(id(event.request))
             if job is None or job.done:
-                self._on_kept_event(lane, event)
                 continue
             touched[id(job)] = job
             self._on_event(job, event)
@@ -558,8 +561,6 @@ class BatchScheduler:
     def _on_event(self, job: Job, event: Any) -> None:
         flags = event.flags
         if flags & og.EngineEventFlags.TOKEN:
-            if job.keep:
-                job.tokens.append(int(event.token))
             job.generated += 1
             job.pending_text.append(job.stream.decode(event.token))
         if flags & og.EngineEventFlags.FAILED:
@@ -574,35 +575,23 @@ class BatchScheduler:
         elif flags & og.EngineEventFlags.TURN_FINISHED:
             self._finish(job, finish=_finish_reason(event.finish_reason))
 
-    @staticmethod
-    def _on_kept_event(lane: Lane, event: Any) -> None:
-        """A token of a cancelled sequence that its lane keeps: its cache holds it, so the kept tokens must too."""
-        kept = lane.kept
-        if kept is not None and event.request is kept.request and event.flags & og.EngineEventFlags.TOKEN:
-            kept.tokens.append(int(event.token))
-
     def _release(self, job: Job) -> None:
-        """Free what a finished or cancelled sequence holds; a kept one stays resident in its lane."""
-        lane = job.lane
-        if lane is not None:
-            lane.jobs.pop(id(job.request), None)
-        if lane is not None and job.keep:
-            lane.kept = Kept(job.request, job.tokens, used_at=time.monotonic(), scope=job.scope, capacity=job.capacity)
-            job.request = None
-            self._limit_kept()
-            return
+        """Free what a finished or cancelled lane sequence holds."""
+        if job.lane is not None:
+            job.lane.jobs.pop(id(job.request), None)
         _close(job.request)
+        job.request = None
 
     def _limit_kept(self) -> None:
         kept = self._kept_lru()
-        for lane in kept[: max(0, len(kept) - self._max_kept)]:
-            self._evict(lane)
+        for each in kept[: max(0, len(kept) - self._max_kept)]:
+            self._kept.remove(each)
 
     # ---- Generators (seeded, min_tokens, logprobs) ---------------------------------------
 
     def _start_generator(self, job: Job) -> None:
         params = og.GeneratorParams(self._model)
-        params.set_search_options(**_search_options(job.options, len(job.prompt)))
+        params.set_search_options(**_search_options(job.options, len(job.prompt), job.capacity or None))
         with self._compiling(job.options):
             if job.options.guidance is not None:
                 params.set_guidance(*job.options.guidance)
@@ -613,8 +602,10 @@ class BatchScheduler:
     def _step_generator(self, job: Job) -> None:
         gen = job.generator
         if job.fed < len(job.prompt):
-            gen.append_tokens(job.prompt[job.fed : job.fed + PREFILL_CHUNK])
-            job.fed += PREFILL_CHUNK
+            rest = len(job.prompt) - job.fed
+            chunk = rest if rest <= PREFILL_CHUNK + 1 else PREFILL_CHUNK
+            gen.append_tokens(job.prompt[job.fed : job.fed + chunk])
+            job.fed += chunk
             return
         # Read before the step: after it, the logits are already the next token's.
         logits = gen.get_logits() if job.options.logprobs is not None else None
@@ -624,10 +615,11 @@ class BatchScheduler:
             self._end_generator(job, "stop")
             return
         job.generated += 1
+        job.sampled += 1
         job.pending_text.append(job.stream.decode(token))
         if logits is not None:
             job.pending_logprobs.append(token_logprob(logits, token, job.options.logprobs or 0, self._token_bytes))
-        if gen.is_done():
+        if gen.is_done() or job.sampled >= job.options.max_tokens:  # a kept one's cache is larger than needed
             self._end_generator(job, "length")
         else:
             self._flush(job)
@@ -653,9 +645,17 @@ class BatchScheduler:
         return str(self._tokenizer.decode(np.array([token], dtype=np.int32))).encode()
 
     def _end_generator(self, job: Job, finish: EngineFinish) -> None:
+        """A Generator sequence has ended: one that is kept stays, its cache resident, for a later prompt."""
         self._generators.remove(job)
-        job.generator = None
+        generator, job.generator = job.generator, None
         self._finish(job, finish=finish)
+        if job.keep:
+            sequence = np.asarray(generator.get_sequence(0), dtype=np.int32)
+            settings = job.options.generator_settings
+            self._kept.append(
+                Kept(generator, sequence, job.capacity, settings, job.kv_bytes, time.monotonic(), job.scope)
+            )
+            self._limit_kept()
 
     # ---- results ----------------------------------------------------------------------
 
@@ -775,10 +775,10 @@ def _grammar_fault(exc: Exception) -> str | None:
     return None if start < 0 else text[start:].partition("\n")[0][:_GRAMMAR_MESSAGE_CHARS]
 
 
-def _search_options(options: SamplingOptions, prompt_tokens: int) -> dict[str, Any]:
-    """A Generator's search options (its lengths count the prompt)."""
+def _search_options(options: SamplingOptions, prompt_tokens: int, capacity: int | None = None) -> dict[str, Any]:
+    """A Generator's search options (its lengths count the prompt; a kept one's cache holds ``capacity`` tokens)."""
     search: dict[str, Any] = {
-        "max_length": prompt_tokens + options.max_tokens,
+        "max_length": capacity or prompt_tokens + options.max_tokens,
         "do_sample": not options.greedy,
         "repetition_penalty": options.repetition_penalty,
     }
