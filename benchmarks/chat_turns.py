@@ -36,9 +36,11 @@ from build_llama_server import SERVER  # noqa: E402 - scripts/ is put on the pat
 from llama_server import gguf_path, start_llama_server  # noqa: E402
 from make_model import PRESETS  # noqa: E402
 from server_process import memory_mb, reset_peak_memory, start, wait_ready  # noqa: E402
+from targets import mark  # noqa: E402
 
 TURNS = 5
 AT_ONCE = 4
+LLAMA = "llama-server (prompt cache on)"
 SHORT_CHAT = [{"role": "user", "content": "Hello! How are you today?"}]
 QUESTIONS = [
     "Summarise the document in one sentence.",
@@ -162,7 +164,29 @@ def markdown(model: str, figures: dict[str, dict[str, Any]], reply: int) -> str:
             rss = f"{f['peak_rss_mb']:.0f}" if "peak_rss_mb" in f else "-"
             again = f"{f['repeated_prompt_ttft_ms']:.1f}" if "repeated_prompt_ttft_ms" in f else "-"
             lines.append(f"| {name} | {rss} | {again} |")
-    return "\n".join(lines) + "\n"
+    return "\n".join([*lines, "", *verdicts(figures)]) + "\n"
+
+
+def verdicts(figures: dict[str, dict[str, Any]]) -> list[str]:
+    """Issue 23's targets: conversations at once reused on >= 90 % of later turns at <= 0.2x turn 1's TTFT, and a
+    repeated short chat within 1.5x of llama-server's prompt cache."""
+    lines = []
+    ours = f"genai_server, {AT_ONCE} at once"
+    if ours in figures:
+        f = figures[ours]
+        rate = f["later_turns_hit"] / max(1, f["later_turns_hit"] + f["later_turns_miss"])
+        lines.append(
+            f"- {ours}: turns 2-5 reused {rate:.0%} (target >= 90%){mark(rate >= 0.9)}; their TTFT p50 "
+            f"{f['later_over_turn1']:.2f}x turn 1's (target <= 0.2x){mark(f['later_over_turn1'] <= 0.2)}"
+        )
+    again = [figures.get(name, {}).get("repeated_prompt_ttft_ms") for name in ("genai_server", LLAMA)]
+    if again[0] is not None and again[1] is not None:
+        ratio = again[0] / again[1]
+        lines.append(
+            f"- a repeated short chat: TTFT {ratio:.2f}x llama-server's with its prompt cache (target <= 1.5x)"
+            f"{mark(ratio <= 1.5)}"
+        )
+    return lines
 
 
 async def compare(model: str, conversations: int = 3, reply: int = 16) -> dict[str, Any] | None:
@@ -180,7 +204,7 @@ async def compare(model: str, conversations: int = 3, reply: int = 16) -> dict[s
     if SERVER.exists() and gguf.exists():
         proc, url = start_llama_server(gguf, preset.context_length, cache_prompt=True)
         procs.append(proc)
-        targets["llama-server (prompt cache on)"] = (url, gguf.name, proc.pid)
+        targets[LLAMA] = (url, gguf.name, proc.pid)
     else:
         print(f"llama-server not built ({SERVER}, {gguf}): measuring this server only")
     runs: dict[str, list[list[dict[str, Any]]]] = {name: [] for name in targets}

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from load import median
-from targets import meets
+from targets import mark, meets
 
 LABELS = {
     "single_stream_vs_bare": ("single stream via HTTP/SSE vs bare in-process loop, tokens/s", "{:.2f}x", ">= 0.95x"),
@@ -35,7 +35,7 @@ def markdown(results: dict[str, Any]) -> str:
         cells = []
         for m, c in columns:
             value = models[m]["configs"][c]["ratios"][key]
-            cells.append(fmt.format(value) + ("" if meets(key, value) else " ✗"))
+            cells.append(fmt.format(value) + mark(meets(key, value)))
         lines.append(f"| {label} | {target} | " + " | ".join(cells) + " |")
     lines.append("")
     bandwidth = results["read_bandwidth_gb_s"]

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import os
 import signal
@@ -122,10 +123,13 @@ class Server:
 async def ttft_under_load(
     session: aiohttp.ClientSession, server: Server, spec: ModelSpec, probes: int
 ) -> tuple[list[float], list[float]]:
-    """TTFT (ms) of short probe requests on an idle server, then while 3 other clients keep streaming."""
+    """TTFT (ms) of short probe requests on an idle server, then while 3 other clients keep streaming. Each probe's
+    prompt starts with a number of its own: the same prompt again would be served from the kept prefix."""
+    sent = itertools.count()
 
     async def probe() -> float:
-        return (await stream_completion(session, server.url, server.model_id, PROMPT, 4)).ttft_s * 1000
+        prompt = f"{next(sent)}. {PROMPT}"
+        return (await stream_completion(session, server.url, server.model_id, prompt, 4)).ttft_s * 1000
 
     idle = [await probe() for _ in range(probes)]
     stop = asyncio.Event()

@@ -22,3 +22,21 @@ def meets(name: str, value: float) -> bool:
     """Whether ``value`` of figure ``name`` is on the good side of its target (the target itself counts)."""
     target, higher = TARGETS[name]
     return value >= target if higher else value <= target
+
+
+# Against llama-server on the same weights (vs_llama_cpp.py): genai_server / llama-server for each figure.
+VERSUS_TARGETS = {
+    "tokens_per_s_1": (1.1, True),
+    "tokens_per_s_4": (1.1, True),
+    "tokens_per_s_8": (1.1, True),
+    "prefill_tokens_per_s": (1.1, True),
+    "ttft_long_prompt_ms": (0.9, False),
+    "peak_rss_mb_8": (1.0, False),
+}
+# The server against the bare engine on the same figures, measured in turn with it: our own share.
+SERVER_VS_ENGINE_TARGET = 0.95
+
+
+def mark(ok: bool) -> str:
+    """The sign a report puts after a figure that misses its target."""
+    return "" if ok else " ✗"
