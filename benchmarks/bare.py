@@ -46,8 +46,12 @@ def one_stream(engine: og.Engine, prompt: list[int], tokens: int) -> tuple[int, 
 
 
 def greedy_request(engine: og.Engine, prompt: Sequence[int] | npt.NDArray[np.int32], tokens: int) -> og.Request:
-    """A greedy turn of ``tokens`` tokens on ``prompt``, begun on ``engine`` (the caller keeps it alive)."""
-    request = engine.create_request()
+    """A greedy turn of ``tokens`` tokens on ``prompt``, begun on ``engine`` (the caller keeps it alive). Its KV cache
+    is sized for exactly that, as small as the engine allows (the server rounds up to a size class): the engine at
+    its best, so that the server's share is not flattered by the runtime's whole-context default."""
+    sizing = og.RequestOptions()
+    sizing.set_max_session_tokens(len(prompt) + tokens)
+    request = engine.create_request(options=sizing)
     opts = og.TurnOptions(request)
     opts.set_max_generated_tokens(tokens)
     opts.set_do_sample(False)
