@@ -18,8 +18,8 @@ same document or system prompt) rewinds it and prefills only the rest. At most `
 more than ``prefix_cache`` of them or when running work needs their memory: they never make new work wait.
 
 Memory is admitted, not hoped for: each running sequence holds a KV cache sized when it starts, for its prompt
-plus ``max_tokens`` rounded up to a size class (``KvBudget.capacity``; a sequence that is kept gets room for its
-conversation to grow), and the sum stays within the engine's memory budget. Work beyond it waits in line; a
+plus ``max_tokens`` rounded up to a multiple of 256 tokens (``KvBudget.capacity``; a sequence that is kept gets
+room for its conversation to grow), and the sum stays within the engine's memory budget. Work beyond it waits in line; a
 context whose one sequence could never fit is refused when the engine starts.
 
 Nothing here may be called from any thread but the engine's owner thread.
@@ -50,9 +50,9 @@ log = logging.getLogger(__name__)
 
 EngineFinish = Literal["stop", "length", "cancelled"]
 
-# Prefill of a Generator sequence is fed in chunks of this many tokens: each append holds the GIL, and 64 tokens
-# keeps one stall to tens of ms (measured on the 0.42B model: 1024 tokens in chunks of 64 took 3.52-3.58 s, in one
-# append 3.65 s). A last chunk is never a single token: that one would take the decode path (``prefix_cache.py``).
+# Prefill of a Generator sequence is fed in chunks of this many tokens (unless told otherwise): each append holds
+# the GIL, and 64 tokens keeps one stall to tens of ms. A last chunk is never a single token: that one would take
+# the decode path (``prefix_cache.py``).
 PREFILL_CHUNK = 64
 _EVENT_BUFFER = 256
 # What the grammar parser starts its errors with, inside the engine's; and how much of one a client is shown.
@@ -61,10 +61,10 @@ _GRAMMAR_FAILED = "the engine failed while following it (its parser allows at mo
 # The failures after which an Engine is not trusted again (the runtime may have declared it unhealthy).
 _ENGINE_FAULTS = frozenset({og.EngineErrorCode.ENGINE_EXECUTION_FAILURE, og.EngineErrorCode.ENGINE_CONTRACT_FAILURE})
 _GRAMMAR_MESSAGE_CHARS = 300
-# The smallest KV cache a sequence is given; sizes double from there up to the context. Measured (0.42B model, 8
-# sequences of 35 + 48 tokens): the cache is allocated when a batch starts, at the size the request was created with,
-# and a sequence sized 256 added 9 MB of RSS where one sized for the whole 4096-token context added 55 MB.
-_SMALLEST_CACHE = 256
+# KV caches are sized in steps of this many tokens. Measured (0.42B model, 8 sequences of 35 + 48 tokens): the
+# cache is allocated when a batch starts, at the size the request was created with, and a sequence sized 256 added
+# 9 MB of RSS where one sized for the whole 4096-token context added 55 MB.
+_CACHE_STEP = 256
 # A conversation runs alone, to be kept for its next turn, when its prompt is at least this long and at least
 # _KEEP_PROMPT_RATIO times its reply's token limit (counted at most _KEEP_REPLY_CAP: a client that sets no
 # max_tokens gets the rest of the context as its limit). Measured on the 0.42B model: prefill runs at ~230 tokens/s,
@@ -203,14 +203,12 @@ class KvBudget:
     context_length: int
 
     def capacity(self, tokens: int, *, grows: bool = False) -> int:
-        """The cache a sequence that needs ``tokens`` (prompt and max_tokens) is created with: the next size class,
-        at most the context. One that is kept (``grows``) gets twice that, so that a conversation's next turns fit
-        in it: a kept cache cannot be enlarged, and a turn too long for it is prefilled whole again, into a cache
-        twice as large."""
-        size = _SMALLEST_CACHE
-        while size < tokens * (2 if grows else 1):
-            size *= 2
-        return min(size, self.context_length)
+        """The cache a sequence that needs ``tokens`` (prompt and max_tokens) is created with: the next multiple of
+        256 tokens, at most the context. One that is kept (``grows``) gets twice that, so that a conversation's next
+        turns fit in it: a kept cache cannot be enlarged, and a turn too long for it is prefilled whole again, into
+        a cache twice as large."""
+        wanted = max(1, tokens * (2 if grows else 1))
+        return min(-(-wanted // _CACHE_STEP) * _CACHE_STEP, self.context_length)
 
     def sequence_bytes(self, capacity: int) -> int:
         """What a sequence of ``capacity`` tokens holds (an Engine allocates it when its batch starts)."""
@@ -253,6 +251,7 @@ class BatchScheduler:
         memory: KvBudget,
         prefix_cache: int = 0,
         stream_interval: int = 1,
+        prefill_chunk: int = PREFILL_CHUNK,
         byte_table: list[bytes] | None = None,
         on_compile: CompileWatch | None = None,
     ) -> None:
@@ -263,6 +262,7 @@ class BatchScheduler:
         self._max_running = lanes
         self._max_kept = prefix_cache
         self._stream_interval = stream_interval
+        self._prefill_chunk = prefill_chunk
         self._eos = eos_token_ids
         self._max_batch = max_batch_size
         self._batch_wait_s = batch_wait_s
@@ -306,6 +306,9 @@ class BatchScheduler:
 
     def step(self) -> None:
         """One round: admit waiting sequences, then one step of every busy lane and Generator."""
+        if self._waiting:  # what runs alone does not wait for a batch to gather
+            self._admit_reuse()
+            self._start_kept([job for job in self._waiting if self._worth_keeping(job)])
         if self._waiting and (len(self._waiting) >= self._max_batch or time.monotonic() >= self._admission_time()):
             self._admit()
         self._admit_generators()
@@ -433,11 +436,9 @@ class BatchScheduler:
         return lane
 
     def _admit(self) -> None:
-        """Waiting sequences that share a long enough prefix with a kept one start on its Generator; conversations
-        worth keeping, and a sequence that would be alone in its batch, on a Generator of their own that is kept
-        when they end; the rest as one batch per lane."""
-        self._admit_reuse()
-        self._start_kept([job for job in self._waiting if self._worth_keeping(job)])
+        """Once a burst has gathered: a sequence that would be alone in its batch starts on a Generator of its own
+        that is kept when it ends; the rest as one batch per lane. (Those that share a long enough prefix with a
+        kept sequence, and conversations worth keeping, started on arrival.)"""
         if len(self._waiting) == 1 and self._keepable(self._waiting[0]):
             self._start_kept([self._waiting[0]])
         while self._waiting and self._running() < self._max_running:
@@ -603,7 +604,7 @@ class BatchScheduler:
         gen = job.generator
         if job.fed < len(job.prompt):
             rest = len(job.prompt) - job.fed
-            chunk = rest if rest <= PREFILL_CHUNK + 1 else PREFILL_CHUNK
+            chunk = rest if rest <= self._prefill_chunk + 1 else self._prefill_chunk
             gen.append_tokens(job.prompt[job.fed : job.fed + chunk])
             job.fed += chunk
             return
