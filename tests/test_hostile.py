@@ -180,7 +180,7 @@ async def test_sequences_are_counted_not_requests(session: aiohttp.ClientSession
 async def test_work_beyond_the_memory_budget_waits_and_completes(
     session: aiohttp.ClientSession, embedded: ServerProcess
 ) -> None:
-    """16 greedy sequences of 1 MiB of KV cache each (a lane's, for the whole context) and 16 seeded ones of
+    """16 greedy sequences of 1 MiB of KV cache each (sized for the whole context they may use) and 16 seeded ones of
     ~0.3 MiB against a 4 MiB budget: they take turns, the budget in use never passes 1, and every one finishes."""
     seeded = chat_body(content=LONG_PROMPT, temperature=0.9, seed=5, n=16, max_tokens=600)
     greedy = chat_body(content=LONG_PROMPT, n=16, max_tokens=1900)
@@ -203,8 +203,8 @@ async def test_a_short_sequence_holds_a_cache_for_its_request_not_the_context(
     session: aiohttp.ClientSession, embedded: ServerProcess
 ) -> None:
     """16 greedy sequences of under 256 tokens (prompt and max_tokens) are given 256-token caches, an eighth of the
-    whole context's: all 16 run at once (two batches of 8) in half of the 4 MiB budget. Sized for the context, four
-    would run at a time and fill it."""
+    whole context's: all 16 run at once (two batches of 8) in half of the 4 MiB budget (a little more if one runs
+    alone, kept with twice the room). Sized for the context, four would run at a time and fill it."""
     body = chat_body(content="Hi", n=16, max_tokens=200)
     request = asyncio.create_task(session.post(f"{embedded.url}/v1/chat/completions", json=body))
     peak = 0.0
@@ -214,7 +214,29 @@ async def test_a_short_sequence_holds_a_cache_for_its_request_not_the_context(
     resp = await request
     assert resp.status == 200
     assert (await resp.json())["usage"]["prompt_tokens"] + 200 <= 256
-    assert 0 < peak <= 0.5
+    assert 0 < peak <= 0.75
+
+
+async def test_a_static_batch_is_reserved_at_its_longest_sequence(
+    session: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    """A static batch gives every sequence the cache of its longest (measured: one 2048-token request with seven of
+    256 held as much as eight of 2048). A long and a short request batched together (the batch waits 300 ms for
+    both) reserve two whole-context caches, half of the 4 MiB budget, not one and a small one."""
+    with ServerProcess(
+        tmp_path / "server.log", ENGINE_MEMORY_BUDGET_MB="4", ENGINE_BATCH_WAIT_MS="300", PREFIX_CACHE_CONVERSATIONS="0"
+    ) as server:
+        server.wait_healthy()
+        bodies = [chat_body(content="Hi", max_tokens=1900), chat_body(content="Hi", max_tokens=10)]
+        requests = [
+            asyncio.create_task(session.post(f"{server.url}/v1/chat/completions", json=body)) for body in bodies
+        ]
+        peak = 0.0
+        while not all(task.done() for task in requests):
+            peak = max(peak, await _kv_cache_in_use(session, server.url))
+            await asyncio.sleep(0.01)
+        assert [(await task).status for task in requests] == [200, 200]
+        assert peak == pytest.approx(0.5, abs=0.01)
 
 
 def test_a_context_the_budget_cannot_hold_is_a_start_up_error(tmp_path: Path) -> None:

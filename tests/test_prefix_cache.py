@@ -13,8 +13,10 @@ import asyncio
 import json
 from typing import Any
 
+import numpy as np
 from aiohttp.test_utils import TestClient
 
+from genai_server.embedded.prefix_cache import Kept, best_reuse, reusable_tokens
 from genai_server.settings import BUNDLED_MODEL
 from tests.harness.bodies import MODEL_ID, chat_body
 from tests.harness.in_process import ClientFactory
@@ -115,7 +117,10 @@ async def test_conversations_that_run_at_once_are_all_continued(make_client: Cli
     own, so each next turn continues its own kept sequence; in one batch none could be kept (the engine keeps
     nothing it could cut or share)."""
     client = await make_client()
-    found = await _turns(await make_client(), tokenizer, 3, document=DOCUMENT)
+    # A document of its own each: sharing one, a conversation that ends first may lend its prefix to another that
+    # arrives after it (cutting its own short tail), which is reuse too, but not what this test counts.
+    discovery = await make_client()
+    found = [(await _turns(discovery, tokenizer, 1, document=f"{i}: {DOCUMENT}"))[0] for i in range(3)]
     assert min(len(prompt) for prompt, _ in found) >= 256  # long enough to be worth keeping
     question = [int(t) for t in tokenizer.encode(QUESTION)]
     for _ in range(2):
@@ -259,3 +264,32 @@ async def test_a_cache_salt_is_bounded(client: TestClient[Any, Any]) -> None:
         )
         assert resp.status == 400, salt
         assert (await resp.json())["error"]["param"] == "cache_salt"
+
+
+def _kept(tokens: list[int], scope: str = "") -> Kept:
+    return Kept(None, np.array(tokens, dtype=np.int32), 1024, (True, 1.0), 0, 0.0, scope)
+
+
+def test_the_reuse_rules_at_their_edges() -> None:
+    """What a prompt takes from a kept sequence of 30 tokens, at each rule's edge."""
+    kept = _kept(list(range(100, 130)))
+    prompt = np.array([*range(100, 130), 7, 8], dtype=np.int32)
+    assert reusable_tokens(prompt, kept) == 29  # all but the last token sampled, never run through the model
+    assert reusable_tokens(prompt[:30], kept) == 28  # the same tokens again: its own last two are prefilled
+    assert reusable_tokens(prompt[:22], kept) == 20  # two thirds of the kept sequence: it may be cut
+    assert reusable_tokens(prompt[:21], kept) == 0  # less than two thirds
+    assert reusable_tokens(prompt[:2], kept) == 0
+    short = np.array([*range(100, 108), 1, 2, 3], dtype=np.int32)
+    assert reusable_tokens(short, _kept(list(range(100, 108)))) == 0  # 7 tokens: not worth a kept sequence
+
+    def best(candidates: list[Kept], **overrides: Any) -> Kept | None:
+        arguments: dict[str, Any] = {"scope": "", "sampling": (True, 1.0), "max_tokens": 1024 - len(prompt)}
+        reuse = best_reuse(prompt, candidates, **(arguments | overrides))
+        return None if reuse is None else reuse.kept
+
+    assert best([kept]) is kept
+    assert best([kept], max_tokens=1024 - len(prompt) + 1) is None  # the cache has no room for the answer
+    assert best([kept], scope="another key") is None
+    assert best([kept], sampling=(False, 0.7, 1.0, 0, 1.0)) is None
+    longer = _kept([*range(100, 130), 7])
+    assert best([kept, longer]) is longer  # the one it shares more with

@@ -59,7 +59,10 @@ async def test_cancelling_one_sequence_leaves_the_rest_of_its_batch_intact(make_
 
 
 async def test_a_new_request_does_not_wait_for_a_running_batch(make_client: Any) -> None:
-    client = await make_client(engine_max_batch_size=4, engine_lanes=2, max_concurrent_requests=8)
+    # No kept sequences: each long stream, arriving alone, would otherwise run on a Generator, not in a lane's batch.
+    client = await make_client(
+        engine_max_batch_size=4, engine_lanes=2, max_concurrent_requests=8, prefix_cache_conversations=0
+    )
     long_streams = [await client.post("/v1/chat/completions", json=long_stream(1900)) for _ in range(3)]
     for resp in long_streams:
         await resp.content.readline()  # the batch is running

@@ -85,6 +85,7 @@ class EngineConfig:
     # wait: in the server's own process that stalls the event loop, so 64 (tens of ms); in an engine process of its
     # own 256, which measured 1.03x the Engine's whole-prompt prefill where 64 gave 0.955x (1150 tokens, 0.42B).
     prefill_chunk: int = PREFILL_CHUNK
+    lone_kept: bool = True  # a lone sequence runs on a kept Generator; off when the engine shares the server's GIL
 
 
 def raise_for(delta: Delta) -> None:
@@ -372,8 +373,8 @@ class OnnxEngine:
         vocab_size = int(genai_config["model"].get("vocab_size", 0))
         memory = _kv_budget(genai_config, context_length, self.config.memory_budget_mb)
         config = og.Config(str(self.model_path))
-        # The Engine allocates every sequence's KV cache for search.max_length tokens up front, so
-        # that length (not the model's 128k, say) is what a sequence costs in memory.
+        # search.max_length caps every sequence (the scheduler sizes each request's cache within it, and a client's
+        # context is its limit, not the model's 128k, say).
         # Unless told, the session runs one intra-op thread: on a 2-core box the second core idled (the bare Engine
         # decoded at 37.8 tok/s with one thread, 67.1 with two). The overlay sets it without touching the folder.
         threads = self.config.threads or usable_cpus()
@@ -412,6 +413,7 @@ class OnnxEngine:
             prefix_cache=self.config.prefix_cache,
             stream_interval=self.config.stream_interval,
             prefill_chunk=self.config.prefill_chunk,
+            lone_kept=self.config.lone_kept,
             byte_table=byte_table(self.model_path),
             on_compile=self._on_compile,
         )

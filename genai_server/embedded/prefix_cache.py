@@ -1,9 +1,10 @@
 """Prefix reuse: which kept sequence a new prompt shares the longest prefix with, so that only the rest is prefilled.
 
 A chat client sends the whole history on every turn; on a CPU, prefilling it again costs seconds. So does a prompt
-sent again, or one that shares a long system prompt or document with an earlier one. A sequence that ran on an
-``og.Generator`` keeps its KV cache when it ends, and ``Generator.rewind_to(n)`` cuts it to any length at no cost:
-a later prompt that shares its first ``n`` tokens rewinds it there and prefills only what differs.
+sent again, or one that shares a long system prompt or document with an earlier one. A sequence the scheduler keeps
+runs on an ``og.Generator``, which stays with its KV cache when the sequence ends, and ``Generator.rewind_to(n)``
+cuts that cache to any length at no cost: a later prompt that shares its first ``n`` tokens rewinds it there and
+prefills only what differs.
 
 Measured facts of ONNX Runtime GenAI 0.18 that shape this (0.42B model, 2 cores):
 

@@ -63,7 +63,8 @@ _ENGINE_FAULTS = frozenset({og.EngineErrorCode.ENGINE_EXECUTION_FAILURE, og.Engi
 _GRAMMAR_MESSAGE_CHARS = 300
 # KV caches are sized in steps of this many tokens. Measured (0.42B model, 8 sequences of 35 + 48 tokens): the
 # cache is allocated when a batch starts, at the size the request was created with, and a sequence sized 256 added
-# 9 MB of RSS where one sized for the whole 4096-token context added 55 MB.
+# 9 MB of RSS where one sized for the whole 4096-token context added 55 MB. A static batch gives every sequence the
+# size of its largest: one request of 2048 tokens with seven of 256 added 199 MB, eight of 2048 200 MB.
 _CACHE_STEP = 256
 # A conversation runs alone, to be kept for its next turn, when its prompt is at least this long and at least
 # _KEEP_PROMPT_RATIO times its reply's token limit (counted at most _KEEP_REPLY_CAP: a client that sets no
@@ -205,8 +206,8 @@ class KvBudget:
     def capacity(self, tokens: int, *, grows: bool = False) -> int:
         """The cache a sequence that needs ``tokens`` (prompt and max_tokens) is created with: the next multiple of
         256 tokens, at most the context. One that is kept (``grows``) gets twice that, so that a conversation's next
-        turns fit in it: a kept cache cannot be enlarged, and a turn too long for it is prefilled whole again, into
-        a cache twice as large."""
+        turns fit in it: a kept cache cannot be enlarged, and a turn too long for it is prefilled whole again (into
+        a cache twice as large, when it is kept too)."""
         wanted = max(1, tokens * (2 if grows else 1))
         return min(-(-wanted // _CACHE_STEP) * _CACHE_STEP, self.context_length)
 
@@ -252,6 +253,7 @@ class BatchScheduler:
         prefix_cache: int = 0,
         stream_interval: int = 1,
         prefill_chunk: int = PREFILL_CHUNK,
+        lone_kept: bool = True,
         byte_table: list[bytes] | None = None,
         on_compile: CompileWatch | None = None,
     ) -> None:
@@ -263,6 +265,9 @@ class BatchScheduler:
         self._max_kept = prefix_cache
         self._stream_interval = stream_interval
         self._prefill_chunk = prefill_chunk
+        # A sequence alone in its batch runs on a kept Generator. Not when the engine shares the server's GIL: a
+        # Generator holds it for each step, and every lone request would stall the event loop.
+        self._lone_kept = lone_kept
         self._eos = eos_token_ids
         self._max_batch = max_batch_size
         self._batch_wait_s = batch_wait_s
@@ -308,7 +313,9 @@ class BatchScheduler:
         """One round: admit waiting sequences, then one step of every busy lane and Generator."""
         if self._waiting:  # what runs alone does not wait for a batch to gather
             self._admit_reuse()
-            self._start_kept([job for job in self._waiting if self._worth_keeping(job)])
+            # Only from the head of the line: a newcomer never takes memory that older work is waiting for.
+            while self._waiting and self._worth_keeping(self._waiting[0]) and self._start_kept([self._waiting[0]]):
+                pass
         if self._waiting and (len(self._waiting) >= self._max_batch or time.monotonic() >= self._admission_time()):
             self._admit()
         self._admit_generators()
@@ -387,8 +394,11 @@ class BatchScheduler:
         return self._memory.budget_bytes - self._kv_bytes_in_use()
 
     def _make_room(self, needed: int) -> int:
-        """Free KV bytes after dropping kept sequences, least recently used first, until ``needed`` fit."""
+        """Free KV bytes after dropping kept sequences, least recently used first, until ``needed`` fit; none is
+        dropped when even all of them would not make room."""
         free = self._free_kv_bytes()
+        if free + sum(kept.kv_bytes for kept in self._kept) < needed:
+            return free
         for kept in self._kept_lru():
             if free >= needed:
                 break
@@ -439,7 +449,7 @@ class BatchScheduler:
         """Once a burst has gathered: a sequence that would be alone in its batch starts on a Generator of its own
         that is kept when it ends; the rest as one batch per lane. (Those that share a long enough prefix with a
         kept sequence, and conversations worth keeping, started on arrival.)"""
-        if len(self._waiting) == 1 and self._keepable(self._waiting[0]):
+        if len(self._waiting) == 1 and self._lone_kept and self._keepable(self._waiting[0]):
             self._start_kept([self._waiting[0]])
         while self._waiting and self._running() < self._max_running:
             batch = self._fitting_batch()
@@ -451,23 +461,22 @@ class BatchScheduler:
                 self._guarded(partial(self._begin, job, lane), [job])
 
     def _fitting_batch(self) -> list[Job]:
-        """The longest run of waiting sequences (up to a batch) whose caches fit the budget, taken off the queue."""
-        costs = [
-            self._memory.sequence_bytes(self._capacity(job, keep=False))
-            for job in itertools.islice(self._waiting, self._max_batch)
-        ]
-        free = self._make_room(sum(costs))
-        size = 0
-        while size < len(costs) and sum(costs[: size + 1]) <= free:
-            size += 1
+        """The longest run of waiting sequences (up to a batch) whose caches fit the budget, taken off the queue.
+        A static batch sizes every sequence's cache for its largest one, so that is what each is given and costs."""
+        capacities = [self._capacity(job, keep=False) for job in itertools.islice(self._waiting, self._max_batch)]
+        costs = [self._memory.sequence_bytes(max(capacities[: n + 1])) * (n + 1) for n in range(len(capacities))]
+        reachable = self._free_kv_bytes() + sum(kept.kv_bytes for kept in self._kept)
+        free = self._make_room(max((cost for cost in costs if cost <= reachable), default=0))
+        size = sum(1 for cost in costs if cost <= free)  # costs grow with the batch
         batch = [self._waiting.popleft() for _ in range(size)]
         for job in batch:
-            job.capacity = self._capacity(job, keep=False)
+            job.capacity = max(capacities[:size])
         return batch
 
     def _admit_reuse(self) -> None:
+        # Not limited by how many kept sequences run: a reused one needs no memory it did not hold.
         for job in list(self._waiting):
-            if not self._kept or self._running_kept() >= self._max_kept:
+            if not self._kept:
                 return
             if not self._keepable(job):
                 continue
@@ -494,19 +503,20 @@ class BatchScheduler:
         self._generators.append(job)
         job.generator.rewind_to(reuse.tokens)
 
-    def _start_kept(self, jobs: list[Job]) -> None:
+    def _start_kept(self, jobs: list[Job]) -> bool:
         """Start each of ``jobs`` on a Generator of its own that is kept when it ends, while fewer than
-        ``prefix_cache`` run so and their caches fit; the rest stay in line for a batch."""
+        ``prefix_cache`` run so and their caches fit; the rest stay in line for a batch. False if one did not start."""
         for job in jobs:
             if self._running_kept() >= self._max_kept:
-                return
+                return False
             capacity = self._capacity(job, keep=True)
             cost = self._memory.sequence_bytes(capacity)
             if cost > self._make_room(cost):
-                return
+                return False
             self._waiting.remove(job)
             job.keep, job.capacity, job.kv_bytes = True, capacity, cost
             self._guarded(partial(self._start_generator, job), [job])
+        return True
 
     def _admit_generators(self) -> None:
         """Start waiting Generators in arrival order while their KV caches fit (the first that does not fit
@@ -588,7 +598,7 @@ class BatchScheduler:
         for each in kept[: max(0, len(kept) - self._max_kept)]:
             self._kept.remove(each)
 
-    # ---- Generators (seeded, min_tokens, logprobs) ---------------------------------------
+    # ---- Generators (kept ones; seeded, min_tokens, logprobs) -----------------------------
 
     def _start_generator(self, job: Job) -> None:
         params = og.GeneratorParams(self._model)
