@@ -161,7 +161,5 @@ def engine_config(settings: Settings) -> EngineConfig:
         threads=settings.engine_threads,
         prefix_cache=settings.prefix_cache_conversations,
         stream_interval=settings.stream_interval,
-        # Behind the process wall a Generator holds only the engine's GIL (``EngineConfig``).
-        prefill_chunk=256 if settings.engine_process else 64,
-        lone_kept=settings.engine_process,
+        shares_server_gil=not settings.engine_process,
     )

@@ -31,7 +31,6 @@ import onnxruntime_genai as og
 from genai_server.embedded.chat_text import control_texts, encode_contents_as_text, refuse_controls_outside_text
 from genai_server.embedded.detokenize import byte_table
 from genai_server.embedded.scheduler import (
-    PREFILL_CHUNK,
     BatchScheduler,
     CompileWatch,
     DeliveryLoop,
@@ -81,11 +80,7 @@ class EngineConfig:
     threads: int | None = None  # intra-op threads of the model's session; None: every CPU this process may use
     prefix_cache: int = 4  # finished sequences kept for prompts that share their prefix (``prefix_cache.py``); 0 = none
     stream_interval: int = 1  # tokens handed to the event loop at a time, after the first
-    # Prompt tokens a Generator prefills per step. Each step holds its process's GIL and makes the other sequences
-    # wait: in the server's own process that stalls the event loop, so 64 (tens of ms); in an engine process of its
-    # own 256, which measured 1.03x the Engine's whole-prompt prefill where 64 gave 0.955x (1150 tokens, 0.42B).
-    prefill_chunk: int = PREFILL_CHUNK
-    lone_kept: bool = True  # a lone sequence runs on a kept Generator; off when the engine shares the server's GIL
+    shares_server_gil: bool = False  # runs in the server's process (ENGINE_PROCESS=false): see the scheduler
 
 
 def raise_for(delta: Delta) -> None:
@@ -412,8 +407,7 @@ class OnnxEngine:
             memory=memory,
             prefix_cache=self.config.prefix_cache,
             stream_interval=self.config.stream_interval,
-            prefill_chunk=self.config.prefill_chunk,
-            lone_kept=self.config.lone_kept,
+            shares_server_gil=self.config.shares_server_gil,
             byte_table=byte_table(self.model_path),
             on_compile=self._on_compile,
         )
