@@ -13,6 +13,7 @@ from aiohttp import web
 from genai_server.app import create_app
 from genai_server.errors import ModelLoadingFailed, UpstreamUnavailableAtStart
 from genai_server.exit_status import ExitStatus
+from genai_server.http.first_byte import FirstBytes
 from genai_server.http.lifecycle import STATE, STOP_MARGIN_S, announce_listening, log_stop_signals
 from genai_server.logs import setup_logging
 from genai_server.settings import Settings, SettingsError, load_settings
@@ -33,12 +34,13 @@ def main(argv: list[str] | None = None) -> int:
         return ExitStatus.BAD_SETTING
     setup_logging(settings.log_level, settings.log_format)
     _raise_open_file_limit()
-    app = create_app(settings)
+    first_bytes = FirstBytes()
+    app = create_app(settings, first_bytes=first_bytes)
     # A failed engine stops the process the way SIGTERM does (drain, then exit), with its own exit status.
     app[STATE].stop_process = lambda: signal.raise_signal(signal.SIGTERM)
     app.on_startup.append(log_stop_signals)
     try:
-        _run(app, settings)
+        _run(app, settings, first_bytes)
     except UpstreamUnavailableAtStart as exc:
         log.error("%s: %s", exc.code, exc, extra={"fields": {"code": exc.code}})
         return ExitStatus.UNAVAILABLE
@@ -66,9 +68,11 @@ def _raise_open_file_limit() -> None:
         log.debug("open-file limit raised from %d to %d", soft, wanted)
 
 
-def _run(app: web.Application, settings: Settings) -> None:
-    """Serve until stopped. The model loads during app start-up, before the port is bound: a model that fails to
-    load never leaves a half-alive server listening."""
+def _run(app: web.Application, settings: Settings, first_bytes: FirstBytes) -> None:
+    """Serve until stopped. The port is bound first (so that a port someone else has fails at once), but listens
+    only once the models have loaded during app start-up: a model that fails to load never leaves a half-alive
+    server listening. The sockets are our own (``first_byte.py``): each request's clock starts at its first byte."""
+    sockets = first_bytes.listening_sockets(settings.server_host, settings.server_port)
 
     def listening(_banner: str) -> None:
         # aiohttp calls ``print`` once its sites listen: the moment to say where, in our log format.
@@ -79,8 +83,7 @@ def _run(app: web.Application, settings: Settings) -> None:
     # comes after our drain (on_shutdown), which has already waited SHUTDOWN_TIMEOUT.
     web.run_app(
         app,
-        host=settings.server_host,
-        port=settings.server_port,
+        sock=sockets,
         print=listening,
         access_log=None,
         shutdown_timeout=STOP_MARGIN_S,

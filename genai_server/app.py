@@ -21,6 +21,7 @@ from genai_server.http.concurrency import ConcurrencyLimiter, setup_concurrency_
 from genai_server.http.cors import setup_cors
 from genai_server.http.endpoints import add_endpoints
 from genai_server.http.error_mapping import setup_error_mapping
+from genai_server.http.first_byte import FirstBytes
 from genai_server.http.host_check import setup_host_check
 from genai_server.http.lifecycle import server_failed, setup_lifecycle
 from genai_server.http.load_report import setup_load_report
@@ -39,9 +40,12 @@ from genai_server.telemetry.tracing import otlp_exporter
 log = logging.getLogger(__name__)
 
 
-def create_app(settings: Settings, *, span_exporter: SpanExporter | None = None) -> web.Application:
+def create_app(
+    settings: Settings, *, span_exporter: SpanExporter | None = None, first_bytes: FirstBytes | None = None
+) -> web.Application:
     """Build the app; no I/O here: the backend starts with the app (``backends_context``). ``span_exporter``
-    replaces the OTLP one (tests read spans from memory)."""
+    replaces the OTLP one (tests read spans from memory); ``first_bytes``: the sockets the server listens on, which
+    start each request's clock at its first byte (``__main__``; a test's server has none)."""
     app = web.Application(client_max_size=settings.max_body_bytes)
     app[SETTINGS] = settings
     app[LIMITER] = ConcurrencyLimiter(
@@ -65,7 +69,11 @@ def create_app(settings: Settings, *, span_exporter: SpanExporter | None = None)
     # 5. request body: read whole and checked before the slot, so a slow sender holds a connection, not a slot;
     # 6. concurrency limit: innermost, so only real generation requests hold a slot.
     setup_request_record(
-        app, app[METRICS], default_backend=settings.backend, span_exporter=_span_exporter(settings, span_exporter)
+        app,
+        app[METRICS],
+        default_backend=settings.backend,
+        span_exporter=_span_exporter(settings, span_exporter),
+        first_bytes=first_bytes,
     )
     setup_error_mapping(app)
     setup_host_check(app, settings.server_host, settings.allowed_hosts)

@@ -24,6 +24,7 @@ from opentelemetry.sdk.trace.export import SpanExporter
 from genai_server import __version__
 from genai_server.http.app_keys import TRACER
 from genai_server.http.endpoints import endpoint_of
+from genai_server.http.first_byte import FirstBytes
 from genai_server.http.request_state import (
     ARRIVAL,
     BODY,
@@ -50,11 +51,17 @@ _SAFE_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 
 
 def setup_request_record(
-    app: web.Application, metrics: ServerMetrics, *, default_backend: str, span_exporter: SpanExporter | None
+    app: web.Application,
+    metrics: ServerMetrics,
+    *,
+    default_backend: str,
+    span_exporter: SpanExporter | None,
+    first_bytes: FirstBytes | None = None,
 ) -> None:
     """Add the request-record middleware, the signal that sets ``X-Request-Id``, and the tracer when spans are
     exported (``span_exporter``; None: tracing off). ``metrics`` records generation requests; ``default_backend``
-    is what a request no backend took is labelled with."""
+    is what a request no backend took is labelled with. ``first_bytes``: the server's sockets, which know when each
+    request's first byte arrived, its clock's start (None, a test's server: when this middleware first sees it)."""
     if span_exporter is not None:
         app.cleanup_ctx.append(_tracer_context(span_exporter))
 
@@ -64,7 +71,8 @@ def setup_request_record(
     ) -> web.StreamResponse:
         request[REQUEST_ID] = _request_id(request)
         request_id_token = current_request_id.set(request[REQUEST_ID])
-        arrival = request[ARRIVAL] = time.perf_counter()
+        first_byte = first_bytes.take(request) if first_bytes is not None else None
+        arrival = request[ARRIVAL] = first_byte if first_byte is not None else time.perf_counter()
         endpoint = endpoint_of(request)
         operation = endpoint.operation if endpoint is not None else None
         status = 500
@@ -86,6 +94,8 @@ def setup_request_record(
                 if span is not None:
                     finish_span(span, record)
                 current_request_id.reset(request_id_token)
+                if first_bytes is not None:
+                    first_bytes.next_request(request)
 
     app.middlewares.append(request_record)
     app.on_response_prepare.append(_add_request_id)

@@ -41,6 +41,8 @@ def log_request(record: RequestRecord) -> None:
             completion_tokens=figures.completion_tokens,
             queue_time_ms=figures.queue_time_ms,
             ttft_ms=figures.time_to_first_token_ms,
+            tpot_ms=figures.time_per_output_token_ms,
+            e2e_ms=figures.e2e_latency_ms,
             inference_time_ms=figures.generation_time_ms,
         )
     log.info("%s %s %s", record.method, record.path, record.status, extra={"fields": fields})
