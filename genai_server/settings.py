@@ -60,8 +60,19 @@ class ModelEntry(BaseModel):
     urls: list[str] | None = Field(
         None, min_length=1, max_length=64, description="openai/ollama: several replicas of the upstream, instead of url"
     )
-    balance: Literal["least_in_flight", "round_robin"] = Field(
-        "least_in_flight", description="how a request picks among urls: fewest in flight from here, or in turn"
+    balance: Literal["cache_aware", "least_in_flight", "round_robin"] = Field(
+        "cache_aware",
+        description="how a request picks among urls: cache_aware sends a conversation's next turn (chat, Responses) "
+        "to the replica that served its earlier ones, which holds their KV cache, unless that replica is overloaded, "
+        "and everything else to the one with the fewest in flight from here; least_in_flight always does the "
+        "latter; round_robin takes them in turn",
+    )
+    load_factor: float = Field(
+        1.25,
+        ge=1.0,
+        le=100.0,
+        description="cache_aware: a conversation's replica is passed over while it has more than this times the "
+        "mean of requests in flight (this one counted)",
     )
     upstream_model: str | None = Field(None, description="openai/ollama: the upstream's name for it (default: id)")
     api_key: SecretStr | None = Field(None, description="openai: bearer key for the upstream")

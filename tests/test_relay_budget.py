@@ -13,7 +13,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from tests.harness.in_process import ClientFactory
+from tests.harness.in_process import ClientFactory, replicated_gateway
 from tests.harness.responses import metric_sample
 from tests.harness.upstream import Drop, Reply, Script, ScriptedUpstream, sse
 
@@ -47,16 +47,10 @@ async def _replica(aiohttp_server: Any, script: Script) -> Replica:
 
 
 async def _gateway(make_client: ClientFactory, tmp_path: Path, replicas: list[Replica], balance: str) -> Gateway:
-    urls = ", ".join(f'"{replica.url}"' for replica in replicas)
-    models = tmp_path / "models.toml"
-    models.write_text(
-        f'[[models]]\nid = "{MODEL}"\nbackend = "openai"\nupstream_model = "up"\nbalance = "{balance}"\n'
-        f"urls = [{urls}]\n"
-    )
-    return await make_client(models_file=models)
+    return await replicated_gateway(make_client, tmp_path, MODEL, [replica.url for replica in replicas], balance)
 
 
-@pytest.mark.parametrize("balance", ["round_robin", "least_in_flight"])
+@pytest.mark.parametrize("balance", ["round_robin", "least_in_flight", "cache_aware"])
 async def test_a_request_whose_first_two_replicas_fail_makes_exactly_two_posts(
     make_client: ClientFactory, aiohttp_server: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture, balance: str
 ) -> None:

@@ -71,6 +71,7 @@ def relay_config(entry: ModelEntry, settings: Settings) -> RelayConfig:
         always_usage=settings.stream_usage_always,
         max_tokens_limit=settings.max_tokens_limit,
         balance=entry.balance,
+        load_factor=entry.load_factor,
         native_apis=frozenset(entry.native_apis),
     )
 

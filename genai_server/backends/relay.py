@@ -20,7 +20,8 @@ from typing import Any, ClassVar, TypeVar
 import aiohttp
 
 from genai_server.backends import Result
-from genai_server.backends.replicas import Balance, Replica, ReplicaSet
+from genai_server.backends.affinity import Prefixes, conversation_prefixes
+from genai_server.backends.replicas import LOAD_FACTOR, Balance, Replica, ReplicaSet
 from genai_server.backends.upstream_client import UpstreamClient, json_within
 from genai_server.errors import InvalidRequest, UpstreamError, UpstreamTimeout
 from genai_server.protocol import (
@@ -58,7 +59,8 @@ class RelayConfig:
     api_key: str | None = field(default=None, repr=False)  # sent upstream as a bearer token
     always_usage: bool = False  # STREAM_USAGE_ALWAYS: streams end with usage even when the client did not ask
     max_tokens_limit: int = 4096  # MAX_TOKENS_LIMIT: a choice's tokens when the client set no limit
-    balance: Balance = "least_in_flight"
+    balance: Balance = "cache_aware"
+    load_factor: float = LOAD_FACTOR  # cache_aware: how far over the mean in flight a conversation's replica may go
     native_apis: frozenset[str] = frozenset()  # the APIs the upstream serves itself: relayed as they are
 
 
@@ -75,7 +77,7 @@ class RelayBackend:
         clients = [
             UpstreamClient(url, config.timeout, headers=headers, probe_path=self.probe_path) for url in config.urls
         ]
-        self._replicas = ReplicaSet(clients, config.balance)
+        self._replicas = ReplicaSet(clients, config.balance, config.load_factor)
         self.model_id = config.model_id
         self._upstream_model = config.upstream_model
         self._always_usage = config.always_usage
@@ -144,7 +146,7 @@ class RelayBackend:
         max_bytes: int = SMALL_JSON_BYTES,
     ) -> Any:
         """One request and its whole JSON answer (at most ``max_bytes``), to the replica the set picks."""
-        replica = self._replicas.pick()
+        replica = self._replicas.pick(prefixes=self._prefixes(body))
         try:
             response = await self._replicas.post(replica, path, body, at_root=at_root, method=method)
             return await json_within(response, max_bytes)
@@ -168,8 +170,9 @@ class RelayBackend:
         error. Such a failure is counted against its replica, and the request goes to one it has not tried if the
         budget and the failure allow (see the module's docstring)."""
         tried: list[Replica] = []
+        prefixes = self._prefixes(body)
         while True:
-            replica = self._replicas.pick(tried)
+            replica = self._replicas.pick(tried, prefixes)
             tried.append(replica)
             try:
                 return await self._attempt(replica, path, body, stats, read)
@@ -180,6 +183,10 @@ class RelayBackend:
                 fields = {"replica": replica.name, "code": exc.code, "message": exc.message, **exc.detail}
                 log.warning("retrying on another replica", extra={"fields": fields})
             stats.on_retry()
+
+    def _prefixes(self, body: dict[str, Any] | None) -> Prefixes | None:
+        """The conversation ``body`` continues, when the replica set follows conversations to their replica."""
+        return conversation_prefixes(body) if body is not None and self._replicas.follows_prefixes else None
 
     def _another_attempt(self, tried: list[Replica], exc: UpstreamError) -> bool:
         """Whether a request that failed before reaching its client is posted again: the budget has a post left, a

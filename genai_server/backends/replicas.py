@@ -1,7 +1,11 @@
 """Several replicas of one upstream engine behind one model id: which one takes a request, and which are healthy.
 
-Each request goes to the healthy replica with the fewest requests in flight from this gateway (ties broken at
-random), or in turn (``round_robin``, kept to compare against); replicas a request already tried are passed over.
+By default (``cache_aware``) a request that continues a conversation goes to the replica that served its earlier
+turns, which holds their KV cache (``affinity.py``), unless that replica is overloaded: more in flight than
+``load_factor`` times the mean, counting this request (consistent hashing with bounded loads, Mirrokni et al.).
+Every other request goes to the healthy replica with the fewest requests in flight from this gateway (ties broken
+at random): ``least_in_flight`` does that for every request, ``round_robin`` takes them in turn (both kept to
+compare against). Replicas a request already tried are passed over.
 A replica is ejected when its health probe fails or a request cannot connect to it, and re-admitted when its probe
 answers again. With every candidate ejected, requests still go to the least busy one: a stale health state must
 not turn a brief failure into a certain one. Whether a failed request goes to another replica is not decided here
@@ -14,6 +18,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import math
 import random
 from collections.abc import Collection
 from dataclasses import dataclass, field
@@ -21,6 +26,7 @@ from typing import Any, Literal
 
 import aiohttp
 
+from genai_server.backends.affinity import Prefixes, PrefixTable
 from genai_server.backends.upstream_client import TrackedResponse, UpstreamClient
 from genai_server.errors import UpstreamError, UpstreamUnavailable
 from genai_server.shown_urls import shown_url
@@ -28,7 +34,9 @@ from genai_server.telemetry.load import ReplicaLoad
 
 log = logging.getLogger(__name__)
 
-Balance = Literal["least_in_flight", "round_robin"]
+Balance = Literal["cache_aware", "least_in_flight", "round_robin"]
+# A replica holding a conversation takes its next turn while it has at most this times the mean in flight.
+LOAD_FACTOR = 1.25
 # How often every replica's health probe runs while the gateway serves.
 HEALTH_INTERVAL_S = 2.0
 
@@ -43,12 +51,20 @@ class Replica:
     healthy: bool = True
     requests: int = 0
     errors: int = 0
+    prefix_hits: int = 0  # requests sent here because it served their conversation's prefix
+    prefix_passed_over: int = 0  # requests it served the prefix of, sent elsewhere because it was overloaded
     probed: bool = field(default=False, repr=False)
 
     def load(self) -> ReplicaLoad:
         """What the per-replica series show of it now."""
         return ReplicaLoad(
-            name=self.name, in_flight=self.in_flight, healthy=self.healthy, requests=self.requests, errors=self.errors
+            name=self.name,
+            in_flight=self.in_flight,
+            healthy=self.healthy,
+            requests=self.requests,
+            errors=self.errors,
+            prefix_hits=self.prefix_hits,
+            prefix_passed_over=self.prefix_passed_over,
         )
 
 
@@ -56,11 +72,20 @@ class ReplicaSet:
     """The replicas of one upstream: ``pick`` chooses one, ``post`` sends to it and counts what it has in flight,
     ``failed`` counts a failure against it. Nothing here retries."""
 
-    def __init__(self, clients: list[UpstreamClient], balance: Balance = "least_in_flight") -> None:
+    def __init__(
+        self, clients: list[UpstreamClient], balance: Balance = "cache_aware", load_factor: float = LOAD_FACTOR
+    ) -> None:
         self.replicas = [Replica(client, shown_url(client.base_url)) for client in clients]
         self._balance = balance
+        self._load_factor = load_factor
         self._turn = itertools.count()
+        self._holders: PrefixTable[Replica] = PrefixTable()
         self._health: asyncio.Task[None] | None = None
+
+    @property
+    def follows_prefixes(self) -> bool:
+        """Whether ``pick`` wants a request's prefixes: the balance is ``cache_aware`` and there is a choice."""
+        return self._balance == "cache_aware" and len(self.replicas) > 1
 
     async def start(self) -> None:
         """Open every replica's session; with several, start probing their health."""
@@ -91,15 +116,32 @@ class ReplicaSet:
         """Every replica's figures now (for the per-replica series)."""
         return tuple(replica.load() for replica in self.replicas)
 
-    def pick(self, tried: Collection[Replica] = ()) -> Replica:
-        """The replica to take a request: one not in ``tried`` while any is left, healthy if one is, then the least
-        busy (or the next in turn)."""
+    def pick(self, tried: Collection[Replica] = (), prefixes: Prefixes | None = None) -> Replica:
+        """The replica to take a request: one not in ``tried`` while any is left, healthy if one is; then the one
+        that served the conversation ``prefixes`` continue while it is not overloaded, else the least busy (or the
+        next in turn)."""
         candidates = [r for r in self.replicas if r not in tried] or self.replicas
         healthy = [r for r in candidates if r.healthy] or candidates
         if self._balance == "round_robin":
             return healthy[next(self._turn) % len(healthy)]
-        fewest = min(r.in_flight for r in healthy)
-        return random.choice([r for r in healthy if r.in_flight == fewest])
+        if prefixes is None or not self.follows_prefixes:
+            return _least_busy(healthy)
+        chosen = self._warm(healthy, prefixes) or _least_busy(healthy)
+        self._holders.remember(prefixes, chosen)
+        return chosen
+
+    def _warm(self, healthy: list[Replica], prefixes: Prefixes) -> Replica | None:
+        """The replica among ``healthy`` that served the longest of ``prefixes``, unless it is overloaded."""
+        holder = self._holders.holder(prefixes)
+        if holder is None or holder not in healthy:
+            return None
+        # Bounded load: at most load_factor times the mean in flight, this request counted, rounded up.
+        bound = math.ceil(self._load_factor * (sum(r.in_flight for r in healthy) + 1) / len(healthy))
+        if holder.in_flight + 1 > bound:
+            holder.prefix_passed_over += 1
+            return None
+        holder.prefix_hits += 1
+        return holder
 
     async def post(
         self,
@@ -157,6 +199,11 @@ class ReplicaSet:
             log.info("replica re-admitted", extra={"fields": {"replica": replica.name}})
         elif not answer:
             self._eject(replica, "its health probe failed")
+
+
+def _least_busy(replicas: list[Replica]) -> Replica:
+    fewest = min(r.in_flight for r in replicas)
+    return random.choice([r for r in replicas if r.in_flight == fewest])
 
 
 def _release(replica: Replica) -> None:

@@ -18,6 +18,8 @@ class ReplicaLoad:
     healthy: bool  # admitted (True) or ejected by a failed probe or connection
     requests: int  # requests sent to it, second attempts included
     errors: int  # requests it failed before any token reached the client
+    prefix_hits: int = 0  # requests sent to it because it served their conversation's prefix (cache_aware)
+    prefix_passed_over: int = 0  # such requests sent elsewhere because it was overloaded
 
 
 @dataclass(frozen=True, kw_only=True)

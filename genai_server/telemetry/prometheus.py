@@ -110,8 +110,9 @@ class Gauges:
 
 
 class ReplicaCollector(Collector):
-    """Per replica of each relayed model, read at scrape time: in flight from here, healthy, requests, errors. The
-    series are bounded by the models file (the replica label is a configured URL without credentials)."""
+    """Per replica of each relayed model, read at scrape time: in flight from here, healthy, requests, errors, and
+    the conversations it was sent or passed over for. The series are bounded by the models file (the replica label
+    is a configured URL without credentials)."""
 
     # Each family and how it reads one replica.
     _FAMILIES: tuple[
@@ -121,6 +122,18 @@ class ReplicaCollector(Collector):
         (GaugeMetricFamily, "healthy", "1 while the replica is admitted, 0 while ejected.", lambda r: int(r.healthy)),
         (CounterMetricFamily, "requests", "Requests sent to the replica (retries included).", lambda r: r.requests),
         (CounterMetricFamily, "errors", "Requests it failed before any token went out.", lambda r: r.errors),
+        (
+            CounterMetricFamily,
+            "prefix_hits",
+            "Requests sent to the replica because it served their conversation's earlier turns (cache_aware).",
+            lambda r: r.prefix_hits,
+        ),
+        (
+            CounterMetricFamily,
+            "prefix_passed_over",
+            "Requests whose earlier turns the replica served, sent elsewhere because it was overloaded.",
+            lambda r: r.prefix_passed_over,
+        ),
     )
 
     def __init__(self, replicas: Callable[[], dict[str, tuple[ReplicaLoad, ...]]]) -> None:

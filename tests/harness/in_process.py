@@ -4,6 +4,7 @@ embedded engine a test watches or breaks."""
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -29,3 +30,17 @@ def embedded_engine(app: web.Application) -> EmbeddedEngine:
     backend = next(iter(app[SERVING].backends.values()))
     assert isinstance(backend, OnnxBackend), backend
     return backend.engine
+
+
+async def replicated_gateway(
+    make_client: ClientFactory, folder: Path, model: str, urls: list[str], balance: str
+) -> TestClient[web.Request, web.Application]:
+    """A gateway serving ``model`` from the replicas at ``urls`` (each an upstream's ``/v1``, which knows the model
+    as "up"), picked as ``balance`` says; its models file is written into ``folder``."""
+    listed = ", ".join(f'"{url}"' for url in urls)
+    models = folder / "models.toml"
+    models.write_text(
+        f'[[models]]\nid = "{model}"\nbackend = "openai"\nupstream_model = "up"\nbalance = "{balance}"\n'
+        f"urls = [{listed}]\n"
+    )
+    return await make_client(models_file=models)
