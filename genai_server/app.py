@@ -29,6 +29,7 @@ from genai_server.http.openapi import setup_openapi
 from genai_server.http.request_body import setup_request_body
 from genai_server.http.request_record import setup_request_record
 from genai_server.http.routes import endpoint_table
+from genai_server.http.slo_admission import setup_slo_admission
 from genai_server.serving import RequestLimits, Serving
 from genai_server.settings import ModelEntry, Settings
 from genai_server.shown_urls import shown_url
@@ -67,7 +68,8 @@ def create_app(
     # 3. Host: on loopback, a request for another name (DNS rebinding from a web page) is refused before anything;
     # 4. API keys: a request without one is refused before its body is read or it can wait for a slot;
     # 5. request body: read whole and checked before the slot, so a slow sender holds a connection, not a slot;
-    # 6. concurrency limit: innermost, so only real generation requests hold a slot.
+    # 6. SLO admission: a request that cannot meet its TTFT objective is refused before it waits in line;
+    # 7. concurrency limit: innermost, so only real generation requests hold a slot.
     setup_request_record(
         app,
         app[METRICS],
@@ -79,6 +81,7 @@ def create_app(
     setup_host_check(app, settings.server_host, settings.allowed_hosts)
     setup_api_keys(app, settings.all_api_keys, [key.get_secret_value() for key in settings.admin_api_keys])
     setup_request_body(app, settings.request_read_timeout, settings.max_body_bytes)
+    setup_slo_admission(app, settings.slo_ttft_ms, refuse=settings.slo_admission)
     setup_concurrency_limit(app, app[LIMITER], app[TOKENIZING_LIMITER])
     add_endpoints(app, endpoints)
     setup_openapi(app, endpoints)

@@ -124,6 +124,12 @@ class RateLimited(APIError):
     default_code = "rate_limit_exceeded"
 
 
+class SloUnattainable(RateLimited):
+    """429: the request's time-to-first-token objective cannot be met with the work already ahead of it."""
+
+    default_code = "slo_unattainable"
+
+
 class ServerError(APIError):
     """500: something failed inside the server; the details are in the log, not the response."""
 

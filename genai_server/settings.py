@@ -329,7 +329,16 @@ class Settings(BaseSettings):
         "names are refused with 403, so that a web page cannot reach it through DNS rebinding",
     )
     slo_ttft_ms: float | None = Field(
-        None, gt=0, description="goodput: a request meets its time-to-first-token objective within this many ms"
+        None,
+        gt=0,
+        description="a request's time-to-first-token objective (ms): it counts toward goodput when met, and is "
+        "refused at once when it cannot be (SLO_ADMISSION)",
+    )
+    slo_admission: bool = Field(
+        True,
+        description="refuse at once (429 slo_unattainable, with Retry-After) a generation request whose predicted "
+        "time to first token already exceeds its objective (its x-slo-ttft-ms header, else SLO_TTFT_MS); off: the "
+        "objectives only count goodput",
     )
     slo_tpot_ms: float | None = Field(
         None, gt=0, description="goodput: a request meets its time-per-output-token objective within this many ms"
