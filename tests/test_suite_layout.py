@@ -83,6 +83,7 @@ _PACING_LOOPS = {
     "tests/test_hostile.py::test_work_beyond_the_memory_budget_waits_and_completes",  # samples the KV gauge's peak
     "tests/test_hostile.py::test_a_short_sequence_holds_a_cache_for_its_request_not_the_context",  # the same peak
     "tests/test_hostile.py::test_a_static_batch_is_reserved_at_its_longest_sequence",  # the same peak
+    "tests/test_request_clock.py::test_a_slow_senders_wait_is_in_its_ttft_and_e2e",  # paces a slow client's parts
 }
 
 
