@@ -58,7 +58,7 @@ def test_a_busy_port_is_one_line_and_a_status_a_supervisor_retries(tmp_path: Pat
             assert proc.returncode == ExitStatus.UNAVAILABLE
             errors = [line for line in stderr.splitlines() if "ERROR" in line]
             assert len(errors) == 1, stderr
-            assert f"cannot listen on 127.0.0.1:{port}" in errors[0] and "address already in use" in errors[0]
+            assert f"cannot listen on 127.0.0.1:{port}" in errors[0] and "address already in use" in errors[0].lower()
             assert "Traceback" not in stderr and "draining" not in stderr
             if fmt == "json":
                 assert json.loads(errors[0])["code"] == "cannot_listen"
