@@ -20,8 +20,9 @@ from genai_server.settings import Settings, SettingsError, load_settings
 
 log = logging.getLogger("genai_server")
 
-# A port that cannot be bound: someone else has it, it needs privileges, or the address is not this machine's.
-_LISTEN_ERRORS = frozenset({errno.EADDRINUSE, errno.EACCES, errno.EADDRNOTAVAIL})
+# A port that cannot be bound: someone else has it, it needs privileges, or the address is not this machine's (or
+# of a family it lacks).
+_LISTEN_ERRORS = frozenset({errno.EADDRINUSE, errno.EACCES, errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT})
 _MOST_OPEN_FILES = 65536
 
 

@@ -7,8 +7,10 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+import sys
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
@@ -46,16 +48,22 @@ def _body(max_tokens: int = 4) -> dict[str, Any]:
     }
 
 
-async def _answer(reader: asyncio.StreamReader) -> dict[str, Any]:
-    """One whole HTTP/1.1 response with a Content-Length, as JSON."""
+async def _response(reader: asyncio.StreamReader) -> tuple[bytes, bytes]:
+    """One whole HTTP/1.1 response with a Content-Length: its status line and its body."""
     status = await reader.readline()
-    assert b" 200 " in status, status
     length = 0
     while (line := await reader.readline()) != b"\r\n":
         name, _, value = line.decode().partition(":")
         if name.lower() == "content-length":
             length = int(value)
-    answer: dict[str, Any] = json.loads(await reader.readexactly(length))
+    return status, await reader.readexactly(length)
+
+
+async def _answer(reader: asyncio.StreamReader) -> dict[str, Any]:
+    """One whole 200 response, as JSON."""
+    status, body = await _response(reader)
+    assert b" 200 " in status, status
+    answer: dict[str, Any] = json.loads(body)
     return answer
 
 
@@ -82,23 +90,68 @@ async def test_a_slow_senders_wait_is_in_its_ttft_and_e2e(server: ServerProcess)
 
 
 async def test_each_request_on_a_kept_alive_connection_starts_its_own_clock(server: ServerProcess) -> None:
-    """A second request sent on the same connection after it sat idle is timed from its own first byte: its e2e is
-    no longer than the client waited for it, not counted from the first request or the idle time."""
+    """A second request sent on the same connection after it sat idle is timed from its own first byte: its TTFT
+    includes the pause in its own sending, and its e2e is no longer than the client waited for it (not counted
+    from the first request or the idle time)."""
     head, payload = _request(_body())
     reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
     try:
         writer.write(head + payload)
         await _answer(reader)
         await asyncio.sleep(_PAUSE_S)  # idle on purpose: that time belongs to no request
+        second = await _paced(reader, writer, head + payload)
+    finally:
+        writer.close()
+    assert second.sent_ms <= second.metrics["time_to_first_token_ms"]
+    assert second.metrics["e2e_latency_ms"] <= second.waited_ms
+
+
+async def test_a_body_left_unread_does_not_start_the_next_requests_clock(server: ServerProcess) -> None:
+    """A request refused before its body was read (a 404): aiohttp still reads the rest of the body after the
+    answer, on the same connection. Those bytes are not the next request's first: its e2e is no longer than the
+    client waited for it, however long after them it comes."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    try:
+        writer.write(b"POST /nowhere HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 20\r\n\r\n0123456789")
+        status, _ = await _response(reader)
+        assert b" 404 " in status, status
+        writer.write(b"0123456789")  # the rest of the refused body, read after its answer
+        await writer.drain()
+        await asyncio.sleep(_PAUSE_S)  # idle on purpose, after those bytes
+        head, payload = _request(_body())
         started = time.perf_counter()
         writer.write(head + payload)
-        second = await _answer(reader)
+        answer = await _answer(reader)
         waited_ms = (time.perf_counter() - started) * 1000
     finally:
         writer.close()
-    assert second["metrics"]["e2e_latency_ms"] <= waited_ms
+    assert answer["metrics"]["e2e_latency_ms"] <= waited_ms
 
 
+@dataclass(frozen=True)
+class _Paced:
+    metrics: dict[str, Any]
+    sent_ms: float  # how long the client took to send it
+    waited_ms: float  # from its first byte sent to its answer read
+
+
+async def _paced(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, request: bytes) -> _Paced:
+    """``request`` sent in two parts with a pause between, and its answer."""
+    started = time.perf_counter()
+    writer.write(request[:20])
+    await writer.drain()
+    await asyncio.sleep(_PAUSE_S)  # paced on purpose: a slow client is the stimulus
+    writer.write(request[20:])
+    await writer.drain()
+    sent = time.perf_counter()
+    answer = await _answer(reader)
+    done = time.perf_counter()
+    return _Paced(answer["metrics"], (sent - started) * 1000, (done - started) * 1000)
+
+
+@pytest.mark.skipif(
+    sys.platform != "linux", reason="the kernel's receive stamps are Linux's; elsewhere, the read's time"
+)
 def test_the_kernels_stamp_counts_the_time_bytes_waited_unread() -> None:
     """Bytes that arrived while nobody read them (an event loop busy elsewhere) are dated when they arrived, not
     when they were read; and a later read of the same request leaves that date alone."""

@@ -1,4 +1,4 @@
-"""When each request began to arrive: the moment its first byte reached the machine, as the kernel stamped it.
+"""When each request began to arrive: the kernel's receive stamp of the first bytes the server read of it.
 
 A request's clock (queue time, TTFT, e2e) starts there, so that it counts what its client already waits for. aiohttp
 stamps nothing before it has parsed a request's headers, and even its first look at the bytes comes only when the
@@ -8,8 +8,8 @@ before any of our code saw it, and the server's TTFT came out 3-4 ms under the c
 So the server listens on sockets of its own (``listening_sockets``, handed to ``web.run_app``) whose connections
 read a request's first bytes with ``recvmsg`` and ask the kernel for their receive timestamp (``SO_TIMESTAMPING``,
 software receive stamps, Linux): the moment the last segment of that first read was received. That moment is
-kept on the connection until the request-record middleware takes it (``FirstBytes.take``) and the request ends
-(``FirstBytes.next_request``), when the connection starts waiting for its next request's first byte. Where the
+kept on the connection, where the request-record middleware reads it (``FirstBytes.arrival``), until the request
+ends (``FirstBytes.request_ended``), when the connection starts waiting for its next request's first byte. Where the
 kernel gives no stamp (another OS), the time of that first read stands in: still before aiohttp parses anything.
 
 Only the first read of each request pays for ``recvmsg``; every other read is the plain ``recv`` asyncio makes.
@@ -18,6 +18,7 @@ Only the first read of each request pays for ``recvmsg``; every other read is th
 from __future__ import annotations
 
 import contextlib
+import errno
 import socket
 import struct
 import sys
@@ -32,10 +33,14 @@ from aiohttp import web
 _SO_TIMESTAMPING = 37
 _RX_SOFTWARE_STAMPS = (1 << 3) | (1 << 4)
 # The control message holds three timespecs (software, deprecated, hardware); the first is the software stamp.
-_TIMESPEC = struct.Struct("@qq")
+_TIMESPEC = struct.Struct("@ll")  # struct timespec of the old SO_TIMESTAMPING: two C longs
 _ANCILLARY_SPACE = socket.CMSG_SPACE(3 * _TIMESPEC.size)
+# What asyncio's server passes over too when binding every address of a host: a family the machine lacks, an
+# address it cannot bind.
+_PASSED_OVER = frozenset({errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL})
 # A stamp further than this from now is a wall clock that jumped, not a request's arrival: the read's time is used.
 _MOST_BELIEVABLE_AGE_S = 3600.0
+_AddressInfo = tuple[socket.AddressFamily, socket.SocketKind, int, str, Any]
 
 
 class _Connection(socket.socket):
@@ -55,7 +60,10 @@ class _Connection(socket.socket):
 class _Listening(socket.socket):
     """A listening socket whose accepted connections are ``_Connection``s, each noted in ``connections``."""
 
-    connections: weakref.WeakValueDictionary[int, _Connection]
+    def __init__(self, address: _AddressInfo, connections: weakref.WeakValueDictionary[int, _Connection]) -> None:
+        family, kind, proto, _, _ = address
+        super().__init__(family, kind, proto)
+        self.connections = connections
 
     def accept(self) -> tuple[socket.socket, object]:
         fd, address = self._accept()  # type: ignore[attr-defined]  # socket.socket's own first half of accept
@@ -72,39 +80,59 @@ class FirstBytes:
         self._connections: weakref.WeakValueDictionary[int, _Connection] = weakref.WeakValueDictionary()
 
     def listening_sockets(self, host: str, port: int) -> list[socket.socket]:
-        """Sockets bound to every address ``host`` names (as asyncio's own server binds them), not yet listening:
-        aiohttp starts listening once the app has started, so that a connection made while models load is refused,
-        not left waiting."""
+        """Sockets bound to every address ``host`` names, not yet listening: aiohttp starts listening once the app
+        has started, so that a connection made while models load is refused, not left waiting. As asyncio's own
+        server does, an address family this machine lacks (IPv6 turned off) or an address it cannot bind is passed
+        over while another binds."""
         bound: list[socket.socket] = []
+        passed_over: OSError | None = None
         try:
-            for family, kind, proto, _, address in _addresses(host, port):
-                sock = _Listening(family, kind, proto)
-                sock.connections = self._connections
-                bound.append(sock)
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                if family == socket.AF_INET6:  # "::" means IPv6 alone, as asyncio binds it
-                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-                sock.bind(address)
-                # Linux turns receive stamping on for the whole machine a moment after the first socket asks, and
-                # off a moment after the last one stops: asked for here, for as long as the server listens, the
-                # first segment of every connection is stamped.
-                _ask_for_stamps(sock)
+            for address in _addresses(host, port):
+                try:
+                    bound.append(self._bound(address))
+                except OSError as exc:
+                    if exc.errno not in _PASSED_OVER:
+                        raise
+                    passed_over = exc
         except OSError:
             for opened in bound:
                 opened.close()
             raise
+        if not bound:
+            raise passed_over or OSError(errno.EADDRNOTAVAIL, f"{host!r} names no address to listen on")
         return bound
 
-    def take(self, request: web.Request) -> float | None:
-        """When ``request``'s first byte arrived (perf_counter), if it came through one of our sockets."""
+    def _bound(self, address: _AddressInfo) -> socket.socket:
+        sock = _Listening(address, self._connections)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if sock.family == socket.AF_INET6:  # "::" means IPv6 alone, as asyncio binds it
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(address[4])
+        except OSError:
+            sock.close()
+            raise
+        # Linux turns receive stamping on for the whole machine a moment after the first socket asks, and off a
+        # moment after the last one stops: asked for here, for as long as the server listens, the first segment of
+        # every connection is stamped.
+        _ask_for_stamps(sock)
+        return sock
+
+    def arrival(self, request: web.Request) -> float | None:
+        """When ``request`` began to arrive (perf_counter), if it came through one of our sockets."""
         connection = self._connection(request)
         return None if connection is None else connection.first_byte
 
-    def next_request(self, request: web.Request) -> None:
-        """``request`` has ended: its connection's next read is the first of its next request."""
+    def request_ended(self, request: web.Request) -> None:
+        """``request`` has ended: its connection's next read is the first of its next request. A body left unread
+        (a request refused before it was read) is still read by aiohttp after the response, and would stamp the
+        connection: the stamp is cleared again once that body has ended."""
         connection = self._connection(request)
-        if connection is not None:
-            connection.first_byte = None
+        if connection is None:
+            return
+        connection.first_byte = None
+        if not request.content.is_eof():
+            request.content.on_eof(lambda: setattr(connection, "first_byte", None))
 
     def _connection(self, request: web.Request) -> _Connection | None:
         transport = request.transport
@@ -116,9 +144,6 @@ def _ask_for_stamps(sock: socket.socket) -> None:
     if sys.platform == "linux":
         with contextlib.suppress(OSError):  # a kernel without it: the first read's time stands in
             sock.setsockopt(socket.SOL_SOCKET, _SO_TIMESTAMPING, _RX_SOFTWARE_STAMPS)
-
-
-_AddressInfo = tuple[socket.AddressFamily, socket.SocketKind, int, str, Any]
 
 
 def _addresses(host: str, port: int) -> list[_AddressInfo]:

@@ -71,7 +71,7 @@ def setup_request_record(
     ) -> web.StreamResponse:
         request[REQUEST_ID] = _request_id(request)
         request_id_token = current_request_id.set(request[REQUEST_ID])
-        first_byte = first_bytes.take(request) if first_bytes is not None else None
+        first_byte = first_bytes.arrival(request) if first_bytes is not None else None
         arrival = request[ARRIVAL] = first_byte if first_byte is not None else time.perf_counter()
         endpoint = endpoint_of(request)
         operation = endpoint.operation if endpoint is not None else None
@@ -87,6 +87,8 @@ def setup_request_record(
                 _log_cancelled(request)
                 raise
             finally:
+                if first_bytes is not None:  # first: nothing below may leave the connection's stamp in place
+                    first_bytes.request_ended(request)
                 record = _record(request, operation, status, time.perf_counter() - arrival, default_backend)
                 log_request(record)
                 if record.generates:
@@ -94,8 +96,6 @@ def setup_request_record(
                 if span is not None:
                     finish_span(span, record)
                 current_request_id.reset(request_id_token)
-                if first_bytes is not None:
-                    first_bytes.next_request(request)
 
     app.middlewares.append(request_record)
     app.on_response_prepare.append(_add_request_id)
