@@ -4,7 +4,8 @@ Two parts, each running the three policies side by side in one run:
 
 - ``conversations`` (the part that matters): three embedded replicas of the realistic model (``python -m
   genai_server``, ENGINE_THREADS=1 each, as the box has 2 cores), 12 conversations at once, 5 turns each; every
-  conversation has its own ~500-token document and each turn sends the whole history back. A turn is a cache hit
+  conversation has its own ~500-token document, each turn sends the whole history back, and its user thinks 1-4 s
+  (seeded) before the next. A turn is a cache hit
   when the replica reports cached prompt tokens. Per policy: the hit rate of turns 2-5, and the client's TTFT
   p50/p95 per turn. PREFIX_CACHE_CONVERSATIONS=8 on each replica, so that what is measured is where the gateway
   sends a turn, not how many conversations a replica may keep.
@@ -25,6 +26,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import random
 import statistics
 import subprocess
 import sys
@@ -57,6 +59,9 @@ QUESTIONS = [
     "Thank you. Anything else?",
 ]
 EMBEDDED = {"ENGINE_THREADS": "1", "PREFIX_CACHE_CONVERSATIONS": "8"}
+# Seconds a user takes between an answer and the next question. Without it, a conversation in lockstep with the
+# others finds its own replica the least busy the moment its answer ends, and least in flight looks cache-aware.
+THINK_S = (1.0, 4.0)
 
 
 def _models_file(folder: str, urls: list[str], policy: str) -> Path:
@@ -106,9 +111,13 @@ def document(conversation: int, run: str) -> str:
 
 
 async def converse(session: aiohttp.ClientSession, url: str, conversation: int, run: str) -> list[dict[str, Any]]:
+    """One conversation's turns, each after its user's think time (the same seeded times for every policy)."""
+    thinking = random.Random(conversation)
     messages = [{"role": "system", "content": document(conversation, run)}]
     results = []
-    for question in QUESTIONS[:TURNS]:
+    for number, question in enumerate(QUESTIONS[:TURNS]):
+        if number:
+            await asyncio.sleep(thinking.uniform(*THINK_S))  # a person reads the answer and types the next question
         messages.append({"role": "user", "content": question})
         result = await turn(session, url, "balanced", messages, REPLY_TOKENS)
         messages.append({"role": "assistant", "content": result.pop("text")})

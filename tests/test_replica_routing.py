@@ -13,7 +13,7 @@ from typing import Any
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from genai_server.backends.affinity import MIN_SHARE, PrefixTable, conversation_prefixes
+from genai_server.backends.affinity import MIN_SHARE, MOST_TURNS, PrefixTable, conversation_prefixes
 from tests.harness.in_process import ClientFactory, replicated_gateway
 from tests.harness.responses import metric_sample
 from tests.harness.upstream import USAGE, Endless, Reply, ScriptedUpstream, chunk, sse
@@ -97,28 +97,56 @@ async def test_each_turn_of_a_conversation_goes_to_the_replica_of_its_first(
 async def test_an_overloaded_replica_is_passed_over_for_its_conversation(
     make_client: ClientFactory, aiohttp_server: Any, tmp_path: Path
 ) -> None:
-    """A conversation whose replica already has more than 1.25x the mean in flight (one held stream, where the
-    others have none) has its next request sent to another replica, counted as passed over."""
+    """A conversation's replica takes two of its requests at once (the least any replica may have), but not a third
+    while the others have none: more than 1.25x the mean in flight. That one goes to another replica, counted as
+    passed over."""
     replicas = await _replicas(aiohttp_server)
     gateway = await _gateway(make_client, tmp_path, [url for _, url in replicas], "cache_aware")
     history = [{"role": "system", "content": "A long conversation about the sea, the ships, and their sailors."}]
     await _converse(gateway, history[0]["content"], 1)
     [home] = [replica for replica, _ in replicas if replica.bodies]
 
-    held = await gateway.post("/v1/chat/completions", json=_turn(history, "hold on"))
-    await eventually_async(lambda: _started(home, 1), what="the held stream running on its conversation's replica")
-    second = await gateway.post("/v1/chat/completions", json=_turn(history, "hold this one too"))
+    held = [await gateway.post("/v1/chat/completions", json=_turn(history, "hold on"))]
+    await eventually_async(lambda: _started(home, 1), what="a held stream running on the conversation's replica")
+    held.append(await gateway.post("/v1/chat/completions", json=_turn(history, "hold on, again")))
+    await eventually_async(lambda: _started(home, 2), what="two held streams on the conversation's replica")
+    held.append(await gateway.post("/v1/chat/completions", json=_turn(history, "hold this one too")))
     await eventually_async(
-        lambda: _started_elsewhere(replicas, home), what="the second held stream running on another replica"
+        lambda: _started_elsewhere(replicas, home), what="the third held stream running on another replica"
     )
+    assert home.started == 2
     exposition = await (await gateway.get("/metrics")).text()
     home_url = next(url for replica, url in replicas if replica is home)
     passed = metric_sample(
         exposition, "genai_server_upstream_replica_prefix_passed_over_total", model=MODEL, replica=home_url
     )
     assert passed == 1
-    held.close()
-    second.close()
+    for resp in held:
+        resp.close()
+
+
+async def test_a_continued_response_goes_to_the_replica_that_wrote_it(
+    make_client: ClientFactory, aiohttp_server: Any, tmp_path: Path
+) -> None:
+    """Responses relayed as they are (native_apis): the replica that wrote a response keeps it, so a request
+    continuing it (previous_response_id, streamed or not) and its GET go there, whatever else is in flight."""
+    replicas = await _replicas(aiohttp_server)
+    urls = [url for _, url in replicas]
+    gateway = await replicated_gateway(
+        make_client, tmp_path, MODEL, urls, "cache_aware", more='native_apis = ["responses"]\n'
+    )
+    first = await gateway.post("/v1/responses", json={"model": MODEL, "input": "Hello"})
+    assert first.status == 200, await first.text()
+    response_id = (await first.json())["id"]
+    [writer] = [replica for replica, _ in replicas if replica.bodies]
+    for stream in (False, True, False, True):
+        body = {"model": MODEL, "input": "and then?", "previous_response_id": response_id, "stream": stream}
+        resp = await gateway.post("/v1/responses", json=body)
+        assert resp.status == 200, await resp.text()
+        await resp.read()
+    assert await (await gateway.get(f"/v1/responses/{response_id}")).json()
+    assert len(writer.bodies) == 5 and writer.kept == [("GET", f"/v1/responses/{response_id}")]
+    assert all(not replica.bodies for replica, _ in replicas if replica is not writer)
 
 
 async def _started(replica: Replica, count: int) -> bool:
@@ -166,6 +194,29 @@ def test_a_continued_conversation_finds_its_replica_and_a_shared_opening_alone_d
     other = conversation_prefixes(_chat("Be brief.", "Tell me about the history of the Roman empire, please."))
     assert other is not None and other.sizes[0] < MIN_SHARE * other.total
     assert table.holder(other) is None
+
+
+def test_a_long_answer_does_not_hide_the_conversation() -> None:
+    """The turn after a long answer: the prefix the replica served before the answer is short beside it, but the
+    replica wrote the answer too, so the match covers both."""
+    table: PrefixTable[str] = PrefixTable()
+    first = conversation_prefixes(_chat("Be brief.", "Write me a poem."))
+    assert first is not None
+    table.remember(first, "a")
+    second = conversation_prefixes(_chat("Be brief.", "Write me a poem.", "A long poem. " * 200, "Another?"))
+    assert second is not None and second.sizes[1] < MIN_SHARE * second.total
+    assert table.holder(second) == "a"
+
+
+def test_one_request_leaves_a_few_keys_and_a_huge_one_none() -> None:
+    """However many messages a request has, it leaves at most three keys (its first prefix and its last two), and
+    a body of more turns than any conversation has is not followed at all: no client can flush the table."""
+    table: PrefixTable[str] = PrefixTable()
+    many = conversation_prefixes(_chat(*(f"message {i}" for i in range(500))))
+    assert many is not None
+    table.remember(many, "a")
+    assert len(table) == 3
+    assert conversation_prefixes(_chat(*("x" for _ in range(MOST_TURNS + 1)))) is None
 
 
 def test_tools_salt_and_instructions_make_another_conversation() -> None:

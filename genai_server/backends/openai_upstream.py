@@ -17,6 +17,7 @@ import aiohttp
 from pydantic import BaseModel
 
 from genai_server.backends import Response, Result
+from genai_server.backends.affinity import kept_response
 from genai_server.backends.assemble import Assembler, assembly_budget
 from genai_server.backends.relay import MAX_JSON_BYTES, RelayBackend
 from genai_server.backends.upstream_client import (
@@ -99,10 +100,15 @@ class OpenAIUpstream(RelayBackend):
         whole answer is relayed as the engine wrote it, its usage read."""
         limit = body.get("max_output_tokens") if api == "responses" else body.get("max_tokens")
         upstream = {**body, "model": self._upstream_model}
+        prefixes = self._prefixes(body) if api == "responses" else None
         if not body.get("stream"):
-            answer = await self._post_json(f"/{api}", upstream, max_bytes=MAX_JSON_BYTES)
+            answer = await self._post_json(
+                f"/{api}", upstream, max_bytes=MAX_JSON_BYTES, prefixes=prefixes, stats=stats
+            )
             if not isinstance(answer, dict):
                 raise _malformed()
+            if api == "responses":
+                self._wrote(answer.get("id"), stats)
             _native_usage(
                 api, answer if api == "messages" else {"type": "response.completed", "response": answer}, stats
             )
@@ -113,9 +119,12 @@ class OpenAIUpstream(RelayBackend):
         )
 
     async def native_request(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
-        """Another route of a natively relayed API (a kept response's ``GET`` or ``DELETE``), its JSON answer."""
+        """Another route of a natively relayed API (a kept response's ``GET`` or ``DELETE``, sent to the replica
+        that wrote it), its JSON answer."""
         upstream = {**body, "model": self._upstream_model} if body is not None and "model" in body else body
-        answer = await self._post_json(path, upstream, method=method)
+        kept = path.startswith("/responses/") and self._replicas.follows_prefixes
+        prefixes = kept_response(path.removeprefix("/responses/")) if kept else None
+        answer = await self._post_json(path, upstream, method=method, prefixes=prefixes)
         return _our_model(answer, self.model_id) if isinstance(answer, dict) else answer
 
     async def _native_events(
@@ -137,6 +146,9 @@ class OpenAIUpstream(RelayBackend):
                         if budget < 0:
                             raise UpstreamError("The upstream engine sent more than the tokens asked for")
                     _native_usage(api, event, stats)
+                    created = event.get("response") if kind == "response.created" else None
+                    if isinstance(created, dict):  # its id: where previous_response_id will find it
+                        self._wrote(created.get("id"), stats)
                     yield _our_model(event, self.model_id)
                     if kind in last:
                         return

@@ -144,9 +144,14 @@ class RelayBackend:
         at_root: bool = False,
         method: str = "POST",
         max_bytes: int = SMALL_JSON_BYTES,
+        prefixes: Prefixes | None = None,
+        stats: RequestTelemetry | None = None,
     ) -> Any:
-        """One request and its whole JSON answer (at most ``max_bytes``), to the replica the set picks."""
-        replica = self._replicas.pick(prefixes=self._prefixes(body))
+        """One request and its whole JSON answer (at most ``max_bytes``), to the replica the set picks (following
+        ``prefixes``, a conversation's, when given); ``stats`` are told which replica it was."""
+        replica = self._replicas.pick(prefixes=prefixes)
+        if stats is not None:
+            stats.replica = replica.name
         try:
             response = await self._replicas.post(replica, path, body, at_root=at_root, method=method)
             return await json_within(response, max_bytes)
@@ -184,9 +189,14 @@ class RelayBackend:
                 log.warning("retrying on another replica", extra={"fields": fields})
             stats.on_retry()
 
-    def _prefixes(self, body: dict[str, Any] | None) -> Prefixes | None:
+    def _prefixes(self, body: dict[str, Any]) -> Prefixes | None:
         """The conversation ``body`` continues, when the replica set follows conversations to their replica."""
-        return conversation_prefixes(body) if body is not None and self._replicas.follows_prefixes else None
+        return conversation_prefixes(body) if self._replicas.follows_prefixes else None
+
+    def _wrote(self, response_id: Any, stats: RequestTelemetry) -> None:
+        """The replica that served ``stats``'s request wrote the response ``response_id`` (kept there)."""
+        if isinstance(response_id, str):
+            self._replicas.remember_response(response_id, stats.replica)
 
     def _another_attempt(self, tried: list[Replica], exc: UpstreamError) -> bool:
         """Whether a request that failed before reaching its client is posted again: the budget has a post left, a

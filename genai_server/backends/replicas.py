@@ -2,10 +2,14 @@
 
 By default (``cache_aware``) a request that continues a conversation goes to the replica that served its earlier
 turns, which holds their KV cache (``affinity.py``), unless that replica is overloaded: more in flight than
-``load_factor`` times the mean, counting this request (consistent hashing with bounded loads, Mirrokni et al.).
+``load_factor`` times the mean, counting this request, and more than two (consistent hashing with bounded loads,
+Mirrokni et al.). A Responses request that continues a response (``previous_response_id``) goes to the replica
+that wrote it, loaded or not: that replica alone keeps the response.
+
 Every other request goes to the healthy replica with the fewest requests in flight from this gateway (ties broken
 at random): ``least_in_flight`` does that for every request, ``round_robin`` takes them in turn (both kept to
 compare against). Replicas a request already tried are passed over.
+
 A replica is ejected when its health probe fails or a request cannot connect to it, and re-admitted when its probe
 answers again. With every candidate ejected, requests still go to the least busy one: a stale health state must
 not turn a brief failure into a certain one. Whether a failed request goes to another replica is not decided here
@@ -26,7 +30,7 @@ from typing import Any, Literal
 
 import aiohttp
 
-from genai_server.backends.affinity import Prefixes, PrefixTable
+from genai_server.backends.affinity import Prefixes, PrefixTable, response_key
 from genai_server.backends.upstream_client import TrackedResponse, UpstreamClient
 from genai_server.errors import UpstreamError, UpstreamUnavailable
 from genai_server.shown_urls import shown_url
@@ -35,8 +39,10 @@ from genai_server.telemetry.load import ReplicaLoad
 log = logging.getLogger(__name__)
 
 Balance = Literal["cache_aware", "least_in_flight", "round_robin"]
-# A replica holding a conversation takes its next turn while it has at most this times the mean in flight.
+# A replica holding a conversation takes its next turn while it has at most this times the mean in flight, or at
+# most LEAST_BOUND requests whatever the mean.
 LOAD_FACTOR = 1.25
+LEAST_BOUND = 2
 # How often every replica's health probe runs while the gateway serves.
 HEALTH_INTERVAL_S = 2.0
 
@@ -126,17 +132,37 @@ class ReplicaSet:
             return healthy[next(self._turn) % len(healthy)]
         if prefixes is None or not self.follows_prefixes:
             return _least_busy(healthy)
-        chosen = self._warm(healthy, prefixes) or _least_busy(healthy)
+        chosen = self._writer(healthy, prefixes) or self._warm(healthy, prefixes) or _least_busy(healthy)
         self._holders.remember(prefixes, chosen)
         return chosen
+
+    def remember_response(self, response_id: str, replica_name: str | None) -> None:
+        """The replica named ``replica_name`` wrote (and keeps) the response ``response_id``: a request continuing
+        it (previous_response_id), and its GET or DELETE, go there."""
+        if not self.follows_prefixes:
+            return
+        replica = next((r for r in self.replicas if r.name == replica_name), None)
+        if replica is not None:
+            self._holders.remember_key(response_key(response_id), replica)
+
+    def _writer(self, healthy: list[Replica], prefixes: Prefixes) -> Replica | None:
+        """The replica among ``healthy`` that wrote the response ``prefixes`` continue."""
+        writer = self._holders.writer(prefixes)
+        if writer is None or writer not in healthy:
+            return None
+        writer.prefix_hits += 1
+        return writer
 
     def _warm(self, healthy: list[Replica], prefixes: Prefixes) -> Replica | None:
         """The replica among ``healthy`` that served the longest of ``prefixes``, unless it is overloaded."""
         holder = self._holders.holder(prefixes)
         if holder is None or holder not in healthy:
             return None
-        # Bounded load: at most load_factor times the mean in flight, this request counted, rounded up.
-        bound = math.ceil(self._load_factor * (sum(r.in_flight for r in healthy) + 1) / len(healthy))
+        # Bounded load: at most load_factor times the mean in flight, this request counted, rounded up; and a
+        # replica may always have LEAST_BOUND requests (at low load, ceil(1.25 x 2 / 3) = 1 would send a
+        # conversation away from its cache while its replica serves a single other request).
+        mean = (sum(r.in_flight for r in healthy) + 1) / len(healthy)
+        bound = max(math.ceil(self._load_factor * mean), LEAST_BOUND)
         if holder.in_flight + 1 > bound:
             holder.prefix_passed_over += 1
             return None

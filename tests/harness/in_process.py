@@ -33,14 +33,15 @@ def embedded_engine(app: web.Application) -> EmbeddedEngine:
 
 
 async def replicated_gateway(
-    make_client: ClientFactory, folder: Path, model: str, urls: list[str], balance: str
+    make_client: ClientFactory, folder: Path, model: str, urls: list[str], balance: str, more: str = ""
 ) -> TestClient[web.Request, web.Application]:
     """A gateway serving ``model`` from the replicas at ``urls`` (each an upstream's ``/v1``, which knows the model
-    as "up"), picked as ``balance`` says; its models file is written into ``folder``."""
+    as "up"), picked as ``balance`` says, with ``more`` lines of its models-file entry; its models file is written
+    into ``folder``."""
     listed = ", ".join(f'"{url}"' for url in urls)
     models = folder / "models.toml"
     models.write_text(
         f'[[models]]\nid = "{model}"\nbackend = "openai"\nupstream_model = "up"\nbalance = "{balance}"\n'
-        f"urls = [{listed}]\n"
+        f"urls = [{listed}]\n{more}"
     )
     return await make_client(models_file=models)
