@@ -13,7 +13,15 @@ from pydantic import BaseModel, ValidationError
 from genai_server.backends import Response, Result
 from genai_server.errors import APIError, from_validation_error
 from genai_server.http.app_keys import SETTINGS
-from genai_server.http.request_state import ARRIVAL, BODY, PARSED, REQUEST_ID, REQUEST_STATS, STREAM_OUTCOME
+from genai_server.http.request_state import (
+    ARRIVAL,
+    BODY,
+    PARSED,
+    REQUEST_ID,
+    REQUEST_STATS,
+    SLO_TICKET,
+    STREAM_OUTCOME,
+)
 from genai_server.http.sse import CHAT_SSE, SseDialect, write_sse
 from genai_server.protocol import SamplingRequest, json_bytes
 from genai_server.telemetry.access_log import log_exchange
@@ -39,8 +47,12 @@ def json_response(payload: Response) -> web.Response:
 
 def start_clock(request: web.Request) -> RequestTelemetry:
     """This request's clock, started at its arrival (so time waiting for a slot is queue time), kept on the
-    request for its record."""
-    stats = request[REQUEST_STATS] = RequestTelemetry(arrival=request.get(ARRIVAL, time.perf_counter()))
+    request for its record; its first token is told to the request's TTFT forecast (SLO admission)."""
+    ticket = request.get(SLO_TICKET)
+    stats = request[REQUEST_STATS] = RequestTelemetry(
+        arrival=request.get(ARRIVAL, time.perf_counter()),
+        on_first_token=ticket.first_token if ticket is not None else None,
+    )
     return stats
 
 

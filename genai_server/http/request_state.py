@@ -11,6 +11,7 @@ from aiohttp import web
 from genai_server.errors import APIError
 from genai_server.protocol import SamplingRequest
 from genai_server.telemetry.clock import RequestTelemetry
+from genai_server.telemetry.ttft_forecast import Ticket
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,8 @@ BODY = web.RequestKey("body", dict[str, Any])
 PARSED = web.RequestKey("parsed", SamplingRequest)
 # The generation's clock, started by the handler at the request's arrival and stopped by the serving layer.
 REQUEST_STATS = web.RequestKey("request_stats", RequestTelemetry)
+# A generation request's place in its model's TTFT forecast (slo_admission.py), told of its first token by its clock.
+SLO_TICKET = web.RequestKey("slo_ticket", Ticket)
 # The error the client was shown as a response (error_mapping.py).
 ERROR = web.RequestKey("error", APIError)
 # How a stream ended after its 200 headers left: a client that left, or an error event (sse.py).

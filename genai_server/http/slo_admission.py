@@ -19,7 +19,7 @@ from aiohttp import web
 from genai_server.errors import InvalidRequest, SloUnattainable
 from genai_server.http.app_keys import SERVING
 from genai_server.http.endpoints import generates
-from genai_server.http.request_state import ARRIVAL, BODY, REQUEST_STATS
+from genai_server.http.request_state import ARRIVAL, BODY, SLO_TICKET
 from genai_server.telemetry.ttft_forecast import TtftForecast
 
 SLO_TTFT_HEADER = "x-slo-ttft-ms"
@@ -49,11 +49,11 @@ def setup_slo_admission(app: web.Application, objective_ms: float | None, *, ref
                 f"first token is predicted after {prediction.ttft_s * 1000:.0f} ms; retry after {retry} s",
                 headers={"Retry-After": str(retry)},
             )
-        ticket = forecast.arrive(work, lambda: _started(request))
+        ticket = request[SLO_TICKET] = forecast.arrive(work, request[ARRIVAL])  # its clock calls it back
         try:
             return await handler(request)
         finally:
-            forecast.finish(ticket, _ttft_s(request))
+            forecast.finish(ticket)
 
     app.middlewares.append(slo_admission)
 
@@ -85,16 +85,3 @@ def _objective_ms(request: web.Request, default_ms: float | None) -> float | Non
             code="invalid_header",
         )
     return value
-
-
-def _started(request: web.Request) -> bool:
-    stats = request.get(REQUEST_STATS)
-    return stats is not None and (stats.first_token is not None or stats.finished)
-
-
-def _ttft_s(request: web.Request) -> float | None:
-    stats = request.get(REQUEST_STATS)
-    if stats is None or stats.first_token is None:
-        return None
-    ttft: float = stats.first_token - request[ARRIVAL]
-    return ttft

@@ -11,6 +11,7 @@ import os
 import resource
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,6 +38,8 @@ class RequestTelemetry:
     gpu: GpuWindow | None = None
     _gpu_monitor: GpuMonitor | None = None
     itl_s: list[float] = field(default_factory=list)
+    # Told the first token's time (perf_counter) when it comes: the request's TTFT forecast (SLO admission).
+    on_first_token: Callable[[float], None] | None = field(default=None, repr=False)
     _last_token: float | None = None
     _final: RequestMetrics | None = None  # the figures, computed once when the clock ended
 
@@ -58,6 +61,8 @@ class RequestTelemetry:
         if self._last_token is None:
             self.first_token = now
             count -= 1
+            if self.on_first_token is not None:
+                self.on_first_token(now)
         elif count:
             self.itl_s.extend([(now - self._last_token) / count] * count)
         self._last_token = now
