@@ -20,6 +20,7 @@ import json
 import os
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -353,12 +354,13 @@ def run_all(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
 
 
 def install(tools: list[str]) -> None:
-    """A python3.11 venv per tool under .cache/conformance, as the suite expects them; one already there is kept."""
+    """A venv per tool under .cache/conformance (this Python's), as the suite expects them; one already there is
+    kept."""
     for tool in tools:
         venv = VENVS / tool
         if (venv / "bin" / "python").exists():
             continue
-        subprocess.run(["python3.11", "-m", "venv", str(venv)], check=True)
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
         for packages in INSTALL[tool]:
             subprocess.run([str(venv / "bin" / "pip"), "install", "-q", *packages], check=True)
 
