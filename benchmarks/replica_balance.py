@@ -58,7 +58,7 @@ QUESTIONS = [
     "Say that again, more briefly.",
     "Thank you. Anything else?",
 ]
-EMBEDDED = {"ENGINE_THREADS": "1", "PREFIX_CACHE_CONVERSATIONS": "8"}
+KEPT_CONVERSATIONS = 8  # each embedded replica's PREFIX_CACHE_CONVERSATIONS (ENGINE_THREADS=1 each)
 # Seconds a user takes between an answer and the next question. Without it, a conversation in lockstep with the
 # others finds its own replica the least busy the moment its answer ends, and least in flight looks cache-aware.
 THINK_S = (1.0, 4.0)
@@ -128,7 +128,14 @@ async def converse(session: aiohttp.ClientSession, url: str, conversation: int, 
 @asynccontextmanager
 async def embedded_replicas(session: aiohttp.ClientSession, model: Path) -> AsyncIterator[list[str]]:
     started = [
-        start(output=subprocess.DEVNULL, MODEL_PATH=str(model), MODEL_ID="upstream", **EMBEDDED) for _ in range(3)
+        start(
+            output=subprocess.DEVNULL,
+            MODEL_PATH=str(model),
+            MODEL_ID="upstream",
+            ENGINE_THREADS="1",
+            PREFIX_CACHE_CONVERSATIONS=str(KEPT_CONVERSATIONS),
+        )
+        for _ in range(3)
     ]
     try:
         for proc, url in started:

@@ -33,7 +33,7 @@ from server_process import REPO, start, wait_ready
 REPLY_TOKENS = 16
 SEED = 24
 # Long enough to take everything a run sends: without admission, every request waits its turn.
-QUEUE = {"MAX_QUEUED_REQUESTS": "4096", "QUEUE_TIMEOUT": "3600"}
+QUEUED, QUEUE_TIMEOUT_S = "4096", "3600"
 
 
 def prompt(number: int) -> str:
@@ -82,7 +82,8 @@ async def overload(url: str, rate: float, duration_s: float, objective_ms: float
     timeout = aiohttp.ClientTimeout(total=None)
     async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0)) as session:
         started = time.perf_counter()
-        tasks, at = [], 0.0
+        tasks: list[asyncio.Task[dict[str, Any]]] = []
+        at = 0.0
         while at < duration_s:
             await asyncio.sleep(max(0.0, started + at - time.perf_counter()))
             tasks.append(asyncio.create_task(ask(session, url, 10_000 + len(tasks), objective_ms)))
@@ -106,12 +107,17 @@ async def overload(url: str, rate: float, duration_s: float, objective_ms: float
 
 async def run(duration_s: float) -> dict[str, Any]:
     ensure_model(REALISTIC)
-    env = {"MODEL_PATH": str(REALISTIC.path), "MODEL_ID": "served", **QUEUE}
     report: dict[str, Any] = {"duration_s": duration_s, "runs": {}}
     for admission in ("true", "false"):
         # The objective is known once the first server's pace is: each request carries it as its x-slo-ttft-ms
         # header, as inference-perf sends it.
-        proc, url = start(**env, SLO_ADMISSION=admission)
+        proc, url = start(
+            MODEL_PATH=str(REALISTIC.path),
+            MODEL_ID="served",
+            MAX_QUEUED_REQUESTS=QUEUED,
+            QUEUE_TIMEOUT=QUEUE_TIMEOUT_S,
+            SLO_ADMISSION=admission,
+        )
         try:
             async with aiohttp.ClientSession() as session:
                 await wait_ready(session, url, proc)
