@@ -39,7 +39,7 @@ from typing import Any
 
 import aiohttp
 from bench_models import REALISTIC, ensure_model
-from chat_turns import turn
+from chat_turns import QUESTIONS, turn
 from server_process import REPO, free_port, start, wait_ready
 
 SCRIPT = REPO / "benchmarks" / "scripted_upstream.py"
@@ -51,13 +51,6 @@ SLOTS = 3  # requests a replica serves at once; 12 clients on 3 replicas queue a
 CASES = {"slow replica": (FAST_S, FAST_S, SLOW_S), "long requests": (FAST_S, FAST_S, FAST_S)}
 # Conversations: embedded replicas.
 CONVERSATIONS, TURNS, REPLY_TOKENS = 12, 5, 24
-QUESTIONS = [
-    "Summarise the document in one sentence.",
-    "Which place does it mention most?",
-    "What colour is the light?",
-    "Say that again, more briefly.",
-    "Thank you. Anything else?",
-]
 KEPT_CONVERSATIONS = 8  # each embedded replica's PREFIX_CACHE_CONVERSATIONS (ENGINE_THREADS=1 each)
 # Seconds a user takes between an answer and the next question. Without it, a conversation in lockstep with the
 # others finds its own replica the least busy the moment its answer ends, and least in flight looks cache-aware.
