@@ -149,6 +149,26 @@ async def test_a_continued_response_goes_to_the_replica_that_wrote_it(
     assert all(not replica.bodies for replica, _ in replicas if replica is not writer)
 
 
+async def test_a_messages_conversation_relayed_as_it_is_stays_on_its_replica(
+    make_client: ClientFactory, aiohttp_server: Any, tmp_path: Path
+) -> None:
+    """Anthropic's Messages API relayed as it is (native_apis), whole answers: each later turn of a conversation
+    goes where its first went, as a streamed one does."""
+    replicas = await _replicas(aiohttp_server)
+    urls = [url for _, url in replicas]
+    gateway = await replicated_gateway(
+        make_client, tmp_path, MODEL, urls, "cache_aware", more='native_apis = ["messages"]\n'
+    )
+    system = "You answer questions about lighthouses, their keepers and the ships they guide home."
+    history = [{"role": "user", "content": "Which is the oldest lighthouse still in use?"}]
+    for question in ("And the tallest?", "Who keeps it?", "Since when?", "Thank you."):
+        body = {"model": MODEL, "max_tokens": 16, "system": system, "messages": history}
+        resp = await gateway.post("/v1/messages", json=body)
+        assert resp.status == 200, await resp.text()
+        history = [*history, {"role": "assistant", "content": "Hello"}, {"role": "user", "content": question}]
+    assert sorted(len(replica.bodies) for replica, _ in replicas) == [0, 0, 4]
+
+
 async def _started(replica: Replica, count: int) -> bool:
     return replica.started >= count
 

@@ -100,7 +100,7 @@ class OpenAIUpstream(RelayBackend):
         whole answer is relayed as the engine wrote it, its usage read."""
         limit = body.get("max_output_tokens") if api == "responses" else body.get("max_tokens")
         upstream = {**body, "model": self._upstream_model}
-        prefixes = self._prefixes(body) if api == "responses" else None
+        prefixes = self._prefixes(body)  # a Responses input or a Messages conversation, as a stream follows it
         if not body.get("stream"):
             answer = await self._post_json(
                 f"/{api}", upstream, max_bytes=MAX_JSON_BYTES, prefixes=prefixes, stats=stats
